@@ -1,0 +1,54 @@
+"""The `slimpipe` command line. Each subcommand lives in its own module with `register(sub)`;
+every user error becomes one line on stderr and exit code 2 (1 for an invalid plan)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ir import SlimpipeError
+
+from . import cmd_check, cmd_compile, cmd_show, cmd_simulate
+
+COMMANDS = [cmd_compile, cmd_check, cmd_simulate, cmd_show]
+
+EPILOG = """example (the README's main job):
+  slimpipe compile --schedule slimpipe --pp 4 --microbatches 4 --slices 4 --model tiny -o plan.json
+  slimpipe check plan.json && slimpipe simulate plan.json --unit-costs --json && slimpipe show plan.json
+  torchrun --nproc-per-node 4 -m executor plan.json --check-reference"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) that point at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="slimpipe", description="Compile, check, simulate and show pipeline-parallel "
+                    "training schedules for long-context language models.", epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    for cmd in COMMANDS:
+        cmd.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except SlimpipeError as e:
+        print(f"slimpipe {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"slimpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

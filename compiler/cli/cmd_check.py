@@ -1,0 +1,27 @@
+"""slimpipe check: structural rules and the deadlock proof."""
+from __future__ import annotations
+
+from passes import check
+
+from .common import add_parser, emit_json, load_plan
+
+
+def run(args) -> int:
+    plan = load_plan(args.plan)
+    report = check(plan)
+    if args.json:
+        emit_json(report.to_json())
+    elif report.ok:
+        print(f"{args.plan}: valid, deadlock-free ({plan.num_instructions()} instructions on {plan.spec.pp} ranks)")
+    else:
+        for p in report.problems:
+            print(f"{args.plan}: {p}")
+    return 0 if report.ok else 1
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "check", "validate a plan and prove it cannot deadlock (exit 0 valid, 1 invalid, 2 unusable)",
+                   "slimpipe check plan.json --json")
+    p.add_argument("plan")
+    p.add_argument("--json", action="store_true", help='print {"valid": bool, "problems": [{"rule", "message"}]}')
+    p.set_defaults(run=run)

@@ -1,0 +1,69 @@
+"""slimpipe compile: spec -> plan.json."""
+from __future__ import annotations
+
+from ir import save
+
+from .. import compile_plan, schedules
+from ..layout import build_spec
+from ..models import DEFAULT_SEQ, PRESETS, resolve_model
+from .common import add_parser, check_output_path, emit_json, positive_int
+
+MODEL_FLAGS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
+
+
+def add_model_args(p) -> None:
+    """--model and the dimension overrides (shared with other commands that take a model)."""
+    p.add_argument("--model", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a Hugging Face config.json path (default tiny)")
+    p.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default 128 for tiny, 4096 otherwise)")
+    for f in MODEL_FLAGS:
+        p.add_argument("--" + f.replace("_", "-"), type=positive_int, help=f"override the model's {f}")
+
+
+def model_from_args(args):
+    model = resolve_model(args.model, {f: getattr(args, f) for f in MODEL_FLAGS})
+    seq = args.seq_len if args.seq_len is not None else DEFAULT_SEQ.get(args.model, 4096)
+    return model, seq
+
+
+def add_shape_args(p, schedule_required: bool = True) -> None:
+    p.add_argument("--schedule", required=schedule_required, help=f"one of: {', '.join(schedules.FAMILIES)}")
+    p.add_argument("--pp", type=positive_int, required=True, help="pipeline ranks p")
+    p.add_argument("--microbatches", type=positive_int, required=True, help="micro-batches m per step")
+    p.add_argument("--slices", type=positive_int, default=1, help="sequence slices n per micro-batch (default 1)")
+    p.add_argument("--virtual-stages", type=positive_int, default=1, help="model chunks v per rank (default 1)")
+    p.add_argument("--micro-batch-size", type=positive_int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data seed the executor uses (default 0)")
+
+
+def spec_from_args(args):
+    schedules.get(args.schedule)  # unknown schedule: fail first, with the list of names
+    model, seq = model_from_args(args)
+    return build_spec(args.schedule, model, pp=args.pp, microbatches=args.microbatches, slices=args.slices,
+                      virtual_stages=args.virtual_stages, seq_len=seq, micro_batch_size=args.micro_batch_size,
+                      seed=args.seed)
+
+
+def run(args) -> int:
+    check_output_path(args.output)
+    spec = spec_from_args(args)
+    plan = compile_plan(spec)
+    save(plan, args.output)
+    summary = {"output": args.output, "schedule": spec.schedule, "pp": spec.pp, "microbatches": spec.microbatches,
+               "slices": spec.slices, "virtual_stages": spec.virtual_stages, "instructions": plan.num_instructions()}
+    if args.json:
+        emit_json(summary)
+    else:
+        print(f"wrote {args.output}: {spec.schedule} p={spec.pp} m={spec.microbatches} n={spec.slices} "
+              f"v={spec.virtual_stages}, model {spec.model.name} ({spec.model.layers} layers), seq {spec.seq_len}, "
+              f"{summary['instructions']} instructions")
+    return 0
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "compile", "compile a schedule into per-rank instruction streams (plan.json)",
+                   "slimpipe compile --schedule slimpipe --pp 4 --microbatches 4 --slices 4 --model tiny -o plan.json")
+    add_shape_args(p)
+    add_model_args(p)
+    p.add_argument("-o", "--output", required=True, help="plan file to write (written atomically)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(run=run)

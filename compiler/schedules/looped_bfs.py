@@ -1,0 +1,16 @@
+"""Looped breadth-first (BFPP): looping placement; for each local chunk ascending, forward every
+micro-batch (slices ascending); then for each chunk descending, backward every micro-batch
+(slices descending)."""
+from ir import B, F, PlanSpec
+
+from .common import Family, Order
+
+
+def generate(spec: PlanSpec) -> Order:
+    m, n, v = spec.microbatches, spec.slices, spec.virtual_stages
+    fwd = [F(mb, j, c) for c in range(v) for mb in range(m) for j in range(n)]
+    bwd = [B(mb, j, c) for c in reversed(range(v)) for mb in range(m) for j in reversed(range(n))]
+    return [fwd + bwd for _ in range(spec.pp)]
+
+
+FAMILY = Family("looped-bfs", "breadth-first over looping chunks (BFPP)", generate)

@@ -1,0 +1,38 @@
+"""SlimPipe: uniform slices; rank r keeps n*v + 2(p-r-1) units in flight (forward while fewer,
+then one backward per forward, then drain). Interleaved order per micro-batch: g = smallest
+divisor of n with g >= p; for each cycle of g slices, for each chunk, the g slices; backward is
+the exact reverse. Needs n >= p when v > 1."""
+from ir import B, F, PlanSpec, SpecError
+
+from .common import Family, Order, bounded_inflight
+
+
+def check(spec: PlanSpec) -> None:
+    if spec.virtual_stages > 1 and spec.slices < spec.pp:
+        raise SpecError(f"--slices {spec.slices}: interleaved slimpipe (--virtual-stages {spec.virtual_stages}) "
+                        f"needs slices >= --pp {spec.pp}")
+
+
+def cycle_size(n: int, p: int) -> int:
+    """Smallest divisor of n that is >= p."""
+    return next(g for g in range(p, n + 1) if n % g == 0)
+
+
+def microbatch_order(spec: PlanSpec) -> list[tuple[int, int]]:
+    """(slice, chunk) forward order of one micro-batch."""
+    n, v = spec.slices, spec.virtual_stages
+    if v == 1:
+        return [(j, 0) for j in range(n)]
+    g = cycle_size(n, spec.pp)
+    return [(cyc * g + j, c) for cyc in range(n // g) for c in range(v) for j in range(g)]
+
+
+def generate(spec: PlanSpec) -> Order:
+    p, v, m, n = spec.pp, spec.virtual_stages, spec.microbatches, spec.slices
+    order = microbatch_order(spec)
+    fwd = [F(mb, j, c) for mb in range(m) for j, c in order]
+    bwd = [B(mb, j, c) for mb in range(m) for j, c in reversed(order)]
+    return [bounded_inflight(fwd, bwd, n * v + 2 * (p - r - 1)) for r in range(p)]
+
+
+FAMILY = Family("slimpipe", "uniform slices, n*v + 2(p-r-1) units in flight (SlimPipe)", generate, check=check)

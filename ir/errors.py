@@ -1,0 +1,25 @@
+"""Errors every layer raises; the CLI turns them into one line and an exit code."""
+
+
+class SlimpipeError(Exception):
+    """Base class: a message meant for the user, one line, no traceback."""
+
+    exit_code = 2
+
+
+class SpecError(SlimpipeError):
+    """A user-supplied value is out of range or inconsistent (exit 2)."""
+
+    exit_code = 2
+
+
+class PlanFormatError(SlimpipeError):
+    """A plan file is unreadable, malformed or of an unknown schema (exit 2)."""
+
+    exit_code = 2
+
+
+class PlanInvalidError(SlimpipeError):
+    """A well-formed plan breaks a schedule rule or deadlocks (exit 1)."""
+
+    exit_code = 1

@@ -1,0 +1,168 @@
+"""Instructions: a compact immutable record and a text form that round-trips.
+
+Text grammar (tokens after the kind may come in any order; the canonical order is shown):
+
+    F mb3 s2 c1                 forward unit (micro-batch 3, slice 2, local chunk 1)
+    B mb3 s2 c1                 backward unit
+    SEND_ACT mb3 s2 c1 to2 t17  send the output activation of unit (mb3, s2, c1) to rank 2
+    RECV_ACT mb3 s2 c1 from0 t17  receive the input activation of unit (mb3, s2, c1)
+    SEND_GRAD / RECV_GRAD       the same for input gradients (sent to the previous stage)
+    KVF_SEND mb3 s5 c0 to2 x3 t9  forward KV exchange, owner side: the next compute unit on this
+                                rank is (mb3, s5, c0); it ships the K/V of its earliest x slices
+                                and its queries to rank 2, which computes that attention block
+    KVF_RECV mb3 s5 c0 from0 x3 t9  partner side: mb/s/c name the *owner's* unit; the partner
+                                serves it alongside its own next compute unit
+    KVB_SEND / KVB_RECV         the same for the backward unit
+    OPT                         optimizer step
+
+`chunk` is the local model-chunk index on the rank running the instruction (for KV*_RECV: on
+the owner rank); the spec's placement maps (rank, chunk) to a global stage.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .errors import PlanFormatError
+
+
+class Kind:
+    """Instruction kinds (plain strings: cheap to compare in hot loops, readable in JSON)."""
+
+    F = "F"
+    B = "B"
+    SEND_ACT = "SEND_ACT"
+    RECV_ACT = "RECV_ACT"
+    SEND_GRAD = "SEND_GRAD"
+    RECV_GRAD = "RECV_GRAD"
+    KVF_SEND = "KVF_SEND"
+    KVF_RECV = "KVF_RECV"
+    KVB_SEND = "KVB_SEND"
+    KVB_RECV = "KVB_RECV"
+    OPT = "OPT"
+
+
+COMPUTE = frozenset({Kind.F, Kind.B})
+SENDS = frozenset({Kind.SEND_ACT, Kind.SEND_GRAD})
+RECVS = frozenset({Kind.RECV_ACT, Kind.RECV_GRAD})
+P2P = SENDS | RECVS
+KV_OWNER = frozenset({Kind.KVF_SEND, Kind.KVB_SEND})
+KV_PARTNER = frozenset({Kind.KVF_RECV, Kind.KVB_RECV})
+KV = KV_OWNER | KV_PARTNER
+ALL_KINDS = COMPUTE | P2P | KV | {Kind.OPT}
+# send kind -> the receive kind it matches, and back
+MATCH = {
+    Kind.SEND_ACT: Kind.RECV_ACT,
+    Kind.SEND_GRAD: Kind.RECV_GRAD,
+    Kind.KVF_SEND: Kind.KVF_RECV,
+    Kind.KVB_SEND: Kind.KVB_RECV,
+}
+MATCH.update({v: k for k, v in list(MATCH.items())})
+
+# which fields each kind carries (the others hold -1, or 0 for x)
+_FIELDS = {
+    Kind.F: ("mb", "s", "c"),
+    Kind.B: ("mb", "s", "c"),
+    Kind.OPT: (),
+}
+for _k in SENDS:
+    _FIELDS[_k] = ("mb", "s", "c", "to", "t")
+for _k in RECVS:
+    _FIELDS[_k] = ("mb", "s", "c", "from", "t")
+for _k in KV_OWNER:
+    _FIELDS[_k] = ("mb", "s", "c", "to", "x", "t")
+for _k in KV_PARTNER:
+    _FIELDS[_k] = ("mb", "s", "c", "from", "x", "t")
+_TOKEN_FIELD = {"mb": "mb", "s": "slice", "c": "chunk", "to": "peer", "from": "peer", "x": "x", "t": "tag"}
+
+
+class Instr(NamedTuple):
+    """One instruction of one rank's stream. Unused fields are -1 (x: 0)."""
+
+    kind: str
+    mb: int = -1
+    slice: int = -1
+    chunk: int = -1
+    peer: int = -1
+    tag: int = -1
+    x: int = 0
+
+    def __str__(self) -> str:
+        return to_text(self)
+
+
+def F(mb: int, s: int, c: int) -> Instr:
+    return Instr(Kind.F, mb, s, c)
+
+
+def B(mb: int, s: int, c: int) -> Instr:
+    return Instr(Kind.B, mb, s, c)
+
+
+def to_text(ins: Instr) -> str:
+    """Canonical text form, e.g. 'SEND_ACT mb3 s2 c1 to2 t17'."""
+    k = ins.kind
+    if k == "F" or k == "B":
+        return f"{k} mb{ins.mb} s{ins.slice} c{ins.chunk}"
+    if k == "OPT":
+        return "OPT"
+    head = f"{k} mb{ins.mb} s{ins.slice} c{ins.chunk}"
+    if k in SENDS:
+        return f"{head} to{ins.peer} t{ins.tag}"
+    if k in RECVS:
+        return f"{head} from{ins.peer} t{ins.tag}"
+    if k in KV_OWNER:
+        return f"{head} to{ins.peer} x{ins.x} t{ins.tag}"
+    if k in KV_PARTNER:
+        return f"{head} from{ins.peer} x{ins.x} t{ins.tag}"
+    raise PlanFormatError(f"unknown instruction kind {k!r}; allowed: {', '.join(sorted(ALL_KINDS))}")
+
+
+def _int_token(tok: str, prefix: str, text: str) -> int:
+    digits = tok[len(prefix):]
+    if not digits.isdigit():
+        raise PlanFormatError(f"instruction {text!r}: token {tok!r} needs a non-negative integer after {prefix!r}")
+    return int(digits)
+
+
+def parse(text: str) -> Instr:
+    """Parse the text form (any token order); raises PlanFormatError naming the bad token."""
+    if not isinstance(text, str):
+        raise PlanFormatError(f"instruction {text!r} is not a string like 'F mb0 s0 c0'")
+    parts = text.split()
+    if not parts:
+        raise PlanFormatError("empty instruction; expected e.g. 'F mb0 s0 c0'")
+    kind = parts[0]
+    fields = _FIELDS.get(kind)
+    if fields is None:
+        raise PlanFormatError(f"instruction {text!r}: unknown kind {kind!r}; allowed: {', '.join(sorted(ALL_KINDS))}")
+    # fast path: canonical order
+    if len(parts) == len(fields) + 1:
+        vals = {}
+        ok = True
+        for tok, name in zip(parts[1:], fields):
+            d = tok[len(name):]
+            if tok.startswith(name) and d.isdigit():
+                vals[_TOKEN_FIELD[name]] = int(d)
+            else:
+                ok = False
+                break
+        if ok:
+            return Instr(kind, **vals)
+    vals = {}
+    for tok in parts[1:]:
+        # longest prefix first so 'to3' is not read as t + 'o3'
+        for name in ("from", "mb", "to", "s", "c", "x", "t"):
+            if tok.startswith(name) and tok[len(name):].isdigit():
+                break
+        else:
+            raise PlanFormatError(f"instruction {text!r}: bad token {tok!r}; {kind} takes {' '.join(f + 'N' for f in fields)}")
+        if name not in fields:
+            raise PlanFormatError(f"instruction {text!r}: {kind} takes no {name!r}; it takes {' '.join(f + 'N' for f in fields)}")
+        field = _TOKEN_FIELD[name]
+        if field in vals:
+            raise PlanFormatError(f"instruction {text!r}: {name!r} given twice")
+        vals[field] = _int_token(tok, name, text)
+    missing = [f for f in fields if _TOKEN_FIELD[f] not in vals]
+    if missing:
+        raise PlanFormatError(f"instruction {text!r}: missing {', '.join(missing)}; {kind} takes {' '.join(f + 'N' for f in fields)}")
+    return Instr(kind, **vals)

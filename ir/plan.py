@@ -1,0 +1,130 @@
+"""Plan: spec + one instruction stream per rank; versioned JSON I/O with atomic writes."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import PlanFormatError
+from .instr import Instr, parse, to_text
+from .spec import PlanSpec
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled (or hand-written) pipeline plan. `ranks[r]` is rank r's instruction stream."""
+
+    spec: PlanSpec
+    ranks: tuple[tuple[Instr, ...], ...]
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    schema_version: int = SCHEMA_VERSION
+
+    def with_ranks(self, ranks, **meta) -> "Plan":
+        """A copy with new streams (tuples), extra meta merged in."""
+        return Plan(self.spec, tuple(tuple(r) for r in ranks), {**self.meta, **meta}, self.schema_version)
+
+    def num_instructions(self) -> int:
+        return sum(len(r) for r in self.ranks)
+
+
+def pydantic_message(err: ValidationError) -> str:
+    """First error of a pydantic ValidationError as one line: 'spec.pp: Input should be ...'."""
+    e = err.errors()[0]
+    loc = ".".join(str(x) for x in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def to_dict(plan: Plan) -> dict:
+    return {
+        "schema_version": plan.schema_version,
+        "spec": plan.spec.model_dump(mode="json"),
+        "meta": plan.meta,
+        "ranks": [[to_text(i) for i in r] for r in plan.ranks],
+    }
+
+
+def from_dict(d: Any) -> Plan:
+    """Validate a decoded JSON object into a Plan (PlanFormatError naming the first problem)."""
+    if not isinstance(d, dict):
+        raise PlanFormatError(f"plan must be a JSON object, got {type(d).__name__}")
+    extra = set(d) - {"schema_version", "spec", "meta", "ranks"}
+    if extra:
+        raise PlanFormatError(f"plan has unknown field(s) {sorted(extra)}; allowed: schema_version, spec, meta, ranks")
+    ver = d.get("schema_version")
+    if ver != SCHEMA_VERSION:
+        raise PlanFormatError(f"plan schema_version {ver!r} is not supported; this slimpipe reads schema_version {SCHEMA_VERSION}")
+    try:
+        spec = PlanSpec.model_validate(d.get("spec"))
+    except ValidationError as e:
+        raise PlanFormatError(f"plan spec invalid: {pydantic_message(e)}") from None
+    ranks = d.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != spec.pp:
+        raise PlanFormatError(f"plan 'ranks' must be a list of {spec.pp} instruction lists (one per rank of pp={spec.pp})")
+    out = []
+    for r, stream in enumerate(ranks):
+        if not isinstance(stream, list):
+            raise PlanFormatError(f"rank {r}: instructions must be a list of strings like 'F mb0 s0 c0'")
+        try:
+            out.append(tuple(parse(t) for t in stream))
+        except PlanFormatError as e:
+            raise PlanFormatError(f"rank {r}: {e}") from None
+    meta = d.get("meta", {})
+    if not isinstance(meta, dict):
+        raise PlanFormatError("plan 'meta' must be a JSON object")
+    return Plan(spec, tuple(out), meta, ver)
+
+
+def dumps(plan: Plan) -> str:
+    """Compact JSON: one line per rank stream keeps large plans small and diffs readable."""
+    d = to_dict(plan)
+    ranks = d.pop("ranks")
+    head = json.dumps(d, indent=1)
+    body = ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in ranks)
+    return head[:-2] + ',\n "ranks": [\n' + body + "\n ]\n}\n"
+
+
+def loads(text: str) -> Plan:
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlanFormatError(f"plan is not valid JSON: {e}") from None
+    return from_dict(d)
+
+
+def atomic_write(path: str, data: str | bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise PlanFormatError(f"output directory {directory!r} does not exist; create it or choose another path")
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(plan: Plan, path: str) -> None:
+    atomic_write(path, dumps(plan))
+
+
+def load(path: str) -> Plan:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise PlanFormatError(f"plan file {path!r} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlanFormatError(f"plan file {path!r} unreadable: {e}") from None
+    return loads(text)

@@ -1,0 +1,164 @@
+"""Event-driven replay of a plan: the one engine behind simulation and the deadlock proof.
+
+Semantics (the executor's): compute units run in program order on their rank; sends never
+block (the data leaves when the send is issued and arrives after `p2p_delay`); a receive blocks
+until its matching send, matched by (src, dst, tag) in program order; a KV exchange is a
+rendezvous of its two ranks. If no rank can move, the wait-for graph names who waits for whom.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ir import Instr, Kind, Plan, to_text
+
+_F, _B = Kind.F, Kind.B
+_SEND = (Kind.SEND_ACT, Kind.SEND_GRAD)
+_RECV = (Kind.RECV_ACT, Kind.RECV_GRAD)
+_KV_OWNER = (Kind.KVF_SEND, Kind.KVB_SEND)
+_KV_PARTNER = (Kind.KVF_RECV, Kind.KVB_RECV)
+
+
+@dataclass
+class Stuck:
+    """A rank that cannot move: it waits at instruction `index` for `peer`."""
+
+    rank: int
+    index: int
+    instr: Instr
+    peer: int
+
+    def describe(self, finished: bool = False) -> str:
+        what = "a rendezvous with" if self.instr.kind not in _RECV else "data from"
+        tail = " (which has finished its stream)" if finished else ""
+        return f"rank {self.rank} waits at #{self.index} '{to_text(self.instr)}' for {what} rank {self.peer}{tail}"
+
+
+@dataclass
+class Replay:
+    clock: list[float]
+    busy: list[float]
+    stuck: list[Stuck] = field(default_factory=list)
+    cycle: list[int] | None = None
+    # (rank, index, start, end) of every compute unit, when asked for
+    timeline: list[tuple[int, int, float, float]] | None = None
+
+    @property
+    def makespan(self) -> float:
+        return max(self.clock) if self.clock else 0.0
+
+    @property
+    def deadlocked(self) -> bool:
+        return bool(self.stuck)
+
+    def deadlock_message(self) -> str:
+        if not self.stuck:
+            return ""
+        by_rank = {s.rank: s for s in self.stuck}
+        if self.cycle:
+            lines = [by_rank[r].describe() for r in self.cycle]
+            return "deadlock: wait cycle " + " -> ".join(f"rank {r}" for r in self.cycle + self.cycle[:1]) + ": " + "; ".join(lines)
+        lines = [s.describe(finished=s.peer not in by_rank) for s in self.stuck]
+        return "deadlock: " + "; ".join(lines)
+
+
+def unit_cost(rank: int, ins: Instr) -> float:
+    return 1.0 if ins.kind == _F else 2.0
+
+
+def _zero(*_args) -> float:
+    return 0.0
+
+
+def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
+           p2p_delay: Callable[[int, int, Instr], float] = _zero,
+           kv_delay: Callable[[int, int, Instr], float] = _zero,
+           record: bool = False) -> Replay:
+    """Run every rank's stream on virtual clocks. `cost(rank, ins)` is a compute unit's
+    duration, `p2p_delay(src, dst, send)` a message's flight time, `kv_delay(owner, partner,
+    owner_instr)` the time a KV rendezvous adds to both ranks."""
+    ranks = plan.ranks
+    p = len(ranks)
+    pos = [0] * p
+    clock = [0.0] * p
+    busy = [0.0] * p
+    posted: dict[tuple[int, int, int], deque] = {}
+    waiting: dict[tuple[int, int, int], tuple[int, float]] = {}  # KV rendezvous: first side (rank, time)
+    release: dict[tuple[tuple[int, int, int], int], float] = {}  # meeting time for the side still parked
+    timeline = [] if record else None
+    progress = True
+    while progress:
+        progress = False
+        for r in range(p):
+            stream = ranks[r]
+            n = len(stream)
+            i = pos[r]
+            if i >= n:
+                continue
+            t = clock[r]
+            b = busy[r]
+            start = i
+            while i < n:
+                ins = stream[i]
+                k = ins.kind
+                if k == _F or k == _B:
+                    d = cost(r, ins)
+                    if timeline is not None:
+                        timeline.append((r, i, t, t + d))
+                    t += d
+                    b += d
+                elif k in _RECV:
+                    q = posted.get((ins.peer, r, ins.tag))
+                    if not q:
+                        break
+                    a = q.popleft()
+                    if a > t:
+                        t = a
+                elif k in _SEND:
+                    key = (r, ins.peer, ins.tag)
+                    q = posted.get(key)
+                    if q is None:
+                        q = posted[key] = deque()
+                    q.append(t + p2p_delay(r, ins.peer, ins))
+                elif k in _KV_OWNER or k in _KV_PARTNER:
+                    key = (r, ins.peer, ins.tag) if k in _KV_OWNER else (ins.peer, r, ins.tag)
+                    rel = release.pop((key, r), None)
+                    if rel is not None:
+                        t = rel
+                    else:
+                        w = waiting.get(key)
+                        if w is None:
+                            waiting[key] = (r, t)
+                            break
+                        if w[0] == r:
+                            break
+                        del waiting[key]
+                        t = max(t, w[1]) + kv_delay(key[0], key[1], ins)
+                        release[(key, w[0])] = t
+                i += 1
+            if i != start:
+                progress = True
+            pos[r] = i
+            clock[r] = t
+            busy[r] = b
+        if not progress:
+            break
+    res = Replay(clock, busy, timeline=timeline)
+    stuck = [Stuck(r, pos[r], ranks[r][pos[r]], ranks[r][pos[r]].peer) for r in range(p) if pos[r] < len(ranks[r])]
+    if stuck:
+        res.stuck = stuck
+        res.cycle = wait_cycle(stuck)
+    return res
+
+
+def wait_cycle(stuck: list[Stuck]) -> list[int] | None:
+    """The ranks of a cycle in the wait-for graph, if there is one (networkx)."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    g.add_edges_from((s.rank, s.peer) for s in stuck)
+    try:
+        return [u for u, _ in nx.find_cycle(g)]
+    except nx.NetworkXNoCycle:
+        return None
