@@ -33,10 +33,10 @@ class Plan:
         return sum(len(r) for r in self.ranks)
 
 
-def pydantic_message(err: ValidationError) -> str:
+def pydantic_message(err: ValidationError, prefix: str = "") -> str:
     """First error of a pydantic ValidationError as one line: 'spec.pp: Input should be ...'."""
     e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"])
+    loc = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
     msg = e["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 
@@ -63,7 +63,7 @@ def from_dict(d: Any) -> Plan:
     try:
         spec = PlanSpec.model_validate(d.get("spec"))
     except ValidationError as e:
-        raise PlanFormatError(f"plan spec invalid: {pydantic_message(e)}") from None
+        raise PlanFormatError(f"plan {pydantic_message(e, 'spec')}") from None
     ranks = d.get("ranks")
     if not isinstance(ranks, list) or len(ranks) != spec.pp:
         raise PlanFormatError(f"plan 'ranks' must be a list of {spec.pp} instruction lists (one per rank of pp={spec.pp})")

@@ -1,0 +1,154 @@
+"""The command line: the main job works, bad input is one line with exit 2 and writes nothing,
+and check names both ranks of a broken dependency."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ir
+from compiler.cli import main
+
+HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128, "vocab_size": 100}
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compile_check_simulate_show(tmp_path, capsys):
+    plan = str(tmp_path / "plan.json")
+    code, out, _ = run(capsys, "compile", "--schedule", "slimpipe", "--pp", "4", "--microbatches", "2",
+                       "--slices", "4", "-o", plan)
+    assert code == 0 and "wrote" in out
+    assert run(capsys, "check", plan)[0] == 0
+    code, out, _ = run(capsys, "check", plan, "--json")
+    assert json.loads(out) == {"valid": True, "problems": []}
+    code, out, _ = run(capsys, "simulate", plan, "--unit-costs", "--json")
+    sim = json.loads(out)
+    assert sim["makespan"] == 33 and abs(sim["bubble_fraction"] - 3 / 11) < 1e-12
+    assert [r["peak_units"] for r in sim["ranks"]] == [8, 8, 6, 4]
+    code, out, _ = run(capsys, "show", plan)
+    assert code == 0 and out.splitlines()[2].startswith("rank 0 F0.0 F0.1 F0.2 F0.3 F1.0")
+
+
+def test_config_json_and_overrides(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(HF_CONFIG))
+    plan = str(tmp_path / "p.json")
+    code, _, err = run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2",
+                       "--model", str(cfg), "--layers", "6", "--seq-len", "32", "-o", plan)
+    assert code == 0, err
+    spec = ir.load(plan).spec
+    assert (spec.model.layers, spec.model.hidden, spec.model.kv_heads, spec.model.vocab) == (6, 64, 2, 100)
+    assert spec.stage_layers == (3, 3)
+
+
+BAD = [
+    (["--schedule", "zigzag"], "--schedule 'zigzag' is unknown; allowed: gpipe, 1f1b"),
+    (["--pp", "0"], "--pp 0 must be an integer >= 1"),
+    (["--slices", "200", "--seq-len", "128"], "--slices 200 is larger than --seq-len 128"),
+    (["--slices", "3", "--seq-len", "128"], "--seq-len 128 is not divisible by --slices 3"),
+    (["--pp", "8", "--virtual-stages", "2"], "fewer than pp*virtual_stages=16"),
+    (["--schedule", "interleaved-1f1b", "--pp", "4", "--microbatches", "6", "--virtual-stages", "2", "--slices", "1"],
+     "--microbatches 6: interleaved-1f1b needs a multiple of --pp 4"),
+    (["--slices", "2", "--pp", "4", "--virtual-stages", "2"], "interleaved slimpipe (--virtual-stages 2) needs slices >= --pp 4"),
+    (["--model", "/nonexistent/config.json"], "no such file"),
+    (["--model", "gpt5"], "--model 'gpt5' is unknown"),
+    (["--schedule", "1f1b", "--slices", "4"], "1f1b does not slice the sequence"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD)
+def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, args, needle):
+    plan = tmp_path / "plan.json"
+    base = {"--schedule": "slimpipe", "--pp": "2", "--microbatches": "4"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = ["compile"] + [x for kv in base.items() for x in kv] + ["-o", str(plan)]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert needle in err and err.count("\n") == 1, err
+    assert not plan.exists() and os.listdir(tmp_path) == []
+
+
+def test_malformed_config_json(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text("{not json")
+    code, _, err = run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2",
+                       "--model", str(cfg), "-o", str(tmp_path / "p.json"))
+    assert code == 2 and "not a readable JSON config" in err and err.count("\n") == 1
+    cfg.write_text(json.dumps({k: v for k, v in HF_CONFIG.items() if k != "hidden_size"}))
+    code, _, err = run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2",
+                       "--model", str(cfg), "-o", str(tmp_path / "p.json"))
+    assert code == 2 and "lacks hidden_size" in err
+
+
+def test_output_in_missing_directory(tmp_path, capsys):
+    code, _, err = run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2",
+                       "-o", str(tmp_path / "nope" / "plan.json"))
+    assert code == 2 and "does not exist" in err and not (tmp_path / "nope").exists()
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compile", "--pp", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--pp" in err
+
+
+def test_hand_edited_backward_before_its_receive(tmp_path, capsys):
+    """Move a backward ahead of the RECV_GRAD it needs: check exits 1 naming both ranks."""
+    src = str(tmp_path / "plan.json")
+    run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", src)
+    d = json.loads(open(src).read())
+    r0 = d["ranks"][0]
+    i = r0.index("RECV_GRAD mb0 s0 c0 from1 t1")
+    assert r0[i + 1] == "B mb0 s0 c0"
+    r0[i], r0[i + 1] = r0[i + 1], r0[i]
+    bad = tmp_path / "edited.json"
+    bad.write_text(json.dumps(d))
+    code, out, _ = run(capsys, "check", str(bad))
+    assert code == 1
+    assert "rank 0 #4 'B mb0 s0 c0' runs before rank 0 #5 'RECV_GRAD mb0 s0 c0 from1 t1'" in out
+    assert "rank 1 #3 'SEND_GRAD mb0 s0 c0 to0 t1'" in out
+
+
+def test_deadlock_names_the_cycle(tmp_path, capsys):
+    """Both ranks receive before they send: the wait cycle is reported."""
+    src = str(tmp_path / "plan.json")
+    run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "1", "-o", src)
+    plan = ir.load(src)
+    r0 = list(plan.ranks[0])
+    # rank 0 waits for the gradient before sending the activation rank 1 needs
+    send = next(i for i, x in enumerate(r0) if x.kind == ir.Kind.SEND_ACT)
+    recv = next(i for i, x in enumerate(r0) if x.kind == ir.Kind.RECV_GRAD)
+    r0.insert(send, r0.pop(recv))
+    edited = plan.with_ranks([r0, plan.ranks[1]])
+    from passes import replay
+    res = replay(edited)
+    assert res.cycle == [0, 1]
+    msg = res.deadlock_message()
+    assert "wait cycle rank 0 -> rank 1 -> rank 0" in msg
+    assert "rank 0 waits at #1 'RECV_GRAD mb0 s0 c0 from1 t1'" in msg
+    assert "rank 1 waits at #0 'RECV_ACT mb0 s0 c0 from0 t0'" in msg
+
+
+def test_check_unusable_input_exit_2(tmp_path, capsys):
+    p = tmp_path / "x.json"
+    p.write_text('{"schema_version": 1, "spec": ')
+    code, _, err = run(capsys, "check", str(p))
+    assert code == 2 and "not valid JSON" in err
+    assert run(capsys, "check", str(tmp_path / "missing.json"))[0] == 2
+
+
+def test_console_script_subprocess(tmp_path):
+    """Through a real interpreter: a user error prints one line and no traceback."""
+    r = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", "--schedule", "nope", "--pp", "2",
+                        "--microbatches", "2", "-o", str(tmp_path / "p.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1

@@ -1,0 +1,101 @@
+"""IR: the text form round-trips, plans round-trip through JSON exactly, bad files fail cleanly."""
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ir
+from compiler import build_spec, compile_plan, resolve_model
+from ir import Instr, Kind, PlanFormatError
+
+NUM = st.integers(0, 10**6)
+
+
+@st.composite
+def instrs(draw):
+    kind = draw(st.sampled_from(sorted(ir.ALL_KINDS)))
+    if kind == Kind.OPT:
+        return Instr(kind)
+    mb, s, c = draw(NUM), draw(NUM), draw(NUM)
+    if kind in ir.COMPUTE:
+        return Instr(kind, mb, s, c)
+    x = draw(NUM) if kind in ir.KV else 0
+    return Instr(kind, mb, s, c, draw(NUM), draw(NUM), x)
+
+
+@given(instrs())
+def test_text_round_trip(ins):
+    assert ir.parse(ir.to_text(ins)) == ins
+
+
+def test_text_any_token_order():
+    assert ir.parse("SEND_ACT t17 to2 c1 s2 mb3") == Instr(Kind.SEND_ACT, 3, 2, 1, 2, 17)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("X mb0 s0 c0", "unknown kind 'X'"),
+    ("F mb0 s0", "missing c"),
+    ("F mb0 s0 c0 to1", "takes no 'to'"),
+    ("F mb0 s-1 c0", "bad token 's-1'"),
+    ("F mb0 mb1 s0 c0", "given twice"),
+    ("", "empty instruction"),
+])
+def test_text_errors_name_the_token(text, needle):
+    with pytest.raises(PlanFormatError, match=needle):
+        ir.parse(text)
+
+
+@pytest.mark.parametrize("schedule,v,n", [("slimpipe", 2, 4), ("interleaved-1f1b", 2, 1), ("gpipe", 1, 2)])
+def test_plan_json_round_trip_is_exact(tmp_path, schedule, v, n):
+    plan = compile_plan(build_spec(schedule, resolve_model("tiny"), pp=2, microbatches=2, slices=n,
+                                   virtual_stages=v, seq_len=64))
+    path = tmp_path / "plan.json"
+    ir.save(plan, str(path))
+    back = ir.load(str(path))
+    assert back == plan
+    assert back.spec == plan.spec and back.ranks == plan.ranks and back.meta == plan.meta
+    assert json.loads(path.read_text())["schema_version"] == ir.SCHEMA_VERSION
+
+
+def test_golden_1f1b_plan():
+    """1F1B p=2 m=2: the exact streams (warm-up 1 forward on rank 0, none on rank 1)."""
+    plan = compile_plan(build_spec("1f1b", resolve_model("tiny"), pp=2, microbatches=2, seq_len=16))
+    assert [ir.to_text(i) for i in plan.ranks[0]] == [
+        "F mb0 s0 c0", "SEND_ACT mb0 s0 c0 to1 t0",
+        "F mb1 s0 c0", "SEND_ACT mb1 s0 c0 to1 t4",
+        "RECV_GRAD mb0 s0 c0 from1 t1", "B mb0 s0 c0",
+        "RECV_GRAD mb1 s0 c0 from1 t5", "B mb1 s0 c0", "OPT"]
+    assert [ir.to_text(i) for i in plan.ranks[1]] == [
+        "RECV_ACT mb0 s0 c0 from0 t0", "F mb0 s0 c0", "B mb0 s0 c0", "SEND_GRAD mb0 s0 c0 to0 t1",
+        "RECV_ACT mb1 s0 c0 from0 t4", "F mb1 s0 c0", "B mb1 s0 c0", "SEND_GRAD mb1 s0 c0 to0 t5", "OPT"]
+
+
+def test_no_comm_between_stages_on_one_rank():
+    """p=1 with v=2: both chunks on rank 0, no sends at all."""
+    plan = compile_plan(build_spec("looped-bfs", resolve_model("tiny"), pp=1, microbatches=2, virtual_stages=2, seq_len=8))
+    assert {i.kind for i in plan.ranks[0]} == {Kind.F, Kind.B, Kind.OPT}
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d.update(schema_version=99), "schema_version 99 is not supported"),
+    (lambda d: d["spec"].update(pp="two"), "spec.pp"),
+    (lambda d: d.update(extra=1), "unknown field"),
+    (lambda d: d["ranks"][0].append("F mb0 s0"), "rank 0"),
+    (lambda d: d["ranks"].pop(), "list of 2 instruction lists"),
+    (lambda d: d["spec"].update(slice_lens=[[1, 2]] * 2), "slice_lens"),
+])
+def test_bad_plans_raise_one_line(mutate, needle):
+    plan = compile_plan(build_spec("1f1b", resolve_model("tiny"), pp=2, microbatches=2, seq_len=16))
+    d = ir.to_dict(plan)
+    mutate(d)
+    with pytest.raises(PlanFormatError, match=needle) as e:
+        ir.from_dict(d)
+    assert "\n" not in str(e.value)
+
+
+def test_layer_split_rule():
+    """Uneven layers: the first (layers mod stages) stages take one layer more."""
+    spec = build_spec("1f1b", resolve_model("tiny", {"layers": 10}), pp=4, microbatches=1, seq_len=8)
+    assert spec.stage_layers == (3, 3, 2, 2)
+    assert spec.stage_first_layer() == [0, 3, 6, 8]

@@ -1,0 +1,133 @@
+"""Every family, on a hypothesis grid: unit-cost figures equal the closed forms, and every
+generated plan satisfies the validation rules (checked here independently of passes.validate)."""
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from closed_forms import allowed, bubble, rank0_peak
+from compiler import build_spec, compile_plan, resolve_model, schedules
+from ir import Kind
+from passes import check, simulate_units
+
+FAMILIES = list(schedules.FAMILIES)
+MODEL = resolve_model("tiny", {"layers": 128})
+
+
+def compile_sizes(s, p, m, n, v):
+    return compile_plan(build_spec(s, MODEL, pp=p, microbatches=m, slices=n, virtual_stages=v, seq_len=n * 2))
+
+
+def assert_rules(plan):
+    """The issue's validation rules, restated naively."""
+    spec = plan.spec
+    owner = spec.stage_rank()
+    for r, stream in enumerate(plan.ranks):
+        pos = {}
+        for i, ins in enumerate(stream):
+            if ins.kind in (Kind.F, Kind.B):
+                key = (ins.kind, ins.mb, ins.slice, ins.chunk)
+                assert key not in pos, f"rank {r}: {key} twice"
+                pos[key] = i
+        expect = {(k, mb, j, c) for k in (Kind.F, Kind.B) for mb in range(spec.microbatches)
+                  for j in range(spec.slices) for c in range(spec.virtual_stages)}
+        assert set(pos) == expect, f"rank {r}: units differ from one F and one B per (mb, slice, chunk)"
+        for (k, mb, j, c), i in pos.items():
+            if k == Kind.F:
+                assert pos[(Kind.B, mb, j, c)] > i, "backward after its forward"
+                if j:
+                    assert pos[(Kind.F, mb, j - 1, c)] < i, "forward slices ascend"
+            elif j + 1 < spec.slices:
+                assert pos[(Kind.B, mb, j + 1, c)] < i, "backward slices descend"
+    sends, recvs = Counter(), Counter()
+    for r, stream in enumerate(plan.ranks):
+        for ins in stream:
+            st_ = spec.placement[r][ins.chunk] if ins.chunk >= 0 else -1
+            if ins.kind == Kind.SEND_ACT:
+                sends[(r, ins.peer, ins.tag, "act", ins.mb, ins.slice, st_ + 1)] += 1
+            elif ins.kind == Kind.RECV_ACT:
+                recvs[(ins.peer, r, ins.tag, "act", ins.mb, ins.slice, st_)] += 1
+            elif ins.kind == Kind.SEND_GRAD:
+                sends[(r, ins.peer, ins.tag, "grad", ins.mb, ins.slice, st_ - 1)] += 1
+            elif ins.kind == Kind.RECV_GRAD:
+                recvs[(ins.peer, r, ins.tag, "grad", ins.mb, ins.slice, st_)] += 1
+    assert sends == recvs, "every send has exactly one receive with the same data (hence shape)"
+    assert all(c == 1 for c in sends.values())
+    # one send per stage boundary that crosses ranks, none inside a rank
+    crossings = sum(owner[s] != owner[s + 1] for s in range(spec.num_stages - 1))
+    assert len(sends) == 2 * crossings * spec.microbatches * spec.slices
+
+
+@st.composite
+def sizes(draw, family):
+    p = draw(st.integers(1, 8))
+    m = draw(st.integers(1, 16))
+    n = 1 if family in ("1f1b", "interleaved-1f1b") else draw(st.integers(1, 32))
+    v = 1 if family in ("gpipe", "1f1b") else draw(st.integers(1, 4))
+    if family == "interleaved-1f1b" and v > 1:
+        m = p * draw(st.integers(1, max(1, 16 // p)))
+    if family == "slimpipe" and v > 1:
+        n = max(n, p)
+    if family == "seq1f1b" and v > 1:
+        k = -(-p // n)
+        m = k * max(1, m // k)
+    if family == "looped-bfs":
+        m = max(m, -(-p // n))
+    return p, m, n, v
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_unit_costs_match_closed_forms(family, data):
+    p, m, n, v = data.draw(sizes(family))
+    assume(allowed(family, p, m, n, v))
+    plan = compile_sizes(family, p, m, n, v)
+    assert check(plan).ok
+    assert_rules(plan)
+    sim = simulate_units(plan)
+    assert abs(sim["bubble_fraction"] - bubble(family, p, m, n, v)) < 1e-9
+    assert sim["ranks"][0]["peak_units"] == rank0_peak(family, p, m, n, v)
+    # every rank is busy exactly 3 units per (mb, slice, chunk)
+    assert all(r["busy"] == 3 * m * n * v for r in sim["ranks"])
+
+
+@pytest.mark.parametrize("family,p,m,n,v,makespan,peaks", [
+    ("1f1b", 4, 8, 1, 1, 33, [4, 3, 2, 1]),
+    ("gpipe", 3, 2, 2, 1, 18, [4, 4, 4]),
+    ("interleaved-1f1b", 2, 4, 1, 2, 27, [5, 3]),
+    ("seq1f1b", 4, 2, 4, 1, 33, [7, 6, 5, 4]),
+    ("slimpipe", 4, 2, 4, 1, 33, [8, 8, 6, 4]),  # T_r = 10, 8, 6, 4 capped at m*n*v = 8
+    ("slimpipe", 4, 2, 4, 2, 57, [14, 12, 10, 8]),
+    ("looped-bfs", 2, 2, 1, 2, 15, [4, 4]),
+])
+def test_exact_figures(family, p, m, n, v, makespan, peaks):
+    sim = simulate_units(compile_sizes(family, p, m, n, v))
+    assert sim["makespan"] == makespan
+    assert [r["peak_units"] for r in sim["ranks"]] == peaks
+
+
+def test_slimpipe_inflight_rule_per_rank():
+    """Rank r keeps n*v + 2(p-r-1) units in flight (when enough units exist)."""
+    p, m, n, v = 4, 4, 8, 2
+    sim = simulate_units(compile_sizes("slimpipe", p, m, n, v))
+    assert [r["peak_units"] for r in sim["ranks"]] == [n * v + 2 * (p - r - 1) for r in range(p)]
+
+
+def test_slimpipe_interleaved_cycle_order():
+    """n=8, p=3: g = 4 (smallest divisor of 8 >= 3); each cycle runs 4 slices on chunk 0, then chunk 1."""
+    plan = compile_sizes("slimpipe", 3, 1, 8, 2)
+    fwd = [(i.slice, i.chunk) for i in plan.ranks[0] if i.kind == Kind.F]
+    assert fwd == [(j, 0) for j in range(4)] + [(j, 1) for j in range(4)] + \
+                  [(j, 0) for j in range(4, 8)] + [(j, 1) for j in range(4, 8)]
+    bwd = [(i.slice, i.chunk) for i in plan.ranks[0] if i.kind == Kind.B]
+    assert bwd == list(reversed(fwd))
+
+
+def test_interleaved_megatron_mapping():
+    """Forward unit u runs chunk (u mod pv) div p on micro-batch (u div pv)*p + u mod p."""
+    p, v, m = 2, 2, 4
+    plan = compile_sizes("interleaved-1f1b", p, m, 1, v)
+    fwd = [(i.mb, i.chunk) for i in plan.ranks[1] if i.kind == Kind.F]
+    assert fwd == [((u // (p * v)) * p + u % p, (u % (p * v)) // p) for u in range(m * v)]
