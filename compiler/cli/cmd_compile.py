@@ -1,7 +1,7 @@
 """slimpipe compile: spec -> plan.json."""
 from __future__ import annotations
 
-from ir import save
+from ir import SpecError, save
 
 from .. import compile_plan, schedules
 from ..layout import build_spec
@@ -35,12 +35,38 @@ def add_shape_args(p, schedule_required: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation and data seed the executor uses (default 0)")
 
 
+def add_pass_args(p) -> None:
+    """Pass options: the KV exchange (SlimPipe's attention context exchange)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--exchange", dest="exchange", action="store_true", default=None,
+                   help="pair concurrent units for the KV exchange (default: on for slimpipe, off for the others; "
+                        "any family with --slices >= 2 may ask for it)")
+    g.add_argument("--no-exchange", dest="exchange", action="store_false", help="no KV exchange")
+    p.add_argument("--exchange-threshold", type=int, default=0,
+                   help="cap on the slices shipped per exchange (0 = no cap; default 0)")
+
+
+def exchange_from_args(args) -> bool:
+    thr = args.exchange_threshold
+    if thr < 0:
+        raise SpecError(f"--exchange-threshold {thr} must be >= 0 (0 = no cap)")
+    if args.exchange is None:
+        return args.schedule == "slimpipe" and args.slices > 1
+    if args.exchange and args.slices < 2:
+        raise SpecError(f"--exchange needs sequence slices (--slices >= 2, got {args.slices}); "
+                        f"drop --exchange or slice the sequence")
+    return args.exchange
+
+
 def spec_from_args(args):
     schedules.get(args.schedule)  # unknown schedule: fail first, with the list of names
     model, seq = model_from_args(args)
+    extra = {}
+    if hasattr(args, "exchange"):
+        extra.update(exchange=exchange_from_args(args), exchange_threshold=args.exchange_threshold)
     return build_spec(args.schedule, model, pp=args.pp, microbatches=args.microbatches, slices=args.slices,
                       virtual_stages=args.virtual_stages, seq_len=seq, micro_batch_size=args.micro_batch_size,
-                      seed=args.seed)
+                      seed=args.seed, **extra)
 
 
 def run(args) -> int:
@@ -49,13 +75,15 @@ def run(args) -> int:
     plan = compile_plan(spec)
     save(plan, args.output)
     summary = {"output": args.output, "schedule": spec.schedule, "pp": spec.pp, "microbatches": spec.microbatches,
-               "slices": spec.slices, "virtual_stages": spec.virtual_stages, "instructions": plan.num_instructions()}
+               "slices": spec.slices, "virtual_stages": spec.virtual_stages, "exchange": spec.exchange,
+               "exchanges": plan.meta.get("exchanges", 0), "instructions": plan.num_instructions()}
     if args.json:
         emit_json(summary)
     else:
         print(f"wrote {args.output}: {spec.schedule} p={spec.pp} m={spec.microbatches} n={spec.slices} "
               f"v={spec.virtual_stages}, model {spec.model.name} ({spec.model.layers} layers), seq {spec.seq_len}, "
-              f"{summary['instructions']} instructions")
+              f"{summary['instructions']} instructions"
+              + (f", {summary['exchanges']} KV exchanges" if spec.exchange else ""))
     return 0
 
 
@@ -64,6 +92,7 @@ def register(sub) -> None:
                    "slimpipe compile --schedule slimpipe --pp 4 --microbatches 4 --slices 4 --model tiny -o plan.json")
     add_shape_args(p)
     add_model_args(p)
+    add_pass_args(p)
     p.add_argument("-o", "--output", required=True, help="plan file to write (written atomically)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(run=run)
