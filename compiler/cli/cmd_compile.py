@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ir import SpecError, save
+from passes.partition import flops_partition
 
 from .. import compile_plan, schedules
 from ..layout import build_spec
@@ -46,6 +47,32 @@ def add_pass_args(p) -> None:
                    help="cap on the slices shipped per exchange (0 = no cap; default 0)")
 
 
+def add_parallel_args(p) -> None:
+    p.add_argument("--partition", default="uniform",
+                   help="slice lengths: uniform (S/n each) or flops (Seq1F1B's equal forward FLOPs per slice)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (cost model only; default 1)")
+    p.add_argument("--cp", type=int, default=1, help="context parallel degree (cost model only; default 1)")
+    p.add_argument("--dp", type=int, default=1, help="data parallel degree (cost model only; default 1)")
+
+
+def parallel_from_args(args, model, seq: int) -> dict:
+    """tp/cp/dp and the slice lengths of --partition, validated."""
+    for name in ("tp", "cp", "dp"):
+        val = getattr(args, name)
+        if val < 1:
+            raise SpecError(f"--{name} {val} must be an integer >= 1")
+    if model.heads % args.tp:
+        raise SpecError(f"--tp {args.tp} must divide the model's {model.heads} attention heads")
+    out = {"tp": args.tp, "cp": args.cp, "dp": args.dp}
+    if args.partition == "flops":
+        if args.slices < 2:
+            raise SpecError(f"--partition flops needs --slices >= 2 (got {args.slices})")
+        out.update(partition="flops", slice_lens=tuple(flops_partition(model, seq, args.slices)))
+    elif args.partition != "uniform":
+        raise SpecError(f"--partition {args.partition!r} is unknown; allowed: uniform, flops")
+    return out
+
+
 def exchange_from_args(args) -> bool:
     thr = args.exchange_threshold
     if thr < 0:
@@ -64,6 +91,8 @@ def spec_from_args(args):
     extra = {}
     if hasattr(args, "exchange"):
         extra.update(exchange=exchange_from_args(args), exchange_threshold=args.exchange_threshold)
+    if hasattr(args, "partition"):
+        extra.update(parallel_from_args(args, model, seq))
     return build_spec(args.schedule, model, pp=args.pp, microbatches=args.microbatches, slices=args.slices,
                       virtual_stages=args.virtual_stages, seq_len=seq, micro_batch_size=args.micro_batch_size,
                       seed=args.seed, **extra)
@@ -75,7 +104,8 @@ def run(args) -> int:
     plan = compile_plan(spec)
     save(plan, args.output)
     summary = {"output": args.output, "schedule": spec.schedule, "pp": spec.pp, "microbatches": spec.microbatches,
-               "slices": spec.slices, "virtual_stages": spec.virtual_stages, "exchange": spec.exchange,
+               "slices": spec.slices, "virtual_stages": spec.virtual_stages, "partition": spec.partition,
+               "slice_lens": list(spec.slice_lens[0]), "tp": spec.tp, "cp": spec.cp, "dp": spec.dp, "exchange": spec.exchange,
                "exchanges": plan.meta.get("exchanges", 0), "instructions": plan.num_instructions()}
     if args.json:
         emit_json(summary)
@@ -93,6 +123,7 @@ def register(sub) -> None:
     add_shape_args(p)
     add_model_args(p)
     add_pass_args(p)
+    add_parallel_args(p)
     p.add_argument("-o", "--output", required=True, help="plan file to write (written atomically)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(run=run)
