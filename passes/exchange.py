@@ -9,7 +9,10 @@ half the cache difference (uniform slices: floor((s_owner - s_partner)/2)), capp
 spec.exchange_threshold (0 = no cap); no exchange when x < 1 or where a rank is idle.
 
 "The same time" is the start time in a unit-cost replay (F=1, B=2, communication free) of the
-plan without exchanges; forward units pair with forward units, backward with backward. Since
+plan without exchanges, and also in one with B/F = 9/4: units that coincide under both ratios
+run together whatever the real ratio (coincidence under one ratio only, e.g. 3F+1B vs 1F+2B,
+would turn into a rendezvous wait on real hardware). Forward pairs with forward, backward with
+backward. Since
 paired units start together in that replay, adding the rendezvous changes no start time, and
 because matching is deterministic (program order per tag) deadlock freedom does not depend on
 timing: the result passes the checker whenever the input does.
@@ -48,9 +51,13 @@ def pairings(plan: Plan) -> list[tuple[int, int, int, int, int]]:
     res = replay(plan, record=True)
     if res.deadlocked:
         return []
-    groups: dict[tuple[float, str], list[tuple[int, int]]] = {}
+    # a second replay with backward/forward = 9/4 (integers: exact): units that start together in
+    # both run together whatever the real ratio, so the rendezvous does not make them wait
+    alt = replay(plan, cost=lambda r, ins: 4.0 if ins.kind == Kind.F else 9.0, record=True)
+    alt_start = {(r, i): t0 for r, i, t0, _t1 in alt.timeline}
+    groups: dict[tuple[float, float, str], list[tuple[int, int]]] = {}
     for r, i, t0, _t1 in res.timeline:
-        groups.setdefault((t0, plan.ranks[r][i].kind), []).append((r, i))
+        groups.setdefault((t0, alt_start[(r, i)], plan.ranks[r][i].kind), []).append((r, i))
     out = []
     thr = spec.exchange_threshold
     for key in sorted(groups):

@@ -29,13 +29,15 @@ def test_slimpipe_exchange_checks_and_keeps_unit_makespan(p, m, n, v):
 
 def test_pairs_start_together_and_x_is_half_the_difference():
     plan = plan_of(p=8, m=8, n=16, seq=256)
-    res = replay(plan, record=True)
-    start = {(r, i): t0 for r, i, t0, _ in res.timeline}
     pairs = pairings(plan)
     assert pairs
+    for costs in ({"F": 1.0, "B": 2.0}, {"F": 4.0, "B": 9.0}, {"F": 1.0, "B": 2.2}):
+        res = replay(plan, cost=lambda r, ins, c=costs: c[ins.kind], record=True)
+        start = {(r, i): t0 for r, i, t0, _ in res.timeline}
+        for o, oi, q, qi, x in pairs:
+            assert start[(o, oi)] == pytest.approx(start[(q, qi)])
     for o, oi, q, qi, x in pairs:
         a, b = plan.ranks[o][oi], plan.ranks[q][qi]
-        assert start[(o, oi)] == start[(q, qi)]
         assert a.kind == b.kind
         assert x == (a.slice - b.slice) // 2 >= 1
 
@@ -44,11 +46,13 @@ def test_mirror_pairing_example():
     # every step: sort the units by slice, pair mirror entries, x = floor(diff / 2)
     plan = plan_of(p=8, m=8, n=16, seq=256)
     res = replay(plan, record=True)
+    alt = replay(plan, cost=lambda r, ins: 4.0 if ins.kind == "F" else 9.0, record=True)
+    t_alt = {(r, i): t0 for r, i, t0, _ in alt.timeline}
     by_t = {}
     for r, i, t0, _ in res.timeline:
-        by_t.setdefault((t0, plan.ranks[r][i].kind), []).append(plan.ranks[r][i].slice)
+        by_t.setdefault((t0, t_alt[(r, i)], plan.ranks[r][i].kind), []).append(plan.ranks[r][i].slice)
     pairs = {(plan.ranks[o][oi].slice, plan.ranks[q][qi].slice, x) for o, oi, q, qi, x in pairings(plan)}
-    for (_t, _k), sl in by_t.items():
+    for sl in by_t.values():
         s = sorted(sl)
         for a in range(len(s) // 2):
             lo, hi = s[a], s[-1 - a]
