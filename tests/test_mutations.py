@@ -40,7 +40,9 @@ def plans(draw):
         m = k * draw(st.integers(1, 2))
     if fam == "looped-bfs":
         m = max(m, p)
-    exchange = n > 1 and draw(st.booleans())
+    if fam == "slimpipe" and n > 1:
+        n = draw(st.sampled_from([4, 8]))
+    exchange = n > 1 and (fam == "slimpipe" or draw(st.booleans()))
     layers = p * v
     model = TINY.model_copy(update={"layers": max(layers, 8)})
     spec = build_spec(fam, model, pp=p, microbatches=m, slices=n, virtual_stages=v, seq_len=16 * n, exchange=exchange)
