@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ir import Instr, Kind, Plan, PlanSpec
-from passes import lower_comm
+from passes import lower_comm, redistribute
 
 from . import schedules
 from .layout import build_spec
@@ -12,12 +12,15 @@ VERSION = "0.1.0"
 
 
 def compile_plan(spec: PlanSpec) -> Plan:
-    """Generate the family's compute order, lower communication, end each stream with OPT."""
+    """Generate the family's compute order, lower communication, pair units for the KV exchange
+    when spec.exchange is set (the CLI sets it by default for slimpipe), end each stream with OPT."""
     family = schedules.get(spec.schedule)
     family.validate(spec)
     order = family.generate(spec)
     plan = Plan(spec, tuple(tuple(o) for o in order), {"compiler": f"slimpipe {VERSION}"})
     plan = lower_comm(plan)
+    if spec.exchange:
+        plan = redistribute(plan)
     return plan.with_ranks([r + (Instr(Kind.OPT),) for r in plan.ranks])
 
 

@@ -43,6 +43,8 @@ class Replay:
     cycle: list[int] | None = None
     # (rank, index, start, end) of every compute unit, when asked for
     timeline: list[tuple[int, int, float, float]] | None = None
+    # (rank, index, start, end) of every send (issue to arrival) and KV rendezvous, when asked for
+    comm: list[tuple[int, int, float, float]] | None = None
 
     @property
     def makespan(self) -> float:
@@ -87,6 +89,8 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
     waiting: dict[tuple[int, int, int], tuple[int, float]] = {}  # KV rendezvous: first side (rank, time)
     release: dict[tuple[tuple[int, int, int], int], float] = {}  # meeting time for the side still parked
     timeline = [] if record else None
+    comm = [] if record else None
+    kv_start: dict[tuple[int, int], float] = {}
     progress = True
     while progress:
         progress = False
@@ -120,22 +124,32 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                     q = posted.get(key)
                     if q is None:
                         q = posted[key] = deque()
-                    q.append(t + p2p_delay(r, ins.peer, ins))
+                    arrive = t + p2p_delay(r, ins.peer, ins)
+                    q.append(arrive)
+                    if comm is not None:
+                        comm.append((r, i, t, arrive))
                 elif k in _KV_OWNER or k in _KV_PARTNER:
                     key = (r, ins.peer, ins.tag) if k in _KV_OWNER else (ins.peer, r, ins.tag)
                     rel = release.pop((key, r), None)
                     if rel is not None:
+                        if comm is not None:
+                            comm.append((r, i, kv_start.pop((r, i), t), rel))
                         t = rel
                     else:
                         w = waiting.get(key)
                         if w is None:
                             waiting[key] = (r, t)
+                            if comm is not None:
+                                kv_start[(r, i)] = t
                             break
                         if w[0] == r:
                             break
                         del waiting[key]
+                        t0 = t
                         t = max(t, w[1]) + kv_delay(key[0], key[1], ins)
                         release[(key, w[0])] = t
+                        if comm is not None:
+                            comm.append((r, i, t0, t))
                 i += 1
             if i != start:
                 progress = True
@@ -144,7 +158,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
             busy[r] = b
         if not progress:
             break
-    res = Replay(clock, busy, timeline=timeline)
+    res = Replay(clock, busy, timeline=timeline, comm=comm)
     stuck = [Stuck(r, pos[r], ranks[r][pos[r]], ranks[r][pos[r]].peer) for r in range(p) if pos[r] < len(ranks[r])]
     if stuck:
         res.stuck = stuck

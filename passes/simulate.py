@@ -38,3 +38,57 @@ def simulate_units(plan: Plan) -> dict:
         "bubble_fraction": bubble_fraction(res.busy, makespan),
         "ranks": [{"rank": r, "busy": res.busy[r], "peak_units": peak_units(s)} for r, s in enumerate(plan.ranks)],
     }
+
+
+def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool = False) -> dict:
+    """Timed simulation with the cost model (passes.costs) and the memory model (passes.memory).
+
+    Bubble fraction 1 - sum(busy) / (p * makespan) is split three ways by replaying the plan
+    twice more: `ideal` with every F and every B at the mean cost of its kind and free
+    communication (what the schedule itself leaves idle), `imbalance` the extra idleness the
+    real unit costs add (communication still free), `comm` the rest (p2p flight, KV exchange).
+    makespan_s adds the data-parallel gradient all-reduce after the pipeline drains.
+    MFU = model FLOPs (3x forward) / (makespan * peak * pp * tp * cp)."""
+    from .costs import CostModel, load_profile, unit_cost_table
+    from .memory import memory_report, rank_params
+
+    prof = profile if profile is not None else load_profile(None)
+    spec = plan.spec
+    cm = CostModel(spec, prof, dtype_bytes)
+    table = unit_cost_table(plan, cm)
+
+    def cost(r, ins):
+        return table[(r, ins.kind, ins.mb, ins.slice, ins.chunk)]
+
+    res = replay(plan, cost, cm.p2p_time, cm.kv_time, record=record)
+    if res.deadlocked:
+        raise PlanInvalidError(res.deadlock_message())
+    free = replay(plan, cost)
+    sums = {Kind.F: [0.0, 0], Kind.B: [0.0, 0]}
+    for (_r, k, *_), t in table.items():
+        sums[k][0] += t
+        sums[k][1] += 1
+    mean = {k: (s / c if c else 0.0) for k, (s, c) in sums.items()}
+    ideal_res = replay(plan, lambda r, ins: mean[ins.kind])
+    b_total = bubble_fraction(res.busy, res.makespan)
+    b_ideal = bubble_fraction(ideal_res.busy, ideal_res.makespan)
+    b_free = bubble_fraction(free.busy, free.makespan)
+    dp_s = max(cm.dp_time(rank_params(spec, r) * 4.0) for r in range(spec.pp))
+    makespan = res.makespan + dp_s
+    devices = spec.pp * spec.tp * spec.cp
+    mfu = cm.model_flops() / (makespan * prof.peak_flops * devices) if makespan > 0 else 0.0
+    mem = memory_report(plan, dtype_bytes)
+    out = {
+        "makespan_s": makespan,
+        "bubble_fraction": b_total,
+        "bubble_breakdown": {"ideal": b_ideal, "imbalance": b_free - b_ideal, "comm": b_total - b_free},
+        "mfu": mfu,
+        "tokens_per_s": spec.microbatches * spec.micro_batch_size * spec.seq_len * spec.dp / makespan if makespan else 0.0,
+        "device_profile": prof.name,
+        "dp_allreduce_s": dp_s,
+        "ranks": [{"rank": r, "busy_s": res.busy[r], **mem[r]} for r in range(spec.pp)],
+    }
+    if record:
+        out["_replay"] = res
+        out["_table"] = table
+    return out

@@ -1,7 +1,8 @@
 """slimpipe compile: spec -> plan.json."""
 from __future__ import annotations
 
-from ir import save
+from ir import SpecError, save
+from passes.partition import flops_partition
 
 from .. import compile_plan, schedules
 from ..layout import build_spec
@@ -35,12 +36,66 @@ def add_shape_args(p, schedule_required: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation and data seed the executor uses (default 0)")
 
 
+def add_pass_args(p) -> None:
+    """Pass options: the KV exchange (SlimPipe's attention context exchange)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--exchange", dest="exchange", action="store_true", default=None,
+                   help="pair concurrent units for the KV exchange (default: on for slimpipe, off for the others; "
+                        "any family with --slices >= 2 may ask for it)")
+    g.add_argument("--no-exchange", dest="exchange", action="store_false", help="no KV exchange")
+    p.add_argument("--exchange-threshold", type=int, default=0,
+                   help="cap on the slices shipped per exchange (0 = no cap; default 0)")
+
+
+def add_parallel_args(p) -> None:
+    p.add_argument("--partition", default="uniform",
+                   help="slice lengths: uniform (S/n each) or flops (Seq1F1B's equal forward FLOPs per slice)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (cost model only; default 1)")
+    p.add_argument("--cp", type=int, default=1, help="context parallel degree (cost model only; default 1)")
+    p.add_argument("--dp", type=int, default=1, help="data parallel degree (cost model only; default 1)")
+
+
+def parallel_from_args(args, model, seq: int) -> dict:
+    """tp/cp/dp and the slice lengths of --partition, validated."""
+    for name in ("tp", "cp", "dp"):
+        val = getattr(args, name)
+        if val < 1:
+            raise SpecError(f"--{name} {val} must be an integer >= 1")
+    if model.heads % args.tp:
+        raise SpecError(f"--tp {args.tp} must divide the model's {model.heads} attention heads")
+    out = {"tp": args.tp, "cp": args.cp, "dp": args.dp}
+    if args.partition == "flops":
+        if args.slices < 2:
+            raise SpecError(f"--partition flops needs --slices >= 2 (got {args.slices})")
+        out.update(partition="flops", slice_lens=tuple(flops_partition(model, seq, args.slices)))
+    elif args.partition != "uniform":
+        raise SpecError(f"--partition {args.partition!r} is unknown; allowed: uniform, flops")
+    return out
+
+
+def exchange_from_args(args) -> bool:
+    thr = args.exchange_threshold
+    if thr < 0:
+        raise SpecError(f"--exchange-threshold {thr} must be >= 0 (0 = no cap)")
+    if args.exchange is None:
+        return args.schedule == "slimpipe" and args.slices > 1
+    if args.exchange and args.slices < 2:
+        raise SpecError(f"--exchange needs sequence slices (--slices >= 2, got {args.slices}); "
+                        f"drop --exchange or slice the sequence")
+    return args.exchange
+
+
 def spec_from_args(args):
     schedules.get(args.schedule)  # unknown schedule: fail first, with the list of names
     model, seq = model_from_args(args)
+    extra = {}
+    if hasattr(args, "exchange"):
+        extra.update(exchange=exchange_from_args(args), exchange_threshold=args.exchange_threshold)
+    if hasattr(args, "partition"):
+        extra.update(parallel_from_args(args, model, seq))
     return build_spec(args.schedule, model, pp=args.pp, microbatches=args.microbatches, slices=args.slices,
                       virtual_stages=args.virtual_stages, seq_len=seq, micro_batch_size=args.micro_batch_size,
-                      seed=args.seed)
+                      seed=args.seed, **extra)
 
 
 def run(args) -> int:
@@ -49,13 +104,16 @@ def run(args) -> int:
     plan = compile_plan(spec)
     save(plan, args.output)
     summary = {"output": args.output, "schedule": spec.schedule, "pp": spec.pp, "microbatches": spec.microbatches,
-               "slices": spec.slices, "virtual_stages": spec.virtual_stages, "instructions": plan.num_instructions()}
+               "slices": spec.slices, "virtual_stages": spec.virtual_stages, "partition": spec.partition,
+               "slice_lens": list(spec.slice_lens[0]), "tp": spec.tp, "cp": spec.cp, "dp": spec.dp, "exchange": spec.exchange,
+               "exchanges": plan.meta.get("exchanges", 0), "instructions": plan.num_instructions()}
     if args.json:
         emit_json(summary)
     else:
         print(f"wrote {args.output}: {spec.schedule} p={spec.pp} m={spec.microbatches} n={spec.slices} "
               f"v={spec.virtual_stages}, model {spec.model.name} ({spec.model.layers} layers), seq {spec.seq_len}, "
-              f"{summary['instructions']} instructions")
+              f"{summary['instructions']} instructions"
+              + (f", {summary['exchanges']} KV exchanges" if spec.exchange else ""))
     return 0
 
 
@@ -64,6 +122,8 @@ def register(sub) -> None:
                    "slimpipe compile --schedule slimpipe --pp 4 --microbatches 4 --slices 4 --model tiny -o plan.json")
     add_shape_args(p)
     add_model_args(p)
+    add_pass_args(p)
+    add_parallel_args(p)
     p.add_argument("-o", "--output", required=True, help="plan file to write (written atomically)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(run=run)

@@ -1,30 +1,59 @@
-"""slimpipe simulate: replay a plan on virtual clocks."""
+"""slimpipe simulate: replay a plan on virtual clocks (unit costs, or the cost + memory model)."""
 from __future__ import annotations
 
 from ir import SpecError
 from passes import simulate_units
+from passes.costs import load_profile
+from passes.simulate import simulate_timed
 
 from .common import add_parser, emit_json, load_plan
 
+GIB = 1 << 30
+
+
+def dtype_bytes_arg(text: str) -> int:
+    table = {"bf16": 2, "fp16": 2, "fp32": 4}
+    if text not in table:
+        raise SpecError(f"--dtype {text!r} is unknown; allowed: {', '.join(table)}")
+    return table[text]
+
 
 def run(args) -> int:
+    if args.unit_costs and (args.device_profile or args.dtype != "bf16"):
+        raise SpecError("--unit-costs takes no --device-profile/--dtype (forward 1, backward 2, communication free)")
+    profile = load_profile(args.device_profile) if not args.unit_costs else None
+    dtype = dtype_bytes_arg(args.dtype)
     plan = load_plan(args.plan)
-    if not args.unit_costs:
-        raise SpecError("timed simulation needs the cost model; pass --unit-costs (forward 1, backward 2, communication free)")
-    out = simulate_units(plan)
+    if args.unit_costs:
+        out = simulate_units(plan)
+        if args.json:
+            emit_json(out)
+        else:
+            print(f"makespan {out['makespan']:g} units, bubble {out['bubble_fraction']:.4%}")
+            for r in out["ranks"]:
+                print(f"  rank {r['rank']}: busy {r['busy']:g}, peak units in flight {r['peak_units']}")
+        return 0
+    out = simulate_timed(plan, profile, dtype)
     if args.json:
         emit_json(out)
     else:
-        print(f"makespan {out['makespan']:g} units, bubble {out['bubble_fraction']:.4%}")
+        b = out["bubble_breakdown"]
+        print(f"{plan.spec.schedule} on {out['device_profile']}: step {out['makespan_s']:.4g} s, bubble "
+              f"{out['bubble_fraction']:.2%} (ideal {b['ideal']:.2%}, imbalance {b['imbalance']:.2%}, comm {b['comm']:.2%}), "
+              f"MFU {out['mfu']:.1%}, {out['tokens_per_s']:.4g} tokens/s")
         for r in out["ranks"]:
-            print(f"  rank {r['rank']}: busy {r['busy']:g}, peak units in flight {r['peak_units']}")
+            bd = r["memory_breakdown"]
+            parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in bd.items())
+            print(f"  rank {r['rank']}: busy {r['busy_s']:.4g} s, peak {r['peak_memory_bytes'] / GIB:.2f} GiB ({parts})")
     return 0
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "simulate", "simulate a plan: makespan, bubble, per-rank figures",
-                   "slimpipe simulate plan.json --unit-costs --json")
+    p = add_parser(sub, "simulate", "simulate a plan: step time, bubble, MFU and memory per rank (cost model), "
+                   "or unit costs", "slimpipe simulate plan.json --device-profile h100 --json")
     p.add_argument("plan")
     p.add_argument("--unit-costs", action="store_true", help="forward 1, backward 2, communication free")
+    p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file with measured figures")
+    p.add_argument("--dtype", default="bf16", help="activation/parameter dtype for the memory model: bf16 (default), fp16, fp32")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)

@@ -1,0 +1,43 @@
+"""slimpipe plot: the pipeline timeline picture (needs the optional matplotlib extra)."""
+from __future__ import annotations
+
+import os
+
+from ir import SpecError, atomic_write
+from passes.costs import load_profile
+
+from .common import add_parser, check_output_path, emit_json, load_plan
+
+FORMATS = ("png", "svg", "pdf")
+
+
+def run(args) -> int:
+    check_output_path(args.output)
+    fmt = os.path.splitext(args.output)[1].lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise SpecError(f"-o {args.output!r}: unknown picture format {fmt!r}; allowed: {', '.join('.' + f for f in FORMATS)}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SpecError("plot needs matplotlib, which is not installed; run: pip install slimpipe[plot]") from None
+    from passes.trace import plot_timeline
+
+    profile = None if args.unit_costs else load_profile(args.device_profile)
+    plan = load_plan(args.plan)
+    atomic_write(args.output, plot_timeline(plan, fmt, profile, unit_costs=args.unit_costs))
+    if args.json:
+        emit_json({"output": args.output, "format": fmt})
+    else:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "plot", "draw the pipeline timeline (colour = micro-batch, shade = slice); needs slimpipe[plot]",
+                   "slimpipe plot plan.json -o plan.png --unit-costs")
+    p.add_argument("plan")
+    p.add_argument("-o", "--output", required=True, help="picture to write: .png, .svg or .pdf (written atomically)")
+    p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
+    p.add_argument("--unit-costs", action="store_true", help="F=1, B=2, communication free")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(run=run)

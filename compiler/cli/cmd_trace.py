@@ -1,0 +1,35 @@
+"""slimpipe trace: a Chrome / Perfetto trace of the simulated plan (open in ui.perfetto.dev)."""
+from __future__ import annotations
+
+import json
+
+from ir import atomic_write
+from passes.costs import load_profile
+from passes.trace import chrome_trace
+
+from .common import add_parser, check_output_path, emit_json, load_plan
+
+
+def run(args) -> int:
+    check_output_path(args.output)
+    profile = None if args.unit_costs else load_profile(args.device_profile)
+    plan = load_plan(args.plan)
+    trace = chrome_trace(plan, profile, unit_costs=args.unit_costs)
+    atomic_write(args.output, json.dumps(trace, separators=(",", ":")))
+    n = sum(1 for e in trace["traceEvents"] if e["ph"] == "X")
+    if args.json:
+        emit_json({"output": args.output, "events": n, "ranks": plan.spec.pp})
+    else:
+        print(f"wrote {args.output}: {n} events on {plan.spec.pp} ranks (open in https://ui.perfetto.dev)")
+    return 0
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "trace", "write a Chrome/Perfetto trace of the simulated plan (a row per rank: compute, communication)",
+                   "slimpipe trace plan.json -o trace.json")
+    p.add_argument("plan")
+    p.add_argument("-o", "--output", required=True, help="trace file to write (written atomically)")
+    p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
+    p.add_argument("--unit-costs", action="store_true", help="F=1, B=2, communication free (1 unit shown as 1 ms)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(run=run)

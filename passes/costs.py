@@ -1,0 +1,254 @@
+"""Cost model: FLOPs of every unit of a Llama-style decoder, turned into seconds by a device profile.
+
+Per decoder layer, forward, for a slice of s tokens whose cache (earlier slices) holds P tokens,
+H hidden, h heads, g kv heads, d = H/h head dim, F ffn size (all matmul FLOPs = 2 * m * n * k):
+    QKV        2 s H (H + 2 g d)
+    out proj   2 s H H
+    MLP        2 s H F * k        (k = 3 matrices for SwiGLU: gate, up, down; 2 for a plain MLP)
+    attention  (4d + 3) h * pairs, pairs = s P + s^2 / 2   (causal, bottom-right aligned: QK^T
+               and PV are 2d each per query-key pair, softmax about 3)
+    elementwise  2 RMSNorms 4 s H each, RoPE 3 s d (h + g), SwiGLU activation 4 s F, residuals 2 s H
+The first stage adds the embedding (a gather: no FLOPs); the last the final RMSNorm, the LM head
+2 s H V and the loss (about 5 s V). Backward: matmuls 2x forward (input and weight gradients),
+attention 2.5x (flash-attn recomputes the scores), elementwise 2x.
+
+Time: matmul FLOPs / (peak * mm_efficiency) + attention FLOPs / (peak * attn_efficiency); the
+elementwise part runs at the matmul rate (it is a small term). Tensor parallel degree t divides
+both and adds per layer two all-reduces (sequence parallel: reduce-scatter + all-gather, same
+volume) of the slice's activation, 2 (t-1)/t * s H bytes each way, on the intra-node link.
+Context parallel degree c splits every slice's tokens over c GPUs (load-balanced causal split)
+and ring-exchanges K/V (overlapped with attention: the slower of the two counts). Data parallel
+degree dp adds one gradient all-reduce of the rank's parameters after the pipeline drains.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+
+from ir import Instr, Kind, Plan, PlanSpec, SpecError
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What one GPU and its links can do. Bandwidths in bytes/s, latencies in seconds."""
+
+    name: str
+    peak_flops: float          # dense bf16 matmul peak, FLOP/s
+    mm_efficiency: float       # fraction of peak reached by the model's matmuls
+    attn_efficiency: float     # fraction of peak reached by (flash) attention
+    p2p_bandwidth: float       # pipeline send/recv and KV exchange between ranks
+    p2p_latency: float
+    intra_bandwidth: float     # tensor/context parallel collectives (NVLink)
+    dp_bandwidth: float        # data-parallel gradient all-reduce
+    memory_bytes: float        # HBM per GPU
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+PROFILES = {
+    # H100 SXM: 989 TFLOP/s dense bf16, NDR 400 Gb/s per GPU between nodes, NVLink 4 in a node
+    "h100": DeviceProfile("h100", 989e12, 0.70, 0.55, 50e9, 10e-6, 400e9, 50e9, 80 * GIB),
+    # A100 SXM: 312 TFLOP/s dense bf16, HDR 200 Gb/s per GPU, NVLink 3
+    "a100": DeviceProfile("a100", 312e12, 0.70, 0.50, 25e9, 10e-6, 240e9, 25e9, 80 * GIB),
+}
+
+
+def load_profile(arg: str | None) -> DeviceProfile:
+    """A built-in profile name or a JSON file with every DeviceProfile field (name optional)."""
+    if arg is None:
+        return PROFILES["h100"]
+    if arg in PROFILES:
+        return PROFILES[arg]
+    if not arg.endswith(".json"):
+        raise SpecError(f"--device-profile {arg!r} is unknown; allowed: {', '.join(PROFILES)} or a path to a .json file")
+    try:
+        with open(arg, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise SpecError(f"--device-profile {arg!r}: no such file; give {', '.join(PROFILES)} or a JSON file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SpecError(f"--device-profile {arg!r}: not readable JSON ({e})") from None
+    names = [f.name for f in fields(DeviceProfile)]
+    if not isinstance(d, dict):
+        raise SpecError(f"--device-profile {arg!r}: must be a JSON object with {', '.join(names)}")
+    d.setdefault("name", arg)
+    extra = set(d) - set(names)
+    missing = [k for k in names if k not in d]
+    if extra or missing:
+        raise SpecError(f"--device-profile {arg!r}: " + (f"unknown field(s) {sorted(extra)}" if extra else
+                        f"missing {', '.join(missing)}") + f"; fields: {', '.join(names)}")
+    for k in names[1:]:
+        v = d[k]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and k != "p2p_latency"):
+            raise SpecError(f"--device-profile {arg!r}: {k}={v!r} must be a positive number")
+        if k.endswith("efficiency") and v > 1:
+            raise SpecError(f"--device-profile {arg!r}: {k}={v!r} must be in (0, 1]")
+    return DeviceProfile(**d)
+
+
+# ---------------------------------------------------------------- FLOPs (pure arithmetic)
+
+def attention_pairs(s: float, prefix: float) -> float:
+    """Query-key pairs of a causal slice of s tokens over a cache of `prefix` tokens."""
+    return s * prefix + s * s / 2
+
+
+def layer_flops(model, s: float, prefix: float, mlp_matrices: int = 3, elementwise: bool = True) -> tuple[float, float]:
+    """(matmul + elementwise, attention) forward FLOPs of one decoder layer for one slice."""
+    H, h, g, F = model.hidden, model.heads, model.kv_heads, model.ffn
+    d = H // h
+    mm = 2 * s * H * (H + 2 * g * d) + 2 * s * H * H + 2 * s * H * F * mlp_matrices
+    if elementwise:
+        mm += 8 * s * H + 3 * s * d * (h + g) + (4 * s * F if mlp_matrices == 3 else 0) + 2 * s * H
+    attn = (4 * d + 3) * h * attention_pairs(s, prefix)
+    return mm, attn
+
+
+def head_flops(model, s: float) -> float:
+    """Forward FLOPs of final norm + LM head + loss on the last stage."""
+    return 4 * s * model.hidden + 2 * s * model.hidden * model.vocab + 5 * s * model.vocab
+
+
+def model_forward_flops(model, s: float, prefix: float, mlp_matrices: int = 3, elementwise: bool = True,
+                        vocab_factor: float = 4.0) -> float:
+    """Forward FLOPs of one slice through the whole model (the partition's objective).
+
+    The vocabulary term is vocab_factor * s * H * V; 4 is Seq1F1B's accounting (embedding as a
+    one-hot matmul plus the LM head), so that partitions agree with theirs."""
+    mm, attn = layer_flops(model, s, prefix, mlp_matrices, elementwise)
+    return vocab_factor * s * model.hidden * model.vocab + model.layers * (mm + attn)
+
+
+# ---------------------------------------------------------------- per-unit times of a plan
+
+BWD_MM, BWD_ATTN = 2.0, 2.5
+
+
+class CostModel:
+    """Seconds of every compute unit and message of a plan under a device profile.
+
+    dtype_bytes sizes activations on the wire (2 = bf16)."""
+
+    def __init__(self, spec: PlanSpec, profile: DeviceProfile, dtype_bytes: int = 2):
+        self.spec, self.prof, self.bytes = spec, profile, dtype_bytes
+        self.stage_of = [list(ch) for ch in spec.placement]
+        self.last = spec.num_stages - 1
+        self.offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
+        self._unit = lru_cache(maxsize=None)(self._unit_time)
+
+    # flops of one unit, split (matmul-ish, attention), per GPU of the tp*cp group
+    def unit_flops(self, stage: int, s: int, prefix: int, backward: bool) -> tuple[float, float]:
+        spec = self.spec
+        L = spec.stage_layers[stage]
+        mm, attn = layer_flops(spec.model, s, prefix)
+        mm, attn = mm * L, attn * L
+        if stage == self.last:
+            mm += head_flops(spec.model, s)
+        if backward:
+            mm, attn = mm * BWD_MM, attn * BWD_ATTN
+        mbs = spec.micro_batch_size
+        div = spec.tp * spec.cp
+        return mm * mbs / div, attn * mbs / div
+
+    def _unit_time(self, stage: int, s: int, prefix: int, backward: bool, extra_attn: float) -> float:
+        """Seconds of a unit; extra_attn attention FLOPs moved in (+) or out (-) by a KV exchange."""
+        spec, prof = self.spec, self.prof
+        mm, attn = self.unit_flops(stage, s, prefix, backward)
+        attn += extra_attn
+        t_mm = mm / (prof.peak_flops * prof.mm_efficiency)
+        t_attn = attn / (prof.peak_flops * prof.attn_efficiency)
+        L = spec.stage_layers[stage]
+        tokens = s * spec.micro_batch_size / spec.cp
+        if spec.cp > 1:  # ring exchange of the K/V this slice attends over, overlapped with attention
+            m = spec.model
+            kv = 2 * m.kv_heads * (m.hidden // m.heads) * (prefix + s) * spec.micro_batch_size * self.bytes / spec.tp
+            ring = L * (spec.cp - 1) / spec.cp * kv / prof.intra_bandwidth * (2 if backward else 1)
+            t_attn = max(t_attn, ring)
+        t_tp = 0.0
+        if spec.tp > 1:
+            vol = 2 * (spec.tp - 1) / spec.tp * tokens * spec.model.hidden * self.bytes
+            t_tp = L * 2 * (vol / prof.intra_bandwidth + prof.p2p_latency)
+        return t_mm + t_attn + t_tp
+
+    def unit_time(self, rank: int, ins: Instr, extra_attn: float = 0.0) -> float:
+        stage = self.stage_of[rank][ins.chunk]
+        s = self.spec.slice_lens[ins.mb][ins.slice]
+        return self._unit(stage, s, self.offsets[ins.mb][ins.slice], ins.kind == Kind.B, extra_attn)
+
+    def p2p_time(self, src: int, dst: int, ins: Instr) -> float:
+        """An activation or gradient of one slice between pipeline ranks."""
+        spec = self.spec
+        s = spec.slice_lens[ins.mb][ins.slice]
+        nbytes = s * spec.micro_batch_size * spec.model.hidden * self.bytes / (spec.tp * spec.cp)
+        return nbytes / self.prof.p2p_bandwidth + self.prof.p2p_latency
+
+    def kv_shift(self, rank: int, ins: Instr) -> float:
+        """Attention FLOPs (per GPU) the exchange `ins` moves from the owner's unit to the
+        partner's: a non-causal block of the slice's queries over the x shipped slices, in
+        every layer of the owner's stage (`rank` is the owner for KV*_SEND, else `ins.peer`)."""
+        spec = self.spec
+        m = spec.model
+        owner = rank if ins.kind in (Kind.KVF_SEND, Kind.KVB_SEND) else ins.peer
+        L = spec.stage_layers[self.stage_of[owner][ins.chunk]]
+        pairs = spec.slice_lens[ins.mb][ins.slice] * self.offsets[ins.mb][ins.x]
+        f = (4 * (m.hidden // m.heads) + 3) * m.heads * pairs * L * spec.micro_batch_size / (spec.tp * spec.cp)
+        return f * (BWD_ATTN if ins.kind in (Kind.KVB_SEND, Kind.KVB_RECV) else 1.0)
+
+    def kv_bytes(self, ins: Instr) -> float:
+        """Bytes per layer both ways: forward ships q + K/V of the x slices, returns out + lse;
+        backward ships q, out, dout, lse + K/V, returns dq + dK/dV."""
+        spec = self.spec
+        m = spec.model
+        s = spec.slice_lens[ins.mb][ins.slice] * spec.micro_batch_size
+        X = self.offsets[ins.mb][ins.x] * spec.micro_batch_size
+        kvd = 2 * m.kv_heads * (m.hidden // m.heads)
+        b = self.bytes
+        if ins.kind in (Kind.KVF_SEND, Kind.KVF_RECV):
+            total = (s * m.hidden + X * kvd) * b + s * m.hidden * b + s * m.heads * 4
+        else:
+            total = (3 * s * m.hidden + X * kvd) * b + s * m.heads * 4 + (s * m.hidden + X * kvd) * b
+        return total / (spec.tp * spec.cp)
+
+    def kv_time(self, owner: int, partner: int, ins: Instr) -> float:
+        """Rendezvous cost: the transfers are pipelined with the layers' compute, so one layer's
+        transfer shows (fill) plus a handshake latency per layer."""
+        L = self.spec.stage_layers[self.stage_of[owner][ins.chunk]]
+        return self.kv_bytes(ins) / self.prof.p2p_bandwidth + L * self.prof.p2p_latency
+
+    def dp_time(self, param_bytes: float) -> float:
+        """Ring all-reduce of a rank's gradients over dp replicas."""
+        dp = self.spec.dp
+        if dp == 1:
+            return 0.0
+        return 2 * (dp - 1) / dp * param_bytes / self.prof.dp_bandwidth + self.prof.p2p_latency
+
+    def model_flops(self) -> float:
+        """Useful FLOPs of one step per pipeline replica (forward + backward as 3x forward, the MFU convention)."""
+        spec = self.spec
+        tot = 0.0
+        for mb in range(spec.microbatches):
+            for j, s in enumerate(spec.slice_lens[mb]):
+                tot += model_forward_flops(spec.model, s, self.offsets[mb][j], vocab_factor=2.0)
+        return 3 * tot * spec.micro_batch_size
+
+
+def unit_cost_table(plan: Plan, cm: CostModel) -> dict[tuple, float]:
+    """(rank, kind, mb, slice, chunk) -> seconds, with KV exchanges moving attention work from
+    each owner's unit to its partner's unit."""
+    out = {}
+    for r, stream in enumerate(plan.ranks):
+        shift = 0.0
+        for ins in stream:
+            k = ins.kind
+            if k == Kind.KVF_SEND or k == Kind.KVB_SEND:
+                shift -= cm.kv_shift(r, ins)
+            elif k == Kind.KVF_RECV or k == Kind.KVB_RECV:
+                shift += cm.kv_shift(r, ins)
+            elif k == Kind.F or k == Kind.B:
+                out[(r, k, ins.mb, ins.slice, ins.chunk)] = cm.unit_time(r, ins, shift)
+                shift = 0.0
+    return out

@@ -1,0 +1,124 @@
+"""Memory model: bytes per rank over its program order; the peak and its breakdown.
+
+A rank's memory depends only on which of its own units have run, so walking its stream in
+program order gives its memory over time (no timing needed). b = dtype_bytes (2 for bf16),
+t = tp, c = cp, mbs = micro-batch size; tokens of a unit = slice length * mbs / c.
+
+static (per rank, from the layers of its stages; embedding V*H on stage 0, LM head V*H + final
+norm on the last stage; / t):
+    params     b bytes per parameter
+    grads      4 bytes per parameter (fp32 main gradients, as Megatron keeps them)
+    optimizer  mixed-precision Adam, distributed over dp*c: (12 if b == 2 else 8) / (dp*c) bytes
+               per parameter (fp32 master copy + m + v; no master copy when training in fp32)
+per unit in flight (from its F until its B), per decoder layer and token (flash attention, no
+recomputation, sequence parallel so everything divides by t):
+    activations  (6H + 3F) b + 4h    : RMSNorm 1 in/out, q, attention out, RMSNorm 2 in/out (H
+                 each), SwiGLU gate, up and product (F each), the attention log-sum-exp (fp32)
+                 + on the last stage 2H b per token (final norm and LM head inputs)
+    kv_cache     2 g d b             : the unit's K and V, kept while any later slice needs them
+                 (its own backward is the last to, so: from its F to its B)
+dK/dV accumulators: after B(mb, j, c) the earlier slices' dK/dV (offset_j tokens, 2 g d b per
+token and layer) wait for their own backward; freed with slice 0's.
+logits (last stage, transient while one unit runs): fp32 logits and their gradient/softmax,
+2 * 4 * tokens * V / t.
+"""
+from __future__ import annotations
+
+from ir import Kind, Plan
+
+CATEGORIES = ("params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits")
+
+
+def layer_params(model) -> int:
+    H, g, d, F = model.hidden, model.kv_heads, model.hidden // model.heads, model.ffn
+    return H * (H + 2 * g * d) + H * H + 3 * H * F + 2 * H
+
+
+def rank_params(spec, rank: int) -> float:
+    """Parameters held by one GPU of the rank (its stages' layers, embedding, head; / tp)."""
+    m = spec.model
+    last = spec.num_stages - 1
+    tot = 0
+    for s in spec.placement[rank]:
+        tot += spec.stage_layers[s] * layer_params(m)
+        if s == 0:
+            tot += m.vocab * m.hidden
+        if s == last:
+            tot += m.vocab * m.hidden + m.hidden
+    return tot / spec.tp
+
+
+def static_bytes(spec, rank: int, dtype_bytes: int = 2) -> dict[str, float]:
+    n = rank_params(spec, rank)
+    opt = (12 if dtype_bytes == 2 else 8) / (spec.dp * spec.cp)
+    return {"params": n * dtype_bytes, "grads": n * 4.0, "optimizer": n * opt}
+
+
+def per_token_layer(model, dtype_bytes: int = 2) -> tuple[float, float]:
+    """(activation, K/V) bytes per token per decoder layer, before dividing by tp."""
+    H, h, g, F = model.hidden, model.heads, model.kv_heads, model.ffn
+    d = H // h
+    return (6 * H + 3 * F) * dtype_bytes + 4 * h, 2 * g * d * dtype_bytes
+
+
+def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2) -> dict:
+    """{"peak": bytes, "breakdown": {category: bytes at the peak}, "timeline": [bytes after each
+    compute unit]} for one rank."""
+    spec = plan.spec
+    m = spec.model
+    tp, cp, mbs = spec.tp, spec.cp, spec.micro_batch_size
+    act_tl, kv_tl = per_token_layer(m, dtype_bytes)
+    kvg_tl = kv_tl
+    last = spec.num_stages - 1
+    stages = spec.placement[rank]
+    static = static_bytes(spec, rank, dtype_bytes)
+    base = sum(static.values())
+    offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
+    act = kv = kvg = 0.0
+    acc: dict[tuple[int, int], float] = {}
+    held: dict[tuple[int, int, int], tuple[float, float]] = {}
+    peak, peak_bd = base, dict(static, activations=0.0, kv_cache=0.0, kv_grads=0.0, logits=0.0)
+    timeline = []
+    for ins in plan.ranks[rank]:
+        k = ins.kind
+        if k != Kind.F and k != Kind.B:
+            continue
+        st = stages[ins.chunk]
+        L = spec.stage_layers[st]
+        tok = spec.slice_lens[ins.mb][ins.slice] * mbs / cp
+        logits = 2 * 4 * tok * m.vocab / tp if st == last else 0.0
+        key = (ins.mb, ins.slice, ins.chunk)
+        if k == Kind.F:
+            a = L * tok * act_tl / tp + (2 * m.hidden * dtype_bytes * tok / tp if st == last else 0.0)
+            v = L * tok * kv_tl / tp
+            held[key] = (a, v)
+            act += a
+            kv += v
+            cur = base + act + kv + kvg + logits
+            if cur > peak:
+                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=logits)
+        else:
+            cur = base + act + kv + kvg + logits
+            if cur > peak:
+                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=logits)
+            a, v = held.pop(key, (0.0, 0.0))
+            act -= a
+            kv -= v
+            ak = (ins.mb, ins.chunk)
+            old = acc.pop(ak, 0.0)
+            new = L * offsets[ins.mb][ins.slice] * mbs / cp * kvg_tl / tp
+            if new:
+                acc[ak] = new
+            kvg += new - old
+        timeline.append(base + act + kv + kvg)
+    return {"peak": peak, "breakdown": peak_bd, "timeline": timeline}
+
+
+def memory_report(plan: Plan, dtype_bytes: int = 2) -> list[dict]:
+    """Per rank: {"rank", "peak_memory_bytes", "memory_breakdown"}."""
+    out = []
+    for r in range(plan.spec.pp):
+        mem = rank_memory(plan, r, dtype_bytes)
+        out.append({"rank": r, "peak_memory_bytes": mem["peak"],
+                    "memory_breakdown": {c: mem["breakdown"][c] for c in CATEGORIES}})
+    return out

@@ -1,0 +1,78 @@
+"""Cost model closed forms, the Seq1F1B partition example, and profile validation."""
+import json
+
+import pytest
+
+from compiler import build_spec, compile_plan, resolve_model
+from ir import ModelConfig, SpecError
+from passes.costs import PROFILES, CostModel, layer_flops, load_profile, model_forward_flops, unit_cost_table
+from passes.partition import flops_partition
+
+REF = ModelConfig(layers=24, hidden=4096, heads=32, kv_heads=32, ffn=16384, vocab=32000)
+
+
+def test_seq1f1b_reference_partition():
+    # MHA, plain two-matrix MLP: reproduces the reference's [4930, 4238, 3776, 3440]
+    assert flops_partition(REF, 16384, 4, mlp_matrices=2) == [4930, 4238, 3776, 3440]
+    assert flops_partition(REF, 16384, 4, mlp_matrices=2, elementwise=False) == [4930, 4238, 3776, 3440]
+
+
+def test_forward_flops_match_seq1f1b_formula_without_elementwise():
+    S, P = 3000, 10000  # slice of 3000 tokens ending at 10000
+    H, h, d, V, F, L = 4096, 32, 128, 32000, 16384, 24
+    theirs = 4 * S * H * V + L * (S * P * (4 * d + 3) * h - S * S * (4 * d + 3) * h / 2 + 8 * S * H * h * d + 4 * S * H * F)
+    ours = model_forward_flops(REF, S, P - S, mlp_matrices=2, elementwise=False)
+    assert ours == pytest.approx(theirs, rel=1e-12)
+
+
+def test_gqa_and_swiglu_terms():
+    m = resolve_model("llama-70b")
+    mm, attn = layer_flops(m, 1, 0, elementwise=False)
+    # 2H(H + 2*g*d) + 2H^2 + 6HF for one token
+    assert mm == 2 * 8192 * (8192 + 2 * 8 * 128) + 2 * 8192 ** 2 + 6 * 8192 * 28672
+    assert attn == (4 * 128 + 3) * 64 * 0.5
+
+
+def test_flops_partition_slices_shrink_and_sum():
+    m = resolve_model("llama-70b")
+    lens = flops_partition(m, 524288, 32)
+    assert sum(lens) == 524288 and all(a > b for a, b in zip(lens, lens[1:]))
+    costs = [model_forward_flops(m, s, sum(lens[:j])) for j, s in enumerate(lens)]
+    target = sum(costs) / len(costs)
+    assert all(abs(c / target - 1) < 0.01 for c in costs[1:])
+
+
+def test_exchange_moves_work_without_creating_it():
+    m = resolve_model("llama-7b")
+    kw = dict(pp=4, microbatches=4, slices=8, seq_len=65536)
+    a = compile_plan(build_spec("slimpipe", m, **kw))
+    b = compile_plan(build_spec("slimpipe", m, exchange=True, **kw))
+    cm = CostModel(a.spec, PROFILES["h100"])
+    ta, tb = unit_cost_table(a, cm), unit_cost_table(b, cm)
+    assert sum(ta.values()) == pytest.approx(sum(tb.values()), rel=1e-9)
+    owners = [(r, "F" if i.kind == "KVF_SEND" else "B", i.mb, i.slice, i.chunk)
+              for r, st in enumerate(b.ranks) for i in st if i.kind in ("KVF_SEND", "KVB_SEND")]
+    assert owners and all(tb[k] < ta[k] for k in owners)
+
+
+def test_parallel_degrees_divide_compute():
+    m = resolve_model("llama-7b")
+    s1 = build_spec("1f1b", m, pp=4, microbatches=4, seq_len=8192)
+    s4 = build_spec("1f1b", m, pp=4, microbatches=4, seq_len=8192, tp=4)
+    f1 = CostModel(s1, PROFILES["h100"]).unit_flops(1, 8192, 0, False)
+    f4 = CostModel(s4, PROFILES["h100"]).unit_flops(1, 8192, 0, False)
+    assert f4[0] == pytest.approx(f1[0] / 4) and f4[1] == pytest.approx(f1[1] / 4)
+
+
+def test_profile_files(tmp_path):
+    assert load_profile("a100").peak_flops == 312e12
+    good = dict(PROFILES["h100"].to_json(), name="mine", mm_efficiency=0.5)
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(good))
+    assert load_profile(str(f)).mm_efficiency == 0.5
+    for bad in (dict(good, mm_efficiency=1.5), dict(good, peak_flops=-1), dict(good, foo=1)):
+        f.write_text(json.dumps(bad))
+        with pytest.raises(SpecError):
+            load_profile(str(f))
+    with pytest.raises(SpecError, match="allowed: h100, a100"):
+        load_profile("v100")

@@ -1,0 +1,48 @@
+"""Timed simulation: the bubble split, exchange vs none, and the CLI's JSON shape."""
+import json
+
+import pytest
+
+from compiler import build_spec, compile_plan, resolve_model
+from compiler.cli import main
+from passes.simulate import simulate_timed
+
+KEYS = {"params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits"}
+
+
+def plan_70b(exchange, v=1):
+    m = resolve_model("llama-70b")
+    return compile_plan(build_spec("slimpipe", m, pp=8, microbatches=1, slices=32, virtual_stages=v,
+                                   seq_len=524288, exchange=exchange))
+
+
+@pytest.mark.parametrize("v", [1, 2])
+def test_exchange_brings_bubble_towards_bound(v):
+    bound = 7 / (v * 32 + 7)
+    a, b = simulate_timed(plan_70b(False, v)), simulate_timed(plan_70b(True, v))
+    assert b["bubble_fraction"] - bound < 0.5 * (a["bubble_fraction"] - bound)
+    assert b["makespan_s"] < a["makespan_s"]
+    for o in (a, b):
+        bd = o["bubble_breakdown"]
+        assert sum(bd.values()) == pytest.approx(o["bubble_fraction"])
+        assert bd["ideal"] == pytest.approx(bound, rel=0.02)
+
+
+def test_cli_json(tmp_path, capsys):
+    plan = str(tmp_path / "p.json")
+    assert main(["compile", "--schedule", "slimpipe", "--pp", "4", "--microbatches", "4", "--slices", "4",
+                 "--model", "llama-7b", "--seq-len", "16384", "-o", plan]) == 0
+    capsys.readouterr()
+    assert main(["simulate", plan, "--device-profile", "a100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"makespan_s", "bubble_fraction", "bubble_breakdown", "mfu", "ranks"} <= set(out)
+    assert set(out["bubble_breakdown"]) == {"ideal", "imbalance", "comm"}
+    assert 0 < out["mfu"] < 1
+    for r in out["ranks"]:
+        assert {"rank", "busy_s", "peak_memory_bytes", "memory_breakdown"} <= set(r)
+        assert set(r["memory_breakdown"]) == KEYS
+    assert main(["simulate", plan, "--unit-costs", "--json"]) == 0
+    u = json.loads(capsys.readouterr().out)
+    assert set(u) == {"makespan", "bubble_fraction", "ranks"}
+    assert main(["simulate", plan, "--device-profile", "nope"]) == 2
+    assert main(["simulate", plan, "--dtype", "int4"]) == 2
