@@ -1,11 +1,9 @@
 """Model presets and Hugging Face style config.json loading."""
 from __future__ import annotations
 
-import json
-
 from pydantic import ValidationError
 
-from ir import ModelConfig, SpecError, pydantic_message
+from ir import ModelConfig, SpecError, pydantic_message, read_user_json
 
 PRESETS: dict[str, dict] = {
     # tiny: for tests and the CPU demo (runs in seconds under torchrun/gloo)
@@ -27,13 +25,7 @@ _HF_KEYS = {
 
 
 def _from_config_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise SpecError(f"--model {path!r}: no such file; give a preset ({', '.join(PRESETS)}) or a config.json path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpecError(f"--model {path!r}: not a readable JSON config ({e})") from None
+    cfg = read_user_json(path, "--model", f"a preset ({', '.join(PRESETS)}) or a config.json path")
     if not isinstance(cfg, dict):
         raise SpecError(f"--model {path!r}: config must be a JSON object with {', '.join(_HF_KEYS)}")
     out = {}

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import PlanFormatError
+from .errors import PlanFormatError, SpecError
 from .instr import Instr, parse, to_text
 from .spec import PlanSpec
 
@@ -117,6 +117,18 @@ def atomic_write(path: str, data: str | bytes) -> None:
 
 def save(plan: Plan, path: str) -> None:
     atomic_write(path, dumps(plan))
+
+
+def read_user_json(path: str, flag: str, hint: str):
+    """Decode a JSON file the user named with `flag`; SpecError in one line if it is missing or
+    malformed (`hint` says what to give instead)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SpecError(f"{flag} {path!r}: no such file; give {hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SpecError(f"{flag} {path!r}: not a readable JSON file ({e})") from None
 
 
 def load(path: str) -> Plan:

@@ -22,11 +22,10 @@ degree dp adds one gradient all-reduce of the rank's parameters after the pipeli
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
-from ir import Instr, Kind, Plan, PlanSpec, SpecError
+from ir import Instr, Kind, Plan, PlanSpec, SpecError, read_user_json
 
 GIB = 1 << 30
 
@@ -65,13 +64,7 @@ def load_profile(arg: str | None) -> DeviceProfile:
         return PROFILES[arg]
     if not arg.endswith(".json"):
         raise SpecError(f"--device-profile {arg!r} is unknown; allowed: {', '.join(PROFILES)} or a path to a .json file")
-    try:
-        with open(arg, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise SpecError(f"--device-profile {arg!r}: no such file; give {', '.join(PROFILES)} or a JSON file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpecError(f"--device-profile {arg!r}: not readable JSON ({e})") from None
+    d = read_user_json(arg, "--device-profile", f"{', '.join(PROFILES)} or a JSON file")
     names = [f.name for f in fields(DeviceProfile)]
     if not isinstance(d, dict):
         raise SpecError(f"--device-profile {arg!r}: must be a JSON object with {', '.join(names)}")

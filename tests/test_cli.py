@@ -81,7 +81,7 @@ def test_malformed_config_json(tmp_path, capsys):
     cfg.write_text("{not json")
     code, _, err = run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2",
                        "--model", str(cfg), "-o", str(tmp_path / "p.json"))
-    assert code == 2 and "not a readable JSON config" in err and err.count("\n") == 1
+    assert code == 2 and "not a readable JSON file" in err and err.count("\n") == 1
     cfg.write_text(json.dumps({k: v for k, v in HF_CONFIG.items() if k != "hidden_size"}))
     code, _, err = run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2",
                        "--model", str(cfg), "-o", str(tmp_path / "p.json"))

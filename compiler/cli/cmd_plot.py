@@ -6,7 +6,7 @@ import os
 from ir import SpecError, atomic_write
 from passes.costs import load_profile
 
-from .common import add_parser, check_output_path, emit_json, load_plan
+from .common import add_parser, add_render_args, check_output_path, emit_json, load_plan
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -35,9 +35,5 @@ def run(args) -> int:
 def register(sub) -> None:
     p = add_parser(sub, "plot", "draw the pipeline timeline (colour = micro-batch, shade = slice); needs slimpipe[plot]",
                    "slimpipe plot plan.json -o plan.png --unit-costs")
-    p.add_argument("plan")
-    p.add_argument("-o", "--output", required=True, help="picture to write: .png, .svg or .pdf (written atomically)")
-    p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
-    p.add_argument("--unit-costs", action="store_true", help="F=1, B=2, communication free")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_render_args(p, "picture to write: .png, .svg or .pdf (written atomically)")
     p.set_defaults(run=run)

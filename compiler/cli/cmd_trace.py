@@ -7,7 +7,7 @@ from ir import atomic_write
 from passes.costs import load_profile
 from passes.trace import chrome_trace
 
-from .common import add_parser, check_output_path, emit_json, load_plan
+from .common import add_parser, add_render_args, check_output_path, emit_json, load_plan
 
 
 def run(args) -> int:
@@ -27,9 +27,5 @@ def run(args) -> int:
 def register(sub) -> None:
     p = add_parser(sub, "trace", "write a Chrome/Perfetto trace of the simulated plan (a row per rank: compute, communication)",
                    "slimpipe trace plan.json -o trace.json")
-    p.add_argument("plan")
-    p.add_argument("-o", "--output", required=True, help="trace file to write (written atomically)")
-    p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
-    p.add_argument("--unit-costs", action="store_true", help="F=1, B=2, communication free (1 unit shown as 1 ms)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_render_args(p, "trace file to write (written atomically)")
     p.set_defaults(run=run)

@@ -38,3 +38,12 @@ def positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     return v
+
+
+def add_render_args(p, output_help: str) -> None:
+    """Arguments shared by the commands that render a simulated plan (trace, plot)."""
+    p.add_argument("plan")
+    p.add_argument("-o", "--output", required=True, help=output_help)
+    p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
+    p.add_argument("--unit-costs", action="store_true", help="F=1, B=2, communication free")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
