@@ -1,8 +1,8 @@
 """slimpipe simulate: replay a plan on virtual clocks."""
 from __future__ import annotations
 
-from ir import SpecError
-from passes import simulate_units
+from ir import PlanInvalidError, SpecError
+from passes import simulate_units, validate
 
 from .common import add_parser, emit_json, load_plan
 
@@ -11,7 +11,10 @@ def run(args) -> int:
     plan = load_plan(args.plan)
     if not args.unit_costs:
         raise SpecError("timed simulation needs the cost model; pass --unit-costs (forward 1, backward 2, communication free)")
-    out = simulate_units(plan)
+    out = simulate_units(plan)  # a deadlock raises PlanInvalidError naming the wait cycle
+    problems = validate(plan, max_problems=1)
+    if problems:  # figures of a plan that breaks a rule (missing unit, unmatched send) would mislead
+        raise PlanInvalidError(f"plan breaks a rule, not simulated: {problems[0]} (slimpipe check lists all)")
     if args.json:
         emit_json(out)
     else:
