@@ -90,6 +90,10 @@ class Instr(NamedTuple):
         return to_text(self)
 
 
+_SLOT = {name: Instr._fields.index(field) for name, field in _TOKEN_FIELD.items()}  # token -> tuple index
+_make = Instr._make
+
+
 def F(mb: int, s: int, c: int) -> Instr:
     return Instr(Kind.F, mb, s, c)
 
@@ -149,19 +153,17 @@ def parse(text: str) -> Instr:
     fields = _FIELDS.get(kind)
     if fields is None:
         raise PlanFormatError(f"instruction {_clip(text)}: unknown kind {_clip(kind)}; allowed: {', '.join(sorted(ALL_KINDS))}")
-    # fast path: canonical order
+    # fast path: canonical order, fields straight into their tuple slots
     if len(parts) == len(fields) + 1:
-        vals = {}
-        ok = True
+        vals = [kind, -1, -1, -1, -1, -1, 0]
         for tok, name in zip(parts[1:], fields):
             d = tok[len(name):]
-            if tok.startswith(name) and _is_num(d) and len(d) <= _MAX_DIGITS:
-                vals[_TOKEN_FIELD[name]] = int(d)
+            if tok.startswith(name) and d.isascii() and d.isdigit() and len(d) <= _MAX_DIGITS:
+                vals[_SLOT[name]] = int(d)
             else:
-                ok = False
                 break
-        if ok:
-            return Instr(kind, **vals)
+        else:
+            return _make(vals)
     vals = {}
     for tok in parts[1:]:
         # longest prefix first so 'to3' is not read as t + 'o3'
