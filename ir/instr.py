@@ -90,6 +90,10 @@ class Instr(NamedTuple):
         return to_text(self)
 
 
+_SLOT = {name: Instr._fields.index(field) for name, field in _TOKEN_FIELD.items()}  # token -> tuple index
+_make = Instr._make
+
+
 def F(mb: int, s: int, c: int) -> Instr:
     return Instr(Kind.F, mb, s, c)
 
@@ -117,52 +121,64 @@ def to_text(ins: Instr) -> str:
     raise PlanFormatError(f"unknown instruction kind {k!r}; allowed: {', '.join(sorted(ALL_KINDS))}")
 
 
+_MAX_DIGITS = 18  # far above any real index; keeps int() fast and inside Python's digit limit
+
+
+def _clip(x, limit: int = 80) -> str:
+    """repr(x), cut short: a hostile plan must not turn an error line into a megabyte."""
+    r = repr(x)
+    return r if len(r) <= limit else r[:limit] + "...(" + str(len(r)) + " chars)"
+
+
+def _is_num(d: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' and friends, which int() rejects."""
+    return d.isascii() and d.isdigit()
+
+
 def _int_token(tok: str, prefix: str, text: str) -> int:
     digits = tok[len(prefix):]
-    if not digits.isdigit():
-        raise PlanFormatError(f"instruction {text!r}: token {tok!r} needs a non-negative integer after {prefix!r}")
+    if len(digits) > _MAX_DIGITS:
+        raise PlanFormatError(f"instruction {_clip(text)}: token {_clip(tok)} has a number of more than {_MAX_DIGITS} digits")
     return int(digits)
 
 
 def parse(text: str) -> Instr:
     """Parse the text form (any token order); raises PlanFormatError naming the bad token."""
     if not isinstance(text, str):
-        raise PlanFormatError(f"instruction {text!r} is not a string like 'F mb0 s0 c0'")
+        raise PlanFormatError(f"instruction {_clip(text)} is not a string like 'F mb0 s0 c0'")
     parts = text.split()
     if not parts:
         raise PlanFormatError("empty instruction; expected e.g. 'F mb0 s0 c0'")
     kind = parts[0]
     fields = _FIELDS.get(kind)
     if fields is None:
-        raise PlanFormatError(f"instruction {text!r}: unknown kind {kind!r}; allowed: {', '.join(sorted(ALL_KINDS))}")
-    # fast path: canonical order
+        raise PlanFormatError(f"instruction {_clip(text)}: unknown kind {_clip(kind)}; allowed: {', '.join(sorted(ALL_KINDS))}")
+    # fast path: canonical order, fields straight into their tuple slots
     if len(parts) == len(fields) + 1:
-        vals = {}
-        ok = True
+        vals = [kind, -1, -1, -1, -1, -1, 0]
         for tok, name in zip(parts[1:], fields):
             d = tok[len(name):]
-            if tok.startswith(name) and d.isdigit():
-                vals[_TOKEN_FIELD[name]] = int(d)
+            if tok.startswith(name) and d.isascii() and d.isdigit() and len(d) <= _MAX_DIGITS:
+                vals[_SLOT[name]] = int(d)
             else:
-                ok = False
                 break
-        if ok:
-            return Instr(kind, **vals)
+        else:
+            return _make(vals)
     vals = {}
     for tok in parts[1:]:
         # longest prefix first so 'to3' is not read as t + 'o3'
         for name in ("from", "mb", "to", "s", "c", "x", "t"):
-            if tok.startswith(name) and tok[len(name):].isdigit():
+            if tok.startswith(name) and _is_num(tok[len(name):]):
                 break
         else:
-            raise PlanFormatError(f"instruction {text!r}: bad token {tok!r}; {kind} takes {' '.join(f + 'N' for f in fields)}")
+            raise PlanFormatError(f"instruction {_clip(text)}: bad token {_clip(tok)}; {kind} takes {' '.join(f + 'N' for f in fields)}")
         if name not in fields:
-            raise PlanFormatError(f"instruction {text!r}: {kind} takes no {name!r}; it takes {' '.join(f + 'N' for f in fields)}")
+            raise PlanFormatError(f"instruction {_clip(text)}: {kind} takes no {name!r}; it takes {' '.join(f + 'N' for f in fields)}")
         field = _TOKEN_FIELD[name]
         if field in vals:
-            raise PlanFormatError(f"instruction {text!r}: {name!r} given twice")
+            raise PlanFormatError(f"instruction {_clip(text)}: {name!r} given twice")
         vals[field] = _int_token(tok, name, text)
     missing = [f for f in fields if _TOKEN_FIELD[f] not in vals]
     if missing:
-        raise PlanFormatError(f"instruction {text!r}: missing {', '.join(missing)}; {kind} takes {' '.join(f + 'N' for f in fields)}")
+        raise PlanFormatError(f"instruction {_clip(text)}: missing {', '.join(missing)}; {kind} takes {' '.join(f + 'N' for f in fields)}")
     return Instr(kind, **vals)

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import PlanFormatError, SpecError
-from .instr import Instr, parse, to_text
+from .instr import Instr, _clip, parse, to_text
 from .spec import PlanSpec
 
 SCHEMA_VERSION = 1
@@ -36,7 +36,8 @@ class Plan:
 def pydantic_message(err: ValidationError, prefix: str = "") -> str:
     """First error of a pydantic ValidationError as one line: 'spec.pp: Input should be ...'."""
     e = err.errors()[0]
-    loc = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
+    parts = [x if x.isprintable() and len(x) <= 40 else _clip(x, 40) for x in map(str, (prefix, *e["loc"])) if x != ""]
+    loc = ".".join(parts)  # a hostile key name may hold newlines or be huge: keep the message one line
     msg = e["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 
@@ -56,10 +57,10 @@ def from_dict(d: Any) -> Plan:
         raise PlanFormatError(f"plan must be a JSON object, got {type(d).__name__}")
     extra = set(d) - {"schema_version", "spec", "meta", "ranks"}
     if extra:
-        raise PlanFormatError(f"plan has unknown field(s) {sorted(extra)}; allowed: schema_version, spec, meta, ranks")
+        raise PlanFormatError(f"plan has unknown field(s) {_clip(sorted(extra))}; allowed: schema_version, spec, meta, ranks")
     ver = d.get("schema_version")
-    if ver != SCHEMA_VERSION:
-        raise PlanFormatError(f"plan schema_version {ver!r} is not supported; this slimpipe reads schema_version {SCHEMA_VERSION}")
+    if type(ver) is not int or ver != SCHEMA_VERSION:  # not true or 1.0, which compare equal to 1
+        raise PlanFormatError(f"plan schema_version {_clip(ver)} is not supported; this slimpipe reads schema_version {SCHEMA_VERSION}")
     try:
         spec = PlanSpec.model_validate(d.get("spec"))
     except ValidationError as e:
@@ -78,7 +79,7 @@ def from_dict(d: Any) -> Plan:
     meta = d.get("meta", {})
     if not isinstance(meta, dict):
         raise PlanFormatError("plan 'meta' must be a JSON object")
-    return Plan(spec, tuple(out), meta, ver)
+    return Plan(spec, tuple(out), meta, SCHEMA_VERSION)
 
 
 def dumps(plan: Plan) -> str:
@@ -95,6 +96,10 @@ def loads(text: str) -> Plan:
         d = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanFormatError(f"plan is not valid JSON: {e}") from None
+    except RecursionError:
+        raise PlanFormatError("plan is not usable JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer literal beyond Python's digit limit
+        raise PlanFormatError(f"plan is not usable JSON: {e}") from None
     return from_dict(d)
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+# Strict scalars: a plan's JSON must say 4, not 4.0, "4" or true (lax pydantic would coerce them).
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -12,13 +13,13 @@ class ModelConfig(BaseModel):
     """Llama-style decoder dimensions (GQA attention, SwiGLU MLP with `ffn` intermediate size)."""
 
     model_config = _FROZEN
-    name: str = "custom"
-    layers: int = Field(ge=1)
-    hidden: int = Field(ge=1)
-    heads: int = Field(ge=1)
-    kv_heads: int = Field(ge=1)
-    ffn: int = Field(ge=1)
-    vocab: int = Field(ge=1)
+    name: StrictStr = "custom"
+    layers: StrictInt = Field(ge=1)
+    hidden: StrictInt = Field(ge=1)
+    heads: StrictInt = Field(ge=1)
+    kv_heads: StrictInt = Field(ge=1)
+    ffn: StrictInt = Field(ge=1)
+    vocab: StrictInt = Field(ge=1)
 
     @model_validator(mode="after")
     def _dims(self):
@@ -42,24 +43,24 @@ class PlanSpec(BaseModel):
     """
 
     model_config = _FROZEN
-    schedule: str
+    schedule: StrictStr
     model: ModelConfig
-    seq_len: int = Field(ge=1)
-    pp: int = Field(ge=1)
-    microbatches: int = Field(ge=1)
-    slices: int = Field(ge=1)
-    virtual_stages: int = Field(ge=1)
-    micro_batch_size: int = Field(default=1, ge=1)
+    seq_len: StrictInt = Field(ge=1)
+    pp: StrictInt = Field(ge=1)
+    microbatches: StrictInt = Field(ge=1)
+    slices: StrictInt = Field(ge=1)
+    virtual_stages: StrictInt = Field(ge=1)
+    micro_batch_size: StrictInt = Field(default=1, ge=1)
     partition: Literal["uniform", "flops", "custom"] = "uniform"
-    slice_lens: tuple[tuple[int, ...], ...]
-    placement: tuple[tuple[int, ...], ...]
-    stage_layers: tuple[int, ...]
-    exchange: bool = False
-    exchange_threshold: int = Field(default=0, ge=0)
-    tp: int = Field(default=1, ge=1)
-    cp: int = Field(default=1, ge=1)
-    dp: int = Field(default=1, ge=1)
-    seed: int = 0
+    slice_lens: tuple[tuple[StrictInt, ...], ...]
+    placement: tuple[tuple[StrictInt, ...], ...]
+    stage_layers: tuple[StrictInt, ...]
+    exchange: StrictBool = False
+    exchange_threshold: StrictInt = Field(default=0, ge=0)
+    tp: StrictInt = Field(default=1, ge=1)
+    cp: StrictInt = Field(default=1, ge=1)
+    dp: StrictInt = Field(default=1, ge=1)
+    seed: StrictInt = 0
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ir import KV, KV_OWNER, KV_PARTNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, to_text
+from ir import COMPUTE, KV, KV_OWNER, KV_PARTNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, to_text
 
 MAX_PROBLEMS = 20
 
@@ -83,27 +83,35 @@ def _coverage_and_order(plan: Plan, bad) -> list[dict]:
     m, n, v = spec.microbatches, spec.slices, spec.virtual_stages
     owner = spec.stage_rank()
     chunk_of = spec.stage_chunk()
+    last = spec.num_stages - 1
+    keyed = COMPUTE | P2P
+    F, B = Kind.F, Kind.B
     out = []
     for r, stream in enumerate(plan.ranks):
-        pos: dict[tuple, int] = {}
-        for i, ins in enumerate(stream):
-            k = ins.kind
-            if k == Kind.F or k == Kind.B or k in P2P:
-                key = (k, ins.mb, ins.slice, ins.chunk)
-                if key in pos:
-                    bad("unique", f"{_at(r, i, ins)} repeats #{pos[key]}")
+        idx = [i for i, ins in enumerate(stream) if ins[0] in keyed]
+        # ins[:4] is (kind, mb, slice, chunk); built from the end so each key keeps its first index
+        pos: dict[tuple, int] = {stream[i][:4]: i for i in reversed(idx)}
+        if len(pos) != len(idx):  # duplicates: report them in program order
+            seen: dict[tuple, int] = {}
+            for i in idx:
+                key = stream[i][:4]
+                if key in seen:
+                    bad("unique", f"{_at(r, i, stream[i])} repeats #{seen[key]}")
                 else:
-                    pos[key] = i
+                    seen[key] = i
         out.append(pos)
     for r, pos in enumerate(out):
         stages = spec.placement[r]
         stream = plan.ranks[r]
+        get = pos.get
         for c in range(v):
             s = stages[c]
+            prev_c = chunk_of[s - 1] if s > 0 and owner[s - 1] == r else None
+            next_c = chunk_of[s + 1] if s < last and owner[s + 1] == r else None
             for mb in range(m):
                 for j in range(n):
-                    f = pos.get((Kind.F, mb, j, c))
-                    b = pos.get((Kind.B, mb, j, c))
+                    f = get((F, mb, j, c))
+                    b = get((B, mb, j, c))
                     if f is None or b is None:
                         miss = "F" if f is None else "B"
                         bad("coverage", f"rank {r} lacks '{miss} mb{mb} s{j} c{c}' (stage {s}); every unit needs one F and one B")
@@ -111,19 +119,19 @@ def _coverage_and_order(plan: Plan, bad) -> list[dict]:
                     if b < f:
                         bad("order", f"{_at(r, b, stream[b])} runs before its forward {_at(r, f, stream[f])}")
                     if j > 0:
-                        fp = pos.get((Kind.F, mb, j - 1, c))
+                        fp = get((F, mb, j - 1, c))
                         if fp is not None and fp > f:
                             bad("order", f"{_at(r, f, stream[f])} runs before the earlier slice {_at(r, fp, stream[fp])} (forward slices ascend)")
                     if j < n - 1:
-                        bn = pos.get((Kind.B, mb, j + 1, c))
+                        bn = get((B, mb, j + 1, c))
                         if bn is not None and bn > b:
                             bad("order", f"{_at(r, b, stream[b])} runs before the later slice {_at(r, bn, stream[bn])} (backward slices descend)")
-                    if s > 0 and owner[s - 1] == r:
-                        fp = pos.get((Kind.F, mb, j, chunk_of[s - 1]))
+                    if prev_c is not None:
+                        fp = get((F, mb, j, prev_c))
                         if fp is not None and fp > f:
                             bad("order", f"{_at(r, f, stream[f])} runs before the previous stage's {_at(r, fp, stream[fp])}")
-                    if s < spec.num_stages - 1 and owner[s + 1] == r:
-                        bn = pos.get((Kind.B, mb, j, chunk_of[s + 1]))
+                    if next_c is not None:
+                        bn = get((B, mb, j, next_c))
                         if bn is not None and bn > b:
                             bad("order", f"{_at(r, b, stream[b])} runs before the next stage's {_at(r, bn, stream[bn])}")
     return out
@@ -134,26 +142,43 @@ def _p2p(plan: Plan, pos: list[dict], bad) -> None:
     owner = spec.stage_rank()
     chunk_of = spec.stage_chunk()
     last = spec.num_stages - 1
+    placement = spec.placement
     sends: dict[tuple, list] = {}
     recvs: dict[tuple, list] = {}
     for r, stream in enumerate(plan.ranks):
         for i, ins in enumerate(stream):
-            k = ins.kind
+            k = ins[0]
             if k in SENDS:
-                sends.setdefault((r, ins.peer, ins.tag), []).append(i)
+                key = (r, ins[4], ins[5])  # (src, dst=peer, tag)
+                lst = sends.get(key)
+                if lst is None:
+                    sends[key] = [i]
+                else:
+                    lst.append(i)
             elif k in RECVS:
-                recvs.setdefault((ins.peer, r, ins.tag), []).append(i)
+                key = (ins[4], r, ins[5])
+                lst = recvs.get(key)
+                if lst is None:
+                    recvs[key] = [i]
+                else:
+                    lst.append(i)
     ranks = plan.ranks
+    SEND_ACT = Kind.SEND_ACT
     matched: dict[tuple[int, int], tuple[int, int]] = {}  # (dst, recv index) -> (src, send index)
-    for key in sends.keys() | recvs.keys():
+    # program order of the first send (then receives without a send): the same problems as a
+    # set union would give, in a readable order, and walking the dicts in insertion order is
+    # far kinder to the cache than hash order at a million instructions
+    for key in [*sends, *(k for k in recvs if k not in sends)]:
         src, dst, tag = key
         ss, rr = sends.get(key, []), recvs.get(key, [])
+        src_stream, dst_stream = ranks[src], ranks[dst]
+        src_place, dst_place = placement[src], placement[dst]
         for si, ri in zip(ss, rr):
-            s_ins, r_ins = ranks[src][si], ranks[dst][ri]
-            s_stage = spec.placement[src][s_ins.chunk]
-            r_stage = spec.placement[dst][r_ins.chunk]
-            want = s_stage + 1 if s_ins.kind == Kind.SEND_ACT else s_stage - 1
-            if MATCH[s_ins.kind] != r_ins.kind or (s_ins.mb, s_ins.slice) != (r_ins.mb, r_ins.slice) or r_stage != want:
+            s_ins, r_ins = src_stream[si], dst_stream[ri]
+            s_stage = src_place[s_ins[3]]
+            want = s_stage + 1 if s_ins[0] == SEND_ACT else s_stage - 1
+            if (MATCH[s_ins[0]] != r_ins[0] or s_ins[1] != r_ins[1] or s_ins[2] != r_ins[2]
+                    or dst_place[r_ins[3]] != want):
                 bad("match", f"{_at(src, si, s_ins)} is matched by tag with {_at(dst, ri, r_ins)}, "
                              f"which expects other data (kind, micro-batch, slice or stage differ)")
             else:
@@ -163,28 +188,29 @@ def _p2p(plan: Plan, pos: list[dict], bad) -> None:
         for ri in rr[len(ss):]:
             bad("match", f"{_at(dst, ri, ranks[dst][ri])} has no matching send on rank {src}")
     # every cross-rank dependency goes through a receive placed before its consumer
+    m_range, n_range = range(spec.microbatches), range(spec.slices)
+    mget = matched.get
     for r, stream in enumerate(ranks):
-        rpos = pos[r]
-        for c, s in enumerate(spec.placement[r]):
-            for (need, recv_kind, nb, send_after) in (
-                (Kind.F, Kind.RECV_ACT, s - 1, Kind.F),
-                (Kind.B, Kind.RECV_GRAD, s + 1, Kind.B),
+        rget = pos[r].get
+        for c, s in enumerate(placement[r]):
+            for (need, recv_kind, nb, send_after, what) in (
+                (Kind.F, Kind.RECV_ACT, s - 1, Kind.F, "activation"),
+                (Kind.B, Kind.RECV_GRAD, s + 1, Kind.B, "gradient"),
             ):
                 if nb < 0 or nb > last or owner[nb] == r:
                     continue
                 q = owner[nb]
                 qc = chunk_of[nb]
-                for mb in range(spec.microbatches):
-                    for j in range(spec.slices):
-                        u = rpos.get((need, mb, j, c))
+                for mb in m_range:
+                    for j in n_range:
+                        u = rget((need, mb, j, c))
                         if u is None:
                             continue
-                        ri = rpos.get((recv_kind, mb, j, c))
-                        what = "activation" if need == Kind.F else "gradient"
+                        ri = rget((recv_kind, mb, j, c))
                         if ri is None:
                             bad("dependency", f"{_at(r, u, stream[u])} needs the {what} from rank {q} but rank {r} never receives it")
                             continue
-                        src = matched.get((r, ri))
+                        src = mget((r, ri))
                         if src is None:
                             continue  # reported as a matching problem
                         q_, si = src

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except SlimpipeError as e:
-        print(f"slimpipe {args.command}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).splitlines())  # one line, whatever text a hostile input put in it
+        print(f"slimpipe {args.command}: error: {msg}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"slimpipe {args.command}: interrupted", file=sys.stderr)
