@@ -20,6 +20,7 @@ the owner rank); the spec's placement maps (rank, chunk) to a global stage.
 """
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from .errors import PlanFormatError
@@ -142,8 +143,25 @@ def _int_token(tok: str, prefix: str, text: str) -> int:
     return int(digits)
 
 
+_NUM = "([0-9]{1,%d})" % _MAX_DIGITS
+# the canonical forms as one regex each (ASCII digits only): the fast path of `parse`
+_CANONICAL = {
+    "compute": re.compile(rf"(F|B) mb{_NUM} s{_NUM} c{_NUM}"),
+    "send": re.compile(rf"(SEND_ACT|SEND_GRAD) mb{_NUM} s{_NUM} c{_NUM} to{_NUM} t{_NUM}"),
+    "recv": re.compile(rf"(RECV_ACT|RECV_GRAD) mb{_NUM} s{_NUM} c{_NUM} from{_NUM} t{_NUM}"),
+}
+_COMPUTE_RE, _SEND_RE, _RECV_RE = _CANONICAL.values()
+
+
 def parse(text: str) -> Instr:
     """Parse the text form (any token order); raises PlanFormatError naming the bad token."""
+    mt = (_COMPUTE_RE.fullmatch(text) or _SEND_RE.fullmatch(text) or _RECV_RE.fullmatch(text)) \
+        if type(text) is str else None
+    if mt is not None:
+        g = mt.groups()
+        if len(g) == 4:
+            return Instr(g[0], int(g[1]), int(g[2]), int(g[3]))
+        return Instr(g[0], int(g[1]), int(g[2]), int(g[3]), int(g[4]), int(g[5]))
     if not isinstance(text, str):
         raise PlanFormatError(f"instruction {_clip(text)} is not a string like 'F mb0 s0 c0'")
     parts = text.split()

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ir import COMPUTE, KV, KV_OWNER, KV_PARTNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, to_text
+from ir import KV, KV_OWNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, to_text
 
 MAX_PROBLEMS = 20
+_INDEXED = (Kind.F, Kind.B, Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD)
 
 
 @dataclass(frozen=True)
@@ -77,121 +78,129 @@ def _fields(plan: Plan, bad) -> None:
                     bad("range", f"{_at(r, i, ins)}: x must be 1..{ins.slice} (earlier slices of the owner's unit)")
 
 
-def _coverage_and_order(plan: Plan, bad) -> list[dict]:
-    """Per rank: {(kind, mb, slice, chunk): index} of compute units and p2p instructions."""
+def _coverage_and_order(plan: Plan, bad) -> list[dict[str, list[int]]]:
+    """Per rank: {kind: position of that kind's instruction for each unit id (-1: none)} for
+    compute units and p2p instructions; unit id = (mb * n + slice) * v + chunk."""
     spec = plan.spec
     m, n, v = spec.microbatches, spec.slices, spec.virtual_stages
     owner = spec.stage_rank()
     chunk_of = spec.stage_chunk()
     last = spec.num_stages - 1
-    keyed = COMPUTE | P2P
     F, B = Kind.F, Kind.B
+    nu = m * n * v
     out = []
     for r, stream in enumerate(plan.ranks):
-        idx = [i for i, ins in enumerate(stream) if ins[0] in keyed]
-        # ins[:4] is (kind, mb, slice, chunk); built from the end so each key keeps its first index
-        pos: dict[tuple, int] = {stream[i][:4]: i for i in reversed(idx)}
-        if len(pos) != len(idx):  # duplicates: report them in program order
-            seen: dict[tuple, int] = {}
-            for i in idx:
-                key = stream[i][:4]
-                if key in seen:
-                    bad("unique", f"{_at(r, i, stream[i])} repeats #{seen[key]}")
-                else:
-                    seen[key] = i
-        out.append(pos)
-    for r, pos in enumerate(out):
+        tab = {k: [-1] * nu for k in _INDEXED}
+        get = tab.get
+        for i, ins in enumerate(stream):
+            arr = get(ins[0])
+            if arr is None:
+                continue
+            u = (ins[1] * n + ins[2]) * v + ins[3]
+            if arr[u] >= 0:
+                bad("unique", f"{_at(r, i, ins)} repeats #{arr[u]}")
+            else:
+                arr[u] = i
+        out.append(tab)
+    for r, tab in enumerate(out):
         stages = spec.placement[r]
         stream = plan.ranks[r]
-        get = pos.get
+        fa, ba = tab[F], tab[B]
         for c in range(v):
             s = stages[c]
-            prev_c = chunk_of[s - 1] if s > 0 and owner[s - 1] == r else None
-            next_c = chunk_of[s + 1] if s < last and owner[s + 1] == r else None
+            prev_d = chunk_of[s - 1] - c if s > 0 and owner[s - 1] == r else None
+            next_d = chunk_of[s + 1] - c if s < last and owner[s + 1] == r else None
             for mb in range(m):
                 for j in range(n):
-                    f = get((F, mb, j, c))
-                    b = get((B, mb, j, c))
-                    if f is None or b is None:
-                        miss = "F" if f is None else "B"
+                    u = (mb * n + j) * v + c
+                    f, b = fa[u], ba[u]
+                    if f < 0 or b < 0:
+                        miss = "F" if f < 0 else "B"
                         bad("coverage", f"rank {r} lacks '{miss} mb{mb} s{j} c{c}' (stage {s}); every unit needs one F and one B")
                         continue
                     if b < f:
                         bad("order", f"{_at(r, b, stream[b])} runs before its forward {_at(r, f, stream[f])}")
                     if j > 0:
-                        fp = get((F, mb, j - 1, c))
-                        if fp is not None and fp > f:
+                        fp = fa[u - v]
+                        if fp > f:
                             bad("order", f"{_at(r, f, stream[f])} runs before the earlier slice {_at(r, fp, stream[fp])} (forward slices ascend)")
                     if j < n - 1:
-                        bn = get((B, mb, j + 1, c))
-                        if bn is not None and bn > b:
+                        bn = ba[u + v]
+                        if bn > b:
                             bad("order", f"{_at(r, b, stream[b])} runs before the later slice {_at(r, bn, stream[bn])} (backward slices descend)")
-                    if prev_c is not None:
-                        fp = get((F, mb, j, prev_c))
-                        if fp is not None and fp > f:
+                    if prev_d is not None:
+                        fp = fa[u + prev_d]
+                        if fp > f:
                             bad("order", f"{_at(r, f, stream[f])} runs before the previous stage's {_at(r, fp, stream[fp])}")
-                    if next_c is not None:
-                        bn = get((B, mb, j, next_c))
-                        if bn is not None and bn > b:
+                    if next_d is not None:
+                        bn = ba[u + next_d]
+                        if bn > b:
                             bad("order", f"{_at(r, b, stream[b])} runs before the next stage's {_at(r, bn, stream[bn])}")
     return out
 
 
-def _p2p(plan: Plan, pos: list[dict], bad) -> None:
+def _by_tag(plan: Plan, kinds, sender: bool):
+    """[src][dst] -> {tag: index} of the first instruction per (src, dst, tag), and
+    {(src, dst, tag): [indices in program order]} for keys that repeat (hand-edited plans)."""
+    p = len(plan.ranks)
+    first = [[{} for _ in range(p)] for _ in range(p)]
+    repeats: dict[tuple, list] = {}
+    for r, stream in enumerate(plan.ranks):
+        for i, ins in enumerate(stream):
+            if ins[0] in kinds:
+                src, dst = (r, ins[4]) if sender else (ins[4], r)
+                d = first[src][dst]
+                t = ins[5]
+                if t in d:
+                    repeats.setdefault((src, dst, t), [d[t]]).append(i)
+                else:
+                    d[t] = i
+    return first, repeats
+
+
+def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
     spec = plan.spec
+    n, v = spec.slices, spec.virtual_stages
     owner = spec.stage_rank()
     chunk_of = spec.stage_chunk()
     last = spec.num_stages - 1
     placement = spec.placement
-    sends: dict[tuple, list] = {}
-    recvs: dict[tuple, list] = {}
-    for r, stream in enumerate(plan.ranks):
-        for i, ins in enumerate(stream):
-            k = ins[0]
-            if k in SENDS:
-                key = (r, ins[4], ins[5])  # (src, dst=peer, tag)
-                lst = sends.get(key)
-                if lst is None:
-                    sends[key] = [i]
-                else:
-                    lst.append(i)
-            elif k in RECVS:
-                key = (ins[4], r, ins[5])
-                lst = recvs.get(key)
-                if lst is None:
-                    recvs[key] = [i]
-                else:
-                    lst.append(i)
     ranks = plan.ranks
+    p = len(ranks)
     SEND_ACT = Kind.SEND_ACT
-    matched: dict[tuple[int, int], tuple[int, int]] = {}  # (dst, recv index) -> (src, send index)
-    # program order of the first send (then receives without a send): the same problems as a
-    # set union would give, in a readable order, and walking the dicts in insertion order is
-    # far kinder to the cache than hash order at a million instructions
-    for key in [*sends, *(k for k in recvs if k not in sends)]:
-        src, dst, tag = key
-        ss, rr = sends.get(key, []), recvs.get(key, [])
-        src_stream, dst_stream = ranks[src], ranks[dst]
-        src_place, dst_place = placement[src], placement[dst]
-        for si, ri in zip(ss, rr):
-            s_ins, r_ins = src_stream[si], dst_stream[ri]
-            s_stage = src_place[s_ins[3]]
-            want = s_stage + 1 if s_ins[0] == SEND_ACT else s_stage - 1
-            if (MATCH[s_ins[0]] != r_ins[0] or s_ins[1] != r_ins[1] or s_ins[2] != r_ins[2]
-                    or dst_place[r_ins[3]] != want):
-                bad("match", f"{_at(src, si, s_ins)} is matched by tag with {_at(dst, ri, r_ins)}, "
-                             f"which expects other data (kind, micro-batch, slice or stage differ)")
-            else:
-                matched[(dst, ri)] = (src, si)
-        for si in ss[len(rr):]:
-            bad("match", f"{_at(src, si, ranks[src][si])} has no matching receive on rank {dst}")
-        for ri in rr[len(ss):]:
-            bad("match", f"{_at(dst, ri, ranks[dst][ri])} has no matching send on rank {src}")
+    sends, send_rep = _by_tag(plan, SENDS, True)
+    recvs, recv_rep = _by_tag(plan, RECVS, False)
+    via = [[-1] * len(s) for s in ranks]  # via[dst][recv index] = index of its matched send on the peer
+    for src in range(p):
+        src_stream, src_place = ranks[src], placement[src]
+        for dst in range(p):
+            sd, rd = sends[src][dst], recvs[src][dst]
+            if not sd and not rd:
+                continue
+            dst_stream, dst_place, dst_via = ranks[dst], placement[dst], via[dst]
+            # tags in program order of the first send, then receives without a send
+            for tag in [*sd, *(t for t in rd if t not in sd)]:
+                key = (src, dst, tag)
+                ss = send_rep.get(key) or ([sd[tag]] if tag in sd else [])
+                rr = recv_rep.get(key) or ([rd[tag]] if tag in rd else [])
+                for si, ri in zip(ss, rr):
+                    s_ins, r_ins = src_stream[si], dst_stream[ri]
+                    s_stage = src_place[s_ins[3]]
+                    want = s_stage + 1 if s_ins[0] == SEND_ACT else s_stage - 1
+                    if (MATCH[s_ins[0]] != r_ins[0] or s_ins[1] != r_ins[1] or s_ins[2] != r_ins[2]
+                            or dst_place[r_ins[3]] != want):
+                        bad("match", f"{_at(src, si, s_ins)} is matched by tag with {_at(dst, ri, r_ins)}, "
+                                     f"which expects other data (kind, micro-batch, slice or stage differ)")
+                    else:
+                        dst_via[ri] = si
+                for si in ss[len(rr):]:
+                    bad("match", f"{_at(src, si, src_stream[si])} has no matching receive on rank {dst}")
+                for ri in rr[len(ss):]:
+                    bad("match", f"{_at(dst, ri, dst_stream[ri])} has no matching send on rank {src}")
     # every cross-rank dependency goes through a receive placed before its consumer
-    m_range, n_range = range(spec.microbatches), range(spec.slices)
-    mget = matched.get
+    m_range, n_range = range(spec.microbatches), range(n)
     for r, stream in enumerate(ranks):
-        rget = pos[r].get
+        tab, r_via = pos[r], via[r]
         for c, s in enumerate(placement[r]):
             for (need, recv_kind, nb, send_after, what) in (
                 (Kind.F, Kind.RECV_ACT, s - 1, Kind.F, "activation"),
@@ -200,25 +209,27 @@ def _p2p(plan: Plan, pos: list[dict], bad) -> None:
                 if nb < 0 or nb > last or owner[nb] == r:
                     continue
                 q = owner[nb]
-                qc = chunk_of[nb]
+                dq = chunk_of[nb] - c  # unit id offset from this chunk to the neighbour's chunk on q
+                units, recv_at, produced = tab[need], tab[recv_kind], pos[q][send_after]
                 for mb in m_range:
                     for j in n_range:
-                        u = rget((need, mb, j, c))
-                        if u is None:
+                        uid = (mb * n + j) * v + c
+                        u = units[uid]
+                        if u < 0:
                             continue
-                        ri = rget((recv_kind, mb, j, c))
-                        if ri is None:
+                        ri = recv_at[uid]
+                        if ri < 0:
                             bad("dependency", f"{_at(r, u, stream[u])} needs the {what} from rank {q} but rank {r} never receives it")
                             continue
-                        src = mget((r, ri))
-                        if src is None:
+                        si = r_via[ri]
+                        if si < 0:
                             continue  # reported as a matching problem
-                        q_, si = src
+                        q_ = stream[ri][4]
                         if ri > u:
                             bad("dependency", f"{_at(r, u, stream[u])} runs before {_at(r, ri, stream[ri])} that brings its {what} "
                                               f"from {_at(q_, si, ranks[q_][si])}")
-                        pu = pos[q_].get((send_after, mb, j, qc))
-                        if pu is not None and si < pu:
+                        pu = produced[uid + dq] if q_ == q else -1
+                        if si < pu:
                             bad("dependency", f"{_at(q_, si, ranks[q_][si])} sends before {_at(q_, pu, ranks[q_][pu])} produces the {what} "
                                               f"that {_at(r, ri, stream[ri])} receives")
 
