@@ -123,5 +123,5 @@ def run_dist(plan, opts) -> int:
     except ExecError as e:
         print(f"executor: rank {rank}: error: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # peers may be blocked in a collective; do not wait for them
-    tp.dist.destroy_process_group()
+    tp.close()
     return code

@@ -182,6 +182,7 @@ class DistTransport:
         # gloo's p2p Work reports is_completed() only after wait(): a watcher thread per message
         # waits (bounded) and flags it; NCCL's is_completed() polls a CUDA event.
         self.watch = device.type != "cuda"
+        self.threads: list[threading.Thread] = []
 
     def _watched(self, work, result):
         """A Pending that becomes ready when `work` completes; result() gives the value."""
@@ -199,7 +200,10 @@ class DistTransport:
                 self.ver += 1
                 self.cond.notify_all()
 
-        threading.Thread(target=waiter, daemon=True).start()
+        th = threading.Thread(target=waiter, daemon=True)
+        th.start()
+        self.threads = [t for t in self.threads if t.is_alive()]
+        self.threads.append(th)
 
         def get():
             if state[0] is not None:
@@ -260,6 +264,13 @@ class DistTransport:
         self.sends = [p for p in self.sends if not p.ready()]
         out, self.sends = self.sends, []
         return out
+
+    def close(self) -> None:
+        """Let the watcher threads finish, then leave the process group."""
+        for t in self.threads:
+            t.join(self.timeout)
+        self.dist.barrier()
+        self.dist.destroy_process_group()
 
     def all_reduce(self, values, op="sum"):
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
