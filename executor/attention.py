@@ -156,21 +156,56 @@ def _flash_backend():
     return Backend("flash-attn2", fwd, bwd)
 
 
-def pick_backend(choice: str, device: torch.device) -> Backend:
-    """auto: flash-attn on CUDA when importable, else torch SDPA; 'math' is the plain reference."""
+def self_test(be: Backend, device, dtype=torch.float32) -> str | None:
+    """Check a backend's block forward/backward against MATH on small GQA tensors (causal and
+    prefix blocks, merged lse passed to bwd); None if it agrees, else the reason."""
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        mk = lambda *sh: torch.randn(*sh, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+        q, k, v, kp, vp = mk(1, 4, 64, 64), mk(1, 2, 64, 64), mk(1, 2, 64, 64), mk(1, 2, 32, 64), mk(1, 2, 32, 64)
+        dout = mk(1, 4, 64, 64)
+        tol = 1e-3 if dtype == torch.float32 else 5e-2
+        res = []
+        for b in (be, MATH):
+            o, l = b.fwd(q, k, v, True, 0.125)
+            o2, l2 = b.fwd(q, kp, vp, False, 0.125)
+            o, l = merge(o.float(), l, o2.float(), l2)
+            o = o.to(dtype)
+            res.append([o, *b.bwd(dout, q, k, v, o, l, True, 0.125), *b.bwd(dout, q, kp, vp, o, l, False, 0.125)])
+        for a, r in zip(*res):
+            err = float((a.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12))
+            if not err < tol:
+                return f"relative error {err:.2e} against the math reference"
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use this backend
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def pick_backend(choice: str, device: torch.device, dtype=torch.float32) -> Backend:
+    """auto: flash-attn on CUDA when importable, else torch SDPA; each candidate is self-tested
+    and skipped (auto) or refused (forced) if it disagrees with the plain math reference.
+    'math' is the plain reference itself."""
     if choice == "math":
         return MATH
-    if choice == "sdpa":
-        return SDPA
+    cands = []
     if choice in ("flash", "auto") and device.type == "cuda":
         try:
-            return _flash_backend()
+            cands.append(_flash_backend())
         except (ImportError, AttributeError) as e:
             if choice == "flash":
                 raise RuntimeError(f"--attention flash: flash_attn is not usable here ({e})") from None
     elif choice == "flash":
         raise RuntimeError("--attention flash needs --device cuda")
-    return SDPA
+    if choice in ("sdpa", "auto"):
+        cands.append(SDPA)
+    for be in cands:
+        why = self_test(be, device, dtype)
+        if why is None:
+            return be
+        if choice != "auto":
+            raise RuntimeError(f"--attention {choice}: backend {be.name} failed its self-test ({why})")
+        print(f"executor: attention backend {be.name} skipped: {why}", flush=True)
+    return MATH
 
 
 # ---------------------------------------------------------------- the sliced attention Function

@@ -405,7 +405,7 @@ class Rank:
         self.next_kvf = self.next_kvb = None
         self.opt_done = False
         self.tracker.reset_peak()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.tp.kind == "dist":  # in-process ranks share the device
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         stream, n, H, comm = self.stream, len(self.stream), self.HANDLERS, self.COMM

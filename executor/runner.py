@@ -26,7 +26,7 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout) -> tuple[int, dic
     if device.type == "cuda" and transport.kind == "dist":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
-    backend = pick_backend(opts.attention, device)
+    backend = pick_backend(opts.attention, device, DTYPES[opts.dtype])
     R = Rank(plan, rank, transport, backend, device=device, dtype=DTYPES[opts.dtype], lr=opts.lr,
              timeout=opts.timeout, check_reference=opts.check_reference)
     spec = plan.spec
