@@ -194,3 +194,13 @@ def test_cli_json_last_line(tmp_path):
               "max_grad_rel_err"):
         assert k in last
     assert last["attention_backend"] == "sdpa" and last["max_grad_rel_err"] < TOL
+
+
+def test_reference_check_catches_a_wrong_attention(monkeypatch):
+    """Dropping the earlier slices' contribution must fail the check (exit code 1)."""
+    import executor.attention as A
+    from executor.runner import run_local
+
+    monkeypatch.setattr(A, "merge", lambda out, lse, out2, lse2: (out, lse))
+    code, summary = run_local(matrix(2)["slimpipe-v1"], local_opts())
+    assert code == 1 and summary["max_grad_rel_err"] > 1e-2
