@@ -1,0 +1,263 @@
+"""Attention backends and the sliced attention of one unit.
+
+Every backend offers two block operations on [batch, heads, seq, head_dim] tensors (K/V may
+have fewer heads: GQA):
+    fwd(q, k, v, causal, scale) -> (out, lse)      lse: [batch, heads, seq_q], float32
+    bwd(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
+`bwd` takes the *final* (merged) out and lse of the query rows, so a block's gradient is exact
+even though the block saw only part of the keys (the flash-attention / ring-attention identity).
+Causal blocks are always square (a slice over its own keys), where top-left and bottom-right
+alignment coincide; prefix blocks are non-causal. Slice j's attention = merge of the causal block
+over its own K/V and one non-causal block per earlier slice (no concatenated K/V copies).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class Backend(NamedTuple):
+    name: str
+    fwd: Callable
+    bwd: Callable
+
+
+def merge(out, lse, out2, lse2):
+    """Merge two partial attentions of the same queries (float32 in, float32 out)."""
+    w = torch.sigmoid(lse2 - lse).unsqueeze(-1)
+    out = out - w * (out - out2)
+    lse = lse - F.logsigmoid(lse - lse2)
+    return out, lse
+
+
+# ---------------------------------------------------------------- math (plain torch, any device)
+def _group(q, k):
+    b, h, sq, d = q.shape
+    hk = k.shape[1]
+    return q.reshape(b, hk, h // hk, sq, d), k.unsqueeze(2)
+
+
+def _scores(q, k, causal, scale):
+    qg, kg = _group(q, k)
+    s = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) * scale
+    if causal:
+        sq, sk = s.shape[-2], s.shape[-1]
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=s.device).tril(sk - sq)
+        s = s.masked_fill(~mask, float("-inf"))
+    return s  # [b, hk, g, sq, sk]
+
+
+def math_fwd(q, k, v, causal, scale):
+    s = _scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    out = torch.matmul(p, v.float().unsqueeze(2))
+    b, h, sq, d = q.shape
+    return out.reshape(b, h, sq, d).to(q.dtype), lse.reshape(b, h, sq)
+
+
+def math_bwd(dout, q, k, v, out, lse, causal, scale):
+    b, h, sq, d = q.shape
+    hk = k.shape[1]
+    g = h // hk
+    s = _scores(q, k, causal, scale)
+    p = torch.exp(s - lse.reshape(b, hk, g, sq, 1).float())
+    do = dout.float().reshape(b, hk, g, sq, d)
+    o = out.float().reshape(b, hk, g, sq, d)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
+    dp = torch.matmul(do, v.float().unsqueeze(2).transpose(-1, -2))
+    delta = (do * o).sum(-1, keepdim=True)
+    ds = p * (dp - delta) * scale
+    dq = torch.matmul(ds, k.float().unsqueeze(2)).reshape(b, h, sq, d)
+    dk = torch.matmul(ds.transpose(-1, -2), q.float().reshape(b, hk, g, sq, d)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+MATH = Backend("math", math_fwd, math_bwd)
+
+
+# ---------------------------------------------------------------- torch SDPA flash kernels
+def _expand(k, h):
+    hk = k.shape[1]
+    return k if hk == h else k.repeat_interleave(h // hk, dim=1)
+
+
+def _reduce(dk, hk):
+    b, h, s, d = dk.shape
+    return dk if hk == h else dk.reshape(b, hk, h // hk, s, d).sum(2)
+
+
+def sdpa_fwd(q, k, v, causal, scale):
+    h = q.shape[1]
+    ke, ve = _expand(k, h), _expand(v, h)
+    if q.is_cuda:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, ke, ve, 0.0, causal, False, scale=scale)
+        return res[0], res[1].float()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, ke, ve, 0.0, causal, scale=scale)
+    return out, lse.float()
+
+
+def sdpa_bwd(dout, q, k, v, out, lse, causal, scale):
+    h, hk = q.shape[1], k.shape[1]
+    ke, ve = _expand(k, h), _expand(v, h)
+    out = out.to(q.dtype).contiguous()
+    dout = dout.to(q.dtype).contiguous()
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if q.is_cuda:
+        empty = torch.empty(0, device=q.device)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, ke, ve, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal,
+            seed, seed, scale=scale)
+    else:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, ke, ve, out, lse.contiguous(), 0.0, causal, scale=scale)
+    return dq, _reduce(dk, hk), _reduce(dv, hk)
+
+
+SDPA = Backend("sdpa", sdpa_fwd, sdpa_bwd)
+
+
+# ---------------------------------------------------------------- flash-attn 2 (CUDA)
+def _flash_backend():
+    """flash_attn 2's low-level forward/backward (they take and return the softmax lse).
+    Keyword arguments are matched against the installed version's signature."""
+    from flash_attn import flash_attn_interface as fai  # noqa: raises ImportError when absent
+
+    f_fwd, f_bwd = fai._flash_attn_forward, fai._flash_attn_backward
+    fwd_params = set(inspect.signature(f_fwd).parameters)
+    bwd_params = set(inspect.signature(f_bwd).parameters)
+
+    def common(params, causal, scale):
+        kw = {"dropout_p": 0.0, "softmax_scale": scale, "causal": causal, "window_size": (-1, -1),
+              "window_size_left": -1, "window_size_right": -1, "softcap": 0.0, "alibi_slopes": None,
+              "return_softmax": False, "deterministic": False, "rng_state": None}
+        return {k: v for k, v in kw.items() if k in params}
+
+    def fwd(q, k, v, causal, scale):
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        res = f_fwd(q=qt, k=kt, v=vt, **common(fwd_params, causal, scale))
+        out, lse = (res[0], res[5]) if len(res) >= 8 else (res[0], res[1])
+        return out.transpose(1, 2), lse.float()
+
+    def bwd(dout, q, k, v, out, lse, causal, scale):
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        ot = out.to(q.dtype).transpose(1, 2).contiguous()
+        dot = dout.to(q.dtype).transpose(1, 2).contiguous()
+        dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
+        f_bwd(dout=dot, q=qt, k=kt, v=vt, out=ot, softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv,
+              **common(bwd_params, causal, scale))
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+    return Backend("flash-attn2", fwd, bwd)
+
+
+def self_test(be: Backend, device, dtype=torch.float32) -> str | None:
+    """Check a backend's block forward/backward against MATH on small GQA tensors (causal and
+    prefix blocks, merged lse passed to bwd); None if it agrees, else the reason."""
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        mk = lambda *sh: torch.randn(*sh, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+        q, k, v, kp, vp = mk(1, 4, 64, 64), mk(1, 2, 64, 64), mk(1, 2, 64, 64), mk(1, 2, 32, 64), mk(1, 2, 32, 64)
+        dout = mk(1, 4, 64, 64)
+        tol = 1e-3 if dtype == torch.float32 else 5e-2
+        res = []
+        for b in (be, MATH):
+            o, l = b.fwd(q, k, v, True, 0.125)
+            o2, l2 = b.fwd(q, kp, vp, False, 0.125)
+            o, l = merge(o.float(), l, o2.float(), l2)
+            o = o.to(dtype)
+            res.append([o, *b.bwd(dout, q, k, v, o, l, True, 0.125), *b.bwd(dout, q, kp, vp, o, l, False, 0.125)])
+        for a, r in zip(*res):
+            err = float((a.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12))
+            if not err < tol:
+                return f"relative error {err:.2e} against the math reference"
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use this backend
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def pick_backend(choice: str, device: torch.device, dtype=torch.float32) -> Backend:
+    """auto: flash-attn on CUDA when importable, else torch SDPA; each candidate is self-tested
+    and skipped (auto) or refused (forced) if it disagrees with the plain math reference.
+    'math' is the plain reference itself."""
+    if choice == "math":
+        return MATH
+    cands = []
+    if choice in ("flash", "auto") and device.type == "cuda":
+        try:
+            cands.append(_flash_backend())
+        except (ImportError, AttributeError) as e:
+            if choice == "flash":
+                raise RuntimeError(f"--attention flash: flash_attn is not usable here ({e})") from None
+    elif choice == "flash":
+        raise RuntimeError("--attention flash needs --device cuda")
+    if choice in ("sdpa", "auto"):
+        cands.append(SDPA)
+    for be in cands:
+        why = self_test(be, device, dtype)
+        if why is None:
+            return be
+        if choice != "auto":
+            raise RuntimeError(f"--attention {choice}: backend {be.name} failed its self-test ({why})")
+        print(f"executor: attention backend {be.name} skipped: {why}", flush=True)
+    return MATH
+
+
+# ---------------------------------------------------------------- the sliced attention Function
+class SliceAttention(torch.autograd.Function):
+    """Attention of one slice's queries over its own K/V (causal) and the earlier slices' K/V.
+
+    `ctx_obj` (an executor.interpreter.LayerCtx-like object) supplies: backend, scale, prefix
+    [(k_i, v_i)] detached K/V of earlier slices, accumulate(i, dk, dv) for their gradients, and
+    optional remote(fwd|bwd) hooks for the KV exchange (the first x prefix slices done elsewhere).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, lc):
+        be, scale = lc.backend, lc.scale
+        x = lc.fwd_remote_slices()
+        handle = lc.fwd_remote_start(q, lc.prefix[:x]) if x else None
+        out, lse = be.fwd(q, k, v, True, scale)
+        out = out.float()
+        for kp, vp in lc.prefix[x:]:
+            o2, l2 = be.fwd(q, kp, vp, False, scale)
+            out, lse = merge(out, lse, o2.float(), l2)
+        if handle is not None:
+            o2, l2 = lc.fwd_remote_finish(handle)
+            out, lse = merge(out, lse, o2.float(), l2)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.lc = lc
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        lc = ctx.lc
+        be, scale = lc.backend, lc.scale
+        dout = dout.contiguous()
+        x = lc.bwd_remote_slices()
+        handle = lc.bwd_remote_start(q, lc.prefix[:x], out, lse, dout) if x else None
+        dq, dk, dv = be.bwd(dout, q, k, v, out, lse, True, scale)
+        dq = dq.float()
+        for i in range(x, len(lc.prefix)):
+            kp, vp = lc.prefix[i]
+            dqi, dki, dvi = be.bwd(dout, q, kp, vp, out, lse, False, scale)
+            dq += dqi
+            lc.accumulate(i, dki, dvi)
+        if handle is not None:
+            dqr, dks, dvs = lc.bwd_remote_finish(handle)
+            dq += dqr
+            for i in range(x):
+                lc.accumulate(i, dks[i], dvs[i])
+        ctx.lc = None
+        return dq.to(q.dtype), dk, dv, None
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

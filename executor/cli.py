@@ -1,0 +1,78 @@
+"""Command line of the executor. Plan and launch are checked before any communication: a
+mismatch prints one line on every rank and exits 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import ir
+
+EPILOG = """examples:
+  torchrun --nproc-per-node 4 -m executor plan.json --check-reference
+  python -m executor plan.json --local --steps 3 --json"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m executor", description="Run a slimpipe plan: one interpreter per "
+                                "pipeline rank (torchrun), or every rank in this process (--local).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", help="plan.json written by `slimpipe compile` (or by hand)")
+    p.add_argument("--local", action="store_true", help="run all ranks in this process (threads, in-process transport)")
+    p.add_argument("--steps", type=int, default=1, help="training steps (default 1)")
+    p.add_argument("--json", action="store_true", help="last line on rank 0: a JSON summary (progress goes to stderr)")
+    p.add_argument("--check-reference", action="store_true",
+                   help="compare loss and gradients of step 1 with the unsliced single-process model; exit 1 if > 1e-4")
+    p.add_argument("--attention", choices=["auto", "sdpa", "flash", "math"], default="auto",
+                   help="attention backend (auto: flash-attn on CUDA when importable, else torch SDPA)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="parameter/activation dtype")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds any single wait may take (default 300)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads with --local (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    return p
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    who = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
+    print(f"executor: {who}error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv=None) -> int:
+    opts = build_parser().parse_args(argv)
+    if opts.steps < 1:
+        return _fail(f"--steps {opts.steps} must be >= 1")
+    try:
+        plan = ir.load(opts.plan)
+    except ir.SlimpipeError as e:
+        return _fail(str(e), e.exit_code)
+    import torch
+
+    if opts.device == "auto":
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda but no CUDA device is available")
+    p = plan.spec.pp
+    world = os.environ.get("WORLD_SIZE")
+    from . import runner
+
+    try:
+        if opts.local or world is None:
+            if world is not None and int(world) > 1:
+                return _fail(f"--local runs all {p} ranks in one process; do not start it under torchrun with {world} processes")
+            if not opts.local and p > 1:
+                return _fail(f"plan has pp={p} ranks: launch with `torchrun --nproc-per-node {p} -m executor ...` or pass --local")
+            code, _ = runner.run_local(plan, opts)
+            return code
+        if int(world) != p:
+            return _fail(f"plan has pp={p} ranks but torchrun started {world} process(es); "
+                         f"launch with --nproc-per-node {p}")
+        return runner.run_dist(plan, opts)
+    except ir.SlimpipeError as e:
+        return _fail(str(e), e.exit_code)
+    except RuntimeError as e:
+        if str(e).startswith("--attention"):
+            return _fail(str(e))
+        raise

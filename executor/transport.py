@@ -1,0 +1,292 @@
+"""Transports: torch.distributed point-to-point (gloo/NCCL) and an in-process hub (one thread per
+rank). Both expose the same non-blocking surface; the interpreter owns every wait (one place,
+with a timeout):
+
+    send(dst, tag, tensors)              non-blocking; tensors must not be modified afterwards
+    post_recv(src, tag, specs)           -> Pending; specs = [(shape, dtype)] known from the plan
+    batch(ops)                           consecutive sends/recvs issued together (NCCL safety)
+    version() / wait_change(v, timeout)  sleep until something may have arrived
+    pending_sends()                      sends not yet complete (waited at step end)
+    all_reduce(values, op) / all_gather(obj)  step-end metrics, outside the plan's streams
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from datetime import timedelta
+
+import torch
+
+
+class Aborted(RuntimeError):
+    """Another rank of the in-process run failed."""
+
+
+class Pending:
+    """A posted receive: ready() polls, value() returns the tensors once ready."""
+
+    __slots__ = ("_poll", "_get")
+
+    def __init__(self, poll, get):
+        self._poll, self._get = poll, get
+
+    def ready(self) -> bool:
+        return self._poll()
+
+    def value(self):
+        return self._get()
+
+
+# ------------------------------------------------------------------ in-process
+class LocalHub:
+    """Shared mailbox of an in-process run: messages keyed (src, dst, tag), FIFO per key."""
+
+    def __init__(self, world: int, timeout: float):
+        self.world = world
+        self.timeout = timeout
+        self.boxes: dict[tuple[int, int, int], deque] = {}
+        self.cond = threading.Condition()
+        self.ver = 0
+        self.error: str | None = None
+        self.barrier = threading.Barrier(world)
+        self.slots: list = [None] * world
+
+    def abort(self, msg: str) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = msg
+            self.ver += 1
+            self.cond.notify_all()
+        self.barrier.abort()
+
+    def endpoint(self, rank: int) -> "LocalTransport":
+        return LocalTransport(self, rank)
+
+
+class LocalTransport:
+    kind = "local"
+
+    def __init__(self, hub: LocalHub, rank: int):
+        self.hub, self.rank, self.world = hub, rank, hub.world
+
+    def send(self, dst, tag, tensors):
+        h = self.hub
+        # detached views: the receiver gets fresh autograd leaves, no copy is made
+        msg = [t.detach() for t in tensors]
+        with h.cond:
+            h.boxes.setdefault((self.rank, dst, tag), deque()).append(msg)
+            h.ver += 1
+            h.cond.notify_all()
+
+    def post_recv(self, src, tag, specs):
+        h = self.hub
+        key = (src, self.rank, tag)
+        got = []
+
+        def poll():
+            if got:
+                return True
+            if h.error is not None:
+                raise Aborted(h.error)
+            with h.cond:
+                q = h.boxes.get(key)
+                if q:
+                    got.append(q.popleft())
+                    if not q:
+                        del h.boxes[key]
+                    return True
+            return False
+
+        def get():
+            return got[0]
+
+        return Pending(poll, get)
+
+    def batch(self, ops):
+        out = []
+        for op in ops:
+            if op[0] == "send":
+                self.send(*op[1:])
+            else:
+                out.append(self.post_recv(*op[1:]))
+        return out
+
+    def version(self) -> int:
+        return self.hub.ver
+
+    def wait_change(self, since: int, timeout: float) -> None:
+        h = self.hub
+        with h.cond:
+            if h.ver == since and h.error is None:
+                h.cond.wait(timeout)
+
+    def pending_sends(self) -> list:
+        return []
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        return _reduce(self.all_gather(values), op)
+
+    def all_gather(self, obj):
+        h = self.hub
+        h.slots[self.rank] = obj
+        try:
+            h.barrier.wait(h.timeout)
+            out = list(h.slots)
+            h.barrier.wait(h.timeout)
+        except threading.BrokenBarrierError:
+            raise Aborted(h.error or "in-process barrier broken (timeout)") from None
+        return out
+
+
+def _reduce(rows, op):
+    cols = list(zip(*rows))
+    return [max(c) if op == "max" else sum(c) for c in cols]
+
+
+# ------------------------------------------------------------------ torch.distributed
+def _pack(tensors):
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        return tensors[0].detach().reshape(-1).view(torch.uint8)
+    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def _unpack(buf, specs):
+    out, off = [], 0
+    for shape, dtype in specs:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        out.append(buf[off:off + n].view(dtype).view(shape))
+        off += n
+    return out
+
+
+def _nbytes(specs):
+    return sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in specs)
+
+
+class DistTransport:
+    """torch.distributed p2p. Messages are packed into one byte buffer (shapes come from the plan,
+    so there is no shape handshake); tags keep concurrent messages of one rank pair apart."""
+
+    kind = "dist"
+
+    def __init__(self, rank: int, world: int, device: torch.device, timeout: float):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.world, self.device = rank, world, device
+        self.timeout = timeout
+        self.sends: list = []  # Pendings of sends until complete
+        self.cond = threading.Condition()
+        self.ver = 0
+        # gloo's p2p Work reports is_completed() only after wait(): a watcher thread per message
+        # waits (bounded) and flags it; NCCL's is_completed() polls a CUDA event.
+        self.watch = device.type != "cuda"
+        self.threads: list[threading.Thread] = []
+
+    def _watched(self, work, result):
+        """A Pending that becomes ready when `work` completes; result() gives the value."""
+        if not self.watch:
+            return Pending(work.is_completed, lambda: (work.wait(), result())[1])
+        state = []
+
+        def waiter():
+            try:
+                work.wait(timedelta(seconds=self.timeout))
+                state.append(None)
+            except Exception as e:  # noqa: BLE001 - surfaced by value()
+                state.append(e)
+            with self.cond:
+                self.ver += 1
+                self.cond.notify_all()
+
+        th = threading.Thread(target=waiter, daemon=True)
+        th.start()
+        self.threads = [t for t in self.threads if t.is_alive()]
+        self.threads.append(th)
+
+        def get():
+            if state[0] is not None:
+                raise RuntimeError(f"rank {self.rank}: p2p failed: {state[0]}")
+            return result()
+
+        return Pending(lambda: bool(state), get)
+
+    def _recv_pending(self, work, buf, specs):
+        return self._watched(work, lambda: _unpack(buf, specs))
+
+    def send(self, dst, tag, tensors):
+        buf = _pack(tensors)
+        self.sends.append(self._watched(self.dist.isend(buf, dst, tag=tag), lambda b=buf: None))
+
+    def post_recv(self, src, tag, specs):
+        buf = torch.empty(_nbytes(specs), dtype=torch.uint8, device=self.device)
+        return self._recv_pending(self.dist.irecv(buf, src, tag=tag), buf, specs)
+
+    def batch(self, ops):
+        if len(ops) == 1:
+            op = ops[0]
+            if op[0] == "send":
+                self.send(*op[1:])
+                return []
+            return [self.post_recv(*op[1:])]
+        p2p, recvs = [], []
+        for op in ops:
+            if op[0] == "send":
+                buf = _pack(op[3])
+                p2p.append(self.dist.P2POp(self.dist.isend, buf, op[1], tag=op[2]))
+                recvs.append(None)
+            else:
+                buf = torch.empty(_nbytes(op[3]), dtype=torch.uint8, device=self.device)
+                p2p.append(self.dist.P2POp(self.dist.irecv, buf, op[1], tag=op[2]))
+                recvs.append((buf, op[3]))
+        works = self.dist.batch_isend_irecv(p2p)
+        out = []
+        for w, r, op in zip(works, recvs, p2p):
+            if r is None:
+                self.sends.append(self._watched(w, lambda b=op.tensor: None))
+            else:
+                out.append(self._recv_pending(w, r[0], r[1]))
+        return out
+
+    def version(self) -> int:
+        return self.ver
+
+    def wait_change(self, since: int, timeout: float) -> None:
+        if not self.watch:
+            time.sleep(min(timeout, 0.0002))
+            return
+        with self.cond:
+            if self.ver == since:
+                self.cond.wait(timeout)
+
+    def pending_sends(self) -> list:
+        self.sends = [p for p in self.sends if not p.ready()]
+        out, self.sends = self.sends, []
+        return out
+
+    def close(self) -> None:
+        """Let the watcher threads finish, then leave the process group."""
+        for t in self.threads:
+            t.join(self.timeout)
+        self.dist.barrier()
+        self.dist.destroy_process_group()
+
+    def all_reduce(self, values, op="sum"):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def all_gather(self, obj):
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+
+def init_dist(rank: int, world: int, device: torch.device, timeout: float) -> DistTransport:
+    """Join the torchrun job: gloo on CPU, NCCL on CUDA, every wait bounded by `timeout`."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+    return DistTransport(rank, world, device, timeout)

@@ -1,0 +1,38 @@
+"""Run several plans with --check-reference in one torchrun launch (one process group), so the
+executor tests pay the launch cost once. Rank 0 prints one 'RESULT {json}' line per plan.
+
+    torchrun --nproc-per-node P tests/executor_driver.py a.json b.json ...
+"""
+import io
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import ir
+from executor.runner import run_rank
+from executor.transport import init_dist
+
+import torch
+
+
+def options(**kw):
+    base = dict(check_reference=True, steps=1, json=False, quiet=True, attention="auto", device="cpu",
+                dtype="fp32", lr=1e-3, timeout=120.0, threads=1)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def main(paths):
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    tp = init_dist(rank, world, torch.device("cpu"), 120.0)
+    for path in paths:
+        plan = ir.load(path)
+        code, summary = run_rank(plan, rank, tp, options(), out=io.StringIO())
+        if rank == 0:
+            print("RESULT " + json.dumps({"plan": os.path.basename(path), "code": code, **summary}), flush=True)
+    tp.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

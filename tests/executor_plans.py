@@ -1,0 +1,36 @@
+"""Plans the executor tests run: every schedule family at p=2 and p=4 on the tiny model."""
+from compiler import compile_plan, resolve_model
+from compiler.layout import build_spec
+
+SEQ = 64
+# a Seq1F1B-style computation-wise partition (later slices shorter), different per micro-batch
+FLOPS_LIKE = [(24, 16, 14, 10), (22, 18, 13, 11), (26, 15, 13, 10), (24, 16, 14, 10)]
+
+
+def spec(schedule, p, m, n=1, v=1, slice_lens=None, exchange=False, **kw):
+    lens = None
+    partition = "uniform"
+    if slice_lens is not None:
+        lens, partition = [slice_lens[i % len(slice_lens)] for i in range(m)], "custom"
+    return build_spec(schedule, resolve_model("tiny"), pp=p, microbatches=m, slices=n, virtual_stages=v,
+                      seq_len=SEQ, slice_lens=lens, partition=partition, exchange=exchange, **kw)
+
+
+def matrix(p):
+    """name -> compiled plan, every family of the issue at pipeline size p."""
+    c = {
+        "gpipe": spec("gpipe", p, p),
+        "1f1b": spec("1f1b", p, p + 1),
+        "interleaved-1f1b-v2": spec("interleaved-1f1b", p, p, v=2),
+        "looped-bfs-v2": spec("looped-bfs", p, p, v=2),
+        "seq1f1b-v1-uniform": spec("seq1f1b", p, 2, n=4),
+        "seq1f1b-v1-flops": spec("seq1f1b", p, 2, n=4, slice_lens=FLOPS_LIKE),
+        "seq1f1b-v2-uniform": spec("seq1f1b", p, p, n=4, v=2),
+        "seq1f1b-v2-flops": spec("seq1f1b", p, p, n=4, v=2, slice_lens=FLOPS_LIKE),
+        "seq1f1b-v1-flops-exchange": spec("seq1f1b", p, 2, n=4, slice_lens=FLOPS_LIKE, exchange=True),
+        "slimpipe-v1": spec("slimpipe", p, 2, n=4),
+        "slimpipe-v1-exchange": spec("slimpipe", p, 2, n=4, exchange=True),
+        "slimpipe-v2": spec("slimpipe", p, p, n=4, v=2),
+        "slimpipe-v2-exchange": spec("slimpipe", p, p, n=4, v=2, exchange=True),
+    }
+    return {name: compile_plan(s) for name, s in c.items()}
