@@ -24,9 +24,11 @@ Two pairing modes (`redistribute(plan, profile=...)`):
   durations as equal as possible (the owner loses kv_shift, the partner gains it), and a pair is
   kept only where that beats the longer unit by more than the rendezvous time (kv_time). The
   candidates (this pairing and the unit-cost one) are replayed with the cost model (unit times,
-  p2p flight, KV rendezvous) and the shortest makespan wins. No exchange at all is not a
-  candidate (`--no-exchange` is): with a toy model whose units take microseconds the rendezvous
-  latency can outweigh the gain, and the unit-cost pairing is then what the user gets.
+  p2p flight, KV rendezvous) and the shortest makespan wins, so the result is never slower in
+  that model than the unit-cost pairing. No exchange at all competes only where the unit-cost
+  rule finds no pair either (`--no-exchange` is the way to turn it off): with a toy model whose
+  units take microseconds the rendezvous latency can outweigh the gain, and the user then gets
+  the unit-cost pairing, as before.
 
 Deadlock freedom: paired units share a step of a lockstep replay, so that replay is an execution
 in which every rendezvous meets (the plan cannot deadlock); on top of that a candidate whose timed
@@ -263,10 +265,11 @@ def redistribute(plan: Plan, profile=_DEFAULT) -> Plan:
         return _with_exchanges(plan, pairings(plan))
     from .check import check
 
+    unit = pairings(plan)
     cands = cost_pairings(plan, profile)
-    # the user asked for the exchange (--no-exchange turns it off): no exchange at all is the
-    # last resort, taken only when no exchanging candidate passes the checker
-    for pairs in [c for c in cands if c] + [pairings(plan), []]:
+    # the user asked for the exchange (--no-exchange turns it off): no exchange at all competes
+    # only where the unit-cost rule finds no pair either, and is the last resort otherwise
+    for pairs in [c for c in cands if c or not unit] + [unit, []]:
         out = _with_exchanges(plan, pairs)
         if not pairs or check(out).ok:
             return out
