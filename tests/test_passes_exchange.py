@@ -1,16 +1,26 @@
 """KV-exchange pass: pairing rules, instruction placement, and that the result still checks."""
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from compiler import build_spec, compile_plan, resolve_model
-from ir import KV_OWNER, KV_PARTNER, Kind
-from passes import check, replay, simulate_units
-from passes.exchange import pairings, redistribute
+from compiler import build_spec, compile_plan, resolve_model, schedules
+from ir import KV_OWNER, KV_PARTNER, Kind, Plan
+from passes import check, lower_comm, replay, simulate_timed, simulate_units
+from passes.costs import load_profile
+from passes.exchange import cost_pairings, pairings, redistribute
 
 TINY = resolve_model("tiny")
+L70 = resolve_model("llama-70b")
 
 
 def plan_of(schedule="slimpipe", p=4, m=4, n=4, v=1, seq=128, **kw):
     return compile_plan(build_spec(schedule, TINY, pp=p, microbatches=m, slices=n, virtual_stages=v, seq_len=seq, **kw))
+
+
+def lowered(schedule="slimpipe", model=TINY, p=4, m=4, n=4, v=1, seq=128, **kw):
+    """The plan compile_plan hands to the exchange pass (lowered, no KV, no OPT)."""
+    spec = build_spec(schedule, model, pp=p, microbatches=m, slices=n, virtual_stages=v, seq_len=seq, **kw)
+    return lower_comm(Plan(spec, tuple(tuple(o) for o in schedules.get(schedule).generate(spec)), {}))
 
 
 def kv_instrs(plan):
@@ -24,7 +34,10 @@ def test_slimpipe_exchange_checks_and_keeps_unit_makespan(p, m, n, v):
     assert ex.spec.exchange and not base.spec.exchange
     assert check(ex).ok, check(ex).problems[:3]
     assert kv_instrs(ex)
-    assert simulate_units(ex)["makespan"] == simulate_units(base)["makespan"]
+    # the unit-cost pairing adds no wait to the unit-cost replay
+    unit = redistribute(lowered(p=p, m=m, n=n, v=v, seq=16 * n, exchange=True), profile=None)
+    assert check(unit).ok and kv_instrs(unit)
+    assert simulate_units(unit)["makespan"] == simulate_units(base)["makespan"]
 
 
 def test_pairs_start_together_and_x_is_half_the_difference():
@@ -100,3 +113,77 @@ def test_redistribute_runs_once():
     plan = plan_of(exchange=True)
     with pytest.raises(ValueError):
         redistribute(plan)
+
+
+# ---------------------------------------------------------------- cost-aware pairing
+
+@st.composite
+def exchanging(draw):
+    fam = draw(st.sampled_from(["gpipe", "looped-bfs", "seq1f1b", "slimpipe"]))
+    p = draw(st.integers(2, 4))
+    family = schedules.get(fam)
+    v = draw(st.integers(1, 2)) if family.allows_virtual else 1
+    n = draw(st.sampled_from([2, 4, 8]))
+    if fam == "slimpipe" and v > 1:
+        n = draw(st.sampled_from([4, 8]))
+    m = draw(st.integers(1, 4))
+    if fam == "seq1f1b" and v > 1:
+        m = -(-p // n) * draw(st.integers(1, 2))
+    if fam == "looped-bfs":
+        m = max(m, p)
+    big = draw(st.booleans())  # a model whose attention imbalance is worth exchanging, or a toy one
+    model = (L70.model_copy(update={"layers": 8 * p * v}) if big else TINY.model_copy(update={"layers": max(8, p * v)}))
+    seq = draw(st.sampled_from([32768, 131072])) if big else 16 * n
+    thr = draw(st.sampled_from([0, 0, 1, 2]))
+    return lowered(fam, model, p=p, m=m, n=n, v=v, seq=seq, exchange=True, exchange_threshold=thr, tp=8 if big else 1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(exchanging(), st.sampled_from(["h100", "a100"]))
+def test_cost_aware_result_always_checks(plan, prof):
+    out = redistribute(plan, prof)
+    rep = check(out)
+    assert rep.ok, rep.problems[:3]
+    assert out.spec.exchange and out.meta["exchanges"] == len(kv_instrs(out)) // 2
+    thr = plan.spec.exchange_threshold
+    for _r, _i, ins in kv_instrs(out):
+        assert 1 <= ins.x <= ins.slice and (not thr or ins.x <= thr)
+    # never slower under the cost model than the unit-cost pairing it competes with
+    unit = redistribute(plan, None)
+    dev = load_profile(prof)
+    assert simulate_timed(out, dev)["makespan_s"] <= simulate_timed(unit, dev)["makespan_s"] * (1 + 1e-9)
+
+
+def test_cost_aware_pairs_share_a_lockstep_step_and_mix_kinds():
+    plan = lowered(model=L70, p=8, m=4, n=32, seq=524288, tp=8, exchange=True)
+    best = cost_pairings(plan)[0]
+    step = {(r, i): t0 for r, i, t0, _ in replay(plan, cost=lambda r, ins: 1.0, record=True).timeline}
+    kinds = set()
+    for o, oi, q, qi, x in best:
+        assert o != q and step[(o, oi)] == step[(q, qi)]
+        assert 1 <= x <= plan.ranks[o][oi].slice
+        kinds.add((plan.ranks[o][oi].kind, plan.ranks[q][qi].kind))
+    assert ("B", "F") in kinds  # steady-state checkerboard: a backward owner, a forward partner
+
+
+# bubble fraction of llama-70b at 512K, p=8, n=32, tp=8 on h100 (bench/results/exchange.json)
+BENCH = {  # (m, v): (none, unit-cost pairing, cost-aware pairing)
+    (1, 1): (0.2851, 0.1995, 0.1995),
+    (4, 1): (0.1856, 0.1549, 0.1079),
+    (1, 2): (0.2269, 0.1269, 0.1269),
+    (4, 2): (0.1501, 0.1219, 0.0922),
+}
+
+
+@pytest.mark.parametrize("m,v", sorted(BENCH))
+def test_bench_figures(m, v):
+    none, unit, cost = BENCH[(m, v)]
+    kw = dict(model=L70, p=8, m=m, n=32, v=v, seq=524288, tp=8)
+    base = lowered(**kw)
+    a = simulate_timed(base)
+    b = simulate_timed(redistribute(lowered(exchange=True, **kw), None))
+    c = simulate_timed(compile_plan(base.spec.model_copy(update={"exchange": True})))
+    assert (a["bubble_fraction"], b["bubble_fraction"], c["bubble_fraction"]) == pytest.approx((none, unit, cost), abs=5e-4)
+    assert c["makespan_s"] <= b["makespan_s"] < a["makespan_s"]
+    if m > 1:  # the steady state: the cost-aware pairing closes most of what the unit-cost one leaves
+        assert c["bubble_fraction"] < b["bubble_fraction"] - 0.025
