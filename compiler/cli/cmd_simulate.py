@@ -8,7 +8,14 @@ from passes.simulate import simulate_timed
 
 from .common import add_parser, emit_json, load_plan
 
-GIB = 1 << 30
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB'; GiB for anything a GPU holds, smaller units for toy models."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def dtype_bytes_arg(text: str) -> int:
@@ -46,8 +53,8 @@ def run(args) -> int:
               f"MFU {out['mfu']:.1%}, {out['tokens_per_s']:.4g} tokens/s")
         for r in out["ranks"]:
             bd = r["memory_breakdown"]
-            parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in bd.items())
-            print(f"  rank {r['rank']}: busy {r['busy_s']:.4g} s, peak {r['peak_memory_bytes'] / GIB:.2f} GiB ({parts})")
+            parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in bd.items())
+            print(f"  rank {r['rank']}: busy {r['busy_s']:.4g} s, peak {human_bytes(r['peak_memory_bytes'])} ({parts})")
     return 0
 
 
