@@ -78,7 +78,7 @@ def test_exact_memory_without_compile_matches_simulation():
     prob = Problem(resolve_model("llama-7b"), 32768, 16, float("inf"), 8, H100)
     for c in (Candidate("slimpipe", 1, 2, 4, 2, 4, 8, 2, "uniform", True),
               Candidate("seq1f1b", 2, 1, 4, 2, 4, 4, 1, "flops", False)):
-            spec = candidate_spec(prob, c)
+        spec = candidate_spec(prob, c)
         row, _ = evaluate(spec, H100)
         assert exact_peak_memory(spec) == row["peak_memory_bytes"]
 
