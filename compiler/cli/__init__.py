@@ -7,9 +7,9 @@ import sys
 
 from ir import SlimpipeError
 
-from . import cmd_check, cmd_compare, cmd_compile, cmd_plot, cmd_show, cmd_simulate, cmd_trace
+from . import cmd_check, cmd_compare, cmd_compile, cmd_plot, cmd_show, cmd_simulate, cmd_trace, cmd_tune
 
-COMMANDS = [cmd_compile, cmd_check, cmd_simulate, cmd_show, cmd_trace, cmd_plot, cmd_compare]
+COMMANDS = [cmd_compile, cmd_check, cmd_simulate, cmd_show, cmd_trace, cmd_plot, cmd_compare, cmd_tune]
 
 EPILOG = """example (the README's main job):
   slimpipe compile --schedule slimpipe --pp 4 --microbatches 4 --slices 4 --model tiny -o plan.json

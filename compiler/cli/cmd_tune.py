@@ -1,0 +1,258 @@
+"""slimpipe tune: search schedule family, p (with tp, cp, dp filling the GPUs), m, n, v, partition and
+exchange for the plan with the highest simulated throughput that fits a memory budget."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from ir import SpecError, save
+from passes.costs import GIB, load_profile
+
+from .. import schedules
+from ..search import N_CHOICES, TP_CHOICES, CP_CHOICES, V_CHOICES, Problem, Space, default_global_batch, search
+from .cmd_compare import parse_bytes
+from .cmd_compile import add_model_args, model_from_args
+from .common import add_parser, check_output_path, emit_json
+
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+SPACE_HELP = f"""search space (each part can be narrowed with the flags below):
+  family     {', '.join(schedules.FAMILIES)}
+  tp         {', '.join(map(str, TP_CHOICES))}, dividing heads and kv_heads
+  cp         {', '.join(map(str, CP_CHOICES))} (capped at 8: the cost model prices cp on NVLink; --cp 16,32 lifts it)
+  p          every divisor of gpus/(tp*cp); dp = gpus/(tp*cp*p); m = global batch / dp, an integer
+  n          1 for gpipe, 1f1b, interleaved-1f1b, looped-bfs; {', '.join(map(str, N_CHOICES))} for seq1f1b, slimpipe
+  v          1 for gpipe, 1f1b; {', '.join(map(str, V_CHOICES))} otherwise (not 1 for interleaved-1f1b,
+             looped-bfs); p*v <= layers
+  partition  uniform (seq divisible by n*cp); also flops for seq1f1b
+  exchange   on and off for slimpipe
+Candidates over the budget by a sound memory bound are pruned; the rest are simulated in order of an
+estimate until no candidate left can beat the top K (a sound time bound), or until --time-limit.
+
+example:
+  """
+
+
+def int_list(flag: str, text: str | None, allowed=None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        try:
+            v = int(part)
+        except ValueError:
+            v = 0
+        if v < 1 or (allowed is not None and v not in allowed):
+            what = f"one of {', '.join(map(str, allowed))}" if allowed else "positive integers"
+            raise SpecError(f"{flag} {text!r}: {part!r} is not allowed; give a comma-separated list of {what}")
+        out.append(v)
+    return tuple(sorted(set(out)))
+
+
+def space_from_args(args) -> Space:
+    kw = {}
+    if args.schedules is not None:
+        names = [s.strip() for s in args.schedules.split(",")]
+        for nm in names:
+            if nm not in schedules.FAMILIES:
+                raise SpecError(f"--schedules {args.schedules!r}: {nm!r} is unknown; allowed: {', '.join(schedules.FAMILIES)}")
+        kw["families"] = tuple(f for f in schedules.FAMILIES if f in names)
+    for flag, name in (("--tp", "tp"), ("--cp", "cp"), ("--pp", "pp"), ("--slices", "slices"),
+                       ("--virtual-stages", "virtual_stages")):
+        val = int_list(flag, getattr(args, name))
+        if val is not None:
+            kw[name] = val
+    return Space(**kw)
+
+
+class Progress:
+    """A carriage-return progress line on stderr, shown once the search has run ~2 s (TTY only);
+    a final line either way when the search took that long."""
+
+    def __init__(self, stream=sys.stderr, delay: float = 2.0):
+        self.stream, self.delay = stream, delay
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, st: dict) -> None:
+        now = time.perf_counter()
+        if not self.tty or now - self.t0 < self.delay or now - self.last < 0.2:
+            return
+        self.last = now
+        if st["stage"] == 1:
+            msg = f"tune: bounding candidates: {st['done']}"
+        else:
+            best = f"{st['best_s']:.3f} s" if st.get("best_s") is not None else "-"
+            msg = (f"tune: {st['done']}/{st['total']} examined, {st['simulated']} simulated, best step {best}, "
+                   f"{now - self.t0:.0f} s")
+        self.stream.write("\r" + msg[:100].ljust(100))
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self, res) -> None:
+        elapsed = time.perf_counter() - self.t0
+        if self.shown:
+            self.stream.write("\r" + " " * 100 + "\r")
+        if elapsed >= self.delay:
+            c = res.counts
+            self.stream.write(f"tune: done in {elapsed:.1f} s: {c['candidates']} candidates, {c['simulated']} simulated "
+                              f"({res.stopped})\n")
+        self.stream.flush()
+
+
+def check_plot(path: str) -> None:
+    check_output_path(path)
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()
+    if fmt not in PLOT_FORMATS:
+        raise SpecError(f"--plot {path!r}: unknown picture format {fmt!r}; allowed: {', '.join('.' + f for f in PLOT_FORMATS)}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SpecError("--plot needs matplotlib, which is not installed; run: pip install slimpipe[plot]") from None
+
+
+def plot_front(res, path: str) -> None:
+    """Peak memory vs tokens/s of every simulated plan, the Pareto front and the budget."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ir import atomic_write
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {f: plt.cm.tab10(i) for i, f in enumerate(schedules.FAMILIES)}
+    for fam in schedules.FAMILIES:
+        rows = [r for r in res.simulated if r["schedule"] == fam]
+        if rows:
+            ax.scatter([r["peak_memory_bytes"] / GIB for r in rows], [r["tokens_per_s"] for r in rows], s=14,
+                       alpha=0.6, color=colors[fam], label=fam)
+    front = res.pareto
+    if front:
+        ax.step([r["peak_memory_bytes"] / GIB for r in front], [r["tokens_per_s"] for r in front], where="post",
+                color="black", lw=1.2, label="Pareto front")
+    if res.best:
+        b = res.best
+        ax.scatter([b["peak_memory_bytes"] / GIB], [b["tokens_per_s"]], marker="*", s=160, color="black", zorder=5,
+                   label="best")
+    ax.axvline(res.problem.memory_budget / GIB, color="red", ls="--", lw=1, label="budget")
+    ax.set_xlabel("peak memory per GPU (GiB)")
+    ax.set_ylabel("tokens/s")
+    pr = res.problem
+    ax.set_title(f"{pr.model.name}, seq {pr.seq_len}, {pr.gpus} GPUs: simulated plans", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=os.path.splitext(path)[1].lstrip(".").lower())
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def row_json(r: dict) -> dict:
+    return {k: v for k, v in r.items() if not k.startswith("_")}
+
+
+def run(args) -> int:
+    if args.gpus < 1:
+        raise SpecError(f"--gpus {args.gpus} must be an integer >= 1")
+    if args.top < 1:
+        raise SpecError(f"--top {args.top} must be an integer >= 1")
+    if args.time_limit < 0:
+        raise SpecError(f"--time-limit {args.time_limit} must be >= 0 seconds (0 = no limit)")
+    if args.global_batch is not None and args.global_batch < 1:
+        raise SpecError(f"--global-batch {args.global_batch} must be an integer >= 1")
+    if args.output:
+        check_output_path(args.output)
+    if args.plot:
+        check_plot(args.plot)
+    profile = load_profile(args.device_profile)
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else profile.memory_bytes
+    model, seq = model_from_args(args)
+    space = space_from_args(args)
+    gb = args.global_batch or default_global_batch(seq, args.gpus)
+    problem = Problem(model, seq, args.gpus, budget, gb, profile)
+    prog = Progress()
+    res = search(problem, space, top_k=args.top, time_limit=args.time_limit or None, progress=prog)
+    prog.finish(res)
+    if args.output and res.best_plan is not None:
+        save(res.best_plan, args.output)
+    if args.plot:
+        plot_front(res, args.plot)
+    c = res.counts
+    if args.json:
+        emit_json({"model": model.name, "seq_len": seq, "gpus": args.gpus, "global_batch": gb,
+                   "memory_budget_bytes": budget, "device_profile": profile.name,
+                   "space": {"families": list(space.families), "tp": list(space.tp), "cp": list(space.cp),
+                             "pp": list(space.pp) if space.pp else "divisors", "slices": list(space.slices),
+                             "virtual_stages": list(space.virtual_stages)},
+                   "counts": c, "infeasible_reasons": res.infeasible_reasons, "stopped": res.stopped,
+                   "unexplored": res.unexplored, "unexplored_best_bound_s": res.unexplored_best_bound_s,
+                   "top": [row_json(r) for r in res.top], "pareto": [row_json(r) for r in res.pareto],
+                   "least_memory_candidate": res.least_memory, "output": args.output if res.best_plan else None,
+                   "plot": args.plot, "elapsed_s": res.elapsed_s})
+        return 0 if res.top else 1
+    print(f"{model.name}, seq {seq}, {args.gpus} GPUs, global batch {gb}, budget {budget / GIB:.1f} GiB, {profile.name}")
+    if res.top:
+        print(f"{'#':>2} {'schedule':<17}{'p':>3}{'tp':>3}{'cp':>3}{'dp':>4}{'m':>4}{'n':>4}{'v':>3} {'partition':<8}"
+              f"{'exch':>5}{'step s':>9}{'bubble':>8}{'peak GiB':>9}{'tokens/s':>10}{'MFU':>7}")
+        for i, r in enumerate(res.top, 1):
+            print(f"{i:>2} {r['schedule']:<17}{r['pp']:>3}{r['tp']:>3}{r['cp']:>3}{r['dp']:>4}{r['microbatches']:>4}"
+                  f"{r['slices']:>4}{r['virtual_stages']:>3} {r['partition']:<8}{'on' if r['exchange'] else 'off':>5}"
+                  f"{r['step_s']:>9.3f}{r['bubble_fraction']:>8.1%}{r['peak_memory_bytes'] / GIB:>9.1f}"
+                  f"{r['tokens_per_s']:>10.0f}{r['mfu']:>7.1%}")
+    print(f"{c['candidates']} candidates: {c['infeasible']} infeasible by rule, {c['pruned_memory_bound']} pruned by the "
+          f"memory bound, {c['pruned_time_bound']} pruned by the time bound, {c['oom_exact']} over budget by the exact "
+          f"memory model, {c['simulated']} simulated")
+    if res.stopped == "time-limit":
+        gap = ""
+        if res.top and res.unexplored_best_bound_s:
+            gap = f"; at most {1 - res.unexplored_best_bound_s / res.top[0]['step_s']:.1%} faster possible"
+        print(f"stopped at --time-limit {args.time_limit:g} s: {res.unexplored} candidates unexplored, best time bound "
+              f"{res.unexplored_best_bound_s:.3f} s{gap}")
+    elif res.top:
+        print("optimal over the space: every candidate not simulated is over budget or provably slower than the top "
+              f"{args.top}" if res.stopped == "bound" else "optimal over the space: every feasible candidate simulated")
+    if not res.top:
+        lm = res.least_memory
+        hint = ""
+        if lm:
+            hint = (f"; least memory by bound: {lm['schedule']} p={lm['pp']} tp={lm['tp']} cp={lm['cp']} "
+                    f"n={lm['slices']} v={lm['virtual_stages']} needs >= {lm['memory_bound_bytes'] / GIB:.1f} GiB")
+        print(f"no plan fits {budget / GIB:.1f} GiB{hint}")
+    if args.output:
+        print(f"wrote {args.output}" if res.best_plan is not None else f"not written: {args.output} (no plan fits)")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0 if res.top else 1
+
+
+def register(sub) -> None:
+    example = "slimpipe tune --model llama-70b --seq-len 524288 --gpus 256 --memory-budget 80GiB -o best.json"
+    p = add_parser(sub, "tune", "search the best plan that fits a memory budget (highest simulated tokens/s)",
+                   example)
+    p.epilog = SPACE_HELP + example
+    add_model_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in all: tp * cp * p * dp")
+    p.add_argument("--memory-budget", help="memory per GPU, e.g. 80GiB (default: the device profile's)")
+    p.add_argument("--global-batch", type=int, help="sequences per step (default: 4M tokens, at most one per GPU, "
+                   "a power of two)")
+    p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
+    p.add_argument("--schedules", help=f"comma-separated families to search (default all: {','.join(schedules.FAMILIES)})")
+    p.add_argument("--tp", help="comma-separated tp degrees (default 1,2,4,8)")
+    p.add_argument("--cp", help="comma-separated cp degrees (default 1,2,4,8)")
+    p.add_argument("--pp", help="comma-separated pipeline sizes (default: every divisor)")
+    p.add_argument("--slices", help="comma-separated n for seq1f1b/slimpipe (default 2,4,8,16,32)")
+    p.add_argument("--virtual-stages", help="comma-separated v (default 1,2,3,4,5,6,8,10)")
+    p.add_argument("--top", type=int, default=5, help="plans to list (default 5)")
+    p.add_argument("--time-limit", type=float, default=120.0,
+                   help="seconds before the search stops and reports what is left (default 120; 0 = none)")
+    p.add_argument("--json", action="store_true", help="machine-readable output with the Pareto front and counts")
+    p.add_argument("-o", "--output", help="write the best plan here (atomically)")
+    p.add_argument("--plot", help="draw the Pareto front (throughput vs peak memory): .png, .svg or .pdf; needs "
+                   "slimpipe[plot]")
+    p.set_defaults(run=run)
