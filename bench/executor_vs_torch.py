@@ -266,6 +266,7 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     results = []
     for g in names:
         for cfg in GROUPS[g]:
@@ -288,6 +289,8 @@ def main(argv=None) -> int:
                    "runs of each run's median step time (torch side excludes its warm-up steps, ours runs the "
                    "same total number of steps); peak RSS = ru_maxrss per rank, max over runs; ratio = ours/theirs"),
         "wall_s": round(time.perf_counter() - t0, 1),
+        # the machine may be shared: other processes' load makes timings noisy (alternation spreads it)
+        "loadavg_1_5_15": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "configs": results,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
