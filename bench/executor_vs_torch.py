@@ -37,12 +37,12 @@ MODEL_LONG = dict(layers=8, hidden=128, heads=4, kv_heads=2, ffn=1024, vocab=204
 
 
 def config(name, model, seq, pp, m, *, v=2, slices=4, pairs=True, extras=("seq1f1b", "slimpipe"),
-           against="best", repeats=2, steps=3, warmup=1):
+           against="best", repeats=2, steps=3, warmup=1, reuse_theirs=False):
     """One benchmark setting. pairs: the four same-schedule pairs; extras: our sliced schedules,
     each compared with torch's `against` schedule ("best" = fastest torch schedule of the pairs)."""
     return dict(name=name, model=model, seq_len=seq, pp=pp, microbatches=m, virtual_stages=v,
                 slices=slices, pairs=pairs, extras=list(extras), against=against,
-                repeats=repeats, steps=steps, warmup=warmup)
+                repeats=repeats, steps=steps, warmup=warmup, reuse_theirs=reuse_theirs)
 
 
 GROUPS = {
@@ -51,8 +51,11 @@ GROUPS = {
     "p2": [config("p2-s1024", MODEL_SMALL, 1024, 2, 4)],
     "p4": [config("p4-s1024", MODEL_SMALL, 1024, 4, 4, repeats=1)],
     # the RSS target: SlimPipe's peak RSS per rank <= 0.6x torch Schedule1F1B at seq 8192, p=4
+    # one step each (memory is the point; a step here takes about a minute on 2 cores), and the torch
+    # run is shared by both of our schedules
     "rss8192": [config("p4-s8192-rss", MODEL_LONG, 8192, 4, 4, slices=8, pairs=False,
-                       extras=("slimpipe", "1f1b"), against="1F1B", repeats=1, steps=1, warmup=1)],
+                       extras=("slimpipe", "1f1b"), against="1F1B", repeats=1, steps=1, warmup=0,
+                       reuse_theirs=True)],
 }
 DEFAULT_GROUPS = "p2,p4,rss8192"
 
@@ -109,17 +112,23 @@ def _env(pythonpath: Path, threads: int) -> dict:
     return env
 
 
-def _run(cmd: list[str], env: dict, timeout: int) -> tuple[dict | None, str | None, float]:
+def _why(p: subprocess.CompletedProcess) -> str:
+    """The informative part of a failed job's output (not torchrun's closing banner)."""
+    lines = [ln.strip() for ln in (p.stderr + "\n" + p.stdout).splitlines() if ln.strip()]
+    hits = [ln for ln in lines if ("Error" in ln or "error:" in ln) and "elastic" not in ln and "ChildFailed" not in ln]
+    return " | ".join((hits or lines or ["<no output>"])[-4:])[-800:]
+
+
+def _run(cmd: list[str], env: dict, timeout: int, cwd: Path = ROOT) -> tuple[dict | None, str | None, float]:
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         return None, f"timeout after {timeout}s: {' '.join(cmd)}", time.perf_counter() - t0
     wall = time.perf_counter() - t0
     rec = last_json(p.stdout) if p.returncode == 0 else None
     if rec is None:
-        tail = (p.stderr.strip().splitlines() or p.stdout.strip().splitlines() or ["<no output>"])[-6:]
-        return None, f"exit {p.returncode}: {' '.join(cmd[:6])} ...: " + " | ".join(tail), wall
+        return None, f"exit {p.returncode}: {' '.join(cmd[3:])}: {_why(p)}", wall
     return rec, None, wall
 
 
@@ -161,12 +170,14 @@ def run_ours(cfg: dict, schedule: str, v: int, n: int, a) -> tuple[dict | None, 
             comp += ["--slices", str(n)]
         if v > 1:
             comp += ["--virtual-stages", str(v)]
-        p = subprocess.run(comp, env=env, capture_output=True, text=True, timeout=a.timeout)
+        # cwd = ours_path: `python -m` puts the cwd first on sys.path, so this tree's packages
+        # would shadow the checkout's
+        p = subprocess.run(comp, env=env, capture_output=True, text=True, timeout=a.timeout, cwd=a.ours_path)
         if p.returncode != 0:
-            return None, f"compile failed (exit {p.returncode}): " + (p.stderr or p.stdout).strip()[-600:], 0.0
+            return None, f"compile failed (exit {p.returncode}): {_why(p)}", 0.0
         # same total number of steps as the torch side (its warm-up steps included)
         cmd = torchrun(cfg["pp"]) + ["-m", "executor", plan, "--steps", str(cfg["steps"] + cfg["warmup"]), "--json"]
-        return _run(cmd, env, a.timeout)
+        return _run(cmd, env, a.timeout, cwd=a.ours_path)
 
 
 def summarise(samples: list[dict]) -> dict | None:
@@ -193,14 +204,19 @@ def ratios(ours: dict | None, theirs: dict | None) -> dict | None:
             "max_peak_rss": ours["max_peak_rss_mib"] / theirs["max_peak_rss_mib"]}
 
 
-def compare(cfg, ours_sched, v_ours, n, theirs_sched, v_theirs, a, log) -> dict:
-    """Alternate ours/theirs for cfg['repeats'] rounds."""
-    got = {"ours": [], "theirs": []}
+def compare(cfg, ours_sched, v_ours, n, theirs_sched, v_theirs, a, log, cache: dict) -> dict:
+    """Alternate ours/theirs for cfg['repeats'] rounds. With cfg['reuse_theirs'], torch runs already
+    made for this config and schedule are reused instead of run again."""
+    key = (theirs_sched, v_theirs)
+    reuse = cfg.get("reuse_theirs") and len(cache.get(key, [])) >= cfg["repeats"]
+    got = {"ours": [], "theirs": list(cache[key]) if reuse else []}
     errors = {"ours": None, "theirs": None}
     for r in range(cfg["repeats"]):
         for side in ("ours", "theirs"):
             if side == "ours" and errors["ours"] and not got["ours"] and r > 0:
                 continue  # it failed already; do not pay for it again
+            if side == "theirs" and reuse:
+                continue
             if side == "ours":
                 rec, err, wall = run_ours(cfg, ours_sched, v_ours, n, a)
             else:
@@ -213,9 +229,11 @@ def compare(cfg, ours_sched, v_ours, n, theirs_sched, v_theirs, a, log) -> dict:
             else:
                 errors[side] = err
                 log(f"  [{cfg['name']}] {name} run {r}: skipped/failed: {err}")
+    if not reuse:
+        cache.setdefault(key, []).extend(got["theirs"])
     ours, theirs = summarise(got["ours"]), summarise(got["theirs"])
     return {"ours_schedule": ours_sched, "theirs_schedule": theirs_sched, "slices": n,
-            "virtual_stages": v_ours, "ours": ours, "ours_reason": None if ours else errors["ours"],
+            "virtual_stages": v_ours, "theirs_reused": bool(reuse), "ours": ours, "ours_reason": None if ours else errors["ours"],
             "theirs": theirs, "theirs_reason": None if theirs else errors["theirs"],
             "ratio": ratios(ours, theirs)}
 
@@ -224,10 +242,11 @@ def run_config(cfg: dict, a, log) -> dict:
     log(f"== {cfg['name']}: p={cfg['pp']} m={cfg['microbatches']} S={cfg['seq_len']} model={cfg['model']}")
     out = {k: cfg[k] for k in ("name", "model", "seq_len", "pp", "microbatches", "repeats", "steps", "warmup")}
     out["pairs"], out["extras"] = [], []
+    cache: dict = {}
     if cfg["pairs"]:
         for ours_s, theirs_s in PAIRS:
             v = cfg["virtual_stages"] if ours_s in MULTI else 1
-            out["pairs"].append(compare(cfg, ours_s, v, 1, theirs_s, v, a, log))
+            out["pairs"].append(compare(cfg, ours_s, v, 1, theirs_s, v, a, log, cache))
     against = cfg["against"]
     if against == "best":
         done = [c for c in out["pairs"] if c["theirs"]]
@@ -239,7 +258,7 @@ def run_config(cfg: dict, a, log) -> dict:
     out["torch_best" if cfg["against"] == "best" else "torch_against"] = against
     for ours_s in cfg["extras"]:
         n = cfg["slices"] if ours_s in ("seq1f1b", "slimpipe") else 1
-        out["extras"].append(compare(cfg, ours_s, 1, n, against, v_against, a, log))
+        out["extras"].append(compare(cfg, ours_s, 1, n, against, v_against, a, log, cache))
     return out
 
 

@@ -100,6 +100,12 @@ class StageModule(nn.Module):
             torch.manual_seed(a.seed * 1_000_003 + 2)
             self.norm = RMSNorm(a.hidden)
             self.head = nn.Linear(a.hidden, a.vocab, bias=False)
+        # as the executor: matrices ~ N(0, 0.02), norms 1 (so losses start near ln(vocab) on both sides)
+        g = torch.Generator().manual_seed(a.seed * 1_000_003 + 7 + lo)
+        with torch.no_grad():
+            for name, prm in self.named_parameters():
+                if prm.dim() >= 2:
+                    prm.normal_(0.0, 0.02, generator=g)
         cos, sin = rope_tables(a.seq_len, hd)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
