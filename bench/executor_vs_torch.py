@@ -126,7 +126,11 @@ def _run(cmd: list[str], env: dict, timeout: int, cwd: Path = ROOT) -> tuple[dic
     except subprocess.TimeoutExpired:
         return None, f"timeout after {timeout}s: {' '.join(cmd)}", time.perf_counter() - t0
     wall = time.perf_counter() - t0
-    rec = last_json(p.stdout) if p.returncode == 0 else None
+    rec = last_json(p.stdout)
+    if rec is not None and p.returncode != 0:
+        # the job measured and printed its summary, then a rank died on the way out: keep the figures,
+        # flag the exit (seen with the executor: SIGABRT at teardown after the JSON line)
+        rec["exit_code"], rec["exit_note"] = p.returncode, _why(p)
     if rec is None:
         return None, f"exit {p.returncode}: {' '.join(cmd[3:])}: {_why(p)}", wall
     return rec, None, wall
