@@ -38,12 +38,12 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
 from ir import Plan, PlanSpec, SlimpipeError, SpecError
-from passes.costs import BWD_ATTN, BWD_MM, DeviceProfile, head_flops, layer_flops
+from passes.costs import DeviceProfile, unit_parts
 from passes.memory import memory_report, per_token_layer, rank_params, static_bytes
 from passes.partition import flops_partition
 from passes.simulate import simulate_timed
@@ -141,7 +141,7 @@ def family_choices(fam: str, space: Space) -> list[tuple[int, int, str, bool]]:
 
 def enumerate_space(problem: Problem, space: Space):
     """Every candidate of the space with None or the rule that makes it infeasible."""
-    model, G = problem.model, problem.gpus
+    G = problem.gpus
     for tp in space.tp:
         for cp in space.cp:
             if G % (tp * cp):
@@ -240,30 +240,6 @@ class SliceCosts:
     min_b: float
     min_hop: float     # cheapest activation / gradient message
     min_tokens: float  # smallest slice's tokens per GPU (/ cp)
-
-
-def unit_parts(model, s: int, prefix: int, backward: bool, tp: int, cp: int, prof: DeviceProfile,
-               dtype_bytes: int = 2, layers: int = 1, last: bool = False) -> tuple[float, float, float, float]:
-    """(matmul s, attention s, cp ring s, tp collectives s) of one unit; passes.costs.CostModel's time
-    is mm + max(attn, ring) + tp (tests hold the two equal)."""
-    mm, attn = layer_flops(model, s, prefix)
-    mm, attn = mm * layers, attn * layers
-    if last:
-        mm += head_flops(model, s)
-    if backward:
-        mm, attn = mm * BWD_MM, attn * BWD_ATTN
-    div = tp * cp
-    t_mm = mm / div / (prof.peak_flops * prof.mm_efficiency)
-    t_attn = attn / div / (prof.peak_flops * prof.attn_efficiency)
-    ring = 0.0
-    if cp > 1:
-        kv = 2 * model.kv_heads * (model.hidden // model.heads) * (prefix + s) * dtype_bytes / tp
-        ring = layers * (cp - 1) / cp * kv / prof.intra_bandwidth * (2 if backward else 1)
-    t_tp = 0.0
-    if tp > 1:
-        vol = 2 * (tp - 1) / tp * (s / cp) * model.hidden * dtype_bytes
-        t_tp = layers * 2 * (vol / prof.intra_bandwidth + prof.p2p_latency)
-    return t_mm, t_attn, ring, t_tp
 
 
 @lru_cache(maxsize=None)
@@ -522,4 +498,4 @@ def brute_force(problem: Problem, space: Space = Space(), top_k: int = 5) -> tup
 
 __all__ = ["Candidate", "Problem", "SearchResult", "Space", "bounds", "brute_force", "candidate_spec",
            "closed_form_bubble", "closed_form_peak_units", "default_global_batch", "enumerate_space",
-           "evaluate", "exact_peak_memory", "pareto_front", "search", "unit_parts"]
+           "evaluate", "exact_peak_memory", "pareto_front", "search"]

@@ -121,6 +121,34 @@ def model_forward_flops(model, s: float, prefix: float, mlp_matrices: int = 3, e
 BWD_MM, BWD_ATTN = 2.0, 2.5
 
 
+def unit_parts(model, s: int, prefix: int, backward: bool, tp: int, cp: int, prof: DeviceProfile,
+               dtype_bytes: int = 2, layers: int = 1, last: bool = False, mbs: int = 1
+               ) -> tuple[float, float, float, float]:
+    """Seconds of one unit (slice of s tokens after `prefix`, `layers` decoder layers, LM head and
+    loss if `last`), per GPU of its tp*cp group, split as (matmul, attention, cp ring exchange of
+    the K/V it attends over, tp collectives). Its time is mm + max(attention, ring) + tp: the
+    ring is overlapped with attention."""
+    mm, attn = layer_flops(model, s, prefix)
+    mm, attn = mm * layers, attn * layers
+    if last:
+        mm += head_flops(model, s)
+    if backward:
+        mm, attn = mm * BWD_MM, attn * BWD_ATTN
+    scale = mbs / (tp * cp)
+    t_mm = mm * scale / (prof.peak_flops * prof.mm_efficiency)
+    t_attn = attn * scale / (prof.peak_flops * prof.attn_efficiency)
+    ring = 0.0
+    if cp > 1:
+        kv = 2 * model.kv_heads * (model.hidden // model.heads) * (prefix + s) * mbs * dtype_bytes / tp
+        ring = layers * (cp - 1) / cp * kv / prof.intra_bandwidth * (2 if backward else 1)
+    t_tp = 0.0
+    if tp > 1:
+        vol = 2 * (tp - 1) / tp * (s * mbs / cp) * model.hidden * dtype_bytes
+        t_tp = layers * 2 * (vol / prof.intra_bandwidth + prof.p2p_latency)
+    return t_mm, t_attn, ring, t_tp
+
+
+
 class CostModel:
     """Seconds of every compute unit and message of a plan under a device profile.
 
@@ -133,39 +161,14 @@ class CostModel:
         self.offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
         self._unit = lru_cache(maxsize=None)(self._unit_time)
 
-    # flops of one unit, split (matmul-ish, attention), per GPU of the tp*cp group
-    def unit_flops(self, stage: int, s: int, prefix: int, backward: bool) -> tuple[float, float]:
-        spec = self.spec
-        L = spec.stage_layers[stage]
-        mm, attn = layer_flops(spec.model, s, prefix)
-        mm, attn = mm * L, attn * L
-        if stage == self.last:
-            mm += head_flops(spec.model, s)
-        if backward:
-            mm, attn = mm * BWD_MM, attn * BWD_ATTN
-        mbs = spec.micro_batch_size
-        div = spec.tp * spec.cp
-        return mm * mbs / div, attn * mbs / div
-
     def _unit_time(self, stage: int, s: int, prefix: int, backward: bool, extra_attn: float) -> float:
         """Seconds of a unit; extra_attn attention FLOPs moved in (+) or out (-) by a KV exchange."""
         spec, prof = self.spec, self.prof
-        mm, attn = self.unit_flops(stage, s, prefix, backward)
-        attn += extra_attn
-        t_mm = mm / (prof.peak_flops * prof.mm_efficiency)
-        t_attn = attn / (prof.peak_flops * prof.attn_efficiency)
-        L = spec.stage_layers[stage]
-        tokens = s * spec.micro_batch_size / spec.cp
-        if spec.cp > 1:  # ring exchange of the K/V this slice attends over, overlapped with attention
-            m = spec.model
-            kv = 2 * m.kv_heads * (m.hidden // m.heads) * (prefix + s) * spec.micro_batch_size * self.bytes / spec.tp
-            ring = L * (spec.cp - 1) / spec.cp * kv / prof.intra_bandwidth * (2 if backward else 1)
-            t_attn = max(t_attn, ring)
-        t_tp = 0.0
-        if spec.tp > 1:
-            vol = 2 * (spec.tp - 1) / spec.tp * tokens * spec.model.hidden * self.bytes
-            t_tp = L * 2 * (vol / prof.intra_bandwidth + prof.p2p_latency)
-        return t_mm + t_attn + t_tp
+        t_mm, t_attn, ring, t_tp = unit_parts(spec.model, s, prefix, backward, spec.tp, spec.cp, prof, self.bytes,
+                                              layers=spec.stage_layers[stage], last=stage == self.last,
+                                              mbs=spec.micro_batch_size)
+        t_attn += extra_attn / (prof.peak_flops * prof.attn_efficiency)
+        return t_mm + max(t_attn, ring) + t_tp
 
     def unit_time(self, rank: int, ins: Instr, extra_attn: float = 0.0) -> float:
         stage = self.stage_of[rank][ins.chunk]

@@ -5,7 +5,7 @@ import pytest
 
 from compiler import build_spec, compile_plan, resolve_model
 from ir import ModelConfig, SpecError
-from passes.costs import PROFILES, CostModel, layer_flops, load_profile, model_forward_flops, unit_cost_table
+from passes.costs import PROFILES, CostModel, layer_flops, load_profile, model_forward_flops, unit_cost_table, unit_parts
 from passes.partition import flops_partition
 
 REF = ModelConfig(layers=24, hidden=4096, heads=32, kv_heads=32, ffn=16384, vocab=32000)
@@ -57,11 +57,11 @@ def test_exchange_moves_work_without_creating_it():
 
 def test_parallel_degrees_divide_compute():
     m = resolve_model("llama-7b")
-    s1 = build_spec("1f1b", m, pp=4, microbatches=4, seq_len=8192)
-    s4 = build_spec("1f1b", m, pp=4, microbatches=4, seq_len=8192, tp=4)
-    f1 = CostModel(s1, PROFILES["h100"]).unit_flops(1, 8192, 0, False)
-    f4 = CostModel(s4, PROFILES["h100"]).unit_flops(1, 8192, 0, False)
+    h100 = PROFILES["h100"]
+    f1 = unit_parts(m, 8192, 0, False, 1, 1, h100, layers=8)
+    f4 = unit_parts(m, 8192, 0, False, 4, 1, h100, layers=8)
     assert f4[0] == pytest.approx(f1[0] / 4) and f4[1] == pytest.approx(f1[1] / 4)
+    assert f1[3] == 0 and f4[3] > 0  # tp collectives appear only with tp > 1
 
 
 def test_profile_files(tmp_path):

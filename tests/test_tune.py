@@ -4,12 +4,12 @@ import statistics
 
 import pytest
 
-from compiler import build_spec, compile_plan, resolve_model, schedules
+from compiler import build_spec, resolve_model, schedules
 from compiler.cli import main
 from compiler.search import (Candidate, Problem, Space, bounds, brute_force, candidate_spec, closed_form_peak_units,
-                             default_global_batch, enumerate_space, evaluate, exact_peak_memory, search, unit_parts)
+                             default_global_batch, enumerate_space, evaluate, exact_peak_memory, search)
 from ir import load
-from passes.costs import GIB, PROFILES, CostModel
+from passes.costs import GIB, PROFILES, CostModel, unit_parts
 from passes.simulate import peak_units
 
 H100 = PROFILES["h100"]
