@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ir import Instr, Kind, Plan, PlanSpec
 from passes import lower_comm, redistribute
+from passes.costs import DeviceProfile, load_profile
 
 from . import schedules
 from .layout import build_spec
@@ -11,16 +12,26 @@ from .models import PRESETS, resolve_model
 VERSION = "0.1.0"
 
 
-def compile_plan(spec: PlanSpec) -> Plan:
+def compile_plan(spec: PlanSpec, profile=None) -> Plan:
     """Generate the family's compute order, lower communication, pair units for the KV exchange
-    when spec.exchange is set (the CLI sets it by default for slimpipe), end each stream with OPT."""
+    when spec.exchange is set (the CLI sets it by default for slimpipe), end each stream with OPT.
+
+    `profile` (None = "h100", a built-in name, a .json path, or a passes.costs.DeviceProfile) is
+    the device the exchange pairing costs units with; its name is recorded in
+    plan.meta["device_profile"] when the exchange pass runs (it is used nowhere else)."""
     family = schedules.get(spec.schedule)
     family.validate(spec)
+    prof = None
+    if spec.exchange:
+        prof = load_profile(profile) if profile is None or isinstance(profile, str) else profile
+        if not isinstance(prof, DeviceProfile):
+            raise TypeError(f"profile must be None, a profile name, a .json path or a DeviceProfile, not {profile!r}")
     order = family.generate(spec)
     plan = Plan(spec, tuple(tuple(o) for o in order), {"compiler": f"slimpipe {VERSION}"})
     plan = lower_comm(plan)
-    if spec.exchange:
-        plan = redistribute(plan)
+    if prof is not None:
+        plan = redistribute(plan, prof)
+        plan = plan.with_ranks(plan.ranks, device_profile=prof.name)
     return plan.with_ranks([r + (Instr(Kind.OPT),) for r in plan.ranks])
 
 

@@ -21,12 +21,37 @@ dK/dV accumulators: after B(mb, j, c) the earlier slices' dK/dV (offset_j tokens
 token and layer) wait for their own backward; freed with slice 0's.
 logits (last stage, transient while one unit runs): fp32 logits and their gradient/softmax,
 2 * 4 * tokens * V / t.
+
+`saves` picks what a unit keeps for its backward:
+    "fused"     (default) a real flash-attention training step with fused kernels, as above:
+                activations (6H + 3F) b + 4h per layer and token (+ 2H b per token on the last
+                stage), logits transient. The fused RMSNorm's fp32 rstd (4 bytes per norm and
+                token) is left out: next to (6H + 3F) b it is noise.
+    "executor"  what executor/ (plain PyTorch eager autograd, measured by its ActivationTracker:
+                saved tensors deduplicated by storage, parameters excluded, + K/V caches + dK/dV
+                accumulators) really keeps. Per layer and token:
+                    (9H + 4F) b + 4h + 8      activations
+                    2 g d b                   K/V (the attention's saved k, v are the cache)
+                where the extra 3H + F + 8 over "fused" are: each unfused RMSNorm saves its input,
+                x * rstd (fp32 rstd, 4 bytes) and x * rstd * w (the next matmul's input) = 3H + 1
+                instead of 2H; the attention output is saved twice (by the attention in
+                [b, h, s, d] layout and, as a reshaped copy, by the out-projection); SwiGLU saves
+                gate, silu(gate), up and their product = 4F instead of 3F. RoPE saves only its
+                cos/sin tables, once per unit: + 2 d b per token (not per layer). Last stage, per
+                token: final norm 3H b + 4, and the cross-entropy's fp32 log-probabilities 4V,
+                held from the unit's F to its B (reported as "logits"; the transient logits
+                gradient is not a saved tensor and is not counted). Left out: the int64 token ids
+                that the embedding and the loss save (8 bytes per token of the micro-batch, < 0.1%).
+                Compare the executor's peak_activation_bytes with activation_peak(...,
+                saves="executor"), the peak of activations + kv_cache + kv_grads + logits.
 """
 from __future__ import annotations
 
 from ir import Kind, Plan
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits")
+SAVES = ("fused", "executor")
+DYNAMIC = ("activations", "kv_cache", "kv_grads", "logits")
 
 
 def layer_params(model) -> int:
@@ -54,27 +79,48 @@ def static_bytes(spec, rank: int, dtype_bytes: int = 2) -> dict[str, float]:
     return {"params": n * dtype_bytes, "grads": n * 4.0, "optimizer": n * opt}
 
 
-def per_token_layer(model, dtype_bytes: int = 2) -> tuple[float, float]:
+def _check_saves(saves: str) -> None:
+    if saves not in SAVES:
+        raise ValueError(f"saves={saves!r} is unknown; allowed: {', '.join(SAVES)}")
+
+
+def per_token_layer(model, dtype_bytes: int = 2, saves: str = "fused") -> tuple[float, float]:
     """(activation, K/V) bytes per token per decoder layer, before dividing by tp."""
+    _check_saves(saves)
     H, h, g, F = model.hidden, model.heads, model.kv_heads, model.ffn
     d = H // h
-    return (6 * H + 3 * F) * dtype_bytes + 4 * h, 2 * g * d * dtype_bytes
+    kv = 2 * g * d * dtype_bytes
+    if saves == "executor":
+        return (9 * H + 4 * F) * dtype_bytes + 4 * h + 8, kv
+    return (6 * H + 3 * F) * dtype_bytes + 4 * h, kv
 
 
-def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2) -> dict:
+def per_token_unit(model, last: bool, dtype_bytes: int = 2, saves: str = "fused") -> tuple[float, float]:
+    """(activation, held logits) bytes per token of a unit that do not scale with its layers:
+    the final norm / LM head inputs on the last stage, RoPE tables and the saved log-probs for
+    saves="executor". Before dividing by tp."""
+    _check_saves(saves)
+    H, d = model.hidden, model.hidden // model.heads
+    if saves == "executor":
+        return 2 * d * dtype_bytes + (3 * H * dtype_bytes + 4 if last else 0), (4.0 * model.vocab if last else 0.0)
+    return (2 * H * dtype_bytes if last else 0.0), 0.0
+
+
+def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused") -> dict:
     """{"peak": bytes, "breakdown": {category: bytes at the peak}, "timeline": [bytes after each
     compute unit]} for one rank."""
     spec = plan.spec
     m = spec.model
     tp, cp, mbs = spec.tp, spec.cp, spec.micro_batch_size
-    act_tl, kv_tl = per_token_layer(m, dtype_bytes)
+    act_tl, kv_tl = per_token_layer(m, dtype_bytes, saves)
+    held_logits = saves == "executor"
     kvg_tl = kv_tl
     last = spec.num_stages - 1
     stages = spec.placement[rank]
     static = static_bytes(spec, rank, dtype_bytes)
     base = sum(static.values())
     offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
-    act = kv = kvg = 0.0
+    act = kv = kvg = lgt = 0.0  # lgt: log-probs held per unit (saves="executor")
     acc: dict[tuple[int, int], float] = {}
     held: dict[tuple[int, int, int], tuple[float, float]] = {}
     peak, peak_bd = base, dict(static, activations=0.0, kv_cache=0.0, kv_grads=0.0, logits=0.0)
@@ -86,39 +132,52 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2) -> dict:
         st = stages[ins.chunk]
         L = spec.stage_layers[st]
         tok = spec.slice_lens[ins.mb][ins.slice] * mbs / cp
-        logits = 2 * 4 * tok * m.vocab / tp if st == last else 0.0
+        unit_act, unit_lg = per_token_unit(m, st == last, dtype_bytes, saves)
+        logits = 0.0 if held_logits else (2 * 4 * tok * m.vocab / tp if st == last else 0.0)
         key = (ins.mb, ins.slice, ins.chunk)
         if k == Kind.F:
-            a = L * tok * act_tl / tp + (2 * m.hidden * dtype_bytes * tok / tp if st == last else 0.0)
+            a = L * tok * act_tl / tp + unit_act * tok / tp
             v = L * tok * kv_tl / tp
-            held[key] = (a, v)
+            lg = unit_lg * tok / tp
+            held[key] = (a, v, lg)
             act += a
             kv += v
-            cur = base + act + kv + kvg + logits
+            lgt += lg
+            cur = base + act + kv + kvg + lgt + logits
             if cur > peak:
-                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=logits)
+                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=lgt + logits)
         else:
-            cur = base + act + kv + kvg + logits
+            cur = base + act + kv + kvg + lgt + logits
             if cur > peak:
-                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=logits)
-            a, v = held.pop(key, (0.0, 0.0))
+                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=lgt + logits)
+            a, v, lg = held.pop(key, (0.0, 0.0, 0.0))
             act -= a
             kv -= v
+            lgt -= lg
             ak = (ins.mb, ins.chunk)
             old = acc.pop(ak, 0.0)
             new = L * offsets[ins.mb][ins.slice] * mbs / cp * kvg_tl / tp
             if new:
                 acc[ak] = new
             kvg += new - old
-        timeline.append(base + act + kv + kvg)
+        timeline.append(base + act + kv + kvg + lgt)
     return {"peak": peak, "breakdown": peak_bd, "timeline": timeline}
 
 
-def memory_report(plan: Plan, dtype_bytes: int = 2) -> list[dict]:
+def activation_peak(plan: Plan, rank: int, dtype_bytes: int = 4, saves: str = "executor") -> dict:
+    """The peak of activations + kv_cache + kv_grads + logits on one rank (what the executor's
+    peak_activation_bytes measures with saves="executor", dtype_bytes=4 for fp32):
+    {"bytes": total, category: bytes at that peak}."""
+    mem = rank_memory(plan, rank, dtype_bytes, saves)
+    bd = {c: mem["breakdown"][c] for c in DYNAMIC}
+    return {"bytes": sum(bd.values()), **bd}
+
+
+def memory_report(plan: Plan, dtype_bytes: int = 2, saves: str = "fused") -> list[dict]:
     """Per rank: {"rank", "peak_memory_bytes", "memory_breakdown"}."""
     out = []
     for r in range(plan.spec.pp):
-        mem = rank_memory(plan, r, dtype_bytes)
+        mem = rank_memory(plan, r, dtype_bytes, saves)
         out.append({"rank": r, "peak_memory_bytes": mem["peak"],
                     "memory_breakdown": {c: mem["breakdown"][c] for c in CATEGORIES}})
     return out

@@ -1,7 +1,7 @@
 """Unit-cost simulation (forward 1, backward 2, communication free) and in-flight peaks."""
 from __future__ import annotations
 
-from ir import Kind, Plan, PlanInvalidError
+from ir import KV, Kind, Plan, PlanInvalidError
 
 from .replay import replay
 
@@ -40,13 +40,24 @@ def simulate_units(plan: Plan) -> dict:
     }
 
 
+def strip_exchanges(plan: Plan) -> Plan:
+    """The plan without its KV-exchange instructions (same compute and p2p order)."""
+    if not any(ins.kind in KV for s in plan.ranks for ins in s):
+        return plan
+    return plan.with_ranks([tuple(ins for ins in s if ins.kind not in KV) for s in plan.ranks])
+
+
 def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool = False) -> dict:
     """Timed simulation with the cost model (passes.costs) and the memory model (passes.memory).
 
     Bubble fraction 1 - sum(busy) / (p * makespan) is split three ways by replaying the plan
-    twice more: `ideal` with every F and every B at the mean cost of its kind and free
-    communication (what the schedule itself leaves idle), `imbalance` the extra idleness the
-    real unit costs add (communication still free), `comm` the rest (p2p flight, KV exchange).
+    twice more: `ideal` with every F and every B at the mean cost of its kind, free
+    communication and the KV-exchange instructions removed (what the schedule itself leaves
+    idle: with equal units the exchange has nothing to balance, and its rendezvous would only
+    hold paired units back to start together); `imbalance` the extra idleness the real unit
+    costs add (exchanges in place, communication free); `comm` the rest (p2p flight, KV
+    rendezvous time). Each part is clamped so that all three are >= 0 and sum to the bubble:
+    ideal = min(b_ideal, b), imbalance = max(0, min(b_free, b) - ideal), comm = b - the two.
     makespan_s adds the data-parallel gradient all-reduce after the pipeline drains.
     MFU = model FLOPs (3x forward) / (makespan * peak * pp * tp * cp)."""
     from .costs import CostModel, load_profile, unit_cost_table
@@ -69,10 +80,10 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
         sums[k][0] += t
         sums[k][1] += 1
     mean = {k: (s / c if c else 0.0) for k, (s, c) in sums.items()}
-    ideal_res = replay(plan, lambda r, ins: mean[ins.kind])
+    ideal_res = replay(strip_exchanges(plan), lambda r, ins: mean[ins.kind])
     b_total = bubble_fraction(res.busy, res.makespan)
-    b_ideal = bubble_fraction(ideal_res.busy, ideal_res.makespan)
-    b_free = bubble_fraction(free.busy, free.makespan)
+    b_ideal = min(bubble_fraction(ideal_res.busy, ideal_res.makespan), b_total)
+    b_free = max(min(bubble_fraction(free.busy, free.makespan), b_total), b_ideal)
     dp_s = max(cm.dp_time(rank_params(spec, r) * 4.0) for r in range(spec.pp))
     makespan = res.makespan + dp_s
     devices = spec.pp * spec.tp * spec.cp

@@ -187,3 +187,47 @@ def test_bench_figures(m, v):
     assert c["makespan_s"] <= b["makespan_s"] < a["makespan_s"]
     if m > 1:  # the steady state: the cost-aware pairing closes most of what the unit-cost one leaves
         assert c["bubble_fraction"] < b["bubble_fraction"] - 0.025
+
+
+@pytest.mark.parametrize("profile", [None, "h100", "a100"])
+def test_compile_threads_the_device_profile(profile):
+    kw = dict(model=L70, p=8, m=1, n=16, seq=131072, exchange=True)
+    plan = compile_plan(build_spec("slimpipe", L70, pp=8, microbatches=1, slices=16, seq_len=131072, exchange=True),
+                        profile)
+    want = redistribute(lowered(**kw), load_profile(profile))
+    assert tuple(s[:-1] for s in plan.ranks) == want.ranks  # the same pairing, then OPT
+    assert plan.meta["device_profile"] == (profile or "h100")
+    assert plan.meta["exchanges"] == want.meta["exchanges"]
+
+
+def test_compile_profile_object_and_no_exchange():
+    prof = load_profile("a100")
+    assert plan_of(exchange=True).meta["device_profile"] == "h100"
+    assert compile_plan(build_spec("slimpipe", TINY, pp=4, microbatches=4, slices=4, seq_len=128, exchange=True),
+                        prof).meta["device_profile"] == "a100"
+    assert "device_profile" not in plan_of(exchange=False).meta
+    with pytest.raises(TypeError):
+        compile_plan(build_spec("slimpipe", TINY, pp=4, microbatches=4, slices=4, seq_len=128, exchange=True), 3)
+
+
+def test_cli_compile_device_profile(tmp_path, capsys):
+    import json
+
+    from compiler.cli import main
+
+    base = ["compile", "--schedule", "slimpipe", "--pp", "4", "--microbatches", "4", "--slices", "4", "--json"]
+    out = str(tmp_path / "p.json")
+    assert main(base + ["--device-profile", "a100", "-o", out]) == 0
+    assert json.loads(capsys.readouterr().out)["device_profile"] == "a100"
+    with open(out) as f:
+        assert json.load(f)["meta"]["device_profile"] == "a100"
+    prof = tmp_path / "dev.json"
+    prof.write_text(json.dumps({**load_profile("h100").to_json(), "name": "mine", "p2p_bandwidth": 1e9}))
+    assert main(base + ["--device-profile", str(prof), "-o", out]) == 0
+    assert json.loads(capsys.readouterr().out)["device_profile"] == "mine"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "x"}')
+    for arg in ("b200", str(bad), str(tmp_path / "missing.json")):
+        assert main(base + ["--device-profile", arg, "-o", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--device-profile" in err

@@ -46,3 +46,17 @@ def test_cli_json(tmp_path, capsys):
     assert set(u) == {"makespan", "bubble_fraction", "ranks"}
     assert main(["simulate", plan, "--device-profile", "nope"]) == 2
     assert main(["simulate", plan, "--dtype", "int4"]) == 2
+
+
+def test_breakdown_with_exchange_and_several_microbatches():
+    # m > 1 with exchange: the ideal part is the schedule's own bubble (KV rendezvous removed), so
+    # it equals the uniform-cost bound; no part is negative and the three sum to the bubble
+    m = resolve_model("llama-70b")
+    plan = compile_plan(build_spec("slimpipe", m, pp=8, microbatches=4, slices=32, seq_len=524288, tp=8,
+                                   exchange=True))
+    assert plan.meta.get("exchanges", 0) > 0
+    o = simulate_timed(plan)
+    bd = o["bubble_breakdown"]
+    assert min(bd.values()) >= 0
+    assert sum(bd.values()) == pytest.approx(o["bubble_fraction"])
+    assert bd["ideal"] == pytest.approx(7 / (4 * 32 + 7), rel=0.02)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ir import SpecError, save
+from passes.costs import load_profile
 from passes.partition import flops_partition
 
 from .. import compile_plan, schedules
@@ -45,6 +46,8 @@ def add_pass_args(p) -> None:
     g.add_argument("--no-exchange", dest="exchange", action="store_false", help="no KV exchange")
     p.add_argument("--exchange-threshold", type=int, default=0,
                    help="cap on the slices shipped per exchange (0 = no cap; default 0)")
+    p.add_argument("--device-profile", help="device the exchange pairing costs units with: h100 (default), a100, "
+                                            "or a JSON file with every DeviceProfile field")
 
 
 def add_parallel_args(p) -> None:
@@ -100,13 +103,15 @@ def spec_from_args(args):
 
 def run(args) -> int:
     check_output_path(args.output)
+    profile = load_profile(args.device_profile)  # validated before any work: exit 2, one line
     spec = spec_from_args(args)
-    plan = compile_plan(spec)
+    plan = compile_plan(spec, profile)
     save(plan, args.output)
     summary = {"output": args.output, "schedule": spec.schedule, "pp": spec.pp, "microbatches": spec.microbatches,
                "slices": spec.slices, "virtual_stages": spec.virtual_stages, "partition": spec.partition,
                "slice_lens": list(spec.slice_lens[0]), "tp": spec.tp, "cp": spec.cp, "dp": spec.dp, "exchange": spec.exchange,
-               "exchanges": plan.meta.get("exchanges", 0), "instructions": plan.num_instructions()}
+               "exchanges": plan.meta.get("exchanges", 0), "device_profile": plan.meta.get("device_profile"),
+               "instructions": plan.num_instructions()}
     if args.json:
         emit_json(summary)
     else:
