@@ -351,8 +351,9 @@ def exact_peak_memory(spec: PlanSpec, dtype_bytes: int = 2) -> float:
 
 
 def evaluate(spec: PlanSpec, profile: DeviceProfile, dtype_bytes: int = 2) -> tuple[dict, Plan]:
-    """Compile and simulate one spec: a row of step time, bubble, peak memory, tokens/s, MFU."""
-    plan = compile_plan(spec)
+    """Compile (KV exchange costed for `profile`) and simulate one spec: a row of step time,
+    bubble, peak memory, tokens/s, MFU."""
+    plan = compile_plan(spec, profile)
     out = simulate_timed(plan, profile, dtype_bytes)
     row = {"step_s": out["makespan_s"], "bubble_fraction": out["bubble_fraction"],
            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in out["ranks"]),

@@ -152,3 +152,11 @@ def test_console_script_subprocess(tmp_path):
     r = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", "--schedule", "nope", "--pp", "2",
                         "--microbatches", "2", "-o", str(tmp_path / "p.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_simulate_defaults_to_the_profile_the_plan_was_compiled_for(tmp_path, capsys):
+    plan = str(tmp_path / "p.json")
+    run(capsys, "compile", "--schedule", "slimpipe", "--pp", "2", "--microbatches", "2", "--slices", "4",
+        "--device-profile", "a100", "-o", plan)
+    assert json.loads(run(capsys, "simulate", plan, "--json")[1])["device_profile"] == "a100"
+    assert json.loads(run(capsys, "simulate", plan, "--json", "--device-profile", "h100")[1])["device_profile"] == "h100"

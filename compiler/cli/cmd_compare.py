@@ -6,10 +6,10 @@ import re
 from ir import SlimpipeError, SpecError
 from passes.costs import GIB, load_profile
 from passes.partition import flops_partition
-from passes.simulate import simulate_timed
 
-from .. import compile_plan, schedules
+from .. import schedules
 from ..layout import build_spec
+from ..search import evaluate
 from .cmd_compile import add_model_args, model_from_args
 from .common import add_parser, emit_json, positive_int
 
@@ -46,7 +46,7 @@ def candidates(args, layers: int):
                 yield "slimpipe", n, v
 
 
-def evaluate(args, model, seq, profile, budget):
+def best_per_family(args, model, seq, profile, budget):
     rows = []
     for fam, n, v in candidates(args, model.layers):
         if n > 1 and seq % n and fam == "slimpipe":
@@ -61,14 +61,11 @@ def evaluate(args, model, seq, profile, budget):
         try:
             spec = build_spec(fam, model, pp=args.pp, microbatches=args.microbatches, slices=n, virtual_stages=v,
                               seq_len=seq, **extra)
-            plan = compile_plan(spec)
+            row, _plan = evaluate(spec, profile)
         except SlimpipeError:
             continue
-        out = simulate_timed(plan, profile)
-        peak = max(r["peak_memory_bytes"] for r in out["ranks"])
-        rows.append({"schedule": fam, "slices": n, "virtual_stages": v, "step_s": out["makespan_s"],
-                     "bubble_fraction": out["bubble_fraction"], "peak_memory_bytes": peak,
-                     "tokens_per_s": out["tokens_per_s"], "mfu": out["mfu"], "oom": peak > budget})
+        rows.append({"schedule": fam, "slices": n, "virtual_stages": v, **row,
+                     "oom": row["peak_memory_bytes"] > budget})
     best = {}
     for row in rows:
         cur = best.get(row["schedule"])
@@ -92,7 +89,7 @@ def run(args) -> int:
     model, seq = model_from_args(args)
     if model.heads % args.tp:
         raise SpecError(f"--tp {args.tp} must divide the model's {model.heads} attention heads")
-    table, tried = evaluate(args, model, seq, profile, budget)
+    table, tried = best_per_family(args, model, seq, profile, budget)
     if args.json:
         emit_json({"model": model.name, "seq_len": seq, "pp": args.pp, "microbatches": args.microbatches,
                    "tp": args.tp, "cp": args.cp, "dp": args.dp, "device_profile": profile.name,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ir import PlanInvalidError, SpecError
 from passes import simulate_units, validate
-from passes.costs import load_profile
+from passes.costs import PROFILES, load_profile
 from passes.simulate import simulate_timed
 
 from .common import add_parser, emit_json, load_plan
@@ -43,6 +43,8 @@ def run(args) -> int:
             for r in out["ranks"]:
                 print(f"  rank {r['rank']}: busy {r['busy']:g}, peak units in flight {r['peak_units']}")
         return 0
+    if args.device_profile is None and plan.meta.get("device_profile") in PROFILES:
+        profile = PROFILES[plan.meta["device_profile"]]  # the device its KV exchanges were costed for
     out = simulate_timed(plan, profile, dtype)
     if args.json:
         emit_json(out)
@@ -63,7 +65,8 @@ def register(sub) -> None:
                    "or unit costs", "slimpipe simulate plan.json --device-profile h100 --json")
     p.add_argument("plan")
     p.add_argument("--unit-costs", action="store_true", help="forward 1, backward 2, communication free")
-    p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file with measured figures")
+    p.add_argument("--device-profile", help="h100, a100, or a JSON file with measured figures (default: the built-in "
+                   "profile the plan was compiled for, else h100)")
     p.add_argument("--dtype", default="bf16", help="activation/parameter dtype for the memory model: bf16 (default), fp16, fp32")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
