@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ir import Instr, Kind, Plan, PlanSpec
+from ir.gcpause import gc_paused
 from passes import lower_comm, redistribute
 from passes.costs import DeviceProfile, load_profile
 
@@ -12,6 +13,7 @@ from .models import PRESETS, resolve_model
 VERSION = "0.1.0"
 
 
+@gc_paused
 def compile_plan(spec: PlanSpec, profile=None) -> Plan:
     """Generate the family's compute order, lower communication, pair units for the KV exchange
     when spec.exchange is set (the CLI sets it by default for slimpipe), end each stream with OPT.

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from .errors import PlanFormatError, SpecError
 from .instr import Instr, _clip, parse, to_text
 from .spec import PlanSpec
+from .gcpause import gc_paused
 
 SCHEMA_VERSION = 1
 
@@ -51,6 +52,7 @@ def to_dict(plan: Plan) -> dict:
     }
 
 
+@gc_paused
 def from_dict(d: Any) -> Plan:
     """Validate a decoded JSON object into a Plan (PlanFormatError naming the first problem)."""
     if not isinstance(d, dict):

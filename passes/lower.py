@@ -7,6 +7,7 @@ did not already have, so a feasible compute order stays deadlock-free.
 from __future__ import annotations
 
 from ir import Instr, Kind, Plan
+from ir.gcpause import gc_paused
 
 ACT, GRAD = 0, 1
 
@@ -22,6 +23,7 @@ def kv_tag_base(spec) -> int:
     return spec.microbatches * spec.slices * spec.num_stages * 2
 
 
+@gc_paused
 def lower_comm(plan: Plan) -> Plan:
     spec = plan.spec
     owner = spec.stage_rank()

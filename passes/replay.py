@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ir import Instr, Kind, Plan, to_text
+from ir.gcpause import gc_paused
 
 _F, _B = Kind.F, Kind.B
 _SEND = (Kind.SEND_ACT, Kind.SEND_GRAD)
@@ -73,6 +74,7 @@ def _zero(*_args) -> float:
     return 0.0
 
 
+@gc_paused
 def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
            p2p_delay: Callable[[int, int, Instr], float] = _zero,
            kv_delay: Callable[[int, int, Instr], float] = _zero,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ir import KV, KV_OWNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, to_text
+from ir.gcpause import gc_paused
 
 MAX_PROBLEMS = 20
 _INDEXED = (Kind.F, Kind.B, Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD)
@@ -38,6 +39,7 @@ def _at(r: int, i: int, ins: Instr) -> str:
     return f"rank {r} #{i} '{to_text(ins)}'"
 
 
+@gc_paused
 def validate(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
     """All rule violations found (at most `max_problems`), in a stable order."""
     problems: list[Problem] = []
