@@ -398,7 +398,15 @@ class Rank:
             else:
                 ops.append(("recv", ins.peer, self.wire(ins.tag, -1), self.act_spec(ins.mb, ins.slice)))
                 recv_at.append(i)
-        pend = self.tp.batch(ops)
+        try:
+            pend = self.tp.batch(ops)
+        except Aborted:
+            raise
+        except Exception as e:  # noqa: BLE001 - gloo raises at post time once the peer is gone
+            peers = sorted({op[1] for op in ops})
+            who = f"rank {peers[0]}" if len(peers) == 1 else "ranks " + ", ".join(map(str, peers))
+            raise ExecError(f"{self.where(self.pc)}: lost the connection to {who} while posting its sends/receives "
+                            f"({PeerLost(getattr(self.tp, 'backend', self.tp.kind), e)})") from e
         for i, p in zip(recv_at, pend):
             self.pc = i
             ins = self.stream[i]

@@ -59,7 +59,7 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
             raise ExecError(f"{watch.where()}: stopped waiting on every rank for {what}: {e}") from None
         except Exception as e:  # noqa: BLE001 - a dead peer (gloo: connection closed) or the group's timeout
             raise ExecError(f"{watch.where()}: lost the connection while waiting on every rank for {what} "
-                            f"({PeerLost(transport.kind, e)})") from e
+                            f"({PeerLost(getattr(transport, 'backend', transport.kind), e)})") from e
         finally:
             watch.unblock()
     spec = plan.spec

@@ -186,6 +186,7 @@ class DistTransport:
         import torch.distributed as dist
 
         self.dist = dist
+        self.backend = dist.get_backend()
         self.rank, self.world, self.device = rank, world, device
         self.timeout = timeout
         self.sends: list = []  # Pendings of sends until complete
@@ -204,7 +205,8 @@ class DistTransport:
 
         def waiter():
             try:
-                work.wait(timedelta(seconds=self.timeout))
+                # later than the interpreter's own deadline, so its timeout (naming the peer) wins
+                work.wait(timedelta(seconds=self.timeout * 1.1 + 5))
                 state.append(None)
             except Exception as e:  # noqa: BLE001 - surfaced by value()
                 state.append(e)
@@ -219,7 +221,7 @@ class DistTransport:
 
         def get():
             if state[0] is not None:
-                raise PeerLost(self.dist.get_backend(), state[0])
+                raise PeerLost(self.backend, state[0])
             return result()
 
         return Pending(lambda: bool(state), get)
