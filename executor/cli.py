@@ -1,5 +1,7 @@
-"""Command line of the executor. Plan and launch are checked before any communication: a
-mismatch prints one line on every rank and exits 2."""
+"""Command line of the executor. Plan and launch are checked before any communication: an unusable
+plan or launch prints one line on every rank and exits 2, a plan that breaks a rule or deadlocks
+exits 1 (the same checks as `slimpipe check`). At run time every wait is bounded by --timeout, and
+a failure ends every rank non-zero with one line each (see runner.py, faults.py)."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +10,38 @@ import sys
 
 import ir
 
+from .faults import FAULT_HELP, fault_from_env
+
 EPILOG = """examples:
   torchrun --nproc-per-node 4 -m executor plan.json --check-reference
-  python -m executor plan.json --local --steps 3 --json"""
+  python -m executor plan.json --local --steps 3 --json
+  python -m executor plan.json --check-only
+
+failures: every wait (a message from a peer rank, a step-end collective, joining and leaving the
+process group) gives up after --timeout seconds. A failing rank prints one line, e.g.
+  executor: rank 2: error: rank 2 #17 'F mb3 s1 c0': RuntimeError: ...
+and exits 1; the others print whom they were waiting for and exit 1; torchrun exits non-zero.
+SLIMPIPE_TRACEBACK=1 adds the Python traceback.
+
+""" + FAULT_HELP
+
+
+def load_plan(path: str, check: bool = True):
+    """Read a plan and prove it runnable: ir.SlimpipeError with a one-line message otherwise
+    (exit_code 2: unusable file; 1: breaks a rule or deadlocks, like `slimpipe check`). Checking
+    first means a wrong plan fails here, on every rank, instead of hanging until the timeout."""
+    plan = ir.load(path)
+    if check:
+        from passes import check as check_plan
+
+        problems = check_plan(plan).problems
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            first = str(problems[0])
+            if len(first) > 700:
+                first = first[:700] + "..."
+            raise ir.PlanInvalidError(f"plan breaks a rule, not run: {first}{more}; `slimpipe check {path}` lists all")
+    return plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="parameter/activation dtype")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds any single wait may take (default 300)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds any single wait may take (default 300: it covers the peer's compute between two "
+                        "messages, the reference check and a slow NCCL start; not the step)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads with --local (default 1)")
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    p.add_argument("--check-only", action="store_true", help="load and check the plan (and SLIMPIPE_FAULT), run nothing")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the plan check before running (huge plans; a wrong plan then fails at run time)")
     return p
 
 
@@ -44,10 +80,17 @@ def main(argv=None) -> int:
     opts = build_parser().parse_args(argv)
     if opts.steps < 1:
         return _fail(f"--steps {opts.steps} must be >= 1")
+    if not opts.timeout > 0:
+        return _fail(f"--timeout {opts.timeout:g} must be > 0 seconds")
     try:
-        plan = ir.load(opts.plan)
+        plan = load_plan(opts.plan, check=not opts.no_check)
+        fault_from_env(plan)
     except ir.SlimpipeError as e:
         return _fail(str(e), e.exit_code)
+    if opts.check_only:
+        print(f"plan ok: {plan.spec.schedule}, pp={plan.spec.pp}, "
+              f"{sum(len(r) for r in plan.ranks)} instructions", flush=True)
+        return 0
     import torch
 
     if opts.device == "auto":
@@ -65,6 +108,10 @@ def main(argv=None) -> int:
             if not opts.local and p > 1:
                 return _fail(f"plan has pp={p} ranks: launch with `torchrun --nproc-per-node {p} -m executor ...` or pass --local")
             code, _ = runner.run_local(plan, opts)
+            if runner.abandoned_threads():  # a rank still busy after a failure: do not wait for it
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
             return code
         if int(world) != p:
             return _fail(f"plan has pp={p} ranks but torchrun started {world} process(es); "

@@ -7,7 +7,9 @@ slices' backwards. Everything of a unit is dropped as soon as its backward is do
 
 Waiting happens in one place, `Rank.wait`, bounded by the timeout: while blocked, a rank serves
 the KV-exchange requests it has agreed to (KVF_RECV/KVB_RECV), so an exchange never needs both
-ranks to stand at the same instruction.
+ranks to stand at the same instruction. Every failure inside a step becomes an ExecError whose
+text starts with the rank and the instruction ('rank 2 #17 'F mb3 s1 c0': cause'); a failed wait
+names the rank it waited on. The fault-injection switch (faults.py) acts at the top of the loop.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import time
 import torch
 
 from ir import Instr, Kind, SlimpipeError
+
+from .faults import FAULT_ENV, Watch, cause, die
+from .transport import Aborted, PeerLost
 
 from . import model as M
 from .attention import SliceAttention, default_scale
@@ -26,6 +31,10 @@ class ExecError(SlimpipeError):
     """A plan cannot be run as written (a missing buffer, a timeout): one line, exit 1."""
 
     exit_code = 1
+
+
+class InjectedFault(RuntimeError):
+    """The failure SLIMPIPE_FAULT asked for (action=fail)."""
 
 
 class Exchange:
@@ -68,7 +77,7 @@ class LayerCtx:
                                     [(q.shape, q.dtype), (q.shape[:3], torch.float32)])
 
     def fwd_remote_finish(self, h):
-        return self.rank.wait(h, "the KV-exchange forward reply")
+        return self.rank.wait(h, "its KV-exchange forward reply", self.unit.kvf.peer)
 
     def bwd_remote_start(self, q, prefix, out, lse, dout):
         ks, vs = [k for k, _ in prefix], [v for _, v in prefix]
@@ -76,7 +85,7 @@ class LayerCtx:
         return self.rank.kv_request(self.unit.kvb, self.li, 1, [q, out, lse, dout.to(q.dtype)] + ks + vs, specs)
 
     def bwd_remote_finish(self, h):
-        parts = self.rank.wait(h, "the KV-exchange backward reply")
+        parts = self.rank.wait(h, "its KV-exchange backward reply", self.unit.kvb.peer)
         x = (len(parts) - 1) // 2
         return parts[0].float(), parts[1:1 + x], parts[1 + x:]
 
@@ -142,12 +151,17 @@ class Rank:
     """One rank's runtime: its stages' parameters, optimizer, buffers and the dispatch table."""
 
     def __init__(self, plan, rank: int, transport, backend, *, device, dtype=torch.float32, lr=1e-3,
-                 timeout=300.0, check_reference=False):
+                 timeout=300.0, check_reference=False, watch: Watch | None = None, fault=None, fault_at=None):
         self.plan, self.spec, self.r = plan, plan.spec, rank
         self.stream = plan.ranks[rank]
         self.tp, self.backend, self.device, self.dtype = transport, backend, torch.device(device), dtype
         self.timeout = timeout
         self.check_reference = check_reference
+        self.pc, self.step = -1, 0
+        self.watch = watch or Watch(rank)
+        self.watch.where = lambda: self.where(self.pc)
+        self.fault = fault
+        self.fault_at = fault_at if fault is not None else None  # instruction index on this rank, or None
         spec = self.spec
         cfg = spec.model
         self.scale = default_scale(cfg.head_dim)
@@ -175,21 +189,53 @@ class Rank:
         return [((self.spec.micro_batch_size, self.spec.slice_lens[mb][s], self.spec.model.hidden), self.dtype)]
 
     def where(self, i) -> str:
-        return f"rank {self.r} #{i} '{self.stream[i]}'" if 0 <= i < len(self.stream) else f"rank {self.r}"
+        n = len(self.stream)
+        if 0 <= i < n:
+            return f"rank {self.r} #{i} '{self.stream[i]}'"
+        return f"rank {self.r} (end of step, after #{n - 1})" if i >= n else f"rank {self.r}"
 
-    def wait(self, pending, what: str):
-        """The one blocking point: poll, serve KV requests meanwhile, give up after the timeout."""
+    def wait(self, pending, what: str, peer):
+        """The one blocking point: poll, serve KV requests meanwhile, give up after the timeout.
+        `peer` (a rank, or a callable giving rank(s)) is named when the wait fails."""
         deadline = time.monotonic() + self.timeout
-        tp = self.tp
-        while True:
-            v = tp.version()
-            if pending.ready():
-                return pending.value()
-            if self.serve():
-                continue
-            if time.monotonic() > deadline:
-                raise ExecError(f"{self.where(self.pc)}: timed out after {self.timeout:g}s waiting for {what}")
-            tp.wait_change(v, 0.05)
+        tp, watch = self.tp, self.watch
+        watch.block(what, peer, self.timeout)
+        try:
+            while True:
+                v = tp.version()
+                try:
+                    if pending.ready():
+                        return pending.value()
+                except Aborted as e:  # in-process: another rank failed
+                    raise ExecError(f"{self.where(self.pc)}: stopped waiting{watch.peer_text()} for {what}: {e}") from None
+                except Exception as e:  # noqa: BLE001 - the transport lost the peer (gloo: connection closed)
+                    why = f"({e})" if isinstance(e, PeerLost) else f"({cause(e)})"
+                    raise ExecError(f"{self.where(self.pc)}: lost the connection while waiting{watch.peer_text()} "
+                                    f"for {what} {why}") from e
+                if self.serve():
+                    continue
+                if time.monotonic() > deadline:
+                    raise ExecError(f"{self.where(self.pc)}: timed out after {self.timeout:g} s waiting{watch.peer_text()} "
+                                    f"for {what}")
+                tp.wait_change(v, 0.05)
+        finally:
+            watch.unblock()
+
+    def inject(self):
+        """Act out SLIMPIPE_FAULT at the current instruction (only in the step it names)."""
+        f = self.fault
+        if self.step != f.step - 1:
+            return
+        here = self.where(self.pc)
+        if f.action == "fail":
+            raise InjectedFault(f"{FAULT_ENV}='{f.text}'")
+        if f.action == "exit":
+            die(self.r, f"{here}: injected crash ({FAULT_ENV}='{f.text}'): exiting at once with code 3", 3)
+        self.watch.block(f"the end of an injected delay of {f.seconds:g} s", None, f.seconds + self.timeout)
+        try:
+            time.sleep(f.seconds)
+        finally:
+            self.watch.unblock()
 
     def serve(self) -> bool:
         moved = False
@@ -337,6 +383,8 @@ class Rank:
             k = ins.kind
             key = (ins.mb, ins.slice, ins.chunk)
             self.pc = i
+            if i == self.fault_at:
+                self.inject()
             if k == Kind.SEND_ACT:
                 u = self.units.get(key)
                 if u is None or u.y is None:
@@ -350,12 +398,20 @@ class Rank:
             else:
                 ops.append(("recv", ins.peer, self.wire(ins.tag, -1), self.act_spec(ins.mb, ins.slice)))
                 recv_at.append(i)
-        pend = self.tp.batch(ops)
+        try:
+            pend = self.tp.batch(ops)
+        except Aborted:
+            raise
+        except Exception as e:  # noqa: BLE001 - gloo raises at post time once the peer is gone
+            peers = sorted({op[1] for op in ops})
+            who = f"rank {peers[0]}" if len(peers) == 1 else "ranks " + ", ".join(map(str, peers))
+            raise ExecError(f"{self.where(self.pc)}: lost the connection to {who} while posting its sends/receives "
+                            f"({PeerLost(getattr(self.tp, 'backend', self.tp.kind), e)})") from e
         for i, p in zip(recv_at, pend):
             self.pc = i
             ins = self.stream[i]
             what = "activation" if ins.kind == Kind.RECV_ACT else "gradient"
-            (t,) = self.wait(p, f"the {what} from rank {ins.peer}")
+            (t,) = self.wait(p, f"its {what}", ins.peer)
             dest = self.acts_in if ins.kind == Kind.RECV_ACT else self.grads_in
             dest[(ins.mb, ins.slice, ins.chunk)] = t
 
@@ -378,9 +434,13 @@ class Rank:
             self.optimizer.zero_grad(set_to_none=True)
         self.opt_done = True
 
+    def _owners(self):
+        owners = sorted({j.owner for j in self.jobs})
+        return owners[0] if len(owners) == 1 else "ranks " + ", ".join(map(str, owners))
+
     def finish_compute(self):
         """Serve what is still owed to others; every unit must have run its backward."""
-        self.wait(_JobsDone(self), "the owner of a pending KV exchange")
+        self.wait(_JobsDone(self), "the requests of a KV exchange it agreed to serve", self._owners)
         if self.units:
             k = sorted(self.units)[0]
             raise ExecError(f"rank {self.r}: unit mb{k[0]} s{k[1]} c{k[2]} never ran backward")
@@ -408,6 +468,20 @@ class Rank:
         if self.device.type == "cuda" and self.tp.kind == "dist":  # in-process ranks share the device
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
+        try:
+            self._run_stream()
+        except ExecError:
+            raise
+        except Aborted as e:  # in-process: another rank failed while this one was serving
+            raise ExecError(f"{self.where(self.pc)}: stopped: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any failure of an instruction: one line naming it
+            raise ExecError(f"{self.where(self.pc)}: {cause(e)}") from e
+        out = {"seconds": time.perf_counter() - t0, "loss": self.loss_sum, "peak_activation_bytes": self.tracker.peak}
+        if self.device.type == "cuda":
+            out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
+        return out
+
+    def _run_stream(self):
         stream, n, H, comm = self.stream, len(self.stream), self.HANDLERS, self.COMM
         i = 0
         while i < n:
@@ -420,22 +494,20 @@ class Rank:
                 i = j
                 continue
             self.pc = i
+            if i == self.fault_at:
+                self.inject()
             H[k](self, stream[i])
             self.serve()
             i += 1
         self.pc = n
         if not self.opt_done:
             self.finish_compute()
-            if self.check_reference and step == 0:
+            if self.check_reference and self.step == 0:
                 self.report.update(self.reference_check())
         for p in self.tp.pending_sends():
-            self.wait(p, "a send to complete")
+            self.wait(p, "a send to complete", getattr(p, "peer", None))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        out = {"seconds": time.perf_counter() - t0, "loss": self.loss_sum, "peak_activation_bytes": self.tracker.peak}
-        if self.device.type == "cuda":
-            out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
-        return out
 
     # ------------------------------------------------------------------ reference
     def reference_check(self) -> dict:

@@ -1,40 +1,73 @@
 """Run a plan: one Rank per pipeline rank, under torchrun (one process each) or in one process
-(one thread each, in-process transport). Collects the step metrics and the reference check."""
+(one thread each, in-process transport). Collects the step metrics and the reference check.
+
+Failures: under torchrun the rank runs in a worker thread while the main thread supervises it:
+it turns SIGTERM/SIGINT (torchrun stopping the job after another rank failed) into the rank's one
+line, and ends the process if a wait overruns the timeout by a grace period (a blocking call that
+ignores its own timeout). In-process, the first failing rank aborts the hub; every rank prints its
+line and run_local returns non-zero."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
+import time
 
 import torch
 
 from ir import SlimpipeError
 
 from .attention import pick_backend
+from .faults import Watch, cause, die, fault_from_env, line
 from .interpreter import ExecError, Rank
 from .metrics import median, peak_rss_mib
-from .transport import Aborted, LocalHub, init_dist
+from .transport import Aborted, LocalHub, PeerLost, init_dist
 
 TOLERANCE = 1e-4
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def run_rank(plan, rank: int, transport, opts, out=sys.stdout) -> tuple[int, dict | None]:
-    """Run opts.steps steps on one rank. Returns (exit code, summary on rank 0 else None)."""
+def grace_s(timeout: float) -> float:
+    """How long past a wait's deadline the supervisor lets the rank report it itself."""
+    return 5.0 + 0.05 * timeout
+
+
+def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | None = None,
+             fault=None) -> tuple[int, dict | None]:
+    """Run opts.steps steps on one rank. Returns (exit code, summary on rank 0 else None).
+    `fault` is (Fault, index) or None: then SLIMPIPE_FAULT is read."""
     device = torch.device(opts.device if opts.device != "cuda" or transport.kind == "dist" else "cuda")
     if device.type == "cuda" and transport.kind == "dist":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     backend = pick_backend(opts.attention, device, DTYPES[opts.dtype])
+    watch = watch or Watch(rank)
+    f, at = fault if fault is not None else fault_from_env(plan)
+    if f is not None and f.rank != rank:
+        f = at = None
     R = Rank(plan, rank, transport, backend, device=device, dtype=DTYPES[opts.dtype], lr=opts.lr,
-             timeout=opts.timeout, check_reference=opts.check_reference)
+             timeout=opts.timeout, check_reference=opts.check_reference, watch=watch, fault=f, fault_at=at)
+
+    def gather(obj, what):
+        """A step-end collective (outside the plan's streams), bounded and named like a wait."""
+        watch.block(what, "every rank", opts.timeout)
+        try:
+            return transport.all_gather(obj)
+        except Aborted as e:
+            raise ExecError(f"{watch.where()}: stopped waiting on every rank for {what}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a dead peer (gloo: connection closed) or the group's timeout
+            raise ExecError(f"{watch.where()}: lost the connection while waiting on every rank for {what} "
+                            f"({PeerLost(getattr(transport, 'backend', transport.kind), e)})") from e
+        finally:
+            watch.unblock()
     spec = plan.spec
     tokens = spec.microbatches * spec.micro_batch_size * spec.seq_len
     times, losses, peaks, cuda_peaks = [], [], [], []
     for step in range(opts.steps):
         st = R.run_step(step)
-        rows = transport.all_gather([st["loss"], st["seconds"]])
+        rows = gather([st["loss"], st["seconds"]], "the step-end exchange of losses and times")
         loss = sum(r[0] for r in rows)
         secs = max(r[1] for r in rows)
         times.append(secs)
@@ -47,7 +80,7 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout) -> tuple[int, dic
     mine = {"peak_activation_bytes": max(peaks), "peak_rss_mib": peak_rss_mib(), **R.report}
     if device.type == "cuda":
         mine["cuda_max_memory_allocated"] = max(cuda_peaks)
-    reports = transport.all_gather(mine)
+    reports = gather(mine, "the exchange of the final reports")
     bad = False
     summary = None
     if opts.check_reference:
@@ -77,51 +110,107 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout) -> tuple[int, dic
     return (1 if bad else 0), summary
 
 
+def _failure(rank: int, e: BaseException, watch: Watch) -> tuple[int, str]:
+    """(exit code, message) for an exception that ended a rank."""
+    if isinstance(e, SlimpipeError):
+        return e.exit_code, str(e)
+    if isinstance(e, RuntimeError) and str(e).startswith("--attention"):
+        return 2, str(e)
+    if watch.what is not None:  # it failed inside a bounded wait outside the interpreter (init, collectives)
+        return 1, f"{watch.where()}: failed {watch.doing()}: {cause(e)}"
+    return 1, f"{watch.where()}: {cause(e)}"
+
+
 def run_local(plan, opts) -> tuple[int, dict | None]:
-    """All ranks of the plan in this process, one thread each."""
+    """All ranks of the plan in this process, one thread each. A failing rank aborts the others
+    (they stop at their next wait); each failed rank's line is printed in rank order. A rank still
+    busy a grace period after the first failure (a sleep, a long kernel) is abandoned and named."""
     p = plan.spec.pp
     hub = LocalHub(p, opts.timeout)
+    fault = fault_from_env(plan)
     codes: list = [None] * p
     errors: list = [None] * p
     summary: list = [None]
+    watches = [Watch(r) for r in range(p)]
     if opts.device == "cpu" and opts.threads:
         torch.set_num_threads(opts.threads)
 
     def body(r):
         try:
-            code, s = run_rank(plan, r, hub.endpoint(r), opts)
+            code, s = run_rank(plan, r, hub.endpoint(r), opts, watch=watches[r], fault=fault)
             codes[r] = code
             if r == 0:
                 summary[0] = s
-        except Aborted:
-            codes[r] = 1
         except BaseException as e:  # noqa: BLE001 - reported below, others aborted
-            codes[r] = 1
-            errors[r] = e
+            codes[r], errors[r] = _failure(r, e, watches[r])
+            if os.environ.get("SLIMPIPE_TRACEBACK"):
+                import traceback
+
+                traceback.print_exc()
             hub.abort(f"rank {r} failed")
 
-    threads = [threading.Thread(target=body, args=(r,), name=f"rank{r}", daemon=True) for r in range(p)]
+    threads = [threading.Thread(target=body, args=(r,), name=f"slimpipe-rank{r}", daemon=True) for r in range(p)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
-    for r, e in enumerate(errors):
-        if e is not None:
-            if isinstance(e, SlimpipeError):
-                print(f"executor: rank {r}: error: {e}", file=sys.stderr)
-            else:
-                raise e
+    give_up = None
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.1)
+        if give_up is None and hub.error is not None:
+            give_up = time.monotonic() + grace_s(opts.timeout)
+        if give_up is not None and time.monotonic() > give_up:
+            break
+    for r, t in enumerate(threads):
+        if t.is_alive():
+            codes[r] = 1
+            errors[r] = f"{watches[r].where()}: abandoned {watches[r].doing()}: {hub.error}"
+    for r, msg in enumerate(errors):
+        if msg is not None:
+            print(line(r, msg), file=sys.stderr, flush=True)
     return max(codes), summary[0]
 
 
+def abandoned_threads() -> bool:
+    """True if run_local left rank threads running (the caller should os._exit, not return)."""
+    return any(t.name.startswith("slimpipe-rank") and t.is_alive() for t in threading.enumerate())
+
+
 def run_dist(plan, opts) -> int:
+    """This process's rank under torchrun. The rank runs in a worker thread; this (main) thread
+    supervises: signals and overdue waits end the process with the rank's one line."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda" if opts.device == "cuda" else "cpu")
-    tp = init_dist(rank, world, device, opts.timeout)
-    try:
-        code, _ = run_rank(plan, rank, tp, opts)
-    except ExecError as e:
-        print(f"executor: rank {rank}: error: {e}", file=sys.stderr, flush=True)
-        os._exit(1)  # peers may be blocked in a collective; do not wait for them
-    tp.close()
-    return code
+    fault = fault_from_env(plan)  # malformed: exit 2 before any communication
+    watch = Watch(rank)
+    result: list = []
+
+    def body():
+        try:
+            watch.block("the other ranks to join (init_process_group)", "every rank", opts.timeout)
+            tp = init_dist(rank, world, device, opts.timeout)
+            watch.unblock()
+            code, _ = run_rank(plan, rank, tp, opts, watch=watch, fault=fault)
+            watch.block("the other ranks to finish (shutdown barrier)", "every rank", opts.timeout)
+            tp.close()
+            watch.unblock()
+            result.append(code)
+        except BaseException as e:  # noqa: BLE001 - one line, then out: peers may be blocked on us
+            code, msg = _failure(rank, e, watch)
+            die(rank, msg, code)
+
+    def on_signal(signum, _frame):
+        name = signal.Signals(signum).name
+        die(rank, f"{watch.where()}: stopped by {name} (the launcher ends the job, usually because another "
+                  f"rank failed) {watch.doing()}", 1, from_signal=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    worker = threading.Thread(target=body, name=f"slimpipe-rank{rank}", daemon=True)
+    worker.start()
+    grace = grace_s(opts.timeout)
+    while worker.is_alive():
+        worker.join(0.25)
+        if watch.overdue(grace):
+            die(rank, f"{watch.where()}: timed out after {opts.timeout:g} s (+{grace:g} s grace) {watch.doing()}; "
+                      "the blocking call ignored its timeout", 1)
+    return result[0] if result else 1

@@ -11,6 +11,7 @@ with a timeout):
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
@@ -23,13 +24,24 @@ class Aborted(RuntimeError):
     """Another rank of the in-process run failed."""
 
 
+class PeerLost(RuntimeError):
+    """torch.distributed reported a failed message (gloo: the peer closed or reset the connection,
+    or the group's timeout passed). The text is the backend's, without source paths and advice."""
+
+    def __init__(self, backend: str, e: BaseException):
+        text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", " ".join(str(e).split()))
+        text = text.split(" This is typically")[0].strip() or type(e).__name__
+        super().__init__(f"{backend}: {text[:300]}")
+
+
 class Pending:
-    """A posted receive: ready() polls, value() returns the tensors once ready."""
+    """A posted receive (or a send in flight): ready() polls, value() returns the tensors once
+    ready (or raises what the transport saw); peer is the other rank, for messages."""
 
-    __slots__ = ("_poll", "_get")
+    __slots__ = ("_poll", "_get", "peer")
 
-    def __init__(self, poll, get):
-        self._poll, self._get = poll, get
+    def __init__(self, poll, get, peer=None):
+        self._poll, self._get, self.peer = poll, get, peer
 
     def ready(self) -> bool:
         return self._poll()
@@ -174,6 +186,7 @@ class DistTransport:
         import torch.distributed as dist
 
         self.dist = dist
+        self.backend = dist.get_backend()
         self.rank, self.world, self.device = rank, world, device
         self.timeout = timeout
         self.sends: list = []  # Pendings of sends until complete
@@ -192,7 +205,8 @@ class DistTransport:
 
         def waiter():
             try:
-                work.wait(timedelta(seconds=self.timeout))
+                # later than the interpreter's own deadline, so its timeout (naming the peer) wins
+                work.wait(timedelta(seconds=self.timeout * 1.1 + 5))
                 state.append(None)
             except Exception as e:  # noqa: BLE001 - surfaced by value()
                 state.append(e)
@@ -207,7 +221,7 @@ class DistTransport:
 
         def get():
             if state[0] is not None:
-                raise RuntimeError(f"rank {self.rank}: p2p failed: {state[0]}")
+                raise PeerLost(self.backend, state[0])
             return result()
 
         return Pending(lambda: bool(state), get)
@@ -218,6 +232,7 @@ class DistTransport:
     def send(self, dst, tag, tensors):
         buf = _pack(tensors)
         self.sends.append(self._watched(self.dist.isend(buf, dst, tag=tag), lambda b=buf: None))
+        self.sends[-1].peer = dst
 
     def post_recv(self, src, tag, specs):
         buf = torch.empty(_nbytes(specs), dtype=torch.uint8, device=self.device)
@@ -245,6 +260,7 @@ class DistTransport:
         for w, r, op in zip(works, recvs, p2p):
             if r is None:
                 self.sends.append(self._watched(w, lambda b=op.tensor: None))
+                self.sends[-1].peer = op.peer
             else:
                 out.append(self._recv_pending(w, r[0], r[1]))
         return out
@@ -266,9 +282,12 @@ class DistTransport:
         return out
 
     def close(self) -> None:
-        """Let the watcher threads finish, then leave the process group."""
+        """Let the watcher threads finish, then leave the process group. Every part is bounded:
+        the joins share one deadline, the barrier has the group's timeout, and the caller's
+        supervisor (runner.run_dist) ends the process if destroy_process_group blocks."""
+        deadline = time.monotonic() + self.timeout
         for t in self.threads:
-            t.join(self.timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
         self.dist.barrier()
         self.dist.destroy_process_group()
 

@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALL_TIMEOUT_S = 20  # one in-process call; a hang becomes a failure, not a stuck CI job
 
 
-def _cli_in_process(argv: list[str]) -> tuple[int, str, str]:
+def _cli_in_process(argv: list[str], entry=None) -> tuple[int, str, str]:
     out, err = StringIO(), StringIO()
 
     def _alarm(*_):
@@ -48,7 +48,7 @@ def _cli_in_process(argv: list[str]) -> tuple[int, str, str]:
     try:
         with redirect_stdout(out), redirect_stderr(err):
             try:
-                code = main(argv)
+                code = (entry or main)(argv)
             except SystemExit as e:  # argparse
                 code = e.code
     finally:
@@ -70,9 +70,17 @@ TARGETS = [
     Target("simulate", lambda path: _cli_in_process(["simulate", path, "--unit-costs"]),
            lambda path: [sys.executable, "-m", "compiler.cli", "simulate", path, "--unit-costs"]),
     Target("simulate-timed", lambda path: _cli_in_process(["simulate", path, "--json"]), None),
-    # the lead adds the executor here once it has a plan-loading entry point, e.g.
-    # Target("executor", lambda path: <load in-process, return (code, out, err)>, lambda path: [...]),
+    # the executor's plan loading (the same check `slimpipe check` runs, then SLIMPIPE_FAULT); the
+    # subprocess sample runs the real command line, which must stop before starting any rank
+    Target("executor", lambda path: _cli_in_process([path, "--check-only"], _executor_main),
+           lambda path: [sys.executable, "-m", "executor", path, "--local"]),
 ]
+
+
+def _executor_main(argv):
+    from executor.cli import main as executor_main
+
+    return executor_main(argv)
 
 TRIED = {"plans": 0, "calls": 0, "subprocess": 0, "exit1": 0, "exit2": 0}
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\s+File \"", re.M)
