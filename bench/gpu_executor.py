@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,6 +26,7 @@ from compiler.layout import build_spec  # noqa: E402
 from ir import ModelConfig  # noqa: E402
 from executor import model as M  # noqa: E402
 from executor.attention import pick_backend  # noqa: E402
+from executor.cli import options as executor_options  # noqa: E402
 from executor.runner import DTYPES, run_local  # noqa: E402
 
 BIG = dict(layers=16, hidden=2048, heads=16, kv_heads=8, ffn=5632, vocab=32000, seq_len=32768)
@@ -107,8 +107,8 @@ def main():
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype]
     tokens = spec.microbatches * spec.micro_batch_size * seq
-    opts = SimpleNamespace(check_reference=False, steps=a.steps, json=False, quiet=False, attention=a.attention,
-                           device=device.type, dtype=a.dtype, lr=1e-4, timeout=1800.0, threads=0)
+    opts = executor_options(steps=a.steps, attention=a.attention, device=device.type, dtype=a.dtype, lr=1e-4,
+                            timeout=1800.0, threads=0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     code, s = run_local(plan, opts)

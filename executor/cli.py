@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def options(**overrides) -> argparse.Namespace:
+    """The executor's options at their command-line defaults, with `overrides`: for running a Plan
+    object from Python (runner.run_local / run_rank) exactly as the command line would."""
+    ns = build_parser().parse_args(["<plan>"])
+    for key, value in overrides.items():
+        if not hasattr(ns, key):
+            raise TypeError(f"unknown executor option {key!r}")
+        setattr(ns, key, value)
+    return ns
+
+
 def _fail(msg: str, code: int = 2) -> int:
     who = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
     print(f"executor: {who}error: {msg}", file=sys.stderr, flush=True)

@@ -7,9 +7,9 @@ import io
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 import ir
+from executor.cli import options as executor_options
 from executor.runner import run_rank
 from executor.transport import init_dist
 
@@ -17,10 +17,7 @@ import torch
 
 
 def options(**kw):
-    base = dict(check_reference=True, steps=1, json=False, quiet=True, attention="auto", device="cpu",
-                dtype="fp32", lr=1e-3, timeout=120.0, threads=1)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return executor_options(check_reference=True, quiet=True, device="cpu", timeout=120.0, **kw)
 
 
 def main(paths):

@@ -5,13 +5,13 @@ import os
 import socket
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
 import ir
+from executor.cli import options as executor_options
 from passes import check
-from tests.executor_plans import matrix, spec
+from tests.executor_plans import matrix
 from compiler import compile_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,10 +107,8 @@ def test_exchange_plans_carry_kv_instructions():
 
 
 def local_opts(**kw):
-    base = dict(check_reference=True, steps=1, json=False, quiet=True, attention="auto", device="cpu",
-                dtype="fp32", lr=1e-3, timeout=120.0, threads=1)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    kw = {"check_reference": True, "quiet": True, "device": "cpu", "timeout": 120.0, **kw}
+    return executor_options(**kw)
 
 
 def test_local_transport_matches_torchrun(results):
