@@ -3,8 +3,8 @@ saved tensors deduplicated by storage, parameters excluded, + K/V caches + dK/dV
 CPU, fp32, in-process --local run) beside the memory model's prediction for the same plan:
 
     before  the fused-kernel model (saves="fused"): activations + kv_cache + kv_grads at its peak
-    model   saves="executor": activations + kv_cache + kv_grads + logits (the fp32 log-probs the
-            cross-entropy keeps per last-stage unit) at its peak: passes.memory.activation_peak
+    model   saves="executor": activations + kv_cache + kv_grads + logits (the fp32 log-sum-exp the
+            loss head keeps per last-stage token) at its peak: passes.memory.activation_peak
 
 Records bench/results/memory_vs_executor.json.
 

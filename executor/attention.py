@@ -209,8 +209,19 @@ def pick_backend(choice: str, device: torch.device, dtype=torch.float32) -> Back
 
 
 # ---------------------------------------------------------------- the sliced attention Function
+def seq_major(out):
+    """out ([b, heads, s, d]) as a view of [b, s, heads, d] memory, so that the out-projection's
+    out.transpose(1, 2).reshape(b, s, heads * d) is a view of the same storage, not a copy."""
+    if out.transpose(1, 2).is_contiguous():
+        return out
+    b, h, s, d = out.shape
+    return torch.empty((b, s, h, d), dtype=out.dtype, device=out.device).transpose(1, 2).copy_(out)
+
+
 class SliceAttention(torch.autograd.Function):
     """Attention of one slice's queries over its own K/V (causal) and the earlier slices' K/V.
+    Its output is [b, heads, s, d] in [b, s, heads, d] memory (seq_major): the layout the
+    out-projection reads, so the saved output and the projection's saved input are one tensor.
 
     `ctx_obj` (an executor.interpreter.LayerCtx-like object) supplies: backend, scale, prefix
     [(k_i, v_i)] detached K/V of earlier slices, accumulate(i, dk, dv) for their gradients, and
@@ -230,7 +241,7 @@ class SliceAttention(torch.autograd.Function):
         if handle is not None:
             o2, l2 = lc.fwd_remote_finish(handle)
             out, lse = merge(out, lse, o2.float(), l2)
-        out = out.to(q.dtype)
+        out = seq_major(out.to(q.dtype))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.lc = lc
         return out

@@ -70,9 +70,73 @@ def batch_tokens(spec, step: int, mb: int, device="cpu") -> torch.Tensor:
     return t.to(device)
 
 
+class RMSNorm(torch.autograd.Function):
+    """y = (x * rstd).to(x.dtype) * w with rstd = rsqrt(mean(x^2) + EPS) in fp32. Saves only x and the
+    fp32 rstd (4 bytes per token); x * rstd is recomputed in backward. (Plain autograd also keeps
+    x * rstd and the output.)"""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
+        ctx.save_for_backward(x, rstd, w)
+        return (xf * rstd).to(x.dtype) * w
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, rstd, w = ctx.saved_tensors
+        n = x.float() * rstd
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * n.to(x.dtype)).reshape(-1, w.shape[0]).sum(0).to(w.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dn = (dy * w).float()
+            dx = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
+        return dx, dw
+
+
 def rmsnorm(x, w):
+    return RMSNorm.apply(x, w)
+
+
+def rmsnorm_reference(x, w):
+    """The same norm under plain autograd (what RMSNorm must match)."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * w
+
+
+class SwiGLUDown(torch.autograd.Function):
+    """(silu(gate) * up) @ w2.t(). Saves only gate and up: silu(gate) and the product (the down
+    projection's input) are recomputed in backward. (Plain autograd keeps gate, silu(gate), up and
+    the product.)"""
+
+    @staticmethod
+    def forward(ctx, gate, up, w2):
+        ctx.save_for_backward(gate, up, w2)
+        return (F.silu(gate) * up) @ w2.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up, w2 = ctx.saved_tensors
+        s = F.silu(gate)
+        dw2 = None
+        if ctx.needs_input_grad[2]:
+            prod = s * up
+            dw2 = dy.reshape(-1, dy.shape[-1]).t() @ prod.reshape(-1, prod.shape[-1])
+            del prod
+        dp = dy @ w2
+        dgate = torch.ops.aten.silu_backward(dp * up, gate) if ctx.needs_input_grad[0] else None
+        dup = dp * s if ctx.needs_input_grad[1] else None
+        return dgate, dup, dw2
+
+
+def swiglu_down(gate, up, w2):
+    return SwiGLUDown.apply(gate, up, w2)
+
+
+def swiglu_down_reference(gate, up, w2):
+    return (F.silu(gate) * up) @ w2.t()
 
 
 def rope_tables(head_dim: int, start: int, length: int, device, dtype):
@@ -102,14 +166,51 @@ def layer_forward(P: dict, i: int, cfg, x, cos, sin, attend):
     v = (h @ P[p + "wv"].t()).view(b, s, cfg.kv_heads, d).transpose(1, 2)
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     a = attend(q, k, v.contiguous())
+    # SliceAttention returns a [b, heads, s, d] view of [b, s, heads, d] memory: this is a view, so
+    # the out-projection's saved input is the attention's saved output (no second copy)
     x = x + a.transpose(1, 2).reshape(b, s, cfg.heads * d) @ P[p + "wo"].t()
     h = rmsnorm(x, P[p + "mlp_norm"])
-    return x + (F.silu(h @ P[p + "w1"].t()) * (h @ P[p + "w3"].t())) @ P[p + "w2"].t()
+    return x + swiglu_down(h @ P[p + "w1"].t(), h @ P[p + "w3"].t(), P[p + "w2"])
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum over tokens of cross_entropy(float(h @ w.t()), labels) / denom. Saves h, the labels and
+    the fp32 log-sum-exp of each token's logits (4 bytes per token); backward recomputes the logits
+    (one more LM-head matmul) instead of keeping [tokens, vocab] fp32 log-probabilities."""
+
+    @staticmethod
+    def forward(ctx, h, w, labels, denom):
+        logits = (h @ w.t()).float()
+        lse = torch.logsumexp(logits, -1)
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        del logits
+        ctx.save_for_backward(h, w, labels, lse)
+        ctx.denom = denom
+        return ((lse - picked).sum() / denom).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        h, w, labels, lse = ctx.saved_tensors
+        g = (h @ w.t()).float()
+        g.sub_(lse.unsqueeze(-1)).exp_()  # softmax
+        g.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(lse, -1.0).unsqueeze(-1))
+        g.mul_(dloss / ctx.denom)
+        g = g.to(h.dtype)
+        dh = g @ w if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+        return dh, dw, None, None
 
 
 def head_loss(P: dict, x, labels, denom: float):
     """Final norm, LM head and the summed token cross-entropy divided by `denom`."""
-    h = rmsnorm(x, P["norm"])
+    return HeadCrossEntropy.apply(rmsnorm(x, P["norm"]), P["lm_head"], labels, denom)
+
+
+def head_loss_reference(P: dict, x, labels, denom: float):
+    """head_loss under plain autograd (what the custom Functions must match)."""
+    h = rmsnorm_reference(x, P["norm"])
     logits = h @ P["lm_head"].t()
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
     return ce / denom

@@ -27,21 +27,30 @@ logits (last stage, transient while one unit runs): fp32 logits and their gradie
                 activations (6H + 3F) b + 4h per layer and token (+ 2H b per token on the last
                 stage), logits transient. The fused RMSNorm's fp32 rstd (4 bytes per norm and
                 token) is left out: next to (6H + 3F) b it is noise.
-    "executor"  what executor/ (plain PyTorch eager autograd, measured by its ActivationTracker:
-                saved tensors deduplicated by storage, parameters excluded, + K/V caches + dK/dV
-                accumulators) really keeps. Per layer and token:
-                    (9H + 4F) b + 4h + 8      activations
+    "executor"  what executor/ (PyTorch eager autograd with a few memory-lean custom Functions,
+                measured by its ActivationTracker: saved tensors deduplicated by storage,
+                parameters excluded, + K/V caches + dK/dV accumulators) really keeps. Per layer
+                and token:
+                    (6H + 2F) b + 4h + 8      activations
                     2 g d b                   K/V (the attention's saved k, v are the cache)
-                where the extra 3H + F + 8 over "fused" are: each unfused RMSNorm saves its input,
-                x * rstd (fp32 rstd, 4 bytes) and x * rstd * w (the next matmul's input) = 3H + 1
-                instead of 2H; the attention output is saved twice (by the attention in
-                [b, h, s, d] layout and, as a reshaped copy, by the out-projection); SwiGLU saves
-                gate, silu(gate), up and their product = 4F instead of 3F. RoPE saves only its
-                cos/sin tables, once per unit: + 2 d b per token (not per layer). Last stage, per
-                token: final norm 3H b + 4, and the cross-entropy's fp32 log-probabilities 4V,
-                held from the unit's F to its B (reported as "logits"; the transient logits
-                gradient is not a saved tensor and is not counted). Left out: the int64 token ids
-                that the embedding and the loss save (8 bytes per token of the micro-batch, < 0.1%).
+                i.e. each RMSNorm (executor.model.RMSNorm) saves its input and fp32 rstd (H b + 4;
+                its output is the next matmuls' saved input, H b); q and the attention output
+                (returned in [b, s, heads, d] memory, so the out-projection's input is a view of
+                it: saved once), H b each, + the fp32 lse (4h); SwiGLU with the down projection
+                (executor.model.SwiGLUDown) saves only gate and up (2F b; silu(gate) and the
+                product are recomputed in backward) -- one F b less than "fused", which keeps
+                the product for the down projection, and 8 bytes more (the two norms' fp32 rstd).
+                RoPE saves only its cos/sin tables, once per unit: + 2 d b per token (not per
+                layer). Last stage, per token: the final norm 2H b + 4 (input, rstd; its output
+                is the LM head's saved input) and the loss head's fp32 log-sum-exp, 4 bytes
+                (executor.model.HeadCrossEntropy recomputes the logits in backward instead of
+                keeping [tokens, V] fp32 log-probabilities), held from the unit's F to its B
+                (reported as "logits"; the transient logits/gradient are not saved tensors and
+                are not counted). Left out: the int64 token ids that the embedding and the loss
+                save (8 bytes per token of the micro-batch, shared by its slices).
+                Measured (bench/memory_vs_executor.py, tests/test_executor_model.py): before the
+                custom Functions the executor kept (9H + 4F) b + 4h + 8 per layer and token and
+                4V fp32 log-probabilities per last-stage token.
                 Compare the executor's peak_activation_bytes with activation_peak(...,
                 saves="executor"), the peak of activations + kv_cache + kv_grads + logits.
 """
@@ -91,18 +100,18 @@ def per_token_layer(model, dtype_bytes: int = 2, saves: str = "fused") -> tuple[
     d = H // h
     kv = 2 * g * d * dtype_bytes
     if saves == "executor":
-        return (9 * H + 4 * F) * dtype_bytes + 4 * h + 8, kv
+        return (6 * H + 2 * F) * dtype_bytes + 4 * h + 8, kv
     return (6 * H + 3 * F) * dtype_bytes + 4 * h, kv
 
 
 def per_token_unit(model, last: bool, dtype_bytes: int = 2, saves: str = "fused") -> tuple[float, float]:
     """(activation, held logits) bytes per token of a unit that do not scale with its layers:
-    the final norm / LM head inputs on the last stage, RoPE tables and the saved log-probs for
-    saves="executor". Before dividing by tp."""
+    the final norm / LM head inputs on the last stage, RoPE tables and the loss head's saved fp32
+    log-sum-exp for saves="executor". Before dividing by tp."""
     _check_saves(saves)
     H, d = model.hidden, model.hidden // model.heads
     if saves == "executor":
-        return 2 * d * dtype_bytes + (3 * H * dtype_bytes + 4 if last else 0), (4.0 * model.vocab if last else 0.0)
+        return 2 * d * dtype_bytes + (2 * H * dtype_bytes + 4 if last else 0), (4.0 if last else 0.0)
     return (2 * H * dtype_bytes if last else 0.0), 0.0
 
 
@@ -120,7 +129,7 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
     static = static_bytes(spec, rank, dtype_bytes)
     base = sum(static.values())
     offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
-    act = kv = kvg = lgt = 0.0  # lgt: log-probs held per unit (saves="executor")
+    act = kv = kvg = lgt = 0.0  # lgt: loss-head lse held per unit (saves="executor")
     acc: dict[tuple[int, int], float] = {}
     held: dict[tuple[int, int, int], tuple[float, float]] = {}
     peak, peak_bd = base, dict(static, activations=0.0, kv_cache=0.0, kv_grads=0.0, logits=0.0)

@@ -49,6 +49,9 @@ def test_saves_profiles():
     fused, kv = per_token_layer(TINY, 4)
     eager, kv2 = per_token_layer(TINY, 4, "executor")
     H, F = TINY.hidden, TINY.ffn
-    assert kv == kv2 and eager - fused == (3 * H + F) * 4 + 8
+    # the executor's SwiGLU + down projection keeps gate and up only (one F less than fused), and
+    # its two RMSNorms keep an fp32 rstd each (8 bytes)
+    assert kv == kv2 and eager - fused == -F * 4 + 8
+    assert eager == (6 * H + 2 * F) * 4 + 4 * TINY.heads + 8
     with pytest.raises(ValueError):
         per_token_layer(TINY, 4, "eager")
