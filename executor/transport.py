@@ -11,6 +11,7 @@ with a timeout):
 """
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -297,9 +298,18 @@ class DistTransport:
         return t.tolist()
 
     def all_gather(self, obj):
-        out = [None] * self.world
-        self.dist.all_gather_object(out, obj)
-        return out
+        """Every rank's `obj` (JSON-serialisable step-end metrics), in rank order. Plain tensor
+        collectives rather than all_gather_object, which needs NumPy (not a dependency)."""
+        data = json.dumps(obj).encode()
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world)]
+        self.dist.all_gather(sizes, size)
+        lengths = [int(x.item()) for x in sizes]
+        buf = torch.zeros(max(lengths), dtype=torch.uint8)
+        buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+        outs = [torch.empty_like(buf, device=self.device) for _ in range(self.world)]
+        self.dist.all_gather(outs, buf.to(self.device))
+        return [json.loads(bytes(o[:n].cpu().tolist())) for o, n in zip(outs, lengths)]
 
 
 def init_dist(rank: int, world: int, device: torch.device, timeout: float) -> DistTransport:

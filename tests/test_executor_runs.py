@@ -202,3 +202,20 @@ def test_reference_check_catches_a_wrong_attention(monkeypatch):
     monkeypatch.setattr(A, "merge", lambda out, lse, out2, lse2: (out, lse))
     code, summary = run_local(matrix(2)["slimpipe-v1"], local_opts())
     assert code == 1 and summary["max_grad_rel_err"] > 1e-2
+
+
+def test_runs_without_numpy(tmp_path):
+    """NumPy is not a dependency: with `import numpy` failing, a 2-rank torchrun job still runs and
+    passes the reference check (torch.distributed's object collectives need NumPy; we avoid them)."""
+    blocker = tmp_path / "site" / "numpy"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n")
+    path = str(tmp_path / "p.json")
+    ir.save(matrix(2)["slimpipe-v1"], path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "executor", path, "--check-reference", "--json"]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(blocker.parent), ROOT, ENV.get("PYTHONPATH", "")])}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["max_grad_rel_err"] < 1e-4
