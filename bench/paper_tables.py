@@ -50,6 +50,22 @@ def throughput_table(profile_name: str = "a100") -> list[dict]:
     return rows
 
 
+def paired_bar(ax, x, ours, theirs, oom_y, first, ours_color="tab:blue", fontsize=8):
+    """Our bar left of x, the published one right of it (or 'OOM' written where it ran out)."""
+    ax.bar(x - 0.2, ours, 0.4, color=ours_color, label="slimpipe model" if first else None)
+    if theirs == "OOM":
+        ax.text(x + 0.2, oom_y, "OOM", rotation=90, ha="center", va="bottom", fontsize=fontsize, color="tab:red")
+    else:
+        ax.bar(x + 0.2, theirs, 0.4, color="tab:orange", label="Seq1F1B paper" if first else None)
+
+
+def save(fig, name: str) -> str:
+    path = os.path.join(RESULTS, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot(memory_rows, tput_rows) -> list[str]:
     try:
         import matplotlib
@@ -64,13 +80,7 @@ def plot(memory_rows, tput_rows) -> list[str]:
     for i, row in enumerate(memory_rows):
         for j, lab in enumerate(labels):
             x = i * 5 + j
-            ours = row["ours_gib"][lab]
-            theirs = row["theirs_gib"][lab]
-            ax.bar(x - 0.2, min(ours, 120), 0.4, color="tab:blue", label="slimpipe model" if x == 0 else None)
-            if theirs == "OOM":
-                ax.text(x + 0.2, 82, "OOM", rotation=90, ha="center", va="bottom", fontsize=7, color="tab:red")
-            else:
-                ax.bar(x + 0.2, theirs, 0.4, color="tab:orange", label="Seq1F1B paper" if x == 0 else None)
+            paired_bar(ax, x, min(row["ours_gib"][lab], 120), row["theirs_gib"][lab], 82, x == 0, fontsize=7)
             xs.append(x)
             names.append(f"{row['model']} {row['seq_len'] // 1024}K {lab}")
     ax.axhline(80, color="gray", ls="--", lw=1)
@@ -78,29 +88,18 @@ def plot(memory_rows, tput_rows) -> list[str]:
     ax.set_ylabel("peak GiB per GPU")
     ax.set_title("Seq1F1B memory table: our memory model vs published (80 GiB line; bars capped at 120)")
     ax.legend()
-    fig.tight_layout()
-    path = os.path.join(RESULTS, "paper_memory.png")
-    fig.savefig(path, dpi=110)
+    written.append(save(fig, "paper_memory.png"))
     plt.close(fig)
-    written.append(path)
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, row in enumerate(tput_rows):
-        ax.bar(i - 0.2, row["ours_tflops_per_gpu"], 0.4, color="tab:red" if row["ours_oom_at_80"] else "tab:blue",
-               label="slimpipe model" if i == 0 else None)
-        theirs = row["theirs_tflops_per_gpu"]
-        if theirs == "OOM":
-            ax.text(i + 0.2, 5, "OOM", rotation=90, ha="center", va="bottom", fontsize=8)
-        else:
-            ax.bar(i + 0.2, theirs, 0.4, color="tab:orange", label="Seq1F1B paper" if i == 0 else None)
+        paired_bar(ax, i, row["ours_tflops_per_gpu"], row["theirs_tflops_per_gpu"], 5, i == 0,
+                   ours_color="tab:red" if row["ours_oom_at_80"] else "tab:blue")
     ax.set_xticks(range(len(tput_rows)), [f"{r['schedule']}\n{r['seq_len'] // 1024}K" for r in tput_rows], fontsize=8)
     ax.set_ylabel("TFLOPS per GPU (A100)")
     ax.set_title("7B on 32 GPUs, 8 micro-batches (red bar: our model predicts OOM)")
     ax.legend()
-    fig.tight_layout()
-    path = os.path.join(RESULTS, "paper_throughput.png")
-    fig.savefig(path, dpi=110)
+    written.append(save(fig, "paper_throughput.png"))
     plt.close(fig)
-    written.append(path)
     return written
 
 

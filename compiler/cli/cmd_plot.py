@@ -6,7 +6,7 @@ import os
 from ir import SpecError, atomic_write
 from passes.costs import load_profile
 
-from .common import add_parser, add_render_args, check_output_path, emit_json, load_plan
+from .common import add_parser, add_render_args, check_output_path, load_plan, report
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -25,11 +25,7 @@ def run(args) -> int:
     profile = None if args.unit_costs else load_profile(args.device_profile)
     plan = load_plan(args.plan)
     atomic_write(args.output, plot_timeline(plan, fmt, profile, unit_costs=args.unit_costs))
-    if args.json:
-        emit_json({"output": args.output, "format": fmt})
-    else:
-        print(f"wrote {args.output}")
-    return 0
+    return report(args, {"output": args.output, "format": fmt}, f"wrote {args.output}")
 
 
 def register(sub) -> None:

@@ -7,7 +7,7 @@ from ir import atomic_write
 from passes.costs import load_profile
 from passes.trace import chrome_trace
 
-from .common import add_parser, add_render_args, check_output_path, emit_json, load_plan
+from .common import add_parser, add_render_args, check_output_path, load_plan, report
 
 
 def run(args) -> int:
@@ -17,11 +17,8 @@ def run(args) -> int:
     trace = chrome_trace(plan, profile, unit_costs=args.unit_costs)
     atomic_write(args.output, json.dumps(trace, separators=(",", ":")))
     n = sum(1 for e in trace["traceEvents"] if e["ph"] == "X")
-    if args.json:
-        emit_json({"output": args.output, "events": n, "ranks": plan.spec.pp})
-    else:
-        print(f"wrote {args.output}: {n} events on {plan.spec.pp} ranks (open in https://ui.perfetto.dev)")
-    return 0
+    return report(args, {"output": args.output, "events": n, "ranks": plan.spec.pp},
+                  f"wrote {args.output}: {n} events on {plan.spec.pp} ranks (open in https://ui.perfetto.dev)")
 
 
 def register(sub) -> None:

@@ -23,6 +23,15 @@ def emit_json(obj) -> None:
     sys.stdout.write("\n")
 
 
+def report(args, summary: dict, line: str) -> int:
+    """The command's result: `summary` as JSON with --json, else one human line. Exit code 0."""
+    if getattr(args, "json", False):
+        emit_json(summary)
+    else:
+        print(line)
+    return 0
+
+
 def check_output_path(path: str) -> None:
     """Fail before any work if the output cannot be written where asked."""
     d = os.path.dirname(os.path.abspath(path))
