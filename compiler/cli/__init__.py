@@ -11,10 +11,10 @@ from . import cmd_check, cmd_compare, cmd_compile, cmd_plot, cmd_show, cmd_simul
 
 COMMANDS = [cmd_compile, cmd_check, cmd_simulate, cmd_show, cmd_trace, cmd_plot, cmd_compare, cmd_tune]
 
-EPILOG = """example (the README's main job):
-  slimpipe compile --schedule slimpipe --pp 4 --microbatches 4 --slices 4 --model tiny -o plan.json
-  slimpipe check plan.json && slimpipe simulate plan.json --unit-costs --json && slimpipe show plan.json
-  torchrun --nproc-per-node 4 -m executor plan.json --check-reference"""
+EPILOG = """example (the README's main job: compile, check, simulate, run on 4 ranks with the reference check):
+  slimpipe compile --schedule slimpipe --pp 4 --microbatches 4 --slices 8 --model tiny --seq-len 256 -o plan.json
+  slimpipe check plan.json && slimpipe simulate plan.json && slimpipe show plan.json
+  torchrun --nproc-per-node 4 -m executor plan.json --steps 2 --check-reference"""
 
 
 class Parser(argparse.ArgumentParser):

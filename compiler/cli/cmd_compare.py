@@ -108,7 +108,7 @@ def run(args) -> int:
 def register(sub) -> None:
     p = add_parser(sub, "compare", "compare the schedule families (each at its best n, v): step time, bubble, "
                    "peak memory, tokens/s, OOM against a memory budget",
-                   "slimpipe compare --model llama-70b --seq-len 524288 --pp 16 --tp 8 --memory-budget 80GiB")
+                   "slimpipe compare --model llama-70b --seq-len 524288 --pp 16 --tp 8 --cp 4 --memory-budget 80GiB")
     add_model_args(p)
     p.add_argument("--pp", type=positive_int, required=True, help="pipeline ranks p")
     p.add_argument("--microbatches", type=positive_int, help="micro-batches m per step (default: pp)")
