@@ -10,7 +10,7 @@ import sys
 
 import ir
 
-from .faults import FAULT_HELP, fault_from_env
+from .faults import FAULT_HELP, fault_from_env, line, write_line
 
 EPILOG = """examples:
   torchrun --nproc-per-node 4 -m executor plan.json --check-reference
@@ -82,8 +82,7 @@ def options(**overrides) -> argparse.Namespace:
 
 
 def _fail(msg: str, code: int = 2) -> int:
-    who = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
-    print(f"executor: {who}error: {msg}", file=sys.stderr, flush=True)
+    write_line(line(os.environ.get("RANK"), msg))
     return code
 
 

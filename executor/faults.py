@@ -144,6 +144,13 @@ def line(rank, msg: str) -> str:
     return f"executor: {who}error: {msg}"
 
 
+def write_line(text: str) -> None:
+    """`text` and its newline to stderr in one write(): all ranks share torchrun's stderr pipe, and
+    print() writes text and newline separately, so concurrent ranks could splice their lines."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (text[:3000] + "\n").encode("utf-8", "replace"))
+
+
 def die(rank, msg: str, code: int = 1, *, from_signal: bool = False) -> None:
     """Print the rank's one line and end the process now. Only the first caller prints; a later
     one (another thread) waits for the exit, a signal handler returns."""
@@ -160,6 +167,6 @@ def die(rank, msg: str, code: int = 1, *, from_signal: bool = False) -> None:
     except Exception:  # noqa: BLE001 - stdout may be gone
         pass
     try:
-        print(line(rank, msg), file=sys.stderr, flush=True)
+        write_line(line(rank, msg))
     finally:
         os._exit(code)

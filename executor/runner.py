@@ -20,7 +20,7 @@ import torch
 from ir import SlimpipeError
 
 from .attention import pick_backend
-from .faults import Watch, cause, die, fault_from_env, line
+from .faults import Watch, cause, die, fault_from_env, line, write_line
 from .interpreter import ExecError, Rank
 from .metrics import median, peak_rss_mib
 from .transport import Aborted, LocalHub, PeerLost, init_dist
@@ -166,7 +166,7 @@ def run_local(plan, opts) -> tuple[int, dict | None]:
             errors[r] = f"{watches[r].where()}: abandoned {watches[r].doing()}: {hub.error}"
     for r, msg in enumerate(errors):
         if msg is not None:
-            print(line(r, msg), file=sys.stderr, flush=True)
+            write_line(line(r, msg))
     return max(codes), summary[0]
 
 
