@@ -146,9 +146,17 @@ def line(rank, msg: str) -> str:
 
 def write_line(text: str) -> None:
     """`text` and its newline to stderr in one write(): all ranks share torchrun's stderr pipe, and
-    print() writes text and newline separately, so concurrent ranks could splice their lines."""
+    print() writes text and newline separately, so concurrent ranks could splice their lines.
+    A stderr without a file descriptor (captured in-process) gets an ordinary write."""
+    data = text[:3000] + "\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        sys.stderr.write(data)
+        sys.stderr.flush()
+        return
     sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (text[:3000] + "\n").encode("utf-8", "replace"))
+    os.write(fd, data.encode("utf-8", "replace"))
 
 
 def die(rank, msg: str, code: int = 1, *, from_signal: bool = False) -> None:
