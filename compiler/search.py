@@ -50,6 +50,7 @@ from passes.simulate import simulate_timed
 
 from . import compile_plan, schedules
 from .layout import build_spec, plain_or_looping, split_layers
+from .schedules.closed_forms import closed_form_bubble, closed_form_peak_units
 
 TP_CHOICES = (1, 2, 4, 8)
 CP_CHOICES = (1, 2, 4, 8)
@@ -191,37 +192,6 @@ class _Shape:
             self.num_stages = c.pp * c.virtual_stages
             self.stage_layers = split_layers(model.layers, self.num_stages)
             self.placement = plain_or_looping(c.pp, c.virtual_stages)
-
-
-# ---------------------------------------------------------------- closed forms
-
-def closed_form_bubble(fam: str, p: int, m: int, n: int, v: int) -> float:
-    """Bubble fraction with unit costs (reference table)."""
-    if fam in ("gpipe", "1f1b"):
-        work = m * n
-    else:
-        work = v * m * n
-    return (p - 1) / (work + p - 1)
-
-
-def closed_form_peak_units(fam: str, p: int, m: int, n: int, v: int) -> int:
-    """Units in flight at rank 0's peak, from the families' in-flight limits (never above the
-    generated schedule's: tests check it against passes.simulate.peak_units)."""
-    total = m * n * v
-    if fam in ("gpipe", "looped-bfs"):
-        return total
-    if fam == "1f1b":
-        return min(p, total)
-    if fam == "interleaved-1f1b":
-        return min(p, total) if v == 1 else min(2 * (p - 1) + (v - 1) * p + 1, total)
-    if fam == "seq1f1b":
-        if v == 1:
-            return min(p - 1 + n - 1 + 1, total)
-        g = n * -(-p // n)
-        return min((v - 1) * g + 2 * (p - 1) + n - 1 + 1, total)
-    if fam == "slimpipe":
-        return min(n * v + 2 * (p - 1), total)
-    raise SpecError(f"no closed form for schedule {fam!r}")
 
 
 # ---------------------------------------------------------------- per-layer costs (memoized)
