@@ -4,7 +4,7 @@ from __future__ import annotations
 from ir import Instr, Kind, Plan, PlanSpec
 from ir.gcpause import gc_paused
 from passes import lower_comm, redistribute
-from passes.costs import DeviceProfile, load_profile
+from passes.costs import load_profile
 
 from . import schedules
 from .layout import build_spec
@@ -23,11 +23,7 @@ def compile_plan(spec: PlanSpec, profile=None) -> Plan:
     plan.meta["device_profile"] when the exchange pass runs (it is used nowhere else)."""
     family = schedules.get(spec.schedule)
     family.validate(spec)
-    prof = None
-    if spec.exchange:
-        prof = load_profile(profile) if profile is None or isinstance(profile, str) else profile
-        if not isinstance(prof, DeviceProfile):
-            raise TypeError(f"profile must be None, a profile name, a .json path or a DeviceProfile, not {profile!r}")
+    prof = load_profile(profile) if spec.exchange else None
     order = family.generate(spec)
     plan = Plan(spec, tuple(tuple(o) for o in order), {"compiler": f"slimpipe {VERSION}"})
     plan = lower_comm(plan)

@@ -43,7 +43,7 @@ from functools import lru_cache
 from typing import Callable
 
 from ir import Plan, PlanSpec, SlimpipeError, SpecError
-from passes.costs import DeviceProfile, unit_parts
+from passes.costs import DeviceProfile, dp_allreduce_time, unit_parts
 from passes.memory import memory_report, per_token_layer, rank_params, static_bytes
 from passes.partition import flops_partition
 from passes.simulate import simulate_timed
@@ -285,10 +285,7 @@ def bounds(problem: Problem, c: Candidate) -> Bounds:
         edge.append(fill + drain)
         fill += L[r] * sc.min_f + sc.min_hop
         drain += min(L[c_ * p + r] for c_ in range(v)) * sc.min_b + sc.min_hop
-    dp_s = 0.0
-    if c.dp > 1:
-        params = max(rank_params(sh, r) for r in range(p))
-        dp_s = 2 * (c.dp - 1) / c.dp * params * 4.0 / prof.dp_bandwidth + prof.p2p_latency
+    dp_s = dp_allreduce_time(c.dp, max(rank_params(sh, r) for r in range(p)) * 4.0, prof)
     if c.exchange:
         work = m * (model.layers * sc.work_fb + sc.head_fb)
         t = max(max(e + f for e, f in zip(edge, fixed)), (sum(edge) + work) / p)

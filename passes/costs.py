@@ -56,10 +56,15 @@ PROFILES = {
 }
 
 
-def load_profile(arg: str | None) -> DeviceProfile:
-    """A built-in profile name or a JSON file with every DeviceProfile field (name optional)."""
+def load_profile(arg: "str | DeviceProfile | None") -> DeviceProfile:
+    """A DeviceProfile as given, None (h100), a built-in profile name, or a JSON file with every
+    DeviceProfile field (name optional)."""
+    if isinstance(arg, DeviceProfile):
+        return arg
     if arg is None:
         return PROFILES["h100"]
+    if not isinstance(arg, str):
+        raise TypeError(f"profile must be None, a profile name, a .json path or a DeviceProfile, not {arg!r}")
     if arg in PROFILES:
         return PROFILES[arg]
     if not arg.endswith(".json"):
@@ -217,10 +222,7 @@ class CostModel:
 
     def dp_time(self, param_bytes: float) -> float:
         """Ring all-reduce of a rank's gradients over dp replicas."""
-        dp = self.spec.dp
-        if dp == 1:
-            return 0.0
-        return 2 * (dp - 1) / dp * param_bytes / self.prof.dp_bandwidth + self.prof.p2p_latency
+        return dp_allreduce_time(self.spec.dp, param_bytes, self.prof)
 
     def model_flops(self) -> float:
         """Useful FLOPs of one step per pipeline replica (forward + backward as 3x forward, the MFU convention)."""
@@ -230,6 +232,24 @@ class CostModel:
             for j, s in enumerate(spec.slice_lens[mb]):
                 tot += model_forward_flops(spec.model, s, self.offsets[mb][j], vocab_factor=2.0)
         return 3 * tot * spec.micro_batch_size
+
+
+def dp_allreduce_time(dp: int, param_bytes: float, prof: DeviceProfile) -> float:
+    """Seconds of a ring all-reduce of `param_bytes` of gradients over dp replicas (0 for dp=1)."""
+    if dp == 1:
+        return 0.0
+    return 2 * (dp - 1) / dp * param_bytes / prof.dp_bandwidth + prof.p2p_latency
+
+
+def timed_replay(plan: Plan, cm: CostModel, record: bool = False):
+    """Replay with the cost model: unit times (KV shifts applied), p2p flight, KV rendezvous.
+    Returns (replay result, unit time table)."""
+    from .replay import replay
+
+    table = unit_cost_table(plan, cm)
+    res = replay(plan, lambda r, ins: table[(r, ins.kind, ins.mb, ins.slice, ins.chunk)],
+                 cm.p2p_time, cm.kv_time, record=record)
+    return res, table
 
 
 def unit_cost_table(plan: Plan, cm: CostModel) -> dict[tuple, float]:

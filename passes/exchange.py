@@ -136,15 +136,6 @@ def _with_exchanges(plan: Plan, pairs) -> Plan:
 STEP_WEIGHTS = (1.0,)
 
 
-def _timed_replay(plan: Plan, cm):
-    """Replay with the cost model's unit times (KV shifts applied), p2p flight and KV rendezvous."""
-    from .costs import unit_cost_table
-
-    table = unit_cost_table(plan, cm)
-    return replay(plan, lambda r, ins: table[(r, ins.kind, ins.mb, ins.slice, ins.chunk)],
-                  cm.p2p_time, cm.kv_time, record=True)
-
-
 def _best_x(cm, o: int, u: Instr, q: int, w: Instr, thr: int) -> tuple[int, float, float]:
     """(x, owner seconds, partner seconds) with x in 1..u.slice (capped by thr) making the two
     durations most equal: the owner's time falls and the partner's rises as x grows."""
@@ -225,17 +216,16 @@ def cost_pairings(plan: Plan, profile="h100", step_weights=STEP_WEIGHTS,
     backward weight c in step_weights, the units that start together in a replay with F=1, B=c
     (free communication) are mirror-paired by their real durations; the unit-cost pairing and
     the empty one are candidates too. Candidates whose timed replay deadlocks are left out."""
-    from .costs import CostModel, load_profile
+    from .costs import CostModel, load_profile, timed_replay
 
-    prof = load_profile(profile) if profile is None or isinstance(profile, str) else profile
-    cm = CostModel(plan.spec, prof, dtype_bytes)
+    cm = CostModel(plan.spec, load_profile(profile), dtype_bytes)
     scored: dict[tuple, float] = {}
 
     def evaluate(pairs):
         key = tuple(pairs)
         if key in scored:
             return
-        res = _timed_replay(_with_exchanges(plan, pairs) if pairs else plan, cm)
+        res, _ = timed_replay(_with_exchanges(plan, pairs) if pairs else plan, cm)
         scored[key] = float("inf") if res.deadlocked else res.makespan
 
     evaluate([])

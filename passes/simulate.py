@@ -60,18 +60,17 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
     ideal = min(b_ideal, b), imbalance = max(0, min(b_free, b) - ideal), comm = b - the two.
     makespan_s adds the data-parallel gradient all-reduce after the pipeline drains.
     MFU = model FLOPs (3x forward) / (makespan * peak * pp * tp * cp)."""
-    from .costs import CostModel, load_profile, unit_cost_table
+    from .costs import CostModel, load_profile, timed_replay
     from .memory import memory_report, rank_params
 
     prof = profile if profile is not None else load_profile(None)
     spec = plan.spec
     cm = CostModel(spec, prof, dtype_bytes)
-    table = unit_cost_table(plan, cm)
+    res, table = timed_replay(plan, cm, record=record)
 
     def cost(r, ins):
         return table[(r, ins.kind, ins.mb, ins.slice, ins.chunk)]
 
-    res = replay(plan, cost, cm.p2p_time, cm.kv_time, record=record)
     if res.deadlocked:
         raise PlanInvalidError(res.deadlock_message())
     free = replay(plan, cost)
