@@ -13,6 +13,15 @@ from .models import PRESETS, resolve_model
 VERSION = "0.1.0"
 
 
+def schedule_plan(spec: PlanSpec) -> Plan:
+    """The family's per-rank compute order as a Plan (no communication yet): all the memory
+    model needs, and the start of every compile."""
+    family = schedules.get(spec.schedule)
+    family.validate(spec)
+    order = family.generate(spec)
+    return Plan(spec, tuple(tuple(o) for o in order), {"compiler": f"slimpipe {VERSION}"})
+
+
 @gc_paused
 def compile_plan(spec: PlanSpec, profile=None) -> Plan:
     """Generate the family's compute order, lower communication, pair units for the KV exchange
@@ -21,16 +30,12 @@ def compile_plan(spec: PlanSpec, profile=None) -> Plan:
     `profile` (None = "h100", a built-in name, a .json path, or a passes.costs.DeviceProfile) is
     the device the exchange pairing costs units with; its name is recorded in
     plan.meta["device_profile"] when the exchange pass runs (it is used nowhere else)."""
-    family = schedules.get(spec.schedule)
-    family.validate(spec)
     prof = load_profile(profile) if spec.exchange else None
-    order = family.generate(spec)
-    plan = Plan(spec, tuple(tuple(o) for o in order), {"compiler": f"slimpipe {VERSION}"})
-    plan = lower_comm(plan)
+    plan = lower_comm(schedule_plan(spec))
     if prof is not None:
         plan = redistribute(plan, prof)
         plan = plan.with_ranks(plan.ranks, device_profile=prof.name)
     return plan.with_ranks([r + (Instr(Kind.OPT),) for r in plan.ranks])
 
 
-__all__ = ["PRESETS", "VERSION", "build_spec", "compile_plan", "resolve_model", "schedules"]
+__all__ = ["PRESETS", "VERSION", "build_spec", "compile_plan", "resolve_model", "schedule_plan", "schedules"]

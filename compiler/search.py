@@ -48,8 +48,8 @@ from passes.memory import memory_report, per_token_layer, rank_params, static_by
 from passes.partition import flops_partition
 from passes.simulate import simulate_timed
 
-from . import compile_plan, schedules
-from .layout import build_spec, plain_or_looping, split_layers
+from . import compile_plan, schedule_plan, schedules
+from .layout import build_spec, plain_or_looping, split_layers, uniform_slices
 from .schedules.closed_forms import closed_form_bubble, closed_form_peak_units
 
 TP_CHOICES = (1, 2, 4, 8)
@@ -216,7 +216,7 @@ class SliceCosts:
 def slice_lens(model, seq_len: int, n: int, partition: str) -> tuple[int, ...]:
     if partition == "flops":
         return tuple(flops_partition(model, seq_len, n))
-    return (seq_len // n,) * n
+    return uniform_slices(seq_len, n)
 
 
 @lru_cache(maxsize=None)
@@ -310,11 +310,7 @@ def candidate_spec(problem: Problem, c: Candidate) -> PlanSpec:
 def exact_peak_memory(spec: PlanSpec, dtype_bytes: int = 2) -> float:
     """Peak bytes of the fullest rank: the memory model needs only each rank's compute order
     (communication and KV exchanges do not change it), so no compile."""
-    family = schedules.get(spec.schedule)
-    family.validate(spec)
-    order = family.generate(spec)
-    plan = Plan(spec, tuple(tuple(o) for o in order))
-    return max(r["peak_memory_bytes"] for r in memory_report(plan, dtype_bytes))
+    return max(r["peak_memory_bytes"] for r in memory_report(schedule_plan(spec), dtype_bytes))
 
 
 def evaluate(spec: PlanSpec, profile: DeviceProfile, dtype_bytes: int = 2) -> tuple[dict, Plan]:
