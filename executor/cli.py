@@ -32,15 +32,9 @@ def load_plan(path: str, check: bool = True):
     first means a wrong plan fails here, on every rank, instead of hanging until the timeout."""
     plan = ir.load(path)
     if check:
-        from passes import check as check_plan
+        from passes import require_valid
 
-        problems = check_plan(plan).problems
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            first = str(problems[0])
-            if len(first) > 700:
-                first = first[:700] + "..."
-            raise ir.PlanInvalidError(f"plan breaks a rule, not run: {first}{more}; `slimpipe check {path}` lists all")
+        require_valid(plan, "not run", path)
     return plan
 
 

@@ -1,10 +1,10 @@
 """Passes: pure functions over plans (Plan -> Plan, or Plan -> report). Import ir only."""
-from .check import Report, check
+from .check import Report, check, require_valid
 from .exchange import redistribute
 from .lower import lower_comm, p2p_tag
 from .replay import Replay, replay
 from .simulate import bubble_fraction, peak_units, simulate_timed, simulate_units
 from .validate import Problem, validate
 
-__all__ = ["Report", "check", "lower_comm", "p2p_tag", "Replay", "replay", "bubble_fraction", "peak_units",
+__all__ = ["Report", "check", "require_valid", "lower_comm", "p2p_tag", "Replay", "replay", "bubble_fraction", "peak_units",
            "simulate_units", "simulate_timed", "Problem", "validate", "redistribute"]

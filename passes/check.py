@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ir import Plan
+from ir import Plan, PlanInvalidError
 
 from .replay import replay
 from .validate import Problem, validate
@@ -28,3 +28,16 @@ def check(plan: Plan) -> Report:
         if res.deadlocked:
             problems.append(Problem("deadlock", res.deadlock_message()))
     return Report(problems)
+
+
+def require_valid(plan: Plan, doing: str, path: str = "plan.json", deadlock: bool = True) -> None:
+    """Refuse a plan that breaks a rule (and, with `deadlock`, one that cannot finish) before
+    acting on it: PlanInvalidError with one line, e.g. 'plan breaks a rule, not run: [order] ...'.
+    `doing` says what was not done ('not run', 'not simulated')."""
+    problems = check(plan).problems if deadlock else validate(plan)
+    if problems:
+        first = str(problems[0])
+        if len(first) > 700:
+            first = first[:700] + "..."
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PlanInvalidError(f"plan breaks a rule, {doing}: {first}{more}; `slimpipe check {path}` lists all")

@@ -1,8 +1,8 @@
 """slimpipe simulate: replay a plan on virtual clocks (unit costs, or the cost + memory model)."""
 from __future__ import annotations
 
-from ir import PlanInvalidError, SpecError
-from passes import simulate_units, validate
+from ir import SpecError
+from passes import require_valid, simulate_units
 from passes.costs import PROFILES, load_profile
 from passes.simulate import simulate_timed
 
@@ -31,9 +31,9 @@ def run(args) -> int:
     profile = load_profile(args.device_profile) if not args.unit_costs else None
     dtype = dtype_bytes_arg(args.dtype)
     plan = load_plan(args.plan)
-    problems = validate(plan, max_problems=1)
-    if problems:  # figures of a plan that breaks a rule (missing unit, unmatched send) would mislead
-        raise PlanInvalidError(f"plan breaks a rule, not simulated: {problems[0]} (slimpipe check lists all)")
+    # figures of a plan that breaks a rule (missing unit, unmatched send) would mislead; a deadlock
+    # is named by the simulation itself
+    require_valid(plan, "not simulated", args.plan, deadlock=False)
     if args.unit_costs:
         out = simulate_units(plan)  # a deadlock raises PlanInvalidError naming the wait cycle
         if args.json:
