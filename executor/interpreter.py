@@ -426,9 +426,7 @@ class Rank:
         self.jobs.append(ServeJob(self, ins))
 
     def opt(self, ins):
-        self.finish_compute()
-        if self.check_reference and self.step == 0:
-            self.report.update(self.reference_check())
+        self.close_compute()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -438,12 +436,15 @@ class Rank:
         owners = sorted({j.owner for j in self.jobs})
         return owners[0] if len(owners) == 1 else "ranks " + ", ".join(map(str, owners))
 
-    def finish_compute(self):
-        """Serve what is still owed to others; every unit must have run its backward."""
+    def close_compute(self):
+        """Serve what is still owed to others; every unit must have run its backward; on step 1,
+        the reference check (the gradients are complete now, before any optimizer step)."""
         self.wait(_JobsDone(self), "the requests of a KV exchange it agreed to serve", self._owners)
         if self.units:
             k = sorted(self.units)[0]
             raise ExecError(f"rank {self.r}: unit mb{k[0]} s{k[1]} c{k[2]} never ran backward")
+        if self.check_reference and self.step == 0:
+            self.report.update(self.reference_check())
 
     # ------------------------------------------------------------------ step
     HANDLERS = {
@@ -501,9 +502,7 @@ class Rank:
             i += 1
         self.pc = n
         if not self.opt_done:
-            self.finish_compute()
-            if self.check_reference and self.step == 0:
-                self.report.update(self.reference_check())
+            self.close_compute()
         for p in self.tp.pending_sends():
             self.wait(p, "a send to complete", getattr(p, "peer", None))
         if self.device.type == "cuda":

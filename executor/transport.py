@@ -7,7 +7,7 @@ with a timeout):
     batch(ops)                           consecutive sends/recvs issued together (NCCL safety)
     version() / wait_change(v, timeout)  sleep until something may have arrived
     pending_sends()                      sends not yet complete (waited at step end)
-    all_reduce(values, op) / all_gather(obj)  step-end metrics, outside the plan's streams
+    all_gather(obj)                      step-end metrics, outside the plan's streams
 """
 from __future__ import annotations
 
@@ -137,9 +137,6 @@ class LocalTransport:
     def pending_sends(self) -> list:
         return []
 
-    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        return _reduce(self.all_gather(values), op)
-
     def all_gather(self, obj):
         h = self.hub
         h.slots[self.rank] = obj
@@ -150,11 +147,6 @@ class LocalTransport:
         except threading.BrokenBarrierError:
             raise Aborted(h.error or "in-process barrier broken (timeout)") from None
         return out
-
-
-def _reduce(rows, op):
-    cols = list(zip(*rows))
-    return [max(c) if op == "max" else sum(c) for c in cols]
 
 
 # ------------------------------------------------------------------ torch.distributed
@@ -227,17 +219,22 @@ class DistTransport:
 
         return Pending(lambda: bool(state), get)
 
-    def _recv_pending(self, work, buf, specs):
-        return self._watched(work, lambda: _unpack(buf, specs))
+    def _track_send(self, work, buf, dst) -> None:
+        """Keep a send in flight (and its buffer alive) until it completes."""
+        p = self._watched(work, lambda b=buf: None)
+        p.peer = dst
+        self.sends.append(p)
+
+    def _recv_buffer(self, specs):
+        return torch.empty(_nbytes(specs), dtype=torch.uint8, device=self.device)
 
     def send(self, dst, tag, tensors):
         buf = _pack(tensors)
-        self.sends.append(self._watched(self.dist.isend(buf, dst, tag=tag), lambda b=buf: None))
-        self.sends[-1].peer = dst
+        self._track_send(self.dist.isend(buf, dst, tag=tag), buf, dst)
 
     def post_recv(self, src, tag, specs):
-        buf = torch.empty(_nbytes(specs), dtype=torch.uint8, device=self.device)
-        return self._recv_pending(self.dist.irecv(buf, src, tag=tag), buf, specs)
+        buf = self._recv_buffer(specs)
+        return self._watched(self.dist.irecv(buf, src, tag=tag), lambda: _unpack(buf, specs))
 
     def batch(self, ops):
         if len(ops) == 1:
@@ -246,24 +243,17 @@ class DistTransport:
                 self.send(*op[1:])
                 return []
             return [self.post_recv(*op[1:])]
-        p2p, recvs = [], []
-        for op in ops:
-            if op[0] == "send":
-                buf = _pack(op[3])
-                p2p.append(self.dist.P2POp(self.dist.isend, buf, op[1], tag=op[2]))
-                recvs.append(None)
-            else:
-                buf = torch.empty(_nbytes(op[3]), dtype=torch.uint8, device=self.device)
-                p2p.append(self.dist.P2POp(self.dist.irecv, buf, op[1], tag=op[2]))
-                recvs.append((buf, op[3]))
-        works = self.dist.batch_isend_irecv(p2p)
+        p2p, bufs = [], []
+        for kind, peer, tag, payload in ops:
+            buf = _pack(payload) if kind == "send" else self._recv_buffer(payload)
+            p2p.append(self.dist.P2POp(self.dist.isend if kind == "send" else self.dist.irecv, buf, peer, tag=tag))
+            bufs.append(buf)
         out = []
-        for w, r, op in zip(works, recvs, p2p):
-            if r is None:
-                self.sends.append(self._watched(w, lambda b=op.tensor: None))
-                self.sends[-1].peer = op.peer
+        for work, buf, (kind, peer, _tag, payload) in zip(self.dist.batch_isend_irecv(p2p), bufs, ops):
+            if kind == "send":
+                self._track_send(work, buf, peer)
             else:
-                out.append(self._recv_pending(w, r[0], r[1]))
+                out.append(self._watched(work, lambda b=buf, sp=payload: _unpack(b, sp)))
         return out
 
     def version(self) -> int:
@@ -291,11 +281,6 @@ class DistTransport:
             t.join(max(0.0, deadline - time.monotonic()))
         self.dist.barrier()
         self.dist.destroy_process_group()
-
-    def all_reduce(self, values, op="sum"):
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM)
-        return t.tolist()
 
     def all_gather(self, obj):
         """Every rank's `obj` (JSON-serialisable step-end metrics), in rank order. Plain tensor
