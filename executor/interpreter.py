@@ -398,15 +398,7 @@ class Rank:
             else:
                 ops.append(("recv", ins.peer, self.wire(ins.tag, -1), self.act_spec(ins.mb, ins.slice)))
                 recv_at.append(i)
-        try:
-            pend = self.tp.batch(ops)
-        except Aborted:
-            raise
-        except Exception as e:  # noqa: BLE001 - gloo raises at post time once the peer is gone
-            peers = sorted({op[1] for op in ops})
-            who = f"rank {peers[0]}" if len(peers) == 1 else "ranks " + ", ".join(map(str, peers))
-            raise ExecError(f"{self.where(self.pc)}: lost the connection to {who} while posting its sends/receives "
-                            f"({PeerLost(getattr(self.tp, 'backend', self.tp.kind), e)})") from e
+        pend = self.tp.batch(ops)  # a peer already gone: PeerLost, reported by run_step
         for i, p in zip(recv_at, pend):
             self.pc = i
             ins = self.stream[i]
@@ -475,6 +467,9 @@ class Rank:
             raise
         except Aborted as e:  # in-process: another rank failed while this one was serving
             raise ExecError(f"{self.where(self.pc)}: stopped: {e}") from None
+        except PeerLost as e:  # posting a message (p2p or KV exchange) to a rank that is gone
+            raise ExecError(f"{self.where(self.pc)}: lost the connection to {e.who} while posting a message "
+                            f"to it ({e})") from e
         except Exception as e:  # noqa: BLE001 - any failure of an instruction: one line naming it
             raise ExecError(f"{self.where(self.pc)}: {cause(e)}") from e
         out = {"seconds": time.perf_counter() - t0, "loss": self.loss_sum, "peak_activation_bytes": self.tracker.peak}

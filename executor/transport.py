@@ -29,10 +29,18 @@ class PeerLost(RuntimeError):
     """torch.distributed reported a failed message (gloo: the peer closed or reset the connection,
     or the group's timeout passed). The text is the backend's, without source paths and advice."""
 
-    def __init__(self, backend: str, e: BaseException):
+    def __init__(self, backend: str, e: BaseException, peers: tuple = ()):
         text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", " ".join(str(e).split()))
         text = text.split(" This is typically")[0].strip() or type(e).__name__
+        self.peers = tuple(peers)
         super().__init__(f"{backend}: {text[:300]}")
+
+    @property
+    def who(self) -> str:
+        """'rank 2', 'ranks 1, 3', or 'a peer' when the backend did not say which."""
+        if not self.peers:
+            return "a peer"
+        return f"rank {self.peers[0]}" if len(self.peers) == 1 else "ranks " + ", ".join(map(str, self.peers))
 
 
 class Pending:
@@ -228,13 +236,21 @@ class DistTransport:
     def _recv_buffer(self, specs):
         return torch.empty(_nbytes(specs), dtype=torch.uint8, device=self.device)
 
+    def _post(self, peers, fn, *args, **kwargs):
+        """Post a message (isend, irecv, a batch): gloo raises here once a peer is gone, which
+        becomes PeerLost naming the peer(s)."""
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            raise PeerLost(self.backend, e, peers) from e
+
     def send(self, dst, tag, tensors):
         buf = _pack(tensors)
-        self._track_send(self.dist.isend(buf, dst, tag=tag), buf, dst)
+        self._track_send(self._post((dst,), self.dist.isend, buf, dst, tag=tag), buf, dst)
 
     def post_recv(self, src, tag, specs):
         buf = self._recv_buffer(specs)
-        return self._watched(self.dist.irecv(buf, src, tag=tag), lambda: _unpack(buf, specs))
+        return self._watched(self._post((src,), self.dist.irecv, buf, src, tag=tag), lambda: _unpack(buf, specs))
 
     def batch(self, ops):
         if len(ops) == 1:
@@ -249,7 +265,8 @@ class DistTransport:
             p2p.append(self.dist.P2POp(self.dist.isend if kind == "send" else self.dist.irecv, buf, peer, tag=tag))
             bufs.append(buf)
         out = []
-        for work, buf, (kind, peer, _tag, payload) in zip(self.dist.batch_isend_irecv(p2p), bufs, ops):
+        works = self._post(tuple(sorted({op[1] for op in ops})), self.dist.batch_isend_irecv, p2p)
+        for work, buf, (kind, peer, _tag, payload) in zip(works, bufs, ops):
             if kind == "send":
                 self._track_send(work, buf, peer)
             else:
