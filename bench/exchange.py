@@ -55,7 +55,7 @@ def main() -> None:
                 assert check(plan).ok
             out = simulate_timed(plan, prof)
             row[key] = {"bubble_fraction": out["bubble_fraction"], "bubble_breakdown": out["bubble_breakdown"],
-                        "step_s": out["makespan_s"], "mfu": out["mfu"], "exchanges": plan.meta.get("exchanges", 0),
+                        "step_s": out["step_s"], "mfu": out["mfu"], "exchanges": plan.meta.get("exchanges", 0),
                         "pass_s": round(dt, 3)}
         rows.append(row)
         print(f"m={c['m']} v={c['v']}: bound {100 * row['bound']:.2f}%  none {100 * row['no_exchange']['bubble_fraction']:.2f}%  "

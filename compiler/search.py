@@ -173,8 +173,14 @@ def _rule(problem: Problem, c: Candidate) -> str | None:
     try:
         schedules.get(c.schedule).validate(_Shape(c))
     except SpecError as e:
-        return f"{c.schedule}: " + re.sub(r"\d+", "N", str(e)).split(";")[0]
+        return rule_reason(c.schedule, e)
     return None
+
+
+def rule_reason(family: str, err: Exception) -> str:
+    """A rule message as a reason shared by many candidates: standalone numbers become N, digits
+    inside names ('interleaved-1f1b') stay."""
+    return f"{family}: " + re.sub(r"\b\d+\b", "N", str(err)).split(";")[0]
 
 
 class _Shape:
@@ -318,7 +324,7 @@ def evaluate(spec: PlanSpec, profile: DeviceProfile, dtype_bytes: int = 2) -> tu
     bubble, peak memory, tokens/s, MFU."""
     plan = compile_plan(spec, profile)
     out = simulate_timed(plan, profile, dtype_bytes)
-    row = {"step_s": out["makespan_s"], "bubble_fraction": out["bubble_fraction"],
+    row = {"step_s": out["step_s"], "bubble_fraction": out["bubble_fraction"],
            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in out["ranks"]),
            "tokens_per_s": out["tokens_per_s"], "mfu": out["mfu"]}
     return row, plan
@@ -425,7 +431,7 @@ def search(problem: Problem, space: Space = Space(), top_k: int = 5, time_limit:
             row, plan = evaluate(spec, problem.profile, problem.dtype_bytes)
         except SpecError as e:
             counts["infeasible"] += 1
-            why = f"{c.schedule}: " + re.sub(r"\d+", "N", str(e)).split(";")[0]
+            why = rule_reason(c.schedule, e)
             reasons[why] = reasons.get(why, 0) + 1
             continue
         counts["simulated"] += 1

@@ -10,6 +10,8 @@ import sys
 
 import ir
 
+from ir.version import version
+
 from .faults import FAULT_HELP, fault_from_env, line, write_line
 
 EPILOG = """examples:
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m executor", description="Run a slimpipe plan: one interpreter per "
                                 "pipeline rank (torchrun), or every rank in this process (--local).",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"slimpipe executor {version()}")
     p.add_argument("plan", help="plan.json written by `slimpipe compile` (or by hand)")
     p.add_argument("--local", action="store_true", help="run all ranks in this process (threads, in-process transport)")
     p.add_argument("--steps", type=int, default=1, help="training steps (default 1)")
@@ -51,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["auto", "sdpa", "flash", "math"], default="auto",
                    help="attention backend (auto: flash-attn on CUDA when importable, else torch SDPA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="parameter/activation dtype")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="parameter/activation dtype (default fp32, exact for --check-reference; `slimpipe simulate` "
+                        "models bf16 unless given --dtype fp32)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds any single wait may take (default 300: it covers the peer's compute between two "
@@ -75,6 +80,18 @@ def options(**overrides) -> argparse.Namespace:
     return ns
 
 
+def ignored_parallelism(plan) -> str:
+    """A note when the plan asks for tp/cp/dp > 1, which this executor does not run (yet): the
+    plan still runs, as pure pipeline parallelism on pp processes; '' when there is nothing to say."""
+    spec = plan.spec
+    extra = [f"{k}={getattr(spec, k)}" for k in ("tp", "cp", "dp") if getattr(spec, k) > 1]
+    if not extra:
+        return ""
+    return (f"plan has {' '.join(extra)}; this executor runs pipeline parallelism only, so it runs on "
+            f"pp={spec.pp} processes with {', '.join(e.split('=')[0] for e in extra)} ignored (the cost model "
+            f"in `slimpipe simulate` still prices them)")
+
+
 def _fail(msg: str, code: int = 2) -> int:
     write_line(line(os.environ.get("RANK"), msg))
     return code
@@ -91,6 +108,9 @@ def main(argv=None) -> int:
         fault_from_env(plan)
     except ir.SlimpipeError as e:
         return _fail(str(e), e.exit_code)
+    ignored = ignored_parallelism(plan)
+    if ignored and os.environ.get("RANK", "0") == "0":
+        write_line(f"executor: note: {ignored}")
     if opts.check_only:
         print(f"plan ok: {plan.spec.schedule}, pp={plan.spec.pp}, "
               f"{sum(len(r) for r in plan.ranks)} instructions", flush=True)

@@ -77,11 +77,20 @@ def from_dict(d: Any) -> Plan:
         try:
             out.append(tuple(parse(t) for t in stream))
         except PlanFormatError as e:
-            raise PlanFormatError(f"rank {r}: {e}") from None
+            i = next(i for i, t in enumerate(stream) if _unparsable(t))
+            raise PlanFormatError(f"rank {r} #{i}: {e}") from None
     meta = d.get("meta", {})
     if not isinstance(meta, dict):
         raise PlanFormatError("plan 'meta' must be a JSON object")
     return Plan(spec, tuple(out), meta, SCHEMA_VERSION)
+
+
+def _unparsable(text) -> bool:
+    try:
+        parse(text)
+    except PlanFormatError:
+        return True
+    return False
 
 
 def dumps(plan: Plan) -> str:
@@ -146,4 +155,8 @@ def load(path: str) -> Plan:
         raise PlanFormatError(f"plan file {path!r} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise PlanFormatError(f"plan file {path!r} unreadable: {e}") from None
-    return loads(text)
+    try:
+        return loads(text)
+    except PlanFormatError as e:
+        where = path if path.isprintable() and len(path) <= 200 else _clip(path, 200)
+        raise PlanFormatError(f"{where}: {e}") from None

@@ -18,7 +18,7 @@ class Report:
         return not self.problems
 
     def to_json(self) -> dict:
-        return {"valid": self.ok, "problems": [{"rule": p.rule, "message": p.message} for p in self.problems]}
+        return {"valid": self.ok, "usable": True, "problems": [{"rule": p.rule, "message": p.message} for p in self.problems]}
 
 
 def check(plan: Plan) -> Report:

@@ -17,7 +17,8 @@ def unit_label(ins, n: int, v: int) -> str:
 
 
 def time_grid(plan: Plan, max_steps: int = 64) -> str:
-    """One row per rank, one column per unit of time (F takes 1, B 2), '.' where a rank idles."""
+    """One row per rank, one column per unit of time (F takes 1, B 2), '.' where a rank idles, 'X'
+    where a deadlocked rank stops."""
     spec = plan.spec
     res = replay(plan, record=True)
     cells: list[dict[int, str]] = [dict() for _ in plan.ranks]
@@ -27,7 +28,9 @@ def time_grid(plan: Plan, max_steps: int = 64) -> str:
         cells[r][int(t0)] = lab
         for t in range(int(t0) + 1, int(t1)):
             cells[r][t] = "~"
-    steps = int(res.makespan)
+    for st in res.stuck:  # where a rank stops for good: marked, so the picture does not look finished
+        cells[st.rank][int(res.clock[st.rank])] = "X"
+    steps = int(res.makespan) + (1 if res.stuck else 0)
     width = max([len(c) for row in cells for c in row.values()] + [2])
     shown = min(steps, max_steps)
     lines = [f"{spec.schedule} p={spec.pp} m={spec.microbatches} n={spec.slices} v={spec.virtual_stages}"
@@ -39,7 +42,7 @@ def time_grid(plan: Plan, max_steps: int = 64) -> str:
     if steps > shown:
         lines.append(f"... {steps - shown} more time steps (--max-steps to widen)")
     if res.deadlocked:
-        lines.append(res.deadlock_message())
+        lines.append("X: the rank stops here and waits forever; " + res.deadlock_message())
     return "\n".join(lines)
 
 

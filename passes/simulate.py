@@ -58,7 +58,8 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
     costs add (exchanges in place, communication free); `comm` the rest (p2p flight, KV
     rendezvous time). Each part is clamped so that all three are >= 0 and sum to the bubble:
     ideal = min(b_ideal, b), imbalance = max(0, min(b_free, b) - ideal), comm = b - the two.
-    makespan_s adds the data-parallel gradient all-reduce after the pipeline drains.
+    step_s (the makespan) adds the data-parallel gradient all-reduce after the pipeline drains.
+    Named as compare, tune and the executor name them (step_s, tokens_per_s).
     MFU = model FLOPs (3x forward) / (makespan * peak * pp * tp * cp)."""
     from .costs import CostModel, load_profile, timed_replay
     from .memory import memory_report, rank_params
@@ -89,7 +90,7 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
     mfu = cm.model_flops() / (makespan * prof.peak_flops * devices) if makespan > 0 else 0.0
     mem = memory_report(plan, dtype_bytes)
     out = {
-        "makespan_s": makespan,
+        "step_s": makespan,
         "bubble_fraction": b_total,
         "bubble_breakdown": {"ideal": b_ideal, "imbalance": b_free - b_ideal, "comm": b_total - b_free},
         "mfu": mfu,

@@ -27,7 +27,7 @@ def test_compile_check_simulate_show(tmp_path, capsys):
     assert code == 0 and "wrote" in out
     assert run(capsys, "check", plan)[0] == 0
     code, out, _ = run(capsys, "check", plan, "--json")
-    assert json.loads(out) == {"valid": True, "problems": []}
+    assert json.loads(out) == {"valid": True, "usable": True, "problems": []}
     code, out, _ = run(capsys, "simulate", plan, "--unit-costs", "--json")
     sim = json.loads(out)
     assert sim["makespan"] == 33 and abs(sim["bubble_fraction"] - 3 / 11) < 1e-12

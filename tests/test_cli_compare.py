@@ -25,8 +25,8 @@ def test_compare_json(capsys):
 def test_parse_bytes():
     assert parse_bytes("80GiB") == 80 * 2 ** 30
     assert parse_bytes("1.5GB") == 1.5e9
-    assert parse_bytes("1000") == 1000
-    for bad in ("eighty", "80XB", "-5GiB", "0"):
+    assert parse_bytes("1000B") == 1000
+    for bad in ("eighty", "80XB", "-5GiB", "0", "0GiB", "80"):
         with pytest.raises(SpecError):
             parse_bytes(bad)
 

@@ -7,6 +7,7 @@ import sys
 
 from ir import SlimpipeError
 
+from ir.version import version
 from . import cmd_check, cmd_compare, cmd_compile, cmd_plot, cmd_show, cmd_simulate, cmd_trace, cmd_tune
 
 COMMANDS = [cmd_compile, cmd_check, cmd_simulate, cmd_show, cmd_trace, cmd_plot, cmd_compare, cmd_tune]
@@ -28,6 +29,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="slimpipe", description="Compile, check, simulate and show pipeline-parallel "
                     "training schedules for long-context language models.", epilog=EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"slimpipe {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     for cmd in COMMANDS:

@@ -11,18 +11,23 @@ from .. import schedules
 from ..layout import build_spec
 from ..search import evaluate
 from .cmd_compile import add_model_args, model_from_args
-from .common import add_parser, emit_json, positive_int
+from .common import BYTE_UNITS, TIME_UNITS, add_parser, emit_json, fit_unit, human_bytes, positive_int
 
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20,
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20,
           "gib": 2 ** 30, "tib": 2 ** 40}
 
 
-def parse_bytes(text: str) -> float:
-    """'80GiB', '80GB', '8.5e10' -> bytes."""
-    mt = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text or "")
+def parse_bytes(text: str, flag: str = "--memory-budget") -> float:
+    """'80GiB', '80GB', '8.5e10B' -> bytes. A unit is required: a bare '80' is refused rather than
+    read as 80 bytes (or silently as GiB)."""
+    units = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+    mt = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text or "")
+    if mt and not mt.group(2):
+        raise SpecError(f"{flag} {text!r} has no unit; write it with one, e.g. {mt.group(1)}GiB "
+                        f"(GiB = 2^30 bytes; allowed units: {units})")
     if not mt or mt.group(2).lower() not in _UNITS or float(mt.group(1)) <= 0:
-        raise SpecError(f"--memory-budget {text!r} is not a size; allowed: a positive number with an optional unit "
-                        f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 80GiB")
+        raise SpecError(f"{flag} {text!r} is not a size; allowed: a positive number with a unit "
+                        f"({units}), e.g. 80GiB")
     return float(mt.group(1)) * _UNITS[mt.group(2).lower()]
 
 
@@ -96,11 +101,13 @@ def run(args) -> int:
                    "memory_budget_bytes": budget, "configurations_tried": tried, "rows": table})
         return 0
     print(f"{model.name}, seq {seq}, pp={args.pp} m={args.microbatches} tp={args.tp} cp={args.cp} dp={args.dp} on "
-          f"{profile.name}; budget {budget / GIB:.1f} GiB; best n, v per family of {tried} configurations")
-    print(f"{'schedule':<17}{'n':>4}{'v':>3}{'step s':>10}{'bubble':>9}{'peak GiB':>10}{'tokens/s':>11}{'MFU':>7}")
+          f"{profile.name}; budget {human_bytes(budget)}; best n, v per family of {tried} configurations")
+    tu, ts = fit_unit([r["step_s"] for r in table], TIME_UNITS)
+    mu, ms = fit_unit([r["peak_memory_bytes"] for r in table], BYTE_UNITS)
+    print(f"{'schedule':<17}{'n':>4}{'v':>3}{'step ' + tu:>10}{'bubble':>9}{'peak ' + mu:>10}{'tokens/s':>11}{'MFU':>7}")
     for r in table:
-        print(f"{r['schedule']:<17}{r['slices']:>4}{r['virtual_stages']:>3}{r['step_s']:>10.3f}"
-              f"{r['bubble_fraction']:>8.2%} {r['peak_memory_bytes'] / GIB:>9.1f}{r['tokens_per_s']:>11.0f}"
+        print(f"{r['schedule']:<17}{r['slices']:>4}{r['virtual_stages']:>3}{r['step_s'] / ts:>10.3f}"
+              f"{r['bubble_fraction']:>8.2%} {r['peak_memory_bytes'] / ms:>9.1f}{r['tokens_per_s']:>11.0f}"
               f"{r['mfu']:>6.1%}" + ("  OOM" if r["oom"] else ""))
     return 0
 
@@ -115,7 +122,8 @@ def register(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (default 1)")
     p.add_argument("--cp", type=int, default=1, help="context parallel degree (default 1)")
     p.add_argument("--dp", type=int, default=1, help="data parallel degree (default 1)")
-    p.add_argument("--memory-budget", help="memory per GPU, e.g. 80GiB (default: the device profile's)")
+    p.add_argument("--memory-budget", help="memory per GPU with a unit, e.g. 80GiB or 85.9GB (default: the device "
+                   "profile's)")
     p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)

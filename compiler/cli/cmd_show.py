@@ -1,6 +1,9 @@
 """slimpipe show: the plan as a per-rank grid in the terminal."""
 from __future__ import annotations
 
+import sys
+
+from passes import check
 from passes.grid import listing, time_grid
 
 from .common import add_parser, load_plan, positive_int
@@ -12,11 +15,20 @@ def run(args) -> int:
         print(listing(plan, rank=args.rank))
     else:
         print(time_grid(plan, max_steps=args.max_steps))
-    return 0
+    # a plan that breaks a rule or deadlocks is drawn as far as it goes, then said so: exit 1 like check
+    problems = check(plan).problems
+    for p in problems:
+        if not (p.rule == "deadlock" and not args.list):  # the grid already printed the wait cycle
+            print(f"{args.plan}: {p}")
+    if problems:
+        print(f"{args.plan}: invalid plan ({len(problems)} problem(s)); `slimpipe check {args.plan}` lists them",
+              file=sys.stderr)
+    return 1 if problems else 0
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "show", "print a plan as a per-rank time grid (or its instruction listing)",
+    p = add_parser(sub, "show", "print a plan as a per-rank time grid (or its instruction listing); a plan that breaks a "
+                   "rule or deadlocks is drawn as far as it runs, its problems listed, exit 1",
                    "slimpipe show plan.json --max-steps 40")
     p.add_argument("plan")
     p.add_argument("--max-steps", type=positive_int, default=64, help="time steps to draw (default 64)")

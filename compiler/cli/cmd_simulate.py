@@ -6,16 +6,7 @@ from passes import require_valid, simulate_units
 from passes.costs import PROFILES, load_profile
 from passes.simulate import simulate_timed
 
-from .common import add_parser, emit_json, load_plan
-
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.50 KiB'; GiB for anything a GPU holds, smaller units for toy models."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
+from .common import add_parser, emit_json, human_bytes, human_time, load_plan
 
 
 def dtype_bytes_arg(text: str) -> int:
@@ -50,13 +41,13 @@ def run(args) -> int:
         emit_json(out)
     else:
         b = out["bubble_breakdown"]
-        print(f"{plan.spec.schedule} on {out['device_profile']}: step {out['makespan_s']:.4g} s, bubble "
+        print(f"{plan.spec.schedule} on {out['device_profile']}: step {human_time(out['step_s'])}, bubble "
               f"{out['bubble_fraction']:.2%} (ideal {b['ideal']:.2%}, imbalance {b['imbalance']:.2%}, comm {b['comm']:.2%}), "
               f"MFU {out['mfu']:.1%}, {out['tokens_per_s']:.4g} tokens/s")
         for r in out["ranks"]:
             bd = r["memory_breakdown"]
             parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in bd.items())
-            print(f"  rank {r['rank']}: busy {r['busy_s']:.4g} s, peak {human_bytes(r['peak_memory_bytes'])} ({parts})")
+            print(f"  rank {r['rank']}: busy {human_time(r['busy_s'])}, peak {human_bytes(r['peak_memory_bytes'])} ({parts})")
     return 0
 
 
@@ -67,6 +58,7 @@ def register(sub) -> None:
     p.add_argument("--unit-costs", action="store_true", help="forward 1, backward 2, communication free")
     p.add_argument("--device-profile", help="h100, a100, or a JSON file with measured figures (default: the built-in "
                    "profile the plan was compiled for, else h100)")
-    p.add_argument("--dtype", default="bf16", help="activation/parameter dtype for the memory model: bf16 (default), fp16, fp32")
+    p.add_argument("--dtype", default="bf16", help="activation/parameter dtype of the memory and message-size model: bf16 (default, "
+                   "a GPU training run), fp16, fp32 (what `python -m executor` runs by default)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)

@@ -13,7 +13,7 @@ from .. import schedules
 from ..search import N_CHOICES, TP_CHOICES, CP_CHOICES, V_CHOICES, Problem, Space, default_global_batch, search
 from .cmd_compare import parse_bytes
 from .cmd_compile import add_model_args, model_from_args
-from .common import add_parser, check_output_path, emit_json
+from .common import BYTE_UNITS, TIME_UNITS, add_parser, check_output_path, emit_json, fit_unit, human_bytes, human_time
 
 PLOT_FORMATS = ("png", "svg", "pdf")
 
@@ -196,14 +196,16 @@ def run(args) -> int:
                    "least_memory_candidate": res.least_memory, "output": args.output if res.best_plan else None,
                    "plot": args.plot, "elapsed_s": res.elapsed_s})
         return 0 if res.top else 1
-    print(f"{model.name}, seq {seq}, {args.gpus} GPUs, global batch {gb}, budget {budget / GIB:.1f} GiB, {profile.name}")
+    print(f"{model.name}, seq {seq}, {args.gpus} GPUs, global batch {gb}, budget {human_bytes(budget)}, {profile.name}")
     if res.top:
+        tu, ts = fit_unit([r["step_s"] for r in res.top], TIME_UNITS)
+        mu, ms = fit_unit([r["peak_memory_bytes"] for r in res.top], BYTE_UNITS)
         print(f"{'#':>2} {'schedule':<17}{'p':>3}{'tp':>3}{'cp':>3}{'dp':>4}{'m':>4}{'n':>4}{'v':>3} {'partition':<8}"
-              f"{'exch':>5}{'step s':>9}{'bubble':>8}{'peak GiB':>9}{'tokens/s':>10}{'MFU':>7}")
+              f"{'exch':>5}{'step ' + tu:>9}{'bubble':>8}{'peak ' + mu:>9}{'tokens/s':>10}{'MFU':>7}")
         for i, r in enumerate(res.top, 1):
             print(f"{i:>2} {r['schedule']:<17}{r['pp']:>3}{r['tp']:>3}{r['cp']:>3}{r['dp']:>4}{r['microbatches']:>4}"
                   f"{r['slices']:>4}{r['virtual_stages']:>3} {r['partition']:<8}{'on' if r['exchange'] else 'off':>5}"
-                  f"{r['step_s']:>9.3f}{r['bubble_fraction']:>8.1%}{r['peak_memory_bytes'] / GIB:>9.1f}"
+                  f"{r['step_s'] / ts:>9.3f}{r['bubble_fraction']:>8.1%}{r['peak_memory_bytes'] / ms:>9.1f}"
                   f"{r['tokens_per_s']:>10.0f}{r['mfu']:>7.1%}")
     print(f"{c['candidates']} candidates: {c['infeasible']} infeasible by rule, {c['pruned_memory_bound']} pruned by the "
           f"memory bound, {c['pruned_time_bound']} pruned by the time bound, {c['oom_exact']} over budget by the exact "
@@ -238,7 +240,8 @@ def register(sub) -> None:
     p.epilog = SPACE_HELP + example
     add_model_args(p)
     p.add_argument("--gpus", type=int, required=True, help="GPUs in all: tp * cp * p * dp")
-    p.add_argument("--memory-budget", help="memory per GPU, e.g. 80GiB (default: the device profile's)")
+    p.add_argument("--memory-budget", help="memory per GPU with a unit, e.g. 80GiB or 85.9GB (default: the device "
+                   "profile's)")
     p.add_argument("--global-batch", type=int, help="sequences per step (default: 4M tokens, at most one per GPU, "
                    "a power of two)")
     p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")

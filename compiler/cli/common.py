@@ -41,6 +41,34 @@ def check_output_path(path: str) -> None:
         raise SpecError(f"-o {path!r} is a directory; give a file path such as plan.json")
 
 
+# ---------------------------------------------------------------- units that fit the numbers
+
+BYTE_UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1))
+TIME_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9))
+
+
+def fit_unit(values, units) -> tuple[str, float]:
+    """(name, size) of the largest unit the biggest of `values` reaches (so a column of tiny
+    figures reads 40.2 us, not 0.000 s); the smallest unit when all are smaller."""
+    top = max((abs(v) for v in values), default=0.0)
+    for name, size in units:
+        if top >= size:
+            return name, size
+    return units[-1]
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB'; GiB for anything a GPU holds, smaller units for toy models."""
+    name, size = fit_unit([n], BYTE_UNITS)
+    return f"{n:.0f} B" if name == "B" else f"{n / size:.2f} {name}"
+
+
+def human_time(t: float) -> str:
+    """0.0000402 -> '40.2 us'; 19.6 -> '19.6 s'."""
+    name, size = fit_unit([t], TIME_UNITS)
+    return f"{t / size:.4g} {name}"
+
+
 def positive_int(text: str) -> int:
     try:
         v = int(text)

@@ -1,0 +1,121 @@
+"""A new user's first hour (issue 17): units that fit, names that agree, honest `show`, parse
+errors that say where, --version, and the notes the executor owes a user."""
+import json
+
+import pytest
+
+import ir
+from compiler.cli import main
+from compiler.search import rule_reason
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def plan_1f1b(tmp_path, capsys):
+    path = str(tmp_path / "plan.json")
+    assert run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", path)[0] == 0
+    return path
+
+
+@pytest.mark.parametrize("cmd", [["compare", "--pp", "2"], ["tune", "--gpus", "2"]])
+def test_memory_budget_without_unit_is_refused(cmd, capsys):
+    code, out, err = run(capsys, *cmd, "--memory-budget", "80")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "'80' has no unit" in err and "80GiB" in err
+
+
+def test_rule_reasons_keep_digits_inside_names():
+    err = ir.SpecError("--microbatches 6: interleaved-1f1b needs a multiple of --pp 4; got m=6")
+    assert rule_reason("interleaved-1f1b", err) == \
+        "interleaved-1f1b: --microbatches N: interleaved-1f1b needs a multiple of --pp N"
+
+
+def test_tiny_model_tables_use_units_that_fit(capsys):
+    code, out, _ = run(capsys, "compare", "--model", "tiny", "--pp", "2", "--memory-budget", "1GiB")
+    assert code == 0
+    head = out.splitlines()[1]
+    assert "step us" in head and "peak MiB" in head, head
+    rows = out.splitlines()[2:]
+    assert rows and all(float(r.split()[3]) >= 1.0 for r in rows)  # 40.2 us, never 0.000 s
+    code, out, _ = run(capsys, "tune", "--model", "tiny", "--gpus", "2", "--memory-budget", "1GiB", "--top", "2")
+    assert code == 0 and "budget 1.00 GiB" in out
+    head = next(line for line in out.splitlines() if line.lstrip().startswith("#"))
+    assert "step us" in head and "peak MiB" in head, head
+
+
+def test_simulate_json_says_step_s(plan_1f1b, capsys):
+    code, out, _ = run(capsys, "simulate", plan_1f1b, "--json")
+    sim = json.loads(out)
+    assert code == 0 and "step_s" in sim and "makespan_s" not in sim
+    code, out, _ = run(capsys, "simulate", plan_1f1b)
+    assert code == 0 and " us," in out.splitlines()[0]  # a tiny step reads in microseconds
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("slimpipe 0.")
+
+
+def test_show_marks_a_deadlock_and_exits_1(plan_1f1b, tmp_path, capsys):
+    plan = ir.load(plan_1f1b)
+    r0 = list(plan.ranks[0])
+    send = next(i for i, x in enumerate(r0) if x.kind == ir.Kind.SEND_ACT)
+    recv = next(i for i, x in enumerate(r0) if x.kind == ir.Kind.RECV_GRAD)
+    r0.insert(send, r0.pop(recv))  # rank 0 waits for a gradient before sending the activation
+    bad = str(tmp_path / "dead.json")
+    ir.save(plan.with_ranks([r0, plan.ranks[1]]), bad)
+    code, out, err = run(capsys, "show", bad)
+    lines = out.splitlines()
+    assert code == 1
+    assert lines[2].split()[2:4] == ["F0", "X"] and lines[3].split()[2] == "X"
+    assert "deadlock: wait cycle rank 0 -> rank 1 -> rank 0" in out
+    assert "invalid plan" in err
+
+
+def test_show_lists_a_broken_dependency_and_exits_1(plan_1f1b, tmp_path, capsys):
+    plan = ir.load(plan_1f1b)
+    r1 = list(plan.ranks[1])
+    f = next(i for i, x in enumerate(r1) if x.kind == ir.Kind.F)
+    b = next(i for i, x in enumerate(r1) if x.kind == ir.Kind.B)
+    r1[f], r1[b] = r1[b], r1[f]
+    bad = str(tmp_path / "dep.json")
+    ir.save(plan.with_ranks([plan.ranks[0], r1]), bad)
+    code, out, _ = run(capsys, "show", bad)
+    assert code == 1 and "[order] rank 1 #" in out and "runs before its forward" in out
+    assert run(capsys, "show", plan_1f1b)[0] == 0
+
+
+def test_parse_error_names_file_rank_and_index(plan_1f1b, tmp_path, capsys):
+    d = json.loads(open(plan_1f1b).read())
+    d["ranks"][1][3] = "F mbX s0 c0"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    code, out, err = run(capsys, "check", str(bad))
+    assert code == 2 and out == ""
+    assert f"{bad}: rank 1 #3: instruction 'F mbX s0 c0'" in err and err.count("\n") == 1
+    # --json: scripts get the reason on stdout too
+    code, out, err = run(capsys, "check", str(bad), "--json")
+    rep = json.loads(out)
+    assert code == 2 and rep["valid"] is False and rep["usable"] is False
+    assert rep["problems"][0]["rule"] == "unreadable" and "rank 1 #3" in rep["problems"][0]["message"]
+    code, out, _ = run(capsys, "check", str(tmp_path / "missing.json"), "--json")
+    assert code == 2 and "not found" in json.loads(out)["problems"][0]["message"]
+
+
+def test_executor_says_what_it_ignores_and_its_dtype(capsys):
+    from executor.cli import build_parser, ignored_parallelism
+    from compiler import build_spec, compile_plan, resolve_model
+
+    plan = compile_plan(build_spec("1f1b", resolve_model("tiny"), pp=2, microbatches=2, seq_len=128, tp=2, cp=4))
+    note = ignored_parallelism(plan)
+    assert "tp=2 cp=4" in note and "pp=2 processes" in note and "ignored" in note
+    assert ignored_parallelism(compile_plan(build_spec("1f1b", resolve_model("tiny"), pp=2, microbatches=2, seq_len=128))) == ""
+    helptext = build_parser().format_help()
+    assert "default fp32" in helptext and "--version" in helptext
