@@ -16,12 +16,14 @@ Time: matmul FLOPs / (peak * mm_efficiency) + attention FLOPs / (peak * attn_eff
 elementwise part runs at the matmul rate (it is a small term). Tensor parallel degree t divides
 both and adds per layer two all-reduces (sequence parallel: reduce-scatter + all-gather, same
 volume) of the slice's activation, 2 (t-1)/t * s H bytes each way, on the intra-node link.
-Context parallel degree c splits every slice's tokens over c GPUs (load-balanced causal split)
-and ring-exchanges K/V (overlapped with attention: the slower of the two counts). Data parallel
+Context parallel degree c splits every slice's tokens over c GPUs (load-balanced causal split into
+2c chunks, each padded to whole 128-query flash tiles) and ring-exchanges K/V in c-1 steps per layer
+(2(c-1) in backward), each paying the link's latency; the ring overlaps attention: the slower counts. Data parallel
 degree dp adds one gradient all-reduce of the rank's parameters after the pipeline drains.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
@@ -124,6 +126,7 @@ def model_forward_flops(model, s: float, prefix: float, mlp_matrices: int = 3, e
 # ---------------------------------------------------------------- per-unit times of a plan
 
 BWD_MM, BWD_ATTN = 2.0, 2.5
+FLASH_TILE = 128  # queries per flash-attention tile (flash-attn 2's block size on Hopper/Ampere)
 
 
 def unit_parts(model, s: int, prefix: int, backward: bool, tp: int, cp: int, prof: DeviceProfile,
@@ -144,8 +147,15 @@ def unit_parts(model, s: int, prefix: int, backward: bool, tp: int, cp: int, pro
     t_attn = attn * scale / (prof.peak_flops * prof.attn_efficiency)
     ring = 0.0
     if cp > 1:
+        # the load-balanced causal split cuts the slice's queries into 2cp chunks; flash attention
+        # works in whole tiles of FLASH_TILE queries, so a chunk shorter than a tile costs a tile
+        chunk = s / (2 * cp)
+        t_attn *= math.ceil(chunk / FLASH_TILE) * FLASH_TILE / chunk if chunk > 0 else 1.0
+        # the ring: cp-1 steps per layer pass the K/V blocks on (backward also returns dK/dV: twice
+        # the steps); each step is a message with its latency, like the tp collectives and p2p sends
         kv = 2 * model.kv_heads * (model.hidden // model.heads) * (prefix + s) * mbs * dtype_bytes / tp
-        ring = layers * (cp - 1) / cp * kv / prof.intra_bandwidth * (2 if backward else 1)
+        steps = (cp - 1) * (2 if backward else 1)
+        ring = layers * ((cp - 1) / cp * kv / prof.intra_bandwidth * (2 if backward else 1) + steps * prof.p2p_latency)
     t_tp = 0.0
     if tp > 1:
         vol = 2 * (tp - 1) / tp * (s * mbs / cp) * model.hidden * dtype_bytes

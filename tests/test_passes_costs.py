@@ -76,3 +76,33 @@ def test_profile_files(tmp_path):
             load_profile(str(f))
     with pytest.raises(SpecError, match="allowed: h100, a100"):
         load_profile("v100")
+
+
+def test_cp_ring_pays_latency_and_small_blocks():
+    """Context parallelism is not free on tiny slices (issue 17): each of the ring's cp-1 steps per
+    layer (2(cp-1) in backward) pays the link latency, and chunks shorter than a flash tile cost a
+    whole tile."""
+    from passes.costs import FLASH_TILE
+
+    m, h100 = resolve_model("tiny"), PROFILES["h100"]
+    for bwd in (False, True):
+        _, a1, r1, _ = unit_parts(m, 32, 64, bwd, 1, 1, h100, layers=4)
+        _, a4, r4, _ = unit_parts(m, 32, 64, bwd, 1, 4, h100, layers=4)
+        steps = 3 * (2 if bwd else 1)
+        kv = 2 * m.kv_heads * (m.hidden // m.heads) * 96 * 2
+        assert r1 == 0
+        assert r4 == pytest.approx(4 * (0.75 * kv / h100.intra_bandwidth * (2 if bwd else 1) + steps * h100.p2p_latency))
+        # 32 tokens over 2*4 chunks of 4 queries: each padded to a 128-query tile
+        assert a4 == pytest.approx(a1 / 4 * FLASH_TILE / 4)
+    # a whole step: cp=4 on the tiny model is slower than cp=1, not faster
+    kw = dict(pp=2, microbatches=2, seq_len=128)
+    from passes.simulate import simulate_timed
+
+    t1 = simulate_timed(compile_plan(build_spec("1f1b", m, **kw)), h100)["step_s"]
+    t4 = simulate_timed(compile_plan(build_spec("1f1b", m, cp=4, **kw)), h100)["step_s"]
+    assert t4 > t1
+    # a long slice keeps its tiles full: the padding factor is 1
+    big = resolve_model("llama-7b")
+    _, b1, _, _ = unit_parts(big, 8192, 0, False, 1, 1, h100)
+    _, b8, _, _ = unit_parts(big, 8192, 0, False, 1, 8, h100)
+    assert b8 == pytest.approx(b1 / 8)
