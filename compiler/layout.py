@@ -4,6 +4,8 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from ir import ModelConfig, PlanSpec, SpecError, pydantic_message
+from passes.costs import load_profile
+from passes.partition import balanced_layers, stage_costs, uniform_layers
 
 
 def plain_or_looping(p: int, v: int) -> tuple[tuple[int, ...], ...]:
@@ -11,14 +13,23 @@ def plain_or_looping(p: int, v: int) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(c * p + r for c in range(v)) for r in range(p))
 
 
-def split_layers(layers: int, stages: int) -> tuple[int, ...]:
-    """Even split; when uneven, the first (layers mod stages) stages take one layer more
-    (the last stage already carries the LM head and loss)."""
-    if layers < stages:
-        raise SpecError(f"model has {layers} layers, fewer than pp*virtual_stages={stages} stages; "
-                        f"lower --pp/--virtual-stages or raise --layers")
-    base, extra = divmod(layers, stages)
-    return tuple(base + (1 if s < extra else 0) for s in range(stages))
+split_layers = uniform_layers  # the uniform split (first stages take the extra layers)
+
+LAYER_SPLITS = ("uniform", "balanced")
+
+
+def layer_split(kind: str, model: ModelConfig, stages: int, slice_lens, profile=None, tp: int = 1, cp: int = 1,
+                mbs: int = 1) -> tuple[int, ...]:
+    """Decoder layers per stage: `uniform` (even, extra layers on the first stages) or `balanced`
+    (minimise the slowest stage under the cost model of `profile`, embedding and LM head + loss
+    included; passes.partition.balanced_layers)."""
+    if kind == "uniform":
+        return uniform_layers(model.layers, stages)
+    if kind != "balanced":
+        raise SpecError(f"--layer-split {kind!r} is unknown; allowed: {', '.join(LAYER_SPLITS)}")
+    uniform_layers(model.layers, stages)  # the same one-line refusal when layers < stages
+    layer_s, first_s, last_s = stage_costs(model, slice_lens, load_profile(profile), tp, cp, mbs)
+    return balanced_layers(model.layers, layer_s, first_s, last_s, stages)
 
 
 def uniform_slices(seq_len: int, n: int) -> tuple[int, ...]:
@@ -38,22 +49,26 @@ def check_positive(**vals: int) -> None:
 
 def build_spec(schedule: str, model: ModelConfig, *, pp: int, microbatches: int, slices: int = 1,
                virtual_stages: int = 1, seq_len: int, micro_batch_size: int = 1,
-               slice_lens=None, partition: str = "uniform", **extra) -> PlanSpec:
+               slice_lens=None, partition: str = "uniform", layer_split_kind: str = "uniform", profile=None,
+               **extra) -> PlanSpec:
     """Validate sizes and derive the layout. `slice_lens` (one tuple, or one per micro-batch)
-    overrides uniform slicing."""
+    overrides uniform slicing; `layer_split_kind` picks the layer split (`balanced` prices stages
+    with `profile`: None = h100, a name, a JSON path or a DeviceProfile)."""
     check_positive(pp=pp, microbatches=microbatches, slices=slices, virtual_stages=virtual_stages,
                    seq_len=seq_len, micro_batch_size=micro_batch_size)
-    stages = split_layers(model.layers, pp * virtual_stages)
     if slice_lens is None:
         per_mb = (uniform_slices(seq_len, slices),) * microbatches
     elif slice_lens and isinstance(slice_lens[0], int):
         per_mb = (tuple(slice_lens),) * microbatches
     else:
         per_mb = tuple(tuple(x) for x in slice_lens)
+    stages = layer_split(layer_split_kind, model, pp * virtual_stages, per_mb[0], profile,
+                         extra.get("tp", 1), extra.get("cp", 1), micro_batch_size)
     try:
         return PlanSpec(schedule=schedule, model=model, seq_len=seq_len, pp=pp, microbatches=microbatches,
                         slices=slices, virtual_stages=virtual_stages, micro_batch_size=micro_batch_size,
                         partition=partition, slice_lens=per_mb,
-                        placement=plain_or_looping(pp, virtual_stages), stage_layers=stages, **extra)
+                        placement=plain_or_looping(pp, virtual_stages), stage_layers=stages,
+                        layer_split=layer_split_kind, **extra)
     except ValidationError as e:
         raise SpecError(f"spec: {pydantic_message(e)}") from None

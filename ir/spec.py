@@ -55,6 +55,8 @@ class PlanSpec(BaseModel):
     slice_lens: tuple[tuple[StrictInt, ...], ...]
     placement: tuple[tuple[StrictInt, ...], ...]
     stage_layers: tuple[StrictInt, ...]
+    # how stage_layers was chosen: uniform (even split), balanced (cost model), custom (by hand)
+    layer_split: Literal["uniform", "balanced", "custom"] = "uniform"
     exchange: StrictBool = False
     exchange_threshold: StrictInt = Field(default=0, ge=0)
     tp: StrictInt = Field(default=1, ge=1)

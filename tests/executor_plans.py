@@ -7,12 +7,12 @@ SEQ = 64
 FLOPS_LIKE = [(24, 16, 14, 10), (22, 18, 13, 11), (26, 15, 13, 10), (24, 16, 14, 10)]
 
 
-def spec(schedule, p, m, n=1, v=1, slice_lens=None, exchange=False, **kw):
+def spec(schedule, p, m, n=1, v=1, slice_lens=None, exchange=False, model=None, **kw):
     lens = None
     partition = "uniform"
     if slice_lens is not None:
         lens, partition = [slice_lens[i % len(slice_lens)] for i in range(m)], "custom"
-    return build_spec(schedule, resolve_model("tiny"), pp=p, microbatches=m, slices=n, virtual_stages=v,
+    return build_spec(schedule, model or resolve_model("tiny"), pp=p, microbatches=m, slices=n, virtual_stages=v,
                       seq_len=SEQ, slice_lens=lens, partition=partition, exchange=exchange, **kw)
 
 
@@ -32,5 +32,7 @@ def matrix(p):
         "slimpipe-v1-exchange": spec("slimpipe", p, 2, n=4, exchange=True),
         "slimpipe-v2": spec("slimpipe", p, p, n=4, v=2),
         "slimpipe-v2-exchange": spec("slimpipe", p, p, n=4, v=2, exchange=True),
+        # a large vocabulary makes the LM head worth several layers: uneven stages
+        "1f1b-balanced": spec("1f1b", p, p, model=resolve_model("tiny", {"vocab": 8192}), layer_split_kind="balanced"),
     }
     return {name: compile_plan(s) for name, s in c.items()}

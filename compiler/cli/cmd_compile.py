@@ -56,6 +56,10 @@ def add_parallel_args(p) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (cost model only; default 1)")
     p.add_argument("--cp", type=int, default=1, help="context parallel degree (cost model only; default 1)")
     p.add_argument("--dp", type=int, default=1, help="data parallel degree (cost model only; default 1)")
+    p.add_argument("--layer-split", default="uniform",
+                   help="decoder layers per stage: uniform (even; the first stages take the extra layers) or "
+                        "balanced (minimise the slowest stage under the cost model of --device-profile, embedding, "
+                        "LM head and loss included; a stage may hold fewer layers). Default uniform")
 
 
 def parallel_from_args(args, model, seq: int) -> dict:
@@ -96,6 +100,8 @@ def spec_from_args(args):
         extra.update(exchange=exchange_from_args(args), exchange_threshold=args.exchange_threshold)
     if hasattr(args, "partition"):
         extra.update(parallel_from_args(args, model, seq))
+    if hasattr(args, "layer_split"):
+        extra.update(layer_split_kind=args.layer_split, profile=getattr(args, "device_profile", None))
     return build_spec(args.schedule, model, pp=args.pp, microbatches=args.microbatches, slices=args.slices,
                       virtual_stages=args.virtual_stages, seq_len=seq, micro_batch_size=args.micro_batch_size,
                       seed=args.seed, **extra)
@@ -109,7 +115,8 @@ def run(args) -> int:
     save(plan, args.output)
     summary = {"output": args.output, "schedule": spec.schedule, "pp": spec.pp, "microbatches": spec.microbatches,
                "slices": spec.slices, "virtual_stages": spec.virtual_stages, "partition": spec.partition,
-               "slice_lens": list(spec.slice_lens[0]), "tp": spec.tp, "cp": spec.cp, "dp": spec.dp, "exchange": spec.exchange,
+               "slice_lens": list(spec.slice_lens[0]), "layer_split": spec.layer_split,
+               "stage_layers": list(spec.stage_layers), "tp": spec.tp, "cp": spec.cp, "dp": spec.dp, "exchange": spec.exchange,
                "exchanges": plan.meta.get("exchanges", 0), "device_profile": plan.meta.get("device_profile"),
                "instructions": plan.num_instructions()}
     if args.json:
