@@ -9,6 +9,7 @@ import os
 import sys
 
 import ir
+from ir.options import positive_float, positive_int
 
 from ir.version import version
 
@@ -40,14 +41,22 @@ def load_plan(path: str, check: bool = True):
     return plan
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the executor's one line (exit 2), not a usage block."""
+
+    def error(self, message: str):
+        write_line(line(os.environ.get("RANK"), f"{message} (see python -m executor --help)"))
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m executor", description="Run a slimpipe plan: one interpreter per "
+    p = _Parser(prog="python -m executor", description="Run a slimpipe plan: one interpreter per "
                                 "pipeline rank (torchrun), or every rank in this process (--local).",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"slimpipe executor {version()}")
     p.add_argument("plan", help="plan.json written by `slimpipe compile` (or by hand)")
     p.add_argument("--local", action="store_true", help="run all ranks in this process (threads, in-process transport)")
-    p.add_argument("--steps", type=int, default=1, help="training steps (default 1)")
+    p.add_argument("--steps", type=positive_int, default=1, help="training steps (default 1)")
     p.add_argument("--json", action="store_true", help="last line on rank 0: a JSON summary (progress goes to stderr)")
     p.add_argument("--check-reference", action="store_true",
                    help="compare loss and gradients of step 1 with the unsliced single-process model; exit 1 if > 1e-4")
@@ -57,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="parameter/activation dtype (default fp32, exact for --check-reference; `slimpipe simulate` "
                         "models bf16 unless given --dtype fp32)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--timeout", type=float, default=300.0,
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--timeout", type=positive_float, default=300.0,
                    help="seconds any single wait may take (default 300: it covers the peer's compute between two "
                         "messages, the reference check and a slow NCCL start; not the step)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads with --local (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads with --local (default 1)")
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
     p.add_argument("--check-only", action="store_true", help="load and check the plan (and SLIMPIPE_FAULT), run nothing")
     p.add_argument("--no-check", action="store_true",
@@ -99,10 +108,6 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def main(argv=None) -> int:
     opts = build_parser().parse_args(argv)
-    if opts.steps < 1:
-        return _fail(f"--steps {opts.steps} must be >= 1")
-    if not opts.timeout > 0:
-        return _fail(f"--timeout {opts.timeout:g} must be > 0 seconds")
     try:
         plan = load_plan(opts.plan, check=not opts.no_check)
         fault_from_env(plan)

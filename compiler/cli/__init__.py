@@ -39,7 +39,10 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a value an option's type refused (one line already printed)
+        return e.code
     try:
         return args.run(args) or 0
     except SlimpipeError as e:

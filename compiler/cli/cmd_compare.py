@@ -82,13 +82,8 @@ def best_per_family(args, model, seq, profile, budget):
 
 
 def run(args) -> int:
-    for name in ("tp", "cp", "dp", "pp"):
-        if getattr(args, name) < 1:
-            raise SpecError(f"--{name} {getattr(args, name)} must be an integer >= 1")
     if args.microbatches is None:
         args.microbatches = args.pp
-    if args.microbatches < 1:
-        raise SpecError(f"--microbatches {args.microbatches} must be an integer >= 1")
     profile = load_profile(args.device_profile)
     budget = parse_bytes(args.memory_budget) if args.memory_budget else profile.memory_bytes
     model, seq = model_from_args(args)
@@ -119,9 +114,9 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--pp", type=positive_int, required=True, help="pipeline ranks p")
     p.add_argument("--microbatches", type=positive_int, help="micro-batches m per step (default: pp)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (default 1)")
-    p.add_argument("--cp", type=int, default=1, help="context parallel degree (default 1)")
-    p.add_argument("--dp", type=int, default=1, help="data parallel degree (default 1)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel degree (default 1)")
+    p.add_argument("--cp", type=positive_int, default=1, help="context parallel degree (default 1)")
+    p.add_argument("--dp", type=positive_int, default=1, help="data parallel degree (default 1)")
     p.add_argument("--memory-budget", help="memory per GPU with a unit, e.g. 80GiB or 85.9GB (default: the device "
                    "profile's)")
     p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")

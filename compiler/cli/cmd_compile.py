@@ -8,7 +8,7 @@ from passes.partition import flops_partition
 from .. import compile_plan, schedules
 from ..layout import build_spec
 from ..models import DEFAULT_SEQ, PRESETS, resolve_model
-from .common import add_parser, check_output_path, emit_json, positive_int
+from .common import add_parser, check_output_path, emit_json, nonneg_int, positive_int
 
 MODEL_FLAGS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
 
@@ -44,7 +44,7 @@ def add_pass_args(p) -> None:
                    help="pair concurrent units for the KV exchange (default: on for slimpipe, off for the others; "
                         "any family with --slices >= 2 may ask for it)")
     g.add_argument("--no-exchange", dest="exchange", action="store_false", help="no KV exchange")
-    p.add_argument("--exchange-threshold", type=int, default=0,
+    p.add_argument("--exchange-threshold", type=nonneg_int, default=0,
                    help="cap on the slices shipped per exchange (0 = no cap; default 0)")
     p.add_argument("--device-profile", help="device the exchange pairing costs units with: h100 (default), a100, "
                                             "or a JSON file with every DeviceProfile field")
@@ -53,9 +53,9 @@ def add_pass_args(p) -> None:
 def add_parallel_args(p) -> None:
     p.add_argument("--partition", default="uniform",
                    help="slice lengths: uniform (S/n each) or flops (Seq1F1B's equal forward FLOPs per slice)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (cost model only; default 1)")
-    p.add_argument("--cp", type=int, default=1, help="context parallel degree (cost model only; default 1)")
-    p.add_argument("--dp", type=int, default=1, help="data parallel degree (cost model only; default 1)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel degree (cost model only; default 1)")
+    p.add_argument("--cp", type=positive_int, default=1, help="context parallel degree (cost model only; default 1)")
+    p.add_argument("--dp", type=positive_int, default=1, help="data parallel degree (cost model only; default 1)")
     p.add_argument("--layer-split", default="uniform",
                    help="decoder layers per stage: uniform (even; the first stages take the extra layers) or "
                         "balanced (minimise the slowest stage under the cost model of --device-profile, embedding, "
@@ -64,10 +64,6 @@ def add_parallel_args(p) -> None:
 
 def parallel_from_args(args, model, seq: int) -> dict:
     """tp/cp/dp and the slice lengths of --partition, validated."""
-    for name in ("tp", "cp", "dp"):
-        val = getattr(args, name)
-        if val < 1:
-            raise SpecError(f"--{name} {val} must be an integer >= 1")
     if model.heads % args.tp:
         raise SpecError(f"--tp {args.tp} must divide the model's {model.heads} attention heads")
     out = {"tp": args.tp, "cp": args.cp, "dp": args.dp}
@@ -81,11 +77,14 @@ def parallel_from_args(args, model, seq: int) -> dict:
 
 
 def exchange_from_args(args) -> bool:
-    thr = args.exchange_threshold
-    if thr < 0:
-        raise SpecError(f"--exchange-threshold {thr} must be >= 0 (0 = no cap)")
+    on = args.exchange
+    if on is None:
+        on = args.schedule == "slimpipe" and args.slices > 1
+    if args.exchange_threshold and not on:
+        raise SpecError(f"--exchange-threshold {args.exchange_threshold} caps the KV exchange, which this plan does not "
+                        f"run; drop it or add --exchange")
     if args.exchange is None:
-        return args.schedule == "slimpipe" and args.slices > 1
+        return on
     if args.exchange and args.slices < 2:
         raise SpecError(f"--exchange needs sequence slices (--slices >= 2, got {args.slices}); "
                         f"drop --exchange or slice the sequence")

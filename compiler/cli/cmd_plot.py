@@ -4,9 +4,8 @@ from __future__ import annotations
 import os
 
 from ir import SpecError, atomic_write
-from passes.costs import load_profile
 
-from .common import add_parser, add_render_args, check_output_path, load_plan, report
+from .common import add_parser, add_render_args, check_output_path, load_plan, render_profile, report
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -22,7 +21,7 @@ def run(args) -> int:
         raise SpecError("plot needs matplotlib, which is not installed; run: pip install slimpipe[plot]") from None
     from passes.trace import plot_timeline
 
-    profile = None if args.unit_costs else load_profile(args.device_profile)
+    profile = render_profile(args)
     plan = load_plan(args.plan)
     atomic_write(args.output, plot_timeline(plan, fmt, profile, unit_costs=args.unit_costs))
     return report(args, {"output": args.output, "format": fmt}, f"wrote {args.output}")

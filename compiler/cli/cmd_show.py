@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import sys
 
+from ir import SpecError
 from passes import check
 from passes.grid import listing, time_grid
 
-from .common import add_parser, load_plan, positive_int
+from .common import add_parser, load_plan, nonneg_int, positive_int
 
 
 def run(args) -> int:
+    if args.rank is not None and not args.list:
+        raise SpecError(f"--rank {args.rank} selects a rank of --list; add --list (the grid shows every rank)")
     plan = load_plan(args.plan)
+    if args.rank is not None and args.rank >= plan.spec.pp:
+        raise SpecError(f"--rank {args.rank} is not a rank of {args.plan}; allowed: 0..{plan.spec.pp - 1}")
     if args.list:
         print(listing(plan, rank=args.rank))
     else:
@@ -33,5 +38,5 @@ def register(sub) -> None:
     p.add_argument("plan")
     p.add_argument("--max-steps", type=positive_int, default=64, help="time steps to draw (default 64)")
     p.add_argument("--list", action="store_true", help="list every instruction, numbered, per rank")
-    p.add_argument("--rank", type=int, help="with --list: only this rank")
+    p.add_argument("--rank", type=nonneg_int, help="with --list: only this rank")
     p.set_defaults(run=run)

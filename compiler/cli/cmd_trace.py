@@ -4,15 +4,14 @@ from __future__ import annotations
 import json
 
 from ir import atomic_write
-from passes.costs import load_profile
 from passes.trace import chrome_trace
 
-from .common import add_parser, add_render_args, check_output_path, load_plan, report
+from .common import add_parser, add_render_args, check_output_path, load_plan, render_profile, report
 
 
 def run(args) -> int:
     check_output_path(args.output)
-    profile = None if args.unit_costs else load_profile(args.device_profile)
+    profile = render_profile(args)
     plan = load_plan(args.plan)
     trace = chrome_trace(plan, profile, unit_costs=args.unit_costs)
     atomic_write(args.output, json.dumps(trace, separators=(",", ":")))

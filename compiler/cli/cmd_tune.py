@@ -13,7 +13,8 @@ from .. import schedules
 from ..search import N_CHOICES, TP_CHOICES, CP_CHOICES, V_CHOICES, Problem, Space, default_global_batch, search
 from .cmd_compare import parse_bytes
 from .cmd_compile import add_model_args, model_from_args
-from .common import BYTE_UNITS, TIME_UNITS, add_parser, check_output_path, emit_json, fit_unit, human_bytes, human_time
+from .common import (BYTE_UNITS, TIME_UNITS, add_parser, check_output_path, emit_json, fit_unit, human_bytes, human_time,
+                     nonneg_float, positive_int)
 
 PLOT_FORMATS = ("png", "svg", "pdf")
 
@@ -158,14 +159,6 @@ def row_json(r: dict) -> dict:
 
 
 def run(args) -> int:
-    if args.gpus < 1:
-        raise SpecError(f"--gpus {args.gpus} must be an integer >= 1")
-    if args.top < 1:
-        raise SpecError(f"--top {args.top} must be an integer >= 1")
-    if args.time_limit < 0:
-        raise SpecError(f"--time-limit {args.time_limit} must be >= 0 seconds (0 = no limit)")
-    if args.global_batch is not None and args.global_batch < 1:
-        raise SpecError(f"--global-batch {args.global_batch} must be an integer >= 1")
     if args.output:
         check_output_path(args.output)
     if args.plot:
@@ -239,10 +232,10 @@ def register(sub) -> None:
                    example)
     p.epilog = SPACE_HELP + example
     add_model_args(p)
-    p.add_argument("--gpus", type=int, required=True, help="GPUs in all: tp * cp * p * dp")
+    p.add_argument("--gpus", type=positive_int, required=True, help="GPUs in all: tp * cp * p * dp")
     p.add_argument("--memory-budget", help="memory per GPU with a unit, e.g. 80GiB or 85.9GB (default: the device "
                    "profile's)")
-    p.add_argument("--global-batch", type=int, help="sequences per step (default: 4M tokens, at most one per GPU, "
+    p.add_argument("--global-batch", type=positive_int, help="sequences per step (default: 4M tokens, at most one per GPU, "
                    "a power of two)")
     p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
     p.add_argument("--schedules", help=f"comma-separated families to search (default all: {','.join(schedules.FAMILIES)})")
@@ -251,8 +244,8 @@ def register(sub) -> None:
     p.add_argument("--pp", help="comma-separated pipeline sizes (default: every divisor)")
     p.add_argument("--slices", help="comma-separated n for seq1f1b/slimpipe (default 2,4,8,16,32)")
     p.add_argument("--virtual-stages", help="comma-separated v (default 1,2,3,4,5,6,8,10)")
-    p.add_argument("--top", type=int, default=5, help="plans to list (default 5)")
-    p.add_argument("--time-limit", type=float, default=120.0,
+    p.add_argument("--top", type=positive_int, default=5, help="plans to list (default 5)")
+    p.add_argument("--time-limit", type=nonneg_float, default=120.0,
                    help="seconds before the search stops and reports what is left (default 120; 0 = none)")
     p.add_argument("--json", action="store_true", help="machine-readable output with the Pareto front and counts")
     p.add_argument("-o", "--output", help="write the best plan here (atomically)")

@@ -7,6 +7,7 @@ import os
 import sys
 
 from ir import Plan, SpecError, load
+from ir.options import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: F401 (the commands' option types)
 
 
 def add_parser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
@@ -69,12 +70,15 @@ def human_time(t: float) -> str:
     return f"{t / size:.4g} {name}"
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    return v
+def render_profile(args):
+    """The device profile of trace/plot: None with --unit-costs (which takes no profile)."""
+    from passes.costs import load_profile
+
+    if args.unit_costs:
+        if args.device_profile is not None:
+            raise SpecError("--unit-costs takes no --device-profile (forward 1, backward 2, communication free)")
+        return None
+    return load_profile(args.device_profile)
 
 
 def add_render_args(p, output_help: str) -> None:

@@ -1,0 +1,166 @@
+"""Every option of every command refuses nonsense with one line naming it, exit 2, nothing written.
+
+The table below must hold a bad value for each option that takes one (the test walks the real
+parsers, so an option added without a row here fails `test_every_option_has_a_bad_value`)."""
+from __future__ import annotations
+
+import argparse
+import os
+from contextlib import redirect_stderr, redirect_stdout
+from io import StringIO
+
+import pytest
+
+from compiler.cli import build_parser, main
+from executor.cli import build_parser as executor_parser
+from executor.cli import main as executor_main
+
+PLAN = "<plan>"  # replaced by a valid 2-rank plan
+OUT = "<out>"  # replaced by a path in an empty directory
+
+BASE = {
+    "compile": ["compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", OUT + ".json"],
+    "check": ["check", PLAN],
+    "simulate": ["simulate", PLAN],
+    "show": ["show", PLAN],
+    "trace": ["trace", PLAN, "-o", OUT + ".json"],
+    "plot": ["plot", PLAN, "-o", OUT + ".png"],
+    "compare": ["compare", "--pp", "2"],
+    "tune": ["tune", "--gpus", "2", "-o", OUT + ".json"],
+    "executor": [PLAN, "--local", "--quiet"],
+}
+MODEL = [("--model", "gpt5", "--model 'gpt5' is unknown"), ("--seq-len", "-3", "argument --seq-len: -3"),
+         ("--layers", "0", "argument --layers: 0 is not allowed"), ("--hidden", "x", "argument --hidden: 'x'"),
+         ("--heads", "0", "argument --heads: 0"), ("--kv-heads", "-1", "argument --kv-heads: -1"),
+         ("--ffn", "1.5", "argument --ffn: '1.5' is not an integer"), ("--vocab", "0", "argument --vocab: 0")]
+MISSING = "/nonexistent/plan.json"
+BAD = {
+    "compile": MODEL + [
+        ("--schedule", "zigzag", "--schedule 'zigzag' is unknown"),
+        ("--pp", "0", "argument --pp: 0 is not allowed; give an integer >= 1"),
+        ("--microbatches", "-1", "argument --microbatches: -1"),
+        ("--slices", "0", "argument --slices: 0"), ("--virtual-stages", "two", "argument --virtual-stages: 'two'"),
+        ("--micro-batch-size", "0", "argument --micro-batch-size: 0"),
+        ("--seed", "abc", "argument --seed: invalid int value: 'abc'"),
+        ("--exchange-threshold", "-1", "argument --exchange-threshold: -1 is not allowed; give an integer >= 0"),
+        ("--device-profile", "tpu9", "tpu9"), ("--partition", "zigzag", "--partition 'zigzag' is unknown"),
+        ("--layer-split", "zigzag", "--layer-split 'zigzag' is unknown"),
+        ("--tp", "0", "argument --tp: 0"), ("--cp", "-2", "argument --cp: -2"), ("--dp", "0", "argument --dp: 0"),
+        ("--output", "/nonexistent/dir/p.json", "does not exist"),
+    ],
+    "check": [("plan", MISSING, MISSING)],
+    "simulate": [("plan", MISSING, MISSING), ("--device-profile", "tpu9", "tpu9"), ("--dtype", "int8", "--dtype 'int8'")],
+    "show": [("plan", MISSING, MISSING), ("--max-steps", "-3", "argument --max-steps: -3 is not allowed"),
+             ("--rank", "-1", "argument --rank: -1")],
+    "trace": [("plan", MISSING, MISSING), ("--output", "/nonexistent/dir/t.json", "does not exist"),
+              ("--device-profile", "tpu9", "tpu9")],
+    "plot": [("plan", MISSING, MISSING), ("--output", OUT + ".txt", "unknown picture format"),
+             ("--device-profile", "tpu9", "tpu9")],
+    "compare": MODEL + [
+        ("--pp", "0", "argument --pp: 0"), ("--microbatches", "0", "argument --microbatches: 0"),
+        ("--tp", "0", "argument --tp: 0"), ("--cp", "-4", "argument --cp: -4"), ("--dp", "x", "argument --dp: 'x'"),
+        ("--memory-budget", "lots", "--memory-budget 'lots'"), ("--device-profile", "tpu9", "tpu9"),
+    ],
+    "tune": MODEL + [
+        ("--gpus", "0", "argument --gpus: 0"), ("--memory-budget", "0GiB", "--memory-budget '0GiB'"),
+        ("--global-batch", "0", "argument --global-batch: 0"), ("--device-profile", "tpu9", "tpu9"),
+        ("--schedules", "zigzag", "--schedules 'zigzag'"), ("--tp", "0", "--tp '0'"), ("--cp", "a", "--cp 'a'"),
+        ("--pp", "-1", "--pp '-1'"), ("--slices", "0", "--slices '0'"), ("--virtual-stages", "0", "--virtual-stages '0'"),
+        ("--top", "0", "argument --top: 0"), ("--time-limit", "-1", "argument --time-limit: -1 is not allowed"),
+        ("--output", "/nonexistent/dir/b.json", "does not exist"), ("--plot", OUT + ".txt", "--plot"),
+    ],
+    "executor": [
+        ("plan", MISSING, MISSING), ("--steps", "0", "argument --steps: 0 is not allowed"),
+        ("--attention", "magic", "argument --attention: invalid choice: 'magic'"),
+        ("--device", "tpu", "argument --device: invalid choice: 'tpu'"),
+        ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"), ("--lr", "-1", "argument --lr: -1"),
+        ("--timeout", "nan", "argument --timeout: 'nan' is not a finite number"),
+        ("--threads", "0", "argument --threads: 0"),
+    ],
+}
+CASES = [(cmd, opt, val, needle) for cmd, rows in BAD.items() for opt, val, needle in rows]
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """The options of a parser that take a value (long names), and 'plan' for the positional."""
+    return {a.option_strings[-1] if a.option_strings else a.dest for a in parser._actions
+            if a.nargs != 0 and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))}
+
+
+def test_every_option_has_a_bad_value():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = {**sub.choices, "executor": executor_parser()}
+    assert set(parsers) == set(BAD)
+    for name, parser in parsers.items():
+        assert _options(parser) == {opt for opt, _, _ in BAD[name]}, name
+
+
+@pytest.fixture(scope="module")
+def plan_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("plan") / "plan.json")
+    assert main(["compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", path]) == 0
+    return path
+
+
+def _call(argv: list[str], executor: bool = False) -> tuple[int, str, str]:
+    out, err = StringIO(), StringIO()
+    entry = executor_main if executor else main
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = entry(argv)
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def _argv(cmd: str, opt: str, val: str, plan: str, out: str) -> list[str]:
+    argv = list(BASE[cmd])
+    if opt == "plan":
+        argv[argv.index(PLAN)] = val
+    elif opt in argv or (opt == "--output" and "-o" in argv):
+        argv[argv.index(opt if opt in argv else "-o") + 1] = val
+    else:
+        argv += [opt, val]
+    return [a.replace(PLAN, plan).replace(OUT, out) for a in argv]
+
+
+@pytest.mark.parametrize("cmd,opt,val,needle", CASES, ids=[f"{c}{o}" for c, o, _, _ in CASES])
+def test_bad_value_one_line_exit_2_nothing_written(tmp_path, plan_path, cmd, opt, val, needle):
+    out = str(tmp_path / "out")
+    argv = _argv(cmd, opt, val.replace(OUT, out), plan_path, out)
+    code, stdout, err = _call(argv, executor=cmd == "executor")
+    assert code == 2, (argv, code, stdout, err)
+    needle = needle.replace(OUT, out)
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    assert os.listdir(tmp_path) == [], argv
+
+
+def test_show_rank_outside_the_plan(plan_path, capsys):
+    """The issue's input: `show --list --rank 7` on a 2-rank plan printed nothing and exited 0."""
+    assert main(["show", plan_path, "--list", "--rank", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--rank 7 is not a rank of" in err and "allowed: 0..1" in err and err.count("\n") == 1
+    assert main(["show", plan_path, "--rank", "1"]) == 2  # --rank without --list would be ignored
+    assert "add --list" in capsys.readouterr().err
+    assert main(["show", plan_path, "--list", "--rank", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "rank 1:"
+
+
+def test_show_max_steps_negative(plan_path, capsys):
+    """The issue's input: `show --max-steps -3` printed an empty grid and exited 0."""
+    assert main(["show", plan_path, "--max-steps", "-3"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "argument --max-steps: -3 is not allowed; give an integer >= 1" in err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["trace", PLAN, "-o", OUT + ".json", "--unit-costs", "--device-profile", "a100"], "--unit-costs takes no --device-profile"),
+    (["compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--exchange-threshold", "2", "-o", OUT + ".json"],
+     "--exchange-threshold 2 caps the KV exchange, which this plan does not run"),
+])
+def test_options_that_do_not_apply(tmp_path, plan_path, argv, needle):
+    """An option that would be silently ignored is refused instead."""
+    out = str(tmp_path / "out")
+    code, _, err = _call([a.replace(PLAN, plan_path).replace(OUT, out) for a in argv])
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
