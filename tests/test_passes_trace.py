@@ -52,7 +52,6 @@ def test_plot_without_matplotlib(plan_file, tmp_path, monkeypatch, capsys):
 
 
 def test_plot_png(plan_file, tmp_path):
-    pytest.importorskip("matplotlib")
     _, path = plan_file
     out = tmp_path / "p.png"
     assert main(["plot", path, "-o", str(out), "--unit-costs"]) == 0
