@@ -19,6 +19,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .errors import BackendUnavailable
+
 
 class Backend(NamedTuple):
     name: str
@@ -193,9 +195,9 @@ def pick_backend(choice: str, device: torch.device, dtype=torch.float32) -> Back
             cands.append(_flash_backend())
         except (ImportError, AttributeError) as e:
             if choice == "flash":
-                raise RuntimeError(f"--attention flash: flash_attn is not usable here ({e})") from None
+                raise BackendUnavailable(f"--attention flash: flash_attn is not usable here ({e})") from None
     elif choice == "flash":
-        raise RuntimeError("--attention flash needs --device cuda")
+        raise BackendUnavailable("--attention flash needs --device cuda")
     if choice in ("sdpa", "auto"):
         cands.append(SDPA)
     for be in cands:
@@ -203,7 +205,7 @@ def pick_backend(choice: str, device: torch.device, dtype=torch.float32) -> Back
         if why is None:
             return be
         if choice != "auto":
-            raise RuntimeError(f"--attention {choice}: backend {be.name} failed its self-test ({why})")
+            raise BackendUnavailable(f"--attention {choice}: backend {be.name} failed its self-test ({why})")
         print(f"executor: attention backend {be.name} skipped: {why}", flush=True)
     return MATH
 
@@ -223,7 +225,7 @@ class SliceAttention(torch.autograd.Function):
     Its output is [b, heads, s, d] in [b, s, heads, d] memory (seq_major): the layout the
     out-projection reads, so the saved output and the projection's saved input are one tensor.
 
-    `ctx_obj` (an executor.interpreter.LayerCtx-like object) supplies: backend, scale, prefix
+    `ctx_obj` (an executor.stage.LayerCtx-like object) supplies: backend, scale, prefix
     [(k_i, v_i)] detached K/V of earlier slices, accumulate(i, dk, dv) for their gradients, and
     optional remote(fwd|bwd) hooks for the KV exchange (the first x prefix slices done elsewhere).
     """

@@ -146,9 +146,5 @@ def main(argv=None) -> int:
             return _fail(f"plan has pp={p} ranks but torchrun started {world} process(es); "
                          f"launch with --nproc-per-node {p}")
         return runner.run_dist(plan, opts)
-    except ir.SlimpipeError as e:
+    except ir.SlimpipeError as e:  # e.g. errors.BackendUnavailable (exit 2)
         return _fail(str(e), e.exit_code)
-    except RuntimeError as e:
-        if str(e).startswith("--attention"):
-            return _fail(str(e))
-        raise

@@ -14,6 +14,8 @@ import time
 
 from ir import SlimpipeError, SpecError, parse
 
+from .errors import InjectedFault
+
 FAULT_ENV = "SLIMPIPE_FAULT"
 FAULT_HELP = """fault injection (for tests of the failure paths):
   SLIMPIPE_FAULT='rank=R,instr=I,action=fail|delay|exit[,seconds=S][,step=K]'
@@ -89,6 +91,31 @@ def fault_from_env(plan) -> tuple[Fault | None, int | None]:
         return None, None
     f = Fault.parse(text)
     return f, f.index_in(plan)
+
+
+class Injector:
+    """Acts out one rank's SLIMPIPE_FAULT at its instruction index `at`, in the step it names."""
+
+    __slots__ = ("fault", "at", "rank", "watch", "timeout")
+
+    def __init__(self, fault: Fault | None, at: int | None, rank: int, watch: "Watch", timeout: float):
+        self.fault, self.rank, self.watch, self.timeout = fault, rank, watch, timeout
+        self.at = at if fault is not None else None
+
+    def __call__(self, pc: int, step: int, where) -> None:
+        """Called before instruction `pc` of step `step` (0-based) runs; `where()` names it."""
+        f = self.fault
+        if pc != self.at or step != f.step - 1:
+            return
+        if f.action == "fail":
+            raise InjectedFault(f"{FAULT_ENV}='{f.text}'")
+        if f.action == "exit":
+            die(self.rank, f"{where()}: injected crash ({FAULT_ENV}='{f.text}'): exiting at once with code 3", 3)
+        self.watch.block(f"the end of an injected delay of {f.seconds:g} s", None, f.seconds + self.timeout)
+        try:
+            time.sleep(f.seconds)
+        finally:
+            self.watch.unblock()
 
 
 class Watch:

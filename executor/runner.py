@@ -1,5 +1,7 @@
-"""Run a plan: one Rank per pipeline rank, under torchrun (one process each) or in one process
-(one thread each, in-process transport). Collects the step metrics and the reference check.
+"""Run a plan: the step loop of one rank (run_rank: a runtime per rank, step-end collectives, rank 0's
+report) and the two launches, under torchrun (one process per rank) or in one process (one thread
+per rank, in-process transport). Device and backend: device.py; collectives: collectives.py;
+what is printed: report.py. A failure's exit code comes from its type (errors.py).
 
 Failures: under torchrun the rank runs in a worker thread while the main thread supervises it:
 it turns SIGTERM/SIGINT (torchrun stopping the job after another rank failed) into the rank's one
@@ -8,7 +10,6 @@ ignores its own timeout). In-process, the first failing rank aborts the hub; eve
 line and run_local returns non-zero."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -19,14 +20,15 @@ import torch
 
 from ir import SlimpipeError
 
-from .attention import pick_backend
+from .collectives import gather
+from .device import DTYPES, choose_backend, choose_device
 from .faults import Watch, cause, die, fault_from_env, line, write_line
-from .interpreter import ExecError, Rank
-from .metrics import median, peak_rss_mib
-from .transport import Aborted, LocalHub, PeerLost, init_dist
+from .interpreter import Rank
+from .metrics import peak_rss_mib
+from .report import TOLERANCE, progress, reference_failed, summarize
+from .transport import LocalHub, init_dist
 
-TOLERANCE = 1e-4
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["DTYPES", "TOLERANCE", "abandoned_threads", "grace_s", "run_dist", "run_local", "run_rank"]
 
 
 def grace_s(timeout: float) -> float:
@@ -38,36 +40,21 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
              fault=None) -> tuple[int, dict | None]:
     """Run opts.steps steps on one rank. Returns (exit code, summary on rank 0 else None).
     `fault` is (Fault, index) or None: then SLIMPIPE_FAULT is read."""
-    device = torch.device(opts.device if opts.device != "cuda" or transport.kind == "dist" else "cuda")
-    if device.type == "cuda" and transport.kind == "dist":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
-    backend = pick_backend(opts.attention, device, DTYPES[opts.dtype])
+    device = choose_device(opts, transport, rank)
+    backend = choose_backend(opts, device)
     watch = watch or Watch(rank)
     f, at = fault if fault is not None else fault_from_env(plan)
     if f is not None and f.rank != rank:
         f = at = None
     R = Rank(plan, rank, transport, backend, device=device, dtype=DTYPES[opts.dtype], lr=opts.lr,
              timeout=opts.timeout, check_reference=opts.check_reference, watch=watch, fault=f, fault_at=at)
-
-    def gather(obj, what):
-        """A step-end collective (outside the plan's streams), bounded and named like a wait."""
-        watch.block(what, "every rank", opts.timeout)
-        try:
-            return transport.all_gather(obj)
-        except Aborted as e:
-            raise ExecError(f"{watch.where()}: stopped waiting on every rank for {what}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - a dead peer (gloo: connection closed) or the group's timeout
-            raise ExecError(f"{watch.where()}: lost the connection while waiting on every rank for {what} "
-                            f"({PeerLost(getattr(transport, 'backend', transport.kind), e)})") from e
-        finally:
-            watch.unblock()
     spec = plan.spec
     tokens = spec.microbatches * spec.micro_batch_size * spec.seq_len
     times, losses, peaks, cuda_peaks = [], [], [], []
     for step in range(opts.steps):
         st = R.run_step(step)
-        rows = gather([st["loss"], st["seconds"]], "the step-end exchange of losses and times")
+        rows = gather(transport, watch, opts.timeout, [st["loss"], st["seconds"]],
+                      "the step-end exchange of losses and times")
         loss = sum(r[0] for r in rows)
         secs = max(r[1] for r in rows)
         times.append(secs)
@@ -75,47 +62,23 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
         peaks.append(st["peak_activation_bytes"])
         cuda_peaks.append(st.get("cuda_max_memory_allocated", 0))
         if rank == 0 and not opts.quiet:
-            print(f"step {step + 1}/{opts.steps}: loss {loss:.6f}  {secs:.3f} s  {tokens / secs:,.0f} tokens/s",
-                  file=sys.stderr if opts.json else out, flush=True)
+            progress(step, opts.steps, loss, secs, tokens, opts, out)
     mine = {"peak_activation_bytes": max(peaks), "peak_rss_mib": peak_rss_mib(), **R.report}
     if device.type == "cuda":
         mine["cuda_max_memory_allocated"] = max(cuda_peaks)
-    reports = gather(mine, "the exchange of the final reports")
-    bad = False
+    reports = gather(transport, watch, opts.timeout, mine, "the exchange of the final reports")
+    bad = opts.check_reference and reference_failed(reports)
     summary = None
-    if opts.check_reference:
-        errs = [r.get("max_grad_rel_err", 0.0) for r in reports] + [r["loss_rel_err"] for r in reports if "loss_rel_err" in r]
-        worst = max(errs)
-        bad = worst > TOLERANCE
     if rank == 0:
-        step_s = median(times)
-        summary = {"step_s": step_s, "tokens_per_s": tokens / step_s if step_s else 0.0, "loss": losses[-1],
-                   "peak_rss_mib": [r["peak_rss_mib"] for r in reports],
-                   "peak_activation_bytes": [r["peak_activation_bytes"] for r in reports],
-                   "attention_backend": backend.name, "schedule": spec.schedule, "pp": spec.pp,
-                   "steps": opts.steps, "transport": transport.kind, "device": device.type, "dtype": opts.dtype}
-        if device.type == "cuda":
-            summary["cuda_max_memory_allocated"] = [r["cuda_max_memory_allocated"] for r in reports]
-        if opts.check_reference:
-            summary["max_grad_rel_err"] = max(r.get("max_grad_rel_err", 0.0) for r in reports)
-            summary["loss_rel_err"] = max(r["loss_rel_err"] for r in reports if "loss_rel_err" in r)
-            summary["ref_loss_step1"] = reports[0].get("ref_loss")
-            summary["loss_step1"] = losses[0]
-            verdict = "FAILED" if bad else "ok"
-            print(f"reference check {verdict}: max grad rel err {summary['max_grad_rel_err']:.3e}, "
-                  f"loss rel err {summary['loss_rel_err']:.3e} (tolerance {TOLERANCE:g})",
-                  file=sys.stderr if opts.json else out, flush=True)
-        if opts.json:
-            print(json.dumps(summary), file=out, flush=True)
+        summary = summarize(spec, opts, reports, times, losses, tokens, backend=backend.name,
+                            transport=transport.kind, device=device, bad=bad, out=out)
     return (1 if bad else 0), summary
 
 
 def _failure(rank: int, e: BaseException, watch: Watch) -> tuple[int, str]:
-    """(exit code, message) for an exception that ended a rank."""
+    """(exit code, message) for an exception that ended a rank: its type says the code."""
     if isinstance(e, SlimpipeError):
         return e.exit_code, str(e)
-    if isinstance(e, RuntimeError) and str(e).startswith("--attention"):
-        return 2, str(e)
     if watch.what is not None:  # it failed inside a bounded wait outside the interpreter (init, collectives)
         return 1, f"{watch.where()}: failed {watch.doing()}: {cause(e)}"
     return 1, f"{watch.where()}: {cause(e)}"

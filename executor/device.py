@@ -1,0 +1,26 @@
+"""Where a rank computes: its torch device (one GPU per process under torchrun, LOCAL_RANK), the
+parameter dtype, and the attention backend that runs there."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .attention import pick_backend
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def choose_device(opts, transport, rank: int) -> torch.device:
+    """opts.device ('cpu' or 'cuda', resolved by the CLI); under torchrun each process takes the
+    GPU of its LOCAL_RANK. In-process ranks share one device."""
+    device = torch.device(opts.device if opts.device != "cuda" or transport.kind == "dist" else "cuda")
+    if device.type == "cuda" and transport.kind == "dist":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def choose_backend(opts, device):
+    """The attention backend for --attention on `device` (errors.BackendUnavailable: exit 2)."""
+    return pick_backend(opts.attention, device, DTYPES[opts.dtype])

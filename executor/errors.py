@@ -1,0 +1,31 @@
+"""The executor's error types, one per cause, each with its exit code (read by the launcher:
+runner._failure / cli.main). Nothing here is recognised by its message text."""
+from __future__ import annotations
+
+from ir import SlimpipeError
+
+
+class ExecError(SlimpipeError):
+    """A plan cannot be run as written (a missing buffer, a timeout, a lost peer); the text
+    already starts with the rank and instruction. One line, exit 1."""
+
+    exit_code = 1
+
+
+class UnitError(SlimpipeError):
+    """A unit's state does not allow the instruction (its forward has not run, no input arrived).
+    Raised by the stage without a location; the runtime turns it into an ExecError naming the
+    rank and instruction."""
+
+    exit_code = 1
+
+
+class BackendUnavailable(SlimpipeError):
+    """The --attention choice cannot run here (flash-attn missing, no CUDA, a failed self-test):
+    a usage error, exit 2."""
+
+    exit_code = 2
+
+
+class InjectedFault(RuntimeError):
+    """The failure SLIMPIPE_FAULT asked for (action=fail)."""

@@ -1,0 +1,129 @@
+"""KV exchange: the owner's side (one Exchange per KVF_SEND/KVB_SEND, per-layer requests) and the
+partner's side (ServeJob per KVF_RECV/KVB_RECV, answered whenever the rank waits, so an exchange
+never needs both ranks to stand at the same instruction)."""
+from __future__ import annotations
+
+import torch
+
+from ir import Instr, Kind
+
+
+class Exchange:
+    """One KV exchange seen from the owner: partner rank, plan tag, shipped prefix slices x."""
+
+    __slots__ = ("peer", "tag", "x", "mb", "slice", "chunk")
+
+    def __init__(self, ins: Instr):
+        self.peer, self.tag, self.x = ins.peer, ins.tag, ins.x
+        self.mb, self.slice, self.chunk = ins.mb, ins.slice, ins.chunk
+
+
+class ServeJob:
+    """The partner side of one exchange: answer the owner's per-layer requests in order."""
+
+    __slots__ = ("owner", "tag", "fwd", "layers", "order", "pos", "pending", "specs")
+
+    def __init__(self, spec, dtype, ins: Instr):
+        cfg = spec.model
+        self.owner, self.tag, self.fwd = ins.peer, ins.tag, ins.kind == Kind.KVF_RECV
+        stage = spec.placement[ins.peer][ins.chunk]
+        self.layers = spec.stage_layers[stage]
+        self.order = list(range(self.layers)) if self.fwd else list(range(self.layers - 1, -1, -1))
+        self.pos, self.pending = 0, None
+        b, d, dt = spec.micro_batch_size, cfg.head_dim, dtype
+        lens = spec.slice_lens[ins.mb]
+        qs = (b, cfg.heads, lens[ins.slice], d)
+        ks = [((b, cfg.kv_heads, lens[i], d), dt) for i in range(ins.x)]
+        if self.fwd:
+            self.specs = [(qs, dt)] + ks + ks
+        else:
+            self.specs = [(qs, dt), (qs, dt), (qs[:3], torch.float32), (qs, dt)] + ks + ks
+
+    def progress(self, svc: "KVService") -> bool:
+        """Serve what has arrived; True if anything moved."""
+        moved = False
+        while self.pos < len(self.order):
+            li = self.order[self.pos]
+            if self.pending is None:
+                self.pending = svc.tp.post_recv(self.owner, svc.wire(self.tag, li, 0 if self.fwd else 1, 0), self.specs)
+            if not self.pending.ready():
+                return moved
+            parts = self.pending.value()
+            self.pending = None
+            svc.answer(self, li, parts)
+            self.pos += 1
+            moved = True
+        return moved
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.order)
+
+
+class KVService:
+    """This rank's exchanges: requests it sends as owner, and the jobs it serves as partner."""
+
+    def __init__(self, spec, dtype, transport, wire, backend, scale: float):
+        self.spec, self.dtype, self.tp, self.wire, self.backend, self.scale = spec, dtype, transport, wire, backend, scale
+        self.jobs: list[ServeJob] = []
+
+    def reset(self) -> None:
+        self.jobs = []
+
+    def agree(self, ins: Instr) -> None:
+        """KVF_RECV / KVB_RECV: serve this exchange from now on."""
+        self.jobs.append(ServeJob(self.spec, self.dtype, ins))
+
+    def request(self, ex: Exchange, li, bwd, tensors, reply_specs):
+        """Owner side: ship one layer's request; the returned Pending gives the reply."""
+        self.tp.send(ex.peer, self.wire(ex.tag, li, bwd, 0), [t.contiguous() for t in tensors])
+        return self.tp.post_recv(ex.peer, self.wire(ex.tag, li, bwd, 1), reply_specs)
+
+    def serve(self) -> bool:
+        """Answer whatever requests have arrived; True if anything moved."""
+        moved = False
+        if self.jobs:
+            with torch.no_grad():
+                for job in self.jobs:
+                    moved |= job.progress(self)
+            if moved:
+                self.jobs = [j for j in self.jobs if not j.done]
+        return moved
+
+    def answer(self, job: ServeJob, li, parts) -> None:
+        be, sc = self.backend, self.scale
+        if job.fwd:
+            x = (len(parts) - 1) // 2
+            q, K, V = parts[0], torch.cat(parts[1:1 + x], 2), torch.cat(parts[1 + x:], 2)
+            out, lse = be.fwd(q, K, V, False, sc)
+            reply = [out.to(q.dtype), lse.float()]
+        else:
+            q, out, lse, dout = parts[:4]
+            ks = parts[4:]
+            x = len(ks) // 2
+            lens = [k.shape[2] for k in ks[:x]]
+            K, V = torch.cat(ks[:x], 2), torch.cat(ks[x:], 2)
+            dq, dk, dv = be.bwd(dout, q, K, V, out, lse, False, sc)
+            reply = [dq.to(q.dtype)] + list(dk.split(lens, 2)) + list(dv.split(lens, 2))
+        self.tp.send(job.owner, self.wire(job.tag, li, 0 if job.fwd else 1, 1), [t.contiguous() for t in reply])
+
+    def owners(self):
+        """Whom the open jobs serve: a rank, or 'ranks a, b' (for wait messages)."""
+        owners = sorted({j.owner for j in self.jobs})
+        return owners[0] if len(owners) == 1 else "ranks " + ", ".join(map(str, owners))
+
+    def all_served(self) -> "AllServed":
+        return AllServed(self)
+
+
+class AllServed:
+    """A Pending that is ready once every agreed exchange is served (waiting on it serves them)."""
+
+    def __init__(self, svc: KVService):
+        self.svc = svc
+
+    def ready(self):
+        return not self.svc.jobs
+
+    def value(self):
+        return None

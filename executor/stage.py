@@ -1,0 +1,219 @@
+"""One model chunk on one rank (a pipeline stage): its parameters, the buffers of its units
+(micro-batch, slice) and the forward/backward of one unit. The stage knows nothing of the
+instruction stream; the runtime (interpreter.Rank) decides when each unit runs.
+
+Buffers per unit: its input leaf and output (kept for its backward), received activations and
+gradients, and per micro-batch and layer the K/V of each slice (a list per slice, never
+concatenated) and the dK/dV accumulated for earlier slices by later slices' backwards. Everything
+of a unit is dropped as soon as its backward is done."""
+from __future__ import annotations
+
+import torch
+
+from . import model as M
+from .attention import SliceAttention
+from .errors import UnitError
+from .kv import Exchange
+
+
+class Unit:
+    """A forward unit kept for its backward."""
+
+    __slots__ = ("x", "y", "kvf", "kvb")
+
+    def __init__(self):
+        self.x = self.y = self.kvf = self.kvb = None
+
+
+class AttentionEnv:
+    """What every layer's attention of a rank shares: backend, scale, the KV-exchange service and
+    the rank's bounded wait."""
+
+    __slots__ = ("backend", "scale", "kv", "wait")
+
+    def __init__(self, backend, scale, kv, wait):
+        self.backend, self.scale, self.kv, self.wait = backend, scale, kv, wait
+
+
+class LayerCtx:
+    """What SliceAttention needs for one (unit, layer): backend, earlier slices' K/V, where
+    their gradients go, and the unit's exchanges."""
+
+    __slots__ = ("env", "unit", "li", "prefix", "acc", "backend", "scale", "key", "tracker")
+
+    def __init__(self, env: AttentionEnv, unit, li, prefix, acc, key, tracker):
+        self.env, self.unit, self.li, self.prefix, self.acc, self.key = env, unit, li, prefix, acc, key
+        self.backend, self.scale, self.tracker = env.backend, env.scale, tracker
+
+    def fwd_remote_slices(self):
+        return self.unit.kvf.x if self.unit.kvf is not None else 0
+
+    def bwd_remote_slices(self):
+        return self.unit.kvb.x if self.unit.kvb is not None else 0
+
+    def fwd_remote_start(self, q, prefix):
+        return self.env.kv.request(self.unit.kvf, self.li, 0, [q] + [k for k, _ in prefix] + [v for _, v in prefix],
+                                   [(q.shape, q.dtype), (q.shape[:3], torch.float32)])
+
+    def fwd_remote_finish(self, h):
+        return self.env.wait(h, "its KV-exchange forward reply", self.unit.kvf.peer)
+
+    def bwd_remote_start(self, q, prefix, out, lse, dout):
+        ks, vs = [k for k, _ in prefix], [v for _, v in prefix]
+        specs = [(q.shape, q.dtype)] + [(k.shape, k.dtype) for k in ks] + [(v.shape, v.dtype) for v in vs]
+        return self.env.kv.request(self.unit.kvb, self.li, 1, [q, out, lse, dout.to(q.dtype)] + ks + vs, specs)
+
+    def bwd_remote_finish(self, h):
+        parts = self.env.wait(h, "its KV-exchange backward reply", self.unit.kvb.peer)
+        x = (len(parts) - 1) // 2
+        return parts[0].float(), parts[1:1 + x], parts[1 + x:]
+
+    def accumulate(self, i, dk, dv):
+        slot = self.acc[i]
+        if slot is None:
+            # own copies: the parts may be views of a receive buffer, and later adds are in place
+            dk = dk.to(self.prefix[i][0].dtype, copy=True).contiguous()
+            dv = dv.to(self.prefix[i][1].dtype, copy=True).contiguous()
+            self.acc[i] = [dk, dv]
+            owner = ("acc", self.key[0], i, self.key[1])
+            self.tracker.add(owner, dk)
+            self.tracker.add(owner, dv)
+        else:
+            slot[0].add_(dk)
+            slot[1].add_(dv)
+
+
+class Stage:
+    """Pipeline stage `index` held as chunk `chunk` of this rank. `next_local` / `prev_local` are
+    the neighbouring stages when this rank holds them too (activations and gradients are then
+    handed over in memory instead of sent)."""
+
+    def __init__(self, spec, index: int, chunk: int, params: dict, *, device, dtype, tracker, env: AttentionEnv,
+                 batches):
+        self.spec, self.index, self.chunk, self.params = spec, index, chunk, params
+        self.device, self.dtype, self.tracker, self.env, self.batches = device, dtype, tracker, env, batches
+        self.is_first, self.is_last = index == 0, index == spec.num_stages - 1
+        self.layers = spec.stage_layers[index]
+        self.first_layer = spec.stage_first_layer()[index]
+        self.next_local: Stage | None = None
+        self.prev_local: Stage | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every unit buffer (start of a step)."""
+        self.units: dict = {}       # (mb, slice) -> Unit
+        self.acts_in: dict = {}     # (mb, slice) -> activation received or handed over
+        self.grads_in: dict = {}    # (mb, slice) -> output gradient received or handed over
+        self.grads_out: dict = {}   # (mb, slice) -> input gradient to send
+        self.kv: dict = {}          # mb -> [layer][slice] (k, v)
+        self.acc: dict = {}         # mb -> [layer][slice] [dk, dv] from later slices
+
+    # ------------------------------------------------------------------ buffers
+    def has_unit(self, mb, s) -> bool:
+        return (mb, s) in self.units
+
+    def output(self, mb, s):
+        """The unit's output activation, to send to the next stage."""
+        u = self.units.get((mb, s))
+        if u is None or u.y is None:
+            raise UnitError("nothing to send (its forward has not run)")
+        return u.y.detach()
+
+    def take_input_grad(self, mb, s):
+        """The unit's input gradient, to send to the previous stage."""
+        g = self.grads_out.pop((mb, s), None)
+        if g is None:
+            raise UnitError("nothing to send (its backward has not run)")
+        return g
+
+    def first_pending(self):
+        """(mb, slice) of a unit whose backward has not run, or None."""
+        return sorted(self.units)[0] if self.units else None
+
+    # ------------------------------------------------------------------ compute
+    def _attend(self, lc: LayerCtx, s: int, q, k, v):
+        cache = self.kv[lc.key[0]][lc.li]
+        cache[s] = (k, v)
+        owner = ("u", lc.key[0], s, lc.key[1])
+        self.tracker.add(owner, k)
+        self.tracker.add(owner, v)
+        lc.prefix = [(kk.detach(), vv.detach()) for kk, vv in cache[:s]]
+        return SliceAttention.apply(q.contiguous(), k, v, lc)
+
+    def forward(self, mb: int, s: int, kvf: Exchange | None) -> float | None:
+        """Forward of unit (mb, s); returns its loss share on the last stage, else None."""
+        spec, cfg, c = self.spec, self.spec.model, self.chunk
+        u = self.units[(mb, s)] = Unit()
+        u.kvf = kvf
+        off, ln = spec.slice_offsets(mb)[s], spec.slice_lens[mb][s]
+        P = self.params
+        owner = ("u", mb, s, c)
+        tr = self.tracker
+        loss = None
+
+        def pack(t):
+            tr.add(owner, t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if self.is_first:
+                tok = self.batches.tokens(mb)
+                x = P["embed"][tok[:, off:off + ln]]
+            else:
+                x = self.acts_in.pop((mb, s), None)
+                if x is None:
+                    raise UnitError("no input activation (missing RECV_ACT?)")
+                x = x.detach().requires_grad_(True)
+                u.x = x
+            if mb not in self.kv:
+                self.kv[mb] = [[None] * spec.slices for _ in range(self.layers)]
+                self.acc[mb] = [[None] * spec.slices for _ in range(self.layers)]
+            cos, sin = M.rope_tables(cfg.head_dim, off, ln, self.device, self.dtype)
+            key = (mb, c)
+            for li in range(self.layers):
+                lc = LayerCtx(self.env, u, li, None, self.acc[mb][li], key, tr)
+                x = M.layer_forward(P, self.first_layer + li, cfg, x, cos, sin,
+                                    lambda q, k, v, lc=lc: self._attend(lc, s, q, k, v))
+            if self.is_last:
+                tok = self.batches.tokens(mb)
+                denom = spec.micro_batch_size * spec.seq_len * spec.microbatches
+                x = M.head_loss(P, x, tok[:, 1 + off:1 + off + ln], denom)
+                loss = float(x.detach())
+        u.y = x
+        if self.next_local is not None:
+            self.next_local.acts_in[(mb, s)] = x.detach()
+        return loss
+
+    def backward(self, mb: int, s: int, kvb: Exchange | None) -> None:
+        """Backward of unit (mb, s): its output gradient and the dK/dV later slices left for it."""
+        u = self.units.pop((mb, s))
+        u.kvb = kvb
+        if self.is_last:
+            roots, grads = [u.y], [torch.ones_like(u.y)]
+        else:
+            dy = self.grads_in.pop((mb, s), None)
+            if dy is None:
+                raise UnitError("no output gradient (missing RECV_GRAD?)")
+            roots, grads = [u.y], [dy]
+        caches, accs = self.kv[mb], self.acc[mb]
+        for li in range(len(caches)):
+            a = accs[li][s]
+            if a is not None:
+                k, v = caches[li][s]
+                roots += [k, v]
+                grads += a
+        torch.autograd.backward(roots, grads)
+        for li in range(len(caches)):
+            caches[li][s] = None
+            accs[li][s] = None
+        self.tracker.release(("u", mb, s, self.chunk))
+        self.tracker.release(("acc", mb, s, self.chunk))
+        if s == 0:
+            del self.kv[mb], self.acc[mb]
+        if not self.is_first:
+            g = u.x.grad
+            if self.prev_local is not None:
+                self.prev_local.grads_in[(mb, s)] = g
+            else:
+                self.grads_out[(mb, s)] = g
+        u.x = u.y = None

@@ -1,0 +1,17 @@
+"""Wire tags: the plan's tags spaced out so each KV-exchange message of each layer (request and
+reply, forward and backward) travels under its own transport tag."""
+from __future__ import annotations
+
+
+class WireTags:
+    """plan tag (+ layer, direction, reply) -> transport tag, for one plan."""
+
+    __slots__ = ("stride",)
+
+    def __init__(self, spec):
+        self.stride = 4 * max(spec.stage_layers) + 1
+
+    def __call__(self, tag: int, li: int = 0, bwd: int = 0, reply: int = 0) -> int:
+        """li < 0: the plain p2p message of the instruction (activation, gradient)."""
+        sub = 0 if li < 0 else 1 + 4 * li + 2 * bwd + reply
+        return tag * self.stride + sub
