@@ -14,9 +14,14 @@ class SpecError(SlimpipeError):
 
 
 class PlanFormatError(SlimpipeError):
-    """A plan file is unreadable, malformed or of an unknown schema (exit 2)."""
+    """A plan file is unreadable, malformed or of an unknown schema (exit 2). `rank` and `index`
+    locate the instruction that could not be read, where there is one."""
 
     exit_code = 2
+
+    def __init__(self, message: str, rank: int | None = None, index: int | None = None):
+        super().__init__(message)
+        self.rank, self.index = rank, index
 
 
 class PlanInvalidError(SlimpipeError):

@@ -73,12 +73,12 @@ def from_dict(d: Any) -> Plan:
     out = []
     for r, stream in enumerate(ranks):
         if not isinstance(stream, list):
-            raise PlanFormatError(f"rank {r}: instructions must be a list of strings like 'F mb0 s0 c0'")
+            raise PlanFormatError(f"rank {r}: instructions must be a list of strings like 'F mb0 s0 c0'", r)
         try:
             out.append(tuple(parse(t) for t in stream))
         except PlanFormatError as e:
             i = next(i for i, t in enumerate(stream) if _unparsable(t))
-            raise PlanFormatError(f"rank {r} #{i}: {e}") from None
+            raise PlanFormatError(f"rank {r} #{i}: {e}", r, i) from None
     meta = d.get("meta", {})
     if not isinstance(meta, dict):
         raise PlanFormatError("plan 'meta' must be a JSON object")
@@ -159,4 +159,4 @@ def load(path: str) -> Plan:
         return loads(text)
     except PlanFormatError as e:
         where = path if path.isprintable() and len(path) <= 200 else _clip(path, 200)
-        raise PlanFormatError(f"{where}: {e}") from None
+        raise PlanFormatError(f"{where}: {e}", e.rank, e.index) from None

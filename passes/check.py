@@ -18,7 +18,7 @@ class Report:
         return not self.problems
 
     def to_json(self) -> dict:
-        return {"valid": self.ok, "usable": True, "problems": [{"rule": p.rule, "message": p.message} for p in self.problems]}
+        return {"valid": self.ok, "usable": True, "problems": [p.to_json() for p in self.problems]}
 
 
 def check(plan: Plan) -> Report:
@@ -26,7 +26,8 @@ def check(plan: Plan) -> Report:
     if not problems:
         res = replay(plan)
         if res.deadlocked:
-            problems.append(Problem("deadlock", res.deadlock_message()))
+            first = next(s for s in res.stuck if s.rank == res.cycle[0]) if res.cycle else res.stuck[0]
+            problems.append(Problem("deadlock", res.deadlock_message(), first.rank, first.index))
     return Report(problems)
 
 

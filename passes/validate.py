@@ -24,8 +24,16 @@ _INDEXED = (Kind.F, Kind.B, Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.R
 
 @dataclass(frozen=True)
 class Problem:
+    """One broken rule: `rank` and `index` locate the instruction it is about (the first one the
+    message names), None where there is none (a unit a rank lacks has a rank but no index)."""
+
     rule: str
     message: str
+    rank: int | None = None
+    index: int | None = None
+
+    def to_json(self) -> dict:
+        return {"rule": self.rule, "rank": self.rank, "index": self.index, "message": self.message}
 
     def __str__(self) -> str:
         return f"[{self.rule}] {self.message}"
@@ -44,8 +52,8 @@ def validate(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
     """All rule violations found (at most `max_problems`), in a stable order."""
     problems: list[Problem] = []
 
-    def bad(rule: str, msg: str) -> None:
-        problems.append(Problem(rule, msg))
+    def bad(rule: str, msg: str, rank: int | None = None, index: int | None = None) -> None:
+        problems.append(Problem(rule, msg, rank, index))
         if len(problems) >= max_problems:
             raise _TooMany
 
@@ -70,14 +78,14 @@ def _fields(plan: Plan, bad) -> None:
             if k == Kind.OPT:
                 continue
             if not (0 <= ins.mb < m and 0 <= ins.slice < n and 0 <= ins.chunk < v):
-                bad("range", f"{_at(r, i, ins)}: needs mb < {m}, s < {n}, c < {v}")
+                bad("range", f"{_at(r, i, ins)}: needs mb < {m}, s < {n}, c < {v}", r, i)
             elif k in P2P or k in KV:
                 if not (0 <= ins.peer < p) or ins.peer == r:
-                    bad("range", f"{_at(r, i, ins)}: peer must be another rank in 0..{p - 1}")
+                    bad("range", f"{_at(r, i, ins)}: peer must be another rank in 0..{p - 1}", r, i)
                 elif ins.tag < 0:
-                    bad("range", f"{_at(r, i, ins)}: tag must be >= 0")
+                    bad("range", f"{_at(r, i, ins)}: tag must be >= 0", r, i)
                 elif k in KV and not (1 <= ins.x <= ins.slice):
-                    bad("range", f"{_at(r, i, ins)}: x must be 1..{ins.slice} (earlier slices of the owner's unit)")
+                    bad("range", f"{_at(r, i, ins)}: x must be 1..{ins.slice} (earlier slices of the owner's unit)", r, i)
 
 
 def _coverage_and_order(plan: Plan, bad) -> list[dict[str, list[int]]]:
@@ -100,7 +108,7 @@ def _coverage_and_order(plan: Plan, bad) -> list[dict[str, list[int]]]:
                 continue
             u = (ins[1] * n + ins[2]) * v + ins[3]
             if arr[u] >= 0:
-                bad("unique", f"{_at(r, i, ins)} repeats #{arr[u]}")
+                bad("unique", f"{_at(r, i, ins)} repeats #{arr[u]}", r, i)
             else:
                 arr[u] = i
         out.append(tab)
@@ -118,26 +126,26 @@ def _coverage_and_order(plan: Plan, bad) -> list[dict[str, list[int]]]:
                     f, b = fa[u], ba[u]
                     if f < 0 or b < 0:
                         miss = "F" if f < 0 else "B"
-                        bad("coverage", f"rank {r} lacks '{miss} mb{mb} s{j} c{c}' (stage {s}); every unit needs one F and one B")
+                        bad("coverage", f"rank {r} lacks '{miss} mb{mb} s{j} c{c}' (stage {s}); every unit needs one F and one B", r)
                         continue
                     if b < f:
-                        bad("order", f"{_at(r, b, stream[b])} runs before its forward {_at(r, f, stream[f])}")
+                        bad("order", f"{_at(r, b, stream[b])} runs before its forward {_at(r, f, stream[f])}", r, b)
                     if j > 0:
                         fp = fa[u - v]
                         if fp > f:
-                            bad("order", f"{_at(r, f, stream[f])} runs before the earlier slice {_at(r, fp, stream[fp])} (forward slices ascend)")
+                            bad("order", f"{_at(r, f, stream[f])} runs before the earlier slice {_at(r, fp, stream[fp])} (forward slices ascend)", r, f)
                     if j < n - 1:
                         bn = ba[u + v]
                         if bn > b:
-                            bad("order", f"{_at(r, b, stream[b])} runs before the later slice {_at(r, bn, stream[bn])} (backward slices descend)")
+                            bad("order", f"{_at(r, b, stream[b])} runs before the later slice {_at(r, bn, stream[bn])} (backward slices descend)", r, b)
                     if prev_d is not None:
                         fp = fa[u + prev_d]
                         if fp > f:
-                            bad("order", f"{_at(r, f, stream[f])} runs before the previous stage's {_at(r, fp, stream[fp])}")
+                            bad("order", f"{_at(r, f, stream[f])} runs before the previous stage's {_at(r, fp, stream[fp])}", r, f)
                     if next_d is not None:
                         bn = ba[u + next_d]
                         if bn > b:
-                            bad("order", f"{_at(r, b, stream[b])} runs before the next stage's {_at(r, bn, stream[bn])}")
+                            bad("order", f"{_at(r, b, stream[b])} runs before the next stage's {_at(r, bn, stream[bn])}", r, b)
     return out
 
 
@@ -192,13 +200,13 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
                     if (MATCH[s_ins[0]] != r_ins[0] or s_ins[1] != r_ins[1] or s_ins[2] != r_ins[2]
                             or dst_place[r_ins[3]] != want):
                         bad("match", f"{_at(src, si, s_ins)} is matched by tag with {_at(dst, ri, r_ins)}, "
-                                     f"which expects other data (kind, micro-batch, slice or stage differ)")
+                                     f"which expects other data (kind, micro-batch, slice or stage differ)", src, si)
                     else:
                         dst_via[ri] = si
                 for si in ss[len(rr):]:
-                    bad("match", f"{_at(src, si, src_stream[si])} has no matching receive on rank {dst}")
+                    bad("match", f"{_at(src, si, src_stream[si])} has no matching receive on rank {dst}", src, si)
                 for ri in rr[len(ss):]:
-                    bad("match", f"{_at(dst, ri, dst_stream[ri])} has no matching send on rank {src}")
+                    bad("match", f"{_at(dst, ri, dst_stream[ri])} has no matching send on rank {src}", dst, ri)
     # every cross-rank dependency goes through a receive placed before its consumer
     m_range, n_range = range(spec.microbatches), range(n)
     for r, stream in enumerate(ranks):
@@ -221,7 +229,7 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
                             continue
                         ri = recv_at[uid]
                         if ri < 0:
-                            bad("dependency", f"{_at(r, u, stream[u])} needs the {what} from rank {q} but rank {r} never receives it")
+                            bad("dependency", f"{_at(r, u, stream[u])} needs the {what} from rank {q} but rank {r} never receives it", r, u)
                             continue
                         si = r_via[ri]
                         if si < 0:
@@ -229,11 +237,11 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
                         q_ = stream[ri][4]
                         if ri > u:
                             bad("dependency", f"{_at(r, u, stream[u])} runs before {_at(r, ri, stream[ri])} that brings its {what} "
-                                              f"from {_at(q_, si, ranks[q_][si])}")
+                                              f"from {_at(q_, si, ranks[q_][si])}", r, u)
                         pu = produced[uid + dq] if q_ == q else -1
                         if si < pu:
                             bad("dependency", f"{_at(q_, si, ranks[q_][si])} sends before {_at(q_, pu, ranks[q_][pu])} produces the {what} "
-                                              f"that {_at(r, ri, stream[ri])} receives")
+                                              f"that {_at(r, ri, stream[ri])} receives", q_, si)
 
 
 def _kv(plan: Plan, bad) -> None:
@@ -251,11 +259,11 @@ def _kv(plan: Plan, bad) -> None:
                     want = Kind.F if k == Kind.KVF_SEND else Kind.B
                     u = stream[nxt] if nxt is not None else None
                     if u is None or (u.kind, u.mb, u.slice, u.chunk) != (want, ins.mb, ins.slice, ins.chunk):
-                        bad("kv", f"{_at(r, i, ins)}: the next compute unit must be '{want} mb{ins.mb} s{ins.slice} c{ins.chunk}'")
+                        bad("kv", f"{_at(r, i, ins)}: the next compute unit must be '{want} mb{ins.mb} s{ins.slice} c{ins.chunk}'", r, i)
                     ends.setdefault((r, ins.peer, ins.tag, "o"), []).append(i)
                 else:
                     if nxt is None:
-                        bad("kv", f"{_at(r, i, ins)}: no compute unit follows to run the exchange alongside")
+                        bad("kv", f"{_at(r, i, ins)}: no compute unit follows to run the exchange alongside", r, i)
                     ends.setdefault((ins.peer, r, ins.tag, "p"), []).append(i)
     for (o, pa, tag, side), idx in list(ends.items()):
         if side != "o":
@@ -264,11 +272,11 @@ def _kv(plan: Plan, bad) -> None:
         for oi, pi in zip(idx, other):
             a, b = ranks[o][oi], ranks[pa][pi]
             if MATCH[a.kind] != b.kind or (a.mb, a.slice, a.chunk, a.x) != (b.mb, b.slice, b.chunk, b.x):
-                bad("kv", f"{_at(o, oi, a)} is paired by tag with {_at(pa, pi, b)}, which names another exchange")
+                bad("kv", f"{_at(o, oi, a)} is paired by tag with {_at(pa, pi, b)}, which names another exchange", o, oi)
         for oi in idx[len(other):]:
-            bad("kv", f"{_at(o, oi, ranks[o][oi])} has no partner instruction on rank {pa}")
+            bad("kv", f"{_at(o, oi, ranks[o][oi])} has no partner instruction on rank {pa}", o, oi)
     for (o, pa, tag, side), idx in ends.items():
         if side == "p":
             n_owner = len(ends.get((o, pa, tag, "o"), []))
             for pi in idx[n_owner:]:
-                bad("kv", f"{_at(pa, pi, ranks[pa][pi])} has no owner instruction on rank {o}")
+                bad("kv", f"{_at(pa, pi, ranks[pa][pi])} has no owner instruction on rank {o}", pa, pi)

@@ -115,6 +115,15 @@ def test_hand_edited_backward_before_its_receive(tmp_path, capsys):
     assert code == 1
     assert "rank 0 #4 'B mb0 s0 c0' runs before rank 0 #5 'RECV_GRAD mb0 s0 c0 from1 t1'" in out
     assert "rank 1 #3 'SEND_GRAD mb0 s0 c0 to0 t1'" in out
+    # --json: scripts get the rule, rank and instruction index as fields, not only in the message
+    code, out, _ = run(capsys, "check", str(bad), "--json")
+    probs = json.loads(out)["problems"]
+    assert code == 1 and [(p["rule"], p["rank"], p["index"]) for p in probs] == [("dependency", 0, 4)]
+    d = json.loads(open(src).read())
+    d["ranks"][1][3] = "F mbX s0 c0"
+    bad.write_text(json.dumps(d))
+    code, out, _ = run(capsys, "check", str(bad), "--json")
+    assert code == 2 and [(p["rule"], p["rank"], p["index"]) for p in json.loads(out)["problems"]] == [("unreadable", 1, 3)]
 
 
 def test_deadlock_names_the_cycle(tmp_path, capsys):

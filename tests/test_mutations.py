@@ -78,6 +78,12 @@ def test_mutants_are_caught(plan, data):
         got = rules(rep)
         assert got and got <= allowed, f"{name}: rules {got}, expected within {allowed}"
         assert all(p.message for p in rep.problems)
+        for p in rep.problems:  # each problem locates itself as fields, the same place its message names
+            assert p.rank is not None, p
+            if p.index is not None:
+                assert f"rank {p.rank} #{p.index} " in p.message or f"rank {p.rank} waits at #{p.index} " in p.message, p
+            else:
+                assert p.rule == "coverage" and p.message.startswith(f"rank {p.rank} lacks "), p
         TRIED[name] += 1
         return rep
 
@@ -169,6 +175,6 @@ def test_deadlock_message_names_the_cycle():
     ranks[0].insert(0, ranks[0].pop(i))
     rep = check(plan.with_ranks(ranks))
     msg = rep.problems[0].message
-    assert rep.problems[0].rule == "deadlock"
+    assert (rep.problems[0].rule, rep.problems[0].rank, rep.problems[0].index) == ("deadlock", 0, 0)
     assert msg.startswith("deadlock: wait cycle rank 0 -> rank 1 -> rank 0")
     assert "rank 0 waits at #0 'RECV_GRAD mb0 s0 c0 from1 t1' for data from rank 1" in msg

@@ -12,7 +12,8 @@ def run(args) -> int:
         plan = load_plan(args.plan)
     except SlimpipeError as e:
         if args.json:  # scripts read stdout: say why there, too (the one-line error still goes to stderr)
-            emit_json({"valid": False, "usable": False, "problems": [{"rule": "unreadable", "message": str(e)}]})
+            emit_json({"valid": False, "usable": False, "problems": [
+                {"rule": "unreadable", "rank": getattr(e, "rank", None), "index": getattr(e, "index", None), "message": str(e)}]})
         raise
     report = check(plan)
     if args.json:
@@ -29,6 +30,6 @@ def register(sub) -> None:
     p = add_parser(sub, "check", "validate a plan and prove it cannot deadlock (exit 0 valid, 1 invalid, 2 unusable)",
                    "slimpipe check plan.json --json")
     p.add_argument("plan")
-    p.add_argument("--json", action="store_true", help='print {"valid": bool, "usable": bool, "problems": [{"rule", "message"}]} (also for an '
+    p.add_argument("--json", action="store_true", help='print {"valid": bool, "usable": bool, "problems": [{"rule", "rank", "index", "message"}]} (also for an '
                    'unreadable plan: usable false, exit 2)')
     p.set_defaults(run=run)
