@@ -56,7 +56,6 @@ TP_CHOICES = (1, 2, 4, 8)
 CP_CHOICES = (1, 2, 4, 8)
 N_CHOICES = (2, 4, 8, 16, 32)
 V_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10)
-SLICING = ("seq1f1b", "slimpipe")
 DEFAULT_TOKENS_PER_STEP = 1 << 22
 SAFETY = 1 - 1e-9  # bounds are exact arithmetic of the cost model; keep float rounding on the safe side
 

@@ -131,11 +131,6 @@ def _with_exchanges(plan: Plan, pairs) -> Plan:
 
 # ---------------------------------------------------------------- cost-aware pairing
 
-# step weights of the backward unit (forward = 1) in the lockstep replays that define "the same
-# step": 1 is the as-soon-as-possible step count (every rank runs one unit per step)
-STEP_WEIGHTS = (1.0,)
-
-
 def _best_x(cm, o: int, u: Instr, q: int, w: Instr, thr: int) -> tuple[int, float, float]:
     """(x, owner seconds, partner seconds) with x in 1..u.slice (capped by thr) making the two
     durations most equal: the owner's time falls and the partner's rises as x grows."""
@@ -210,12 +205,10 @@ def _pair_steps(plan: Plan, cm, timeline, window: float = 1e-9) -> list[tuple[in
     return [e[1:] for e in out]
 
 
-def cost_pairings(plan: Plan, profile="h100", step_weights=STEP_WEIGHTS,
-                  dtype_bytes: int = 2) -> list[list[tuple[int, int, int, int, int]]]:
-    """Candidate pairings under the cost model, best (shortest timed makespan) first: for each
-    backward weight c in step_weights, the units that start together in a replay with F=1, B=c
-    (free communication) are mirror-paired by their real durations; the unit-cost pairing and
-    the empty one are candidates too. Candidates whose timed replay deadlocks are left out."""
+def cost_pairings(plan: Plan, profile="h100", dtype_bytes: int = 2) -> list[list[tuple[int, int, int, int, int]]]:
+    """Candidate pairings under the cost model, best (shortest timed makespan) first: the units
+    that start together in a lockstep replay (every unit one step, communication free) are
+    mirror-paired by their real durations; the unit-cost pairing and the empty one are candidates too. Candidates whose timed replay deadlocks are left out."""
     from .costs import CostModel, load_profile, timed_replay
 
     cm = CostModel(plan.spec, load_profile(profile), dtype_bytes)
@@ -232,9 +225,8 @@ def cost_pairings(plan: Plan, profile="h100", step_weights=STEP_WEIGHTS,
     if scored[()] == float("inf"):
         return [[]]
     evaluate(pairings(plan))
-    for c in step_weights:
-        res = replay(plan, cost=lambda r, ins, c=c: 1.0 if ins.kind == Kind.F else c, record=True)
-        evaluate(_pair_steps(plan, cm, [(r, i, t0) for r, i, t0, _t1 in res.timeline]))
+    res = replay(plan, cost=lambda r, ins: 1.0, record=True)
+    evaluate(_pair_steps(plan, cm, [(r, i, t0) for r, i, t0, _t1 in res.timeline]))
     order = sorted((m, len(k), k) for k, m in scored.items() if m != float("inf"))
     return [list(k) for _m, _n, k in order]
 

@@ -1,7 +1,7 @@
 """Terminal pictures of a plan: a per-rank time grid (unit costs) and instruction listings."""
 from __future__ import annotations
 
-from ir import Kind, Plan, to_text
+from ir import Plan, to_text
 
 from .replay import replay
 
@@ -61,7 +61,3 @@ def listing(plan: Plan, rank: int | None = None, around: int | None = None, cont
             lines.append(f" {mark} #{i:<5} {to_text(stream[i])}")
     return "\n".join(lines)
 
-
-def compute_only(plan: Plan) -> Plan:
-    """The plan without communication instructions (for compact pictures)."""
-    return plan.with_ranks([[i for i in s if i.kind in (Kind.F, Kind.B)] for s in plan.ranks])

@@ -16,12 +16,6 @@ from ir import SpecError
 from .costs import DeviceProfile, model_forward_flops, unit_parts
 
 
-def uniform(seq_len: int, n: int) -> list[int]:
-    if n < 1 or n > seq_len or seq_len % n:
-        raise SpecError(f"--slices {n}: uniform slicing needs a divisor of --seq-len {seq_len}")
-    return [seq_len // n] * n
-
-
 def flops_partition(model, seq_len: int, n: int, granularity: int = 2, mlp_matrices: int = 3,
                     elementwise: bool = True) -> list[int]:
     """Slice lengths (summing to seq_len) with about equal forward FLOPs each."""
