@@ -4,7 +4,7 @@ from __future__ import annotations
 from ir import Instr, Kind, Plan, PlanSpec
 from ir.gcpause import gc_paused
 from passes import lower_comm, redistribute
-from passes.costs import load_profile
+from passes.costs import PROFILES, load_profile
 
 from . import schedules
 from .layout import build_spec
@@ -28,13 +28,19 @@ def compile_plan(spec: PlanSpec, profile=None) -> Plan:
     when spec.exchange is set (the CLI sets it by default for slimpipe), end each stream with OPT.
 
     `profile` (None = "h100", a built-in name, a .json path, or a passes.costs.DeviceProfile) is
-    the device the exchange pairing costs units with; its name is recorded in
-    plan.meta["device_profile"] when the exchange pass runs (it is used nowhere else)."""
-    prof = load_profile(profile) if spec.exchange else None
+    the device the plan is compiled for: the exchange pairing costs units with it, and when one is
+    given (or the exchange runs) it is recorded in plan.meta["device_profile"] (its name) and, for
+    a profile that is not a built-in one, plan.meta["device_profile_fields"], so that simulate,
+    trace and plot price the plan on the same device unless told otherwise."""
+    prof = load_profile(profile) if spec.exchange or profile is not None else None
     plan = lower_comm(schedule_plan(spec))
-    if prof is not None:
+    if spec.exchange:
         plan = redistribute(plan, prof)
-        plan = plan.with_ranks(plan.ranks, device_profile=prof.name)
+    if prof is not None:
+        meta = {"device_profile": prof.name}
+        if PROFILES.get(prof.name) != prof:
+            meta["device_profile_fields"] = prof.to_json()
+        plan = plan.with_ranks(plan.ranks, **meta)
     return plan.with_ranks([r + (Instr(Kind.OPT),) for r in plan.ranks])
 
 

@@ -5,7 +5,7 @@ import os
 
 from ir import SpecError, atomic_write
 
-from .common import add_parser, add_render_args, check_output_path, load_plan, render_profile, report
+from .common import add_parser, add_render_args, check_output_path, load_plan, plan_profile, render_profile, report
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -21,8 +21,9 @@ def run(args) -> int:
         raise SpecError("plot needs matplotlib, which is not installed; run: pip install slimpipe[plot]") from None
     from passes.trace import plot_timeline
 
-    profile = render_profile(args)
+    render_profile(args)  # --unit-costs with a profile, or a bad profile: fails before the plan is read
     plan = load_plan(args.plan)
+    profile = None if args.unit_costs else plan_profile(args.device_profile, plan)
     atomic_write(args.output, plot_timeline(plan, fmt, profile, unit_costs=args.unit_costs))
     return report(args, {"output": args.output, "format": fmt}, f"wrote {args.output}")
 

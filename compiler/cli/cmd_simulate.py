@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from ir import SpecError
 from passes import require_valid, simulate_units
-from passes.costs import PROFILES, load_profile
+from passes.costs import load_profile
 from passes.simulate import simulate_timed
 
-from .common import add_parser, emit_json, human_bytes, human_time, load_plan
+from .common import add_parser, emit_json, human_bytes, human_time, load_plan, plan_profile
 
 
 def dtype_bytes_arg(text: str) -> int:
@@ -19,7 +19,8 @@ def dtype_bytes_arg(text: str) -> int:
 def run(args) -> int:
     if args.unit_costs and (args.device_profile or args.dtype != "bf16"):
         raise SpecError("--unit-costs takes no --device-profile/--dtype (forward 1, backward 2, communication free)")
-    profile = load_profile(args.device_profile) if not args.unit_costs else None
+    if args.device_profile:
+        load_profile(args.device_profile)  # a bad profile fails before the plan is read
     dtype = dtype_bytes_arg(args.dtype)
     plan = load_plan(args.plan)
     # figures of a plan that breaks a rule (missing unit, unmatched send) would mislead; a deadlock
@@ -34,8 +35,7 @@ def run(args) -> int:
             for r in out["ranks"]:
                 print(f"  rank {r['rank']}: busy {r['busy']:g}, peak units in flight {r['peak_units']}")
         return 0
-    if args.device_profile is None and plan.meta.get("device_profile") in PROFILES:
-        profile = PROFILES[plan.meta["device_profile"]]  # the device its KV exchanges were costed for
+    profile = plan_profile(args.device_profile, plan)  # the device it was compiled for, unless told
     out = simulate_timed(plan, profile, dtype)
     if args.json:
         emit_json(out)

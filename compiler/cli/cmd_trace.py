@@ -6,13 +6,14 @@ import json
 from ir import atomic_write
 from passes.trace import chrome_trace
 
-from .common import add_parser, add_render_args, check_output_path, load_plan, render_profile, report
+from .common import add_parser, add_render_args, check_output_path, load_plan, plan_profile, render_profile, report
 
 
 def run(args) -> int:
     check_output_path(args.output)
-    profile = render_profile(args)
+    render_profile(args)  # --unit-costs with a profile, or a bad profile: fails before the plan is read
     plan = load_plan(args.plan)
+    profile = None if args.unit_costs else plan_profile(args.device_profile, plan)
     trace = chrome_trace(plan, profile, unit_costs=args.unit_costs)
     atomic_write(args.output, json.dumps(trace, separators=(",", ":")))
     n = sum(1 for e in trace["traceEvents"] if e["ph"] == "X")

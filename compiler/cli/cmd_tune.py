@@ -115,41 +115,56 @@ def check_plot(path: str) -> None:
         raise SpecError("--plot needs matplotlib, which is not installed; run: pip install slimpipe[plot]") from None
 
 
-def plot_front(res, path: str) -> None:
-    """Peak memory vs tokens/s of every simulated plan, the Pareto front and the budget."""
-    import io
-
+def front_figure(res):
+    """Peak memory vs tokens/s of every simulated plan, the Pareto front, the pick and the budget,
+    as a matplotlib Figure whose title and legend (outside the axes, right) fit in it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ir import atomic_write
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     colors = {f: plt.cm.tab10(i) for i, f in enumerate(schedules.FAMILIES)}
+    mems = [r["peak_memory_bytes"] for r in res.simulated] or [res.problem.memory_budget]
+    mu, ms = fit_unit(mems, BYTE_UNITS)  # a tiny model's plans read in MiB, not as 0.0 GiB
+    tps = [r["tokens_per_s"] for r in res.simulated] or [1.0]
+    tk, tl = (1e6, "million tokens/s") if max(tps) >= 1e6 else (1e3, "thousand tokens/s") if max(tps) >= 1e4 else (1.0, "tokens/s")
     for fam in schedules.FAMILIES:
         rows = [r for r in res.simulated if r["schedule"] == fam]
         if rows:
-            ax.scatter([r["peak_memory_bytes"] / GIB for r in rows], [r["tokens_per_s"] for r in rows], s=14,
+            ax.scatter([r["peak_memory_bytes"] / ms for r in rows], [r["tokens_per_s"] / tk for r in rows], s=14,
                        alpha=0.6, color=colors[fam], label=fam)
     front = res.pareto
     if front:
-        ax.step([r["peak_memory_bytes"] / GIB for r in front], [r["tokens_per_s"] for r in front], where="post",
+        ax.step([r["peak_memory_bytes"] / ms for r in front], [r["tokens_per_s"] / tk for r in front], where="post",
                 color="black", lw=1.2, label="Pareto front")
     if res.best:
         b = res.best
-        ax.scatter([b["peak_memory_bytes"] / GIB], [b["tokens_per_s"]], marker="*", s=160, color="black", zorder=5,
+        ax.scatter([b["peak_memory_bytes"] / ms], [b["tokens_per_s"] / tk], marker="*", s=160, color="black", zorder=5,
                    label="best")
-    ax.axvline(res.problem.memory_budget / GIB, color="red", ls="--", lw=1, label="budget")
-    ax.set_xlabel("peak memory per GPU (GiB)")
-    ax.set_ylabel("tokens/s")
+    budget = res.problem.memory_budget
+    if budget <= 1.5 * max(mems):
+        ax.axvline(budget / ms, color="red", ls="--", lw=1, label=f"budget {human_bytes(budget)}")
+    else:  # drawing it would squeeze every plan against the left edge
+        ax.plot([], [], color="red", ls="--", lw=1, label=f"budget {human_bytes(budget)} (far right, not drawn)")
+    ax.set_xlabel(f"peak memory per GPU ({mu})")
+    ax.set_ylabel(tl)
     pr = res.problem
-    ax.set_title(f"{pr.model.name}, seq {pr.seq_len}, {pr.gpus} GPUs: simulated plans", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.suptitle(f"{pr.model.name}, seq {pr.seq_len}, {pr.gpus} GPUs: simulated plans", fontsize=10)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    return fig
+
+
+def plot_front(res, path: str) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ir import atomic_write
+
+    fig = front_figure(res)
     buf = io.BytesIO()
-    fig.savefig(buf, format=os.path.splitext(path)[1].lstrip(".").lower())
+    fig.savefig(buf, format=os.path.splitext(path)[1].lstrip(".").lower(), dpi=100)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from ir import Plan, SpecError, load
+from ir import Plan, PlanFormatError, SpecError, load
 from ir.options import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: F401 (the commands' option types)
 
 
@@ -81,10 +81,33 @@ def render_profile(args):
     return load_profile(args.device_profile)
 
 
+def plan_profile(arg: str | None, plan: Plan):
+    """The device profile to price `plan` with: --device-profile when given, else the one the plan
+    was compiled for (plan.meta), else h100."""
+    from dataclasses import fields
+
+    from passes.costs import PROFILES, DeviceProfile, load_profile
+
+    if arg is not None:
+        return load_profile(arg)
+    rec = plan.meta.get("device_profile_fields")
+    if rec is not None:
+        names = [f.name for f in fields(DeviceProfile)]
+        ok = isinstance(rec, dict) and set(rec) == set(names) and isinstance(rec.get("name"), str) and all(
+            isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool) and rec[k] >= 0 for k in names[1:])
+        if not ok:
+            raise PlanFormatError("plan meta.device_profile_fields is not a device profile (fields: "
+                                  f"{', '.join(names)}); give --device-profile")
+        return DeviceProfile(**rec)
+    name = plan.meta.get("device_profile")
+    return PROFILES[name] if name in PROFILES else load_profile(None)
+
+
 def add_render_args(p, output_help: str) -> None:
     """Arguments shared by the commands that render a simulated plan (trace, plot)."""
     p.add_argument("plan")
     p.add_argument("-o", "--output", required=True, help=output_help)
-    p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
+    p.add_argument("--device-profile", help="h100, a100, or a JSON file (default: the profile the plan was "
+                   "compiled for, else h100)")
     p.add_argument("--unit-costs", action="store_true", help="F=1, B=2, communication free")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
