@@ -1,9 +1,9 @@
 """The compiler: spec -> per-rank compute order (a schedule family) -> pass pipeline -> Plan."""
 from __future__ import annotations
 
-from ir import Instr, Kind, Plan, PlanSpec
+from ir import Instr, Kind, Plan, PlanSpec, SpecError
 from ir.gcpause import gc_paused
-from passes import lower_comm, redistribute
+from passes import lower_comm, redistribute, spec_problems
 from passes.costs import PROFILES, load_profile
 
 from . import schedules
@@ -32,6 +32,8 @@ def compile_plan(spec: PlanSpec, profile=None) -> Plan:
     given (or the exchange runs) it is recorded in plan.meta["device_profile"] (its name) and, for
     a profile that is not a built-in one, plan.meta["device_profile_fields"], so that simulate,
     trace and plot price the plan on the same device unless told otherwise."""
+    for problem in spec_problems(spec):  # a plan the executor cannot run is not written
+        raise SpecError(problem.message)
     prof = load_profile(profile) if spec.exchange or profile is not None else None
     plan = lower_comm(schedule_plan(spec))
     if spec.exchange:

@@ -158,22 +158,24 @@ def _flash_backend():
     return Backend("flash-attn2", fwd, bwd)
 
 
-def self_test(be: Backend, device, dtype=torch.float32) -> str | None:
-    """Check a backend's block forward/backward against MATH on small GQA tensors (causal and
-    prefix blocks, merged lse passed to bwd); None if it agrees, else the reason."""
+def self_test(be: Backend, device, dtype=torch.float32, head_dim: int = 64) -> str | None:
+    """Check a backend's block forward/backward against MATH on small GQA tensors of the plan's
+    head_dim (causal and prefix blocks, merged lse passed to bwd): None if it agrees, else the
+    reason (flash-attn, say, supports only some head dims)."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
         mk = lambda *sh: torch.randn(*sh, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-        q, k, v, kp, vp = mk(1, 4, 64, 64), mk(1, 2, 64, 64), mk(1, 2, 64, 64), mk(1, 2, 32, 64), mk(1, 2, 32, 64)
-        dout = mk(1, 4, 64, 64)
+        d = head_dim
+        q, k, v, kp, vp = mk(1, 4, 64, d), mk(1, 2, 64, d), mk(1, 2, 64, d), mk(1, 2, 32, d), mk(1, 2, 32, d)
+        dout = mk(1, 4, 64, d)
         tol = 1e-3 if dtype == torch.float32 else 5e-2
         res = []
         for b in (be, MATH):
-            o, l = b.fwd(q, k, v, True, 0.125)
-            o2, l2 = b.fwd(q, kp, vp, False, 0.125)
+            o, l = b.fwd(q, k, v, True, d ** -0.5)
+            o2, l2 = b.fwd(q, kp, vp, False, d ** -0.5)
             o, l = merge(o.float(), l, o2.float(), l2)
             o = o.to(dtype)
-            res.append([o, *b.bwd(dout, q, k, v, o, l, True, 0.125), *b.bwd(dout, q, kp, vp, o, l, False, 0.125)])
+            res.append([o, *b.bwd(dout, q, k, v, o, l, True, d ** -0.5), *b.bwd(dout, q, kp, vp, o, l, False, d ** -0.5)])
         for a, r in zip(*res):
             err = float((a.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12))
             if not err < tol:
@@ -183,7 +185,7 @@ def self_test(be: Backend, device, dtype=torch.float32) -> str | None:
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def pick_backend(choice: str, device: torch.device, dtype=torch.float32) -> Backend:
+def pick_backend(choice: str, device: torch.device, dtype=torch.float32, head_dim: int = 64) -> Backend:
     """auto: flash-attn on CUDA when importable, else torch SDPA; each candidate is self-tested
     and skipped (auto) or refused (forced) if it disagrees with the plain math reference.
     'math' is the plain reference itself."""
@@ -201,7 +203,7 @@ def pick_backend(choice: str, device: torch.device, dtype=torch.float32) -> Back
     if choice in ("sdpa", "auto"):
         cands.append(SDPA)
     for be in cands:
-        why = self_test(be, device, dtype)
+        why = self_test(be, device, dtype, head_dim)
         if why is None:
             return be
         if choice != "auto":

@@ -32,12 +32,16 @@ SLIMPIPE_TRACEBACK=1 adds the Python traceback.
 def load_plan(path: str, check: bool = True):
     """Read a plan and prove it runnable: ir.SlimpipeError with a one-line message otherwise
     (exit_code 2: unusable file; 1: breaks a rule or deadlocks, like `slimpipe check`). Checking
-    first means a wrong plan fails here, on every rank, instead of hanging until the timeout."""
+    first means a wrong plan fails here, on every rank, instead of hanging until the timeout.
+    Without `check` (--no-check) the spec's executability rules still run: they cost nothing."""
+    from passes import require_valid, spec_problems
+
     plan = ir.load(path)
     if check:
-        from passes import require_valid
-
         require_valid(plan, "not run", path)
+    else:
+        for problem in spec_problems(plan.spec):
+            raise ir.PlanInvalidError(f"plan cannot be run, not run: {problem}")
     return plan
 
 

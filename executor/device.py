@@ -21,6 +21,7 @@ def choose_device(opts, transport, rank: int) -> torch.device:
     return device
 
 
-def choose_backend(opts, device):
-    """The attention backend for --attention on `device` (errors.BackendUnavailable: exit 2)."""
-    return pick_backend(opts.attention, device, DTYPES[opts.dtype])
+def choose_backend(opts, device, head_dim: int = 64):
+    """The attention backend for --attention on `device`, self-tested at the plan's head_dim
+    (errors.BackendUnavailable: exit 2)."""
+    return pick_backend(opts.attention, device, DTYPES[opts.dtype], head_dim)

@@ -41,7 +41,7 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
     """Run opts.steps steps on one rank. Returns (exit code, summary on rank 0 else None).
     `fault` is (Fault, index) or None: then SLIMPIPE_FAULT is read."""
     device = choose_device(opts, transport, rank)
-    backend = choose_backend(opts, device)
+    backend = choose_backend(opts, device, plan.spec.model.head_dim)
     watch = watch or Watch(rank)
     f, at = fault if fault is not None else fault_from_env(plan)
     if f is not None and f.rank != rank:

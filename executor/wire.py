@@ -2,6 +2,8 @@
 reply, forward and backward) travels under its own transport tag."""
 from __future__ import annotations
 
+from ir.limits import wire_stride
+
 
 class WireTags:
     """plan tag (+ layer, direction, reply) -> transport tag, for one plan."""
@@ -9,7 +11,7 @@ class WireTags:
     __slots__ = ("stride",)
 
     def __init__(self, spec):
-        self.stride = 4 * max(spec.stage_layers) + 1
+        self.stride = wire_stride(spec.stage_layers)  # tags below ir.limits.tag_limit fit in 31 bits
 
     def __call__(self, tag: int, li: int = 0, bwd: int = 0, reply: int = 0) -> int:
         """li < 0: the plain p2p message of the instruction (activation, gradient)."""

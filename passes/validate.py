@@ -1,6 +1,7 @@
 """Structural rules every plan must satisfy (checked on the plan alone, before replay).
 
-- fields in range (micro-batch, slice, chunk, peer, tag, x);
+- what the executor needs of the spec (spec_problems: an even head dim for RoPE, ...);
+- fields in range (micro-batch, slice, chunk, peer, x; tags small enough for the transport's tags);
 - every (micro-batch, slice, stage) has exactly one F and one B on the rank that owns the stage;
 - per rank: forward slices ascending, backward slices descending, B after its F, and stages that
   share a rank in pipeline order;
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from ir import KV, KV_OWNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, to_text
 from ir.gcpause import gc_paused
+from ir.limits import tag_limit, wire_stride
 
 MAX_PROBLEMS = 20
 _INDEXED = (Kind.F, Kind.B, Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD)
@@ -39,6 +41,19 @@ class Problem:
         return f"[{self.rule}] {self.message}"
 
 
+def spec_problems(spec) -> list[Problem]:
+    """What the executor needs of a plan's spec beyond the schedule rules, so that a plan it
+    cannot run is refused by compile, check and the executor's own plan check before any rank
+    starts (rule "executable"). Cheap: the executor runs these even with --no-check."""
+    out = []
+    cfg = spec.model
+    if cfg.head_dim % 2:
+        out.append(Problem("executable", f"model head_dim {cfg.head_dim} (hidden {cfg.hidden} / heads {cfg.heads}) is "
+                                         f"odd; the executor's rotary position embedding (RoPE) rotates pairs of "
+                                         f"dimensions and needs an even head_dim"))
+    return out
+
+
 class _TooMany(Exception):
     pass
 
@@ -57,6 +72,9 @@ def validate(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
         if len(problems) >= max_problems:
             raise _TooMany
 
+    problems.extend(spec_problems(plan.spec)[:max_problems])
+    if problems:
+        return problems
     try:
         _fields(plan, bad)
         if problems:
@@ -72,6 +90,7 @@ def validate(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
 def _fields(plan: Plan, bad) -> None:
     spec = plan.spec
     p, m, n, v = spec.pp, spec.microbatches, spec.slices, spec.virtual_stages
+    tags = tag_limit(spec)
     for r, stream in enumerate(plan.ranks):
         for i, ins in enumerate(stream):
             k = ins.kind
@@ -82,8 +101,10 @@ def _fields(plan: Plan, bad) -> None:
             elif k in P2P or k in KV:
                 if not (0 <= ins.peer < p) or ins.peer == r:
                     bad("range", f"{_at(r, i, ins)}: peer must be another rank in 0..{p - 1}", r, i)
-                elif ins.tag < 0:
-                    bad("range", f"{_at(r, i, ins)}: tag must be >= 0", r, i)
+                elif not 0 <= ins.tag < tags:
+                    bad("range", f"{_at(r, i, ins)}: tag must be 0..{tags - 1} (the executor sends each plan tag as "
+                                 f"{wire_stride(spec.stage_layers)} transport tags, one per layer message, and "
+                                 f"torch.distributed's tags are 31-bit)", r, i)
                 elif k in KV and not (1 <= ins.x <= ins.slice):
                     bad("range", f"{_at(r, i, ins)}: x must be 1..{ins.slice} (earlier slices of the owner's unit)", r, i)
 

@@ -178,7 +178,7 @@ def test_unknown_schema_version_and_malformed_plan(tmp_path):
     assert res.returncode == 2 and "schema_version 99" in res.stderr and "Traceback" not in res.stderr
     (tmp_path / "junk.json").write_text("{not json")
     res = run_cli([str(tmp_path / "junk.json")], env={"WORLD_SIZE": "2", "RANK": "1"})
-    assert res.returncode == 2 and res.stderr.startswith("executor: rank 1: error: plan is not valid JSON")
+    assert res.returncode == 2 and res.stderr.startswith(f"executor: rank 1: error: {tmp_path / 'junk.json'}: plan is not valid JSON")
     assert len(res.stderr.strip().splitlines()) == 1
 
 

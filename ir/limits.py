@@ -1,0 +1,17 @@
+"""Limits of the runtime a plan is written for, shared by the checker (passes.validate) and the
+executor, so a plan is refused by `slimpipe check` for exactly what would stop the executor."""
+from __future__ import annotations
+
+# torch.distributed's point-to-point tags are C ints
+WIRE_TAG_LIMIT = 2 ** 31
+
+
+def wire_stride(stage_layers) -> int:
+    """Transport tags per plan tag: the instruction's own message, then a request and a reply,
+    forward and backward, for every layer of a stage (the KV exchange's per-layer messages)."""
+    return 4 * max(stage_layers) + 1
+
+
+def tag_limit(spec) -> int:
+    """Plan tags must be below this for every transport tag (tag * stride + sub < 2**31) to fit."""
+    return WIRE_TAG_LIMIT // wire_stride(spec.stage_layers)
