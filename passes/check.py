@@ -21,13 +21,29 @@ class Report:
         return {"valid": self.ok, "usable": True, "problems": [p.to_json() for p in self.problems]}
 
 
-def check(plan: Plan) -> Report:
+P2P_MODES = ("buffered", "rendezvous")
+
+
+def check(plan: Plan, p2p: str = "buffered") -> Report:
+    """Structural rules, then the deadlock proof with buffered sends (the executor over gloo) and,
+    with p2p="rendezvous", again with sends that block until their receive is posted (NCCL).
+    Order problems alone (rule p2p-order) do not stop the proof: it matches by tag, as gloo does.
+    How runs of consecutive sends/receives are posted comes from plan.meta["p2p_batching"]:
+    "runs" (default, our executor: one batch per run) or "single" (torch's runtime: one per action)."""
+    if p2p not in P2P_MODES:
+        raise ValueError(f"p2p={p2p!r}; allowed: {', '.join(P2P_MODES)}")
     problems = validate(plan)
-    if not problems:
+    if all(pr.rule == "p2p-order" for pr in problems):
         res = replay(plan)
         if res.deadlocked:
             first = next(s for s in res.stuck if s.rank == res.cycle[0]) if res.cycle else res.stuck[0]
             problems.append(Problem("deadlock", res.deadlock_message(), first.rank, first.index))
+        elif p2p == "rendezvous":
+            res = replay(plan, p2p="rendezvous", batch_runs=plan.meta.get("p2p_batching", "runs") != "single")
+            if res.deadlocked:
+                first = next(s for s in res.stuck if s.rank == res.cycle[0]) if res.cycle else res.stuck[0]
+                msg = res.deadlock_message().replace("deadlock:", "deadlock when sends block until their receive is posted:", 1)
+                problems.append(Problem("deadlock", msg, first.rank, first.index))
     return Report(problems)
 
 

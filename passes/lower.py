@@ -3,10 +3,16 @@
 A receive sits right before the unit that consumes it, a send right after the unit that produces
 it. With non-blocking sends (the executor's semantics) this adds no wait that the compute order
 did not already have, so a feasible compute order stays deadlock-free.
+
+Then `order_receives` makes each rank pair's receives follow its sends (rule p2p-order: NCCL
+matches the messages of a pair in posting order, whatever their tags): a receive whose send
+comes earlier on the peer than the send of a receive placed before it is hoisted to sit right
+before that receive. It then waits for data that was sent no later than the data the rank
+waited for at that point anyway, so no wait and no deadlock is added.
 """
 from __future__ import annotations
 
-from ir import Instr, Kind, Plan
+from ir import RECVS, SENDS, Instr, Kind, Plan
 from ir.gcpause import gc_paused
 
 ACT, GRAD = 0, 1
@@ -54,4 +60,47 @@ def lower_comm(plan: Plan) -> Plan:
             else:
                 add(ins)
         out.append(ops)
-    return plan.with_ranks(out, lowered=True)
+    return order_receives(plan.with_ranks(out, lowered=True))
+
+
+@gc_paused
+def order_receives(plan: Plan) -> Plan:
+    """Reorder each rank's p2p receives so that, per source rank, they come in the order of that
+    rank's sends to it (matched by tag). Receives only move earlier; nothing else moves."""
+    ranks = plan.ranks
+    send_rank: dict[tuple[int, int, int], int] = {}  # (src, dst, tag) -> position among src's sends to dst
+    count: dict[tuple[int, int], int] = {}
+    for r, stream in enumerate(ranks):
+        for ins in stream:
+            if ins[0] in SENDS:
+                key = (r, ins[4])
+                k = count.get(key, 0)
+                count[key] = k + 1
+                send_rank.setdefault((r, ins[4], ins[5]), k)
+    out = []
+    changed = False
+    for r, stream in enumerate(ranks):
+        chains: dict[int, list[tuple[int, int]]] = {}  # src -> [(send order, position)]
+        for i, ins in enumerate(stream):
+            if ins[0] in RECVS:
+                k = send_rank.get((ins[4], r, ins[5]))
+                if k is None:
+                    continue  # unmatched: the checker reports it; leave it where it is
+                chains.setdefault(ins[4], []).append((k, i))
+        moved: dict[int, tuple] = {}
+        for chain in chains.values():
+            chain.sort()
+            if all(chain[j][1] < chain[j + 1][1] for j in range(len(chain) - 1)):
+                continue
+            at = len(stream)
+            for k, i in reversed(chain):
+                at = min(at, i)
+                if at != i:
+                    changed = True
+                moved[i] = (at, 0, k)
+        if not moved:
+            out.append(stream)
+            continue
+        keys = [moved.get(i) or (i, 1, 0) for i in range(len(stream))]
+        out.append(tuple(stream[i] for i in sorted(range(len(stream)), key=keys.__getitem__)))
+    return plan.with_ranks(out) if changed else plan

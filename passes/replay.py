@@ -4,6 +4,17 @@ Semantics (the executor's): compute units run in program order on their rank; se
 block (the data leaves when the send is issued and arrives after `p2p_delay`); a receive blocks
 until its matching send, matched by (src, dst, tag) in program order; a KV exchange is a
 rendezvous of its two ranks. If no rank can move, the wait-for graph names who waits for whom.
+
+`p2p="rendezvous"` models sends that may block until their receive is posted (NCCL, large
+messages, nothing buffered): a run of consecutive send/receive instructions is posted together
+(the executor issues it as one batch_isend_irecv; `batch_runs=False`: each instruction alone, as
+torch's runtime does) and the rank waits there until every receive of the run has its data and
+every send of the run has its receive posted. A send ordered before a receive that its peer needs
+first then shows up as a wait cycle. Matching by tag equals matching by order once the checker's
+p2p-order rule holds (it runs first).
+
+`comm_cost` is the time a send or receive occupies its rank (0 by default); with every action
+costing 1 the makespan is the step count of torch's `_simulate_comms_compute`.
 """
 from __future__ import annotations
 
@@ -78,7 +89,8 @@ def _zero(*_args) -> float:
 def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
            p2p_delay: Callable[[int, int, Instr], float] = _zero,
            kv_delay: Callable[[int, int, Instr], float] = _zero,
-           record: bool = False) -> Replay:
+           record: bool = False, p2p: str = "buffered", batch_runs: bool = True,
+           comm_cost: float = 0.0) -> Replay:
     """Run every rank's stream on virtual clocks. `cost(rank, ins)` is a compute unit's
     duration, `p2p_delay(src, dst, send)` a message's flight time, `kv_delay(owner, partner,
     owner_instr)` the time a KV rendezvous adds to both ranks."""
@@ -93,6 +105,12 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
     timeline = [] if record else None
     comm = [] if record else None
     kv_start: dict[tuple[int, int], float] = {}
+    if p2p not in ("buffered", "rendezvous"):
+        raise ValueError(f"p2p={p2p!r}: allowed buffered, rendezvous")
+    rdv = p2p == "rendezvous"
+    recv_posted: dict[tuple[int, int, int], deque] = {}  # rendezvous: receives posted, by (src, dst, tag)
+    run_end = [-1] * p  # rendezvous: end of the run of p2p instructions the rank has posted
+    wait_at = [-1] * p  # rendezvous: the instruction of that run the rank waits at
     progress = True
     while progress:
         progress = False
@@ -105,6 +123,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
             t = clock[r]
             b = busy[r]
             start = i
+            moved = False
             while i < n:
                 ins = stream[i]
                 k = ins.kind
@@ -114,6 +133,43 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                         timeline.append((r, i, t, t + d))
                     t += d
                     b += d
+                elif rdv and (k in _RECV or k in _SEND):
+                    j = run_end[r]
+                    if j < 0:  # post the run: its sends' data and its receives become visible
+                        j = i + 1
+                        if batch_runs:
+                            while j < n and (stream[j].kind in _RECV or stream[j].kind in _SEND):
+                                j += 1
+                        run_end[r] = j
+                        moved = True
+                        for x in range(i, j):
+                            op = stream[x]
+                            if op.kind in _SEND:
+                                posted.setdefault((r, op.peer, op.tag), deque()).append(t + p2p_delay(r, op.peer, op))
+                                if comm is not None:
+                                    comm.append((r, x, t, t + p2p_delay(r, op.peer, op)))
+                            else:
+                                recv_posted.setdefault((op.peer, r, op.tag), deque()).append(t)
+                    blocked = -1
+                    for x in range(i, j):
+                        op = stream[x]
+                        q = recv_posted.get((r, op.peer, op.tag)) if op.kind in _SEND else posted.get((op.peer, r, op.tag))
+                        if not q:
+                            blocked = x
+                            break
+                    if blocked >= 0:
+                        wait_at[r] = blocked  # reported as the instruction the rank waits at
+                        break
+                    for x in range(i, j):
+                        op = stream[x]
+                        key = (r, op.peer, op.tag) if op.kind in _SEND else (op.peer, r, op.tag)
+                        a = (recv_posted if op.kind in _SEND else posted)[key].popleft()
+                        if a > t:
+                            t = a
+                    t += comm_cost * (j - i)
+                    run_end[r] = -1
+                    i = j
+                    continue
                 elif k in _RECV:
                     q = posted.get((ins.peer, r, ins.tag))
                     if not q:
@@ -121,6 +177,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                     a = q.popleft()
                     if a > t:
                         t = a
+                    t += comm_cost
                 elif k in _SEND:
                     key = (r, ins.peer, ins.tag)
                     q = posted.get(key)
@@ -130,6 +187,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                     q.append(arrive)
                     if comm is not None:
                         comm.append((r, i, t, arrive))
+                    t += comm_cost
                 elif k in _KV_OWNER or k in _KV_PARTNER:
                     key = (r, ins.peer, ins.tag) if k in _KV_OWNER else (ins.peer, r, ins.tag)
                     rel = release.pop((key, r), None)
@@ -153,7 +211,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                         if comm is not None:
                             comm.append((r, i, t0, t))
                 i += 1
-            if i != start:
+            if i != start or moved:
                 progress = True
             pos[r] = i
             clock[r] = t
@@ -161,7 +219,8 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
         if not progress:
             break
     res = Replay(clock, busy, timeline=timeline, comm=comm)
-    stuck = [Stuck(r, pos[r], ranks[r][pos[r]], ranks[r][pos[r]].peer) for r in range(p) if pos[r] < len(ranks[r])]
+    at = [wait_at[r] if run_end[r] >= 0 else pos[r] for r in range(p)]
+    stuck = [Stuck(r, at[r], ranks[r][at[r]], ranks[r][at[r]].peer) for r in range(p) if pos[r] < len(ranks[r])]
     if stuck:
         res.stuck = stuck
         res.cycle = wait_cycle(stuck)

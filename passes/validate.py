@@ -7,6 +7,11 @@
   share a rank in pipeline order;
 - every send has exactly one matching receive, matched by (src, dst, tag) in program order, and
   the pair agrees on micro-batch, slice and stage boundary (hence on shape);
+- per ordered rank pair, the receives come in the order of the sends (rule "p2p-order"): NCCL
+  ignores tags and matches the messages of one pair in posting order, so a plan whose two
+  receives from one peer are swapped would silently swap two same-shaped tensors there (gloo,
+  which honours tags, would run it right). KV exchanges between one owner and one partner are
+  held to the same rule (they travel on their own process group, in order per pair);
 - every unit whose neighbour stage lives on another rank receives from it before running, and the
   sender sends after producing the data;
 - every KV exchange pairs an owner and a partner instruction (same micro-batch, slice, chunk, x),
@@ -82,6 +87,7 @@ def validate(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
         pos = _coverage_and_order(plan, bad)
         _p2p(plan, pos, bad)
         _kv(plan, bad)
+        _order(plan, bad)
     except _TooMany:
         pass
     return problems
@@ -301,3 +307,38 @@ def _kv(plan: Plan, bad) -> None:
             n_owner = len(ends.get((o, pa, tag, "o"), []))
             for pi in idx[n_owner:]:
                 bad("kv", f"{_at(pa, pi, ranks[pa][pi])} has no owner instruction on rank {o}", pa, pi)
+
+
+def _order(plan: Plan, bad) -> None:
+    """Rule p2p-order: the k-th receive of each ordered pair (src, dst) pairs with src's k-th
+    send to dst (same tag, hence same data once the tag matching holds); likewise the k-th
+    partner instruction of an (owner, partner) pair with the owner's k-th exchange. Reported
+    once per pair, at the first position where the two sequences part."""
+    ranks = plan.ranks
+    sends: dict[tuple, list] = {}
+    recvs: dict[tuple, list] = {}
+    for r, stream in enumerate(ranks):
+        for i, ins in enumerate(stream):
+            k = ins[0]
+            if k in SENDS or k in KV_OWNER:
+                sends.setdefault((r, ins[4], k in KV), []).append(i)
+            elif k in RECVS or k in KV:
+                recvs.setdefault((ins[4], r, k in KV), []).append(i)
+    for key in sorted(set(sends) | set(recvs)):
+        src, dst, kv = key
+        ss, rr = sends.get(key, ()), recvs.get(key, ())
+        for n_, (si, ri) in enumerate(zip(ss, rr)):
+            a, b = ranks[src][si], ranks[dst][ri]
+            if a[5] != b[5] or MATCH[a[0]] != b[0]:
+                what = "exchange" if kv else "receive"
+                sent = "exchange with" if kv else "send to"
+                bad("p2p-order", f"{_at(dst, ri, b)} is rank {dst}'s {_nth(n_)} {what} from rank {src}, but rank {src}'s "
+                                 f"{_nth(n_)} {sent} rank {dst} is {_at(src, si, a)}: messages between two ranks match "
+                                 f"in posting order (NCCL ignores tags), so it would get other data", dst, ri)
+                break
+
+
+def _nth(k: int) -> str:
+    n = k + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ir import SlimpipeError
 from passes import check
+from passes.check import P2P_MODES
 
 from .common import add_parser, emit_json, load_plan
 
@@ -15,11 +16,12 @@ def run(args) -> int:
             emit_json({"valid": False, "usable": False, "problems": [
                 {"rule": "unreadable", "rank": getattr(e, "rank", None), "index": getattr(e, "index", None), "message": str(e)}]})
         raise
-    report = check(plan)
+    report = check(plan, args.p2p)
     if args.json:
         emit_json(report.to_json())
     elif report.ok:
-        print(f"{args.plan}: valid, deadlock-free ({plan.num_instructions()} instructions on {plan.spec.pp} ranks)")
+        how = " with blocking (rendezvous) sends" if args.p2p == "rendezvous" else ""
+        print(f"{args.plan}: valid, deadlock-free{how} ({plan.num_instructions()} instructions on {plan.spec.pp} ranks)")
     else:
         for p in report.problems:
             print(f"{args.plan}: {p}")
@@ -32,4 +34,7 @@ def register(sub) -> None:
     p.add_argument("plan")
     p.add_argument("--json", action="store_true", help='print {"valid": bool, "usable": bool, "problems": [{"rule", "rank", "index", "message"}]} (also for an '
                    'unreadable plan: usable false, exit 2)')
+    p.add_argument("--p2p", choices=P2P_MODES, default="buffered",
+                   help="send semantics of the deadlock proof: buffered (default: a send never waits, as on gloo) or "
+                        "rendezvous (a send may wait until its receive is posted, as NCCL does for large messages)")
     p.set_defaults(run=run)
