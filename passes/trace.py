@@ -7,21 +7,18 @@ from ir import KV, Kind, Plan, PlanInvalidError, to_text
 from .replay import replay
 
 
-def timed_replay(plan: Plan, profile=None, unit_costs: bool = False, dtype_bytes: int = 2):
-    """(Replay with timeline and comm records, seconds per time unit)."""
+def _replayed(plan: Plan, profile=None, unit_costs: bool = False):
+    """The replay the pictures draw (timeline and messages recorded): unit costs, or the cost
+    model's costs.timed_replay on `profile` (default h100). A deadlock is an invalid plan."""
     if unit_costs:
         res = replay(plan, record=True)
-        scale = 1.0
     else:
-        from .costs import CostModel, load_profile, unit_cost_table
+        from .costs import CostModel, load_profile, timed_replay
 
-        cm = CostModel(plan.spec, profile or load_profile(None), dtype_bytes)
-        table = unit_cost_table(plan, cm)
-        res = replay(plan, lambda r, i: table[(r, i.kind, i.mb, i.slice, i.chunk)], cm.p2p_time, cm.kv_time, record=True)
-        scale = 1.0
+        res, _ = timed_replay(plan, CostModel(plan.spec, profile or load_profile(None)), record=True)
     if res.deadlocked:
         raise PlanInvalidError(res.deadlock_message())
-    return res, scale
+    return res
 
 
 def assign_tracks(spans: list[tuple[float, float]]) -> list[int]:
@@ -48,7 +45,7 @@ def chrome_trace(plan: Plan, profile=None, unit_costs: bool = False) -> dict:
     """{"traceEvents": [...], "displayTimeUnit": "ms"}; ts and dur in microseconds, as the format
     says (unit costs: 1 unit = 1 ms). A process per rank: its compute on one thread, its messages
     on as many communication threads as it has concurrent messages (none partly overlap on one)."""
-    res, _ = timed_replay(plan, profile, unit_costs)
+    res = _replayed(plan, profile, unit_costs)
     us = 1000.0 if unit_costs else 1e6
     spec = plan.spec
 
@@ -101,7 +98,7 @@ def timeline_figure(plan: Plan, profile=None, unit_costs: bool = False):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    res, _ = timed_replay(plan, profile, unit_costs)
+    res = _replayed(plan, profile, unit_costs)
     spec = plan.spec
     m = spec.microbatches
     cmap = plt.get_cmap("tab10" if m <= 10 else "tab20")
