@@ -50,10 +50,11 @@ def check_positive(**vals: int) -> None:
 def build_spec(schedule: str, model: ModelConfig, *, pp: int, microbatches: int, slices: int = 1,
                virtual_stages: int = 1, seq_len: int, micro_batch_size: int = 1,
                slice_lens=None, partition: str = "uniform", layer_split_kind: str = "uniform", profile=None,
-               **extra) -> PlanSpec:
+               placement=None, **extra) -> PlanSpec:
     """Validate sizes and derive the layout. `slice_lens` (one tuple, or one per micro-batch)
     overrides uniform slicing; `layer_split_kind` picks the layer split (`balanced` prices stages
-    with `profile`: None = h100, a name, a JSON path or a DeviceProfile)."""
+    with `profile`: None = h100, a name, a JSON path or a DeviceProfile); `placement` (rank -> its
+    stages) replaces the plain/looping placement."""
     check_positive(pp=pp, microbatches=microbatches, slices=slices, virtual_stages=virtual_stages,
                    seq_len=seq_len, micro_batch_size=micro_batch_size)
     if slice_lens is None:
@@ -68,7 +69,7 @@ def build_spec(schedule: str, model: ModelConfig, *, pp: int, microbatches: int,
         return PlanSpec(schedule=schedule, model=model, seq_len=seq_len, pp=pp, microbatches=microbatches,
                         slices=slices, virtual_stages=virtual_stages, micro_batch_size=micro_batch_size,
                         partition=partition, slice_lens=per_mb,
-                        placement=plain_or_looping(pp, virtual_stages), stage_layers=stages,
-                        layer_split=layer_split_kind, **extra)
+                        placement=placement if placement is not None else plain_or_looping(pp, virtual_stages),
+                        stage_layers=stages, layer_split=layer_split_kind, **extra)
     except ValidationError as e:
         raise SpecError(f"spec: {pydantic_message(e)}") from None

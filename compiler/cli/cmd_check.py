@@ -5,6 +5,7 @@ from ir import SlimpipeError
 from passes import check
 from passes.check import P2P_MODES
 
+from ..torchcsv import csv_cell
 from .common import add_parser, emit_json, load_plan
 
 
@@ -24,7 +25,7 @@ def run(args) -> int:
         print(f"{args.plan}: valid, deadlock-free{how} ({plan.num_instructions()} instructions on {plan.spec.pp} ranks)")
     else:
         for p in report.problems:
-            print(f"{args.plan}: {p}")
+            print(f"{args.plan}: {p}{csv_cell(plan, p.rank, p.index)}")
     return 0 if report.ok else 1
 
 

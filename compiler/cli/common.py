@@ -16,6 +16,12 @@ def add_parser(sub, name: str, help: str, example: str) -> argparse.ArgumentPars
 
 
 def load_plan(path: str) -> Plan:
+    """A plan file, or a torch.distributed.pipelining schedule CSV (*.csv) imported on the fly
+    with the default model (compiler.torchcsv)."""
+    if path.lower().endswith(".csv"):
+        from ..torchcsv import import_csv
+
+        return import_csv(path)
     return load(path)
 
 

@@ -1,0 +1,248 @@
+"""torch.distributed.pipelining schedule CSVs: every schedule torch ships, written by torch's own
+generators, imports, checks and simulates; mutations are named; our plans export and come back."""
+import csv
+import io
+import warnings
+
+import pytest
+
+pytest.importorskip("torch")
+from torch.distributed.pipelining import schedules as TS  # noqa: E402
+from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops  # noqa: E402
+
+from compiler import build_spec, compile_plan, resolve_model  # noqa: E402
+from compiler.cli import main  # noqa: E402
+from compiler.torchcsv import from_rows, to_rows  # noqa: E402
+from ir import Kind, SpecError  # noqa: E402
+from ir.torchfmt import parse_action, parse_rows, read_rows, write_rows  # noqa: E402
+from passes import check  # noqa: E402
+from passes.replay import replay  # noqa: E402
+from passes.simulate import simulate_units  # noqa: E402
+
+TINY = resolve_model("tiny")
+FB_ONLY = [("GPipe", 1), ("Interleaved1F1B", 2), ("LoopedBFS", 2)]  # F and B actions only
+SPLIT_BACKWARD = [("InterleavedZeroBubble", 2), ("ZBVZeroBubble", 2), ("DualPipeV", 2)]  # I and W actions
+MULTI = {"Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"}
+ANNOTATIONS = ("UNSHARD", "RESHARD", "REDUCE_GRAD")
+
+
+def torch_ops(name, p, m, v, comms=False, defer=False):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_schedule_ops(name, p, m, v, with_comms=comms, defer_pp_recv=defer)
+
+
+def torch_csv(ops) -> str:
+    """What torch's _dump_csv writes for these actions (csv.writer, None as an empty cell)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    for row in ops:
+        w.writerow(["" if a is None else str(a) for a in row])
+    return buf.getvalue()
+
+
+def load(text):
+    return from_rows(parse_rows(read_rows(text)))
+
+
+def torch_steps(comm_rows, p, stages):
+    """torch's own `_simulate_comms_compute` step count (it takes no UNSHARD/RESHARD/REDUCE_GRAD)."""
+    order = {r: [a for a in row if a is not None and a.computation_type.value not in ANNOTATIONS]
+             for r, row in enumerate(comm_rows)}
+    owner = {a.stage_index: r for r, row in order.items() for a in row}
+    sim = TS._simulate_comms_compute(order, lambda s: owner[s], stages)
+    return max(len(x) for x in sim.values())
+
+
+def torch_lowered(ops, p, stages):
+    """torch's own lowering (_add_send_recv) of a compute-only order."""
+    comp = {r: [a for a in row if a is not None and a.computation_type.value not in ANNOTATIONS] for r, row in enumerate(ops)}
+    owner = {a.stage_index: r for r, row in comp.items() for a in row}
+    low = TS._add_send_recv(comp, lambda s: owner[s], stages)
+    return [low[r] for r in range(p)]
+
+
+def unit_steps(plan):
+    """Every action one step, as torch's simulator counts."""
+    return replay(plan, cost=lambda r, ins: 1.0, comm_cost=1.0).makespan
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8)])
+@pytest.mark.parametrize("name,v", FB_ONLY)
+def test_torch_schedules_import_check_simulate(name, v, p, m):
+    ops = torch_ops(name, p, m, v)
+    text = torch_csv(ops)
+    plan = load(text)
+    assert (plan.spec.pp, plan.spec.microbatches, plan.spec.virtual_stages) == (p, m, v)
+    assert check(plan).ok, check(plan).problems[:2]
+    sim = simulate_units(plan)
+    assert sim["makespan"] > 0
+    assert write_rows(to_rows(plan)) == text  # export(import(x)) == x, idle cells and REDUCE_GRAD included
+    # the step count of torch's simulator on torch's own lowering equals our replay of the same file
+    low = torch_lowered(ops, p, p * v)
+    assert unit_steps(load(torch_csv(low))) == torch_steps(low, p, p * v)
+    if name in MULTI:  # torch writes these with communication too (its runtime's lowering, with FSDP actions)
+        ctext = torch_csv(torch_ops(name, p, m, v, comms=True))
+        cplan = load(ctext)
+        assert cplan.meta["torch"]["format"] == "compute_comms"
+        assert check(cplan).ok and check(cplan, "rendezvous").ok
+        assert write_rows(to_rows(cplan, comms=True)) == ctext
+        assert unit_steps(cplan) == torch_steps(torch_ops(name, p, m, v, comms=True), p, p * v)
+
+
+def test_torch_step_counts_match_exactly():
+    # spelled out once: GPipe p=4 m=8 takes 56 steps in torch's simulator, Interleaved1F1B p=4 m=8 v=2 148
+    for name, v, want in (("GPipe", 1, 56), ("Interleaved1F1B", 2, 148), ("LoopedBFS", 2, 144)):
+        low = torch_lowered(torch_ops(name, 4, 8, v), 4, 4 * v)
+        assert torch_steps(low, 4, 4 * v) == want
+        assert unit_steps(load(torch_csv(low))) == want
+
+
+def test_torch_1f1b_pipeline_order_is_refused_because_torch_writes_it_wrong():
+    # torch 2.13's Schedule1F1B._get_pipeline_order (the only order it can write; its runtime runs
+    # its own loop) gives the last rank F1..Fm instead of F0..F(m-1): no valid schedule
+    ops = torch_ops("1F1B", 2, 4, 1)
+    assert [str(a) for a in ops[1] if a is not None][:2] == ["1F1", "1B0"]
+    rep = check(load(torch_csv(ops)))
+    assert not rep.ok and rep.problems[0].rule == "coverage"
+    assert "lacks 'F mb4 s0 c0' (stage 0)" in rep.problems[0].message  # m read as 5 from '1F4'
+    assert any("rank 1 lacks 'F mb0 s0 c0' (stage 1)" in p.message for p in rep.problems)
+
+
+@pytest.mark.parametrize("name,v", SPLIT_BACKWARD)
+def test_split_backward_schedules_are_refused_with_one_line_until_slimpipe_has_i_and_w(name, v):
+    for comms in ((False, True) if name in MULTI else (False,)):
+        with pytest.raises(SpecError) as e:
+            load(torch_csv(torch_ops(name, 2, 4, v, comms=comms)))
+        msg = str(e.value)
+        assert "needs the split backward (I/W)" in msg and "\n" not in msg
+        assert msg.startswith("rank 0 step ")
+
+
+def test_overlap_f_b_becomes_its_two_parts_and_comes_back():
+    text = "0F0,0F1,,0B0,0B1\r\n,1F0,(1F1;1B0)OVERLAP_F_B,1B1\r\n"  # csv.writer ends rows with \\r\\n
+    plan = load(text)
+    assert check(plan).ok
+    r1 = [str(i) for i in plan.ranks[1] if i.kind in (Kind.F, Kind.B)]
+    assert r1 == ["F mb0 s0 c0", "F mb1 s0 c0", "B mb0 s0 c0", "B mb1 s0 c0"]
+    assert write_rows(to_rows(plan)) == text
+    cells = write_rows(to_rows(plan, comms=True)).splitlines()[1].split(",")
+    # torch runs the cell's parts back to back: the activation for 1F1 is received before the cell
+    assert cells[cells.index("(1F1;1B0)OVERLAP_F_B") - 1] == "1RECV_F1"
+
+
+def _rows(text):
+    return [list(r) for r in read_rows(text)]
+
+
+def _csv(rows):
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def test_mutations_are_named_with_rank_action_and_rule():
+    base = _rows(torch_csv(torch_ops("Interleaved1F1B", 4, 8, 2, comms=True)))
+    assert check(load(_csv(base))).ok
+    # 1. a swapped pair of receives from one peer (rank 0 sends rank 1 both activations and gradients
+    # at p=2; all of one shape, so NCCL would silently hand over the wrong tensor)
+    rows = _rows(torch_csv(torch_ops("Interleaved1F1B", 2, 4, 2, comms=True)))
+    i, j = rows[1].index("1RECV_F2"), rows[1].index("1RECV_B0")
+    rows[1][i], rows[1][j] = rows[1][j], rows[1][i]
+    plan = load(_csv(rows))
+    rep = check(plan)
+    assert [p.rule for p in rep.problems] == ["p2p-order"]
+    assert (rep.problems[0].rank, rep.problems[0].index) == (1, 11)
+    assert rep.problems[0].message.startswith(
+        "rank 1 #11 'RECV_GRAD mb0 s0 c0 from0 t3' is rank 1's 5th receive from rank 0, but rank 0's 5th send to "
+        "rank 1 is rank 0 #12 'SEND_ACT mb2 s0 c0 to1 t16'")
+    # 2. a send moved after the receive its peer waits on: rank 1 sends mb0's activation only after
+    # receiving mb0's gradient, which cannot come before that activation went through stages 2..7
+    rows = [list(r) for r in base]
+    rows[1].remove("1SEND_F0")
+    rows[1].insert(rows[1].index("1RECV_B0") + 1, "1SEND_F0")
+    rep = check(load(_csv(rows)))
+    # (it also passes rank 1's other sends to rank 2: their order changes too)
+    assert [p.rule for p in rep.problems] == ["p2p-order", "deadlock"]
+    msg = rep.problems[1].message
+    assert msg.startswith("deadlock: wait cycle rank 0 -> rank 3 -> rank 2 -> rank 1 -> rank 0: rank 0 waits at #2 "
+                          "'RECV_ACT mb0 s0 c1 from3 t6' for data from rank 3")
+    # 3. a dropped action
+    rows = [list(r) for r in base]
+    rows[2].remove("2F3")
+    rep = check(load(_csv(rows)))
+    assert rep.problems[0].rule == "coverage"
+    assert rep.problems[0].message == "rank 2 lacks 'F mb3 s0 c0' (stage 2); every unit needs one F and one B"
+    rows = [list(r) for r in base]
+    rows[0].remove("0SEND_F5")
+    rep = check(load(_csv(rows)))
+    assert "match" in {p.rule for p in rep.problems}
+    assert any("rank 1" in p.message and "'RECV_ACT mb5 s0 c0 from0" in p.message and "no matching send" in p.message
+               for p in rep.problems)
+
+
+def test_rendezvous_finds_the_hang_of_torchs_receive_deferral():
+    # torch's defer_pp_recv moves each RECV to just before its consumer and, by rank parity, lets the
+    # higher rank send before it receives; the lower rank flushes only the receives already deferred.
+    # Rank 0 then sends 2SEND_F1 while rank 1 sends 3SEND_B0, and each one's receive of the other's
+    # message is queued behind its own send: with blocking (unbuffered) sends, a hang.
+    ops = torch_ops("Interleaved1F1B", 2, 4, 2, comms=True, defer=True)
+    plan = load(torch_csv(ops))
+    assert check(plan).ok  # buffered sends: fine
+    rep = check(plan, "rendezvous")
+    assert [p.rule for p in rep.problems] == ["deadlock"]
+    msg = rep.problems[0].message
+    assert msg.startswith("deadlock when sends block until their receive is posted: wait cycle rank 0 -> rank 1 -> rank 0")
+    assert "rank 0 waits at #9 'SEND_ACT mb1 s0 c1 to1 t12' for a rendezvous with rank 1" in msg
+    assert "rank 1 waits at #9 'SEND_GRAD mb0 s0 c1 to0 t5' for a rendezvous with rank 0" in msg
+    # without the deferral torch posts each receive when its sender sends: no hang
+    assert check(load(torch_csv(torch_ops("Interleaved1F1B", 2, 4, 2, comms=True))), "rendezvous").ok
+
+
+@pytest.mark.parametrize("fam,p,m,v", [("1f1b", 2, 4, 1), ("1f1b", 4, 6, 1), ("interleaved-1f1b", 2, 4, 2),
+                                       ("interleaved-1f1b", 4, 8, 2), ("gpipe", 3, 3, 1), ("looped-bfs", 2, 4, 2)])
+def test_our_plans_export_and_come_back(fam, p, m, v):
+    plan = compile_plan(build_spec(fam, TINY, pp=p, microbatches=m, virtual_stages=v, seq_len=32))
+    comp = to_rows(plan)
+    back = load(write_rows(comp))
+    assert back.ranks == plan.ranks  # our lowering of the compute order gives the same streams
+    full = to_rows(plan, comms=True)
+    back = load(write_rows(full))
+    assert back.ranks == plan.ranks and check(back).ok
+    # torch accepts both: its validator, its lowering of the compute-only file and its simulator
+    tops = [[TS._Action.from_str(str(a)) for a in row] for row in comp]
+    owner = TS._validate_schedule(dict(enumerate(tops)), p, p * v, m)
+    low = TS._add_send_recv(dict(enumerate(tops)), lambda s: owner[s], p * v)
+    TS._simulate_comms_compute(low, lambda s: owner[s], p * v)
+    ours = {r: [TS._Action.from_str(str(a)) for a in row] for r, row in enumerate(full)}
+    assert torch_steps([ours[r] for r in range(p)], p, p * v) == unit_steps(plan)
+
+
+def test_export_refuses_what_torch_cannot_run():
+    sliced = compile_plan(build_spec("seq1f1b", TINY, pp=2, microbatches=2, slices=2, seq_len=32))
+    with pytest.raises(SpecError, match="torch's schedule format has no sequence slices"):
+        to_rows(sliced)
+
+
+def test_cli_import_export_and_csv_everywhere(tmp_path, capsys):
+    src = tmp_path / "s.csv"
+    src.write_text(torch_csv(torch_ops("Interleaved1F1B", 2, 4, 2, comms=True)))
+    plan_path, out = tmp_path / "p.json", tmp_path / "o.csv"
+    assert main(["import", str(src), "-o", str(plan_path)]) == 0
+    assert "its own communication kept in order" in capsys.readouterr().out
+    assert main(["export", str(plan_path), "--format", "torch", "--comms", "-o", str(out)]) == 0
+    assert out.read_text() == src.read_text()
+    for argv in (["check", str(src)], ["check", str(src), "--p2p", "rendezvous"], ["simulate", str(src), "--unit-costs"],
+                 ["show", str(src)], ["trace", str(src), "-o", str(tmp_path / "t.json")]):
+        assert main(argv) == 0, argv
+    capsys.readouterr()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("0F0,0X1\n")
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rank 0 step 1: action '0X1' is not torch's" in err
+    zb = tmp_path / "zb.csv"
+    zb.write_text(torch_csv(torch_ops("ZBVZeroBubble", 2, 4, 2)))
+    assert main(["import", str(zb), "-o", str(tmp_path / "zb.json")]) == 2
+    assert not (tmp_path / "zb.json").exists()
+    assert "needs the split backward (I/W)" in capsys.readouterr().err
