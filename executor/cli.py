@@ -111,6 +111,14 @@ def _fail(msg: str, code: int = 2) -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the ranks start (loading, checking, importing torch)
+        write_line("executor: interrupted before the first step (Ctrl-C)")
+        return 130
+
+
+def _main(argv=None) -> int:
     opts = build_parser().parse_args(argv)
     try:
         plan = load_plan(opts.plan, check=not opts.no_check)

@@ -12,6 +12,12 @@ class ExecError(SlimpipeError):
     exit_code = 1
 
 
+class PeerGone(ExecError):
+    """The transport lost a peer rank while this rank waited on it (the peer crashed, was
+    interrupted or stopped). Exit 1; under torchrun the rank gives a signal that ended the
+    peer (Ctrl-C) a moment to arrive first, so that an interrupted job says it was interrupted."""
+
+
 class UnitError(SlimpipeError):
     """A unit's state does not allow the instruction (its forward has not run, no input arrived).
     Raised by the stage without a location; the runtime turns it into an ExecError naming the

@@ -122,13 +122,22 @@ class Watch:
     """What one rank is doing now, read by the supervisor and the signal handler: where (a callable
     giving 'rank R #I \\'INSTR\\''), and while blocked: what it waits for, on whom, until when."""
 
-    __slots__ = ("rank", "where", "what", "peer", "deadline", "since")
+    __slots__ = ("rank", "where", "what", "peer", "deadline", "since", "step", "steps")
 
     def __init__(self, rank: int):
         self.rank = rank
         self.where = lambda: f"rank {rank}"
         self.what = self.peer = None
         self.deadline = self.since = 0.0
+        self.step, self.steps = -1, 0  # the step running (0-based; -1 before the first) of how many
+
+    def in_step(self) -> str:
+        """'in step 5 of 200' (1-based), or 'before the first step' (start-up, the reference model)."""
+        if self.step < 0:
+            return "before the first step"
+        if self.step >= self.steps:
+            return f"after the last step ({self.steps})"
+        return f"in step {self.step + 1} of {self.steps}"
 
     def block(self, what: str, peer, timeout: float) -> None:
         self.since = time.monotonic()
@@ -166,9 +175,10 @@ def cause(e: BaseException, limit: int = 300) -> str:
 _exiting = threading.Lock()
 
 
-def line(rank, msg: str) -> str:
+def line(rank, msg: str, label: str = "error") -> str:
+    """'executor: rank 2: error: MSG'; label '' leaves the word out (MSG says what happened)."""
     who = f"rank {rank}: " if rank is not None else ""
-    return f"executor: {who}error: {msg}"
+    return f"executor: {who}{label + ': ' if label else ''}{msg}"
 
 
 def write_line(text: str) -> None:
@@ -186,7 +196,7 @@ def write_line(text: str) -> None:
     os.write(fd, data.encode("utf-8", "replace"))
 
 
-def die(rank, msg: str, code: int = 1, *, from_signal: bool = False) -> None:
+def die(rank, msg: str, code: int = 1, *, from_signal: bool = False, label: str = "error") -> None:
     """Print the rank's one line and end the process now. Only the first caller prints; a later
     one (another thread) waits for the exit, a signal handler returns."""
     if not _exiting.acquire(blocking=False):
@@ -202,6 +212,6 @@ def die(rank, msg: str, code: int = 1, *, from_signal: bool = False) -> None:
     except Exception:  # noqa: BLE001 - stdout may be gone
         pass
     try:
-        write_line(line(rank, msg))
+        write_line(line(rank, msg, label))
     finally:
         os._exit(code)

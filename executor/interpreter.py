@@ -20,7 +20,7 @@ from ir import Instr, Kind
 
 from .attention import default_scale
 from .data import SyntheticBatches
-from .errors import ExecError, InjectedFault, UnitError
+from .errors import ExecError, InjectedFault, PeerGone, UnitError
 from .faults import Injector, Watch, cause
 from .kv import Exchange, KVService
 from .metrics import ActivationTracker
@@ -188,8 +188,8 @@ class Rank:
         except Aborted as e:  # in-process: another rank failed while this one was serving
             raise ExecError(f"{self.here()}: stopped: {e}") from None
         except PeerLost as e:  # posting a message (p2p or KV exchange) to a rank that is gone
-            raise ExecError(f"{self.here()}: lost the connection to {e.who} while posting a message "
-                            f"to it ({e})") from e
+            raise PeerGone(f"{self.here()}: lost the connection to {e.who} while posting a message "
+                           f"to it ({e})") from e
         except Exception as e:  # noqa: BLE001 - any failure of an instruction: one line naming it
             raise ExecError(f"{self.here()}: {cause(e)}") from e
         out = {"seconds": time.perf_counter() - t0, "loss": self.loss_sum, "peak_activation_bytes": self.tracker.peak}

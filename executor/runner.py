@@ -21,6 +21,7 @@ import torch
 from ir import SlimpipeError
 
 from .collectives import gather
+from .errors import PeerGone
 from .device import DTYPES, choose_backend, choose_device
 from .faults import Watch, cause, die, fault_from_env, line, write_line
 from .interpreter import Rank
@@ -29,6 +30,9 @@ from .report import TOLERANCE, progress, reference_failed, summarize
 from .transport import LocalHub, init_dist
 
 __all__ = ["DTYPES", "TOLERANCE", "abandoned_threads", "grace_s", "run_dist", "run_local", "run_rank"]
+
+
+INTERRUPT_GRACE_S = 0.5  # how long a rank that lost a peer waits for its own Ctrl-C before reporting the loss
 
 
 def grace_s(timeout: float) -> float:
@@ -51,7 +55,9 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
     spec = plan.spec
     tokens = spec.microbatches * spec.micro_batch_size * spec.seq_len
     times, losses, peaks, cuda_peaks = [], [], [], []
+    watch.steps = opts.steps
     for step in range(opts.steps):
+        watch.step = step
         st = R.run_step(step)
         rows = gather(transport, watch, opts.timeout, [st["loss"], st["seconds"]],
                       "the step-end exchange of losses and times")
@@ -63,6 +69,7 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
         cuda_peaks.append(st.get("cuda_max_memory_allocated", 0))
         if rank == 0 and not opts.quiet:
             progress(step, opts.steps, loss, secs, tokens, opts, out)
+    watch.step = opts.steps
     mine = {"peak_activation_bytes": max(peaks), "peak_rss_mib": peak_rss_mib(), **R.report}
     if device.type == "cuda":
         mine["cuda_max_memory_allocated"] = max(cuda_peaks)
@@ -116,13 +123,18 @@ def run_local(plan, opts) -> tuple[int, dict | None]:
     for t in threads:
         t.start()
     give_up = None
-    while any(t.is_alive() for t in threads):
-        for t in threads:
-            t.join(0.1)
-        if give_up is None and hub.error is not None:
-            give_up = time.monotonic() + grace_s(opts.timeout)
-        if give_up is not None and time.monotonic() > give_up:
-            break
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.1)
+            if give_up is None and hub.error is not None:
+                give_up = time.monotonic() + grace_s(opts.timeout)
+            if give_up is not None and time.monotonic() > give_up:
+                break
+    except KeyboardInterrupt:  # Ctrl-C: one line, exit 130; the rank threads are abandoned (the caller exits)
+        hub.abort("interrupted (Ctrl-C)")
+        write_line(f"executor: interrupted {watches[0].in_step()} (Ctrl-C)")
+        return 130, None
     for r, t in enumerate(threads):
         if t.is_alive():
             codes[r] = 1
@@ -159,12 +171,17 @@ def run_dist(plan, opts) -> int:
             result.append(code)
         except BaseException as e:  # noqa: BLE001 - one line, then out: peers may be blocked on us
             code, msg = _failure(rank, e, watch)
+            if isinstance(e, PeerGone):  # a Ctrl-C ends every rank at once: let this rank's SIGINT say so
+                time.sleep(INTERRUPT_GRACE_S)
             die(rank, msg, code)
 
     def on_signal(signum, _frame):
+        if signum == signal.SIGINT:  # the user's Ctrl-C reaches every process of the job
+            die(rank, f"interrupted {watch.in_step()} (Ctrl-C) at {watch.where()} {watch.doing()}", 130,
+                from_signal=True, label="")
         name = signal.Signals(signum).name
-        die(rank, f"{watch.where()}: stopped by {name} (the launcher ends the job, usually because another "
-                  f"rank failed) {watch.doing()}", 1, from_signal=True)
+        die(rank, f"{watch.where()}: stopped by {name} {watch.in_step()} (the launcher ends the job, usually "
+                  f"because another rank failed or the job was interrupted) {watch.doing()}", 1, from_signal=True)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .errors import ExecError
+from .errors import ExecError, PeerGone
 from .faults import cause
 from .transport import Aborted, PeerLost
 
@@ -32,8 +32,8 @@ class Waiter:
                     raise ExecError(f"{self.where()}: stopped waiting{watch.peer_text()} for {what}: {e}") from None
                 except Exception as e:  # noqa: BLE001 - the transport lost the peer (gloo: connection closed)
                     why = f"({e})" if isinstance(e, PeerLost) else f"({cause(e)})"
-                    raise ExecError(f"{self.where()}: lost the connection while waiting{watch.peer_text()} "
-                                    f"for {what} {why}") from e
+                    raise PeerGone(f"{self.where()}: lost the connection while waiting{watch.peer_text()} "
+                                   f"for {what} {why}") from e
                 if self.serve():
                     continue
                 if time.monotonic() > deadline:

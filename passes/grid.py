@@ -16,15 +16,15 @@ def unit_label(ins, n: int, v: int) -> str:
     return s
 
 
-def time_grid(plan: Plan, max_steps: int = 64) -> str:
+def time_grid(plan: Plan, max_steps: int = 64, marks=frozenset()) -> str:
     """One row per rank, one column per unit of time (F takes 1, B 2), '.' where a rank idles, 'X'
-    where a deadlocked rank stops."""
+    where a deadlocked rank stops; a unit whose (rank, index) is in `marks` gets a '!'."""
     spec = plan.spec
     res = replay(plan, record=True)
     cells: list[dict[int, str]] = [dict() for _ in plan.ranks]
     for r, i, t0, t1 in res.timeline:
         ins = plan.ranks[r][i]
-        lab = unit_label(ins, spec.slices, spec.virtual_stages)
+        lab = unit_label(ins, spec.slices, spec.virtual_stages) + ("!" if (r, i) in marks else "")
         cells[r][int(t0)] = lab
         for t in range(int(t0) + 1, int(t1)):
             cells[r][t] = "~"

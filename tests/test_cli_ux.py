@@ -87,6 +87,7 @@ def test_show_lists_a_broken_dependency_and_exits_1(plan_1f1b, tmp_path, capsys)
     ir.save(plan.with_ranks([plan.ranks[0], r1]), bad)
     code, out, _ = run(capsys, "show", bad)
     assert code == 1 and "[order] rank 1 #" in out and "runs before its forward" in out
+    assert "B0!" in out.splitlines()[3]  # rank 1's misplaced backward is marked in the grid
     assert run(capsys, "show", plan_1f1b)[0] == 0
 
 

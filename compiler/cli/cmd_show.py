@@ -16,12 +16,15 @@ def run(args) -> int:
     plan = load_plan(args.plan)
     if args.rank is not None and args.rank >= plan.spec.pp:
         raise SpecError(f"--rank {args.rank} is not a rank of {args.plan}; allowed: 0..{plan.spec.pp - 1}")
+    # a plan that breaks a rule or deadlocks is drawn as far as it goes, then said so: exit 1 like check
+    problems = check(plan).problems
     if args.list:
         print(listing(plan, rank=args.rank))
     else:
-        print(time_grid(plan, max_steps=args.max_steps))
-    # a plan that breaks a rule or deadlocks is drawn as far as it goes, then said so: exit 1 like check
-    problems = check(plan).problems
+        marks = {(p.rank, p.index) for p in problems if p.index is not None}
+        print(time_grid(plan, max_steps=args.max_steps, marks=marks))
+        if marks:
+            print("!: a unit that a problem below names")
     for p in problems:
         if not (p.rule == "deadlock" and not args.list):  # the grid already printed the wait cycle
             print(f"{args.plan}: {p}")
