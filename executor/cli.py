@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "messages, the reference check and a slow NCCL start; not the step)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads with --local (default 1)")
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    p.add_argument("--trace", metavar="FILE.json",
+                   help="write a Chrome/Perfetto trace of what ran: one event per executed instruction per rank and "
+                        "step, named like `slimpipe trace`'s (compare: slimpipe simulate plan.json --against FILE.json)")
     p.add_argument("--check-only", action="store_true", help="load and check the plan (and SLIMPIPE_FAULT), run nothing")
     p.add_argument("--no-check", action="store_true",
                    help="skip the plan check before running (huge plans; a wrong plan then fails at run time)")
@@ -120,6 +123,11 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     opts = build_parser().parse_args(argv)
+    if opts.trace:
+        d = os.path.dirname(os.path.abspath(opts.trace))
+        if not os.path.isdir(d) or os.path.isdir(opts.trace):
+            return _fail(f"--trace {opts.trace!r}: " + (f"{opts.trace!r} is a directory" if os.path.isdir(opts.trace)
+                         else f"directory {d!r} does not exist") + "; give a file path such as measured.json")
     try:
         plan = load_plan(opts.plan, check=not opts.no_check)
         fault_from_env(plan)

@@ -128,8 +128,11 @@ class Rank:
 
     # ------------------------------------------------------------------ communication
     def comm_run(self, start: int, end: int):
-        """Issue a run of consecutive send/recv instructions as one batch, then wait the receives."""
+        """Issue a run of consecutive send/recv instructions as one batch, then wait the receives.
+        Timing (--trace): the run's instructions share the posting time evenly, in program order;
+        a receive's event then lasts until its data is there."""
         ops, recv_at = [], []
+        t_post = time.monotonic()
         for i in range(start, end):
             ins = self.stream[i]
             k = ins.kind
@@ -143,15 +146,23 @@ class Rank:
             else:
                 ops.append(("recv", ins.peer, self.wire(ins.tag, -1), self.act_spec(ins.mb, ins.slice)))
                 recv_at.append(i)
-        pend = self.tp.batch(ops)  # a peer already gone: PeerLost, reported by run_step
-        for i, p in zip(recv_at, pend):
-            self.pc = i
+        pend = dict(zip(recv_at, self.tp.batch(ops)))  # a peer already gone: PeerLost, reported by run_step
+        share = (time.monotonic() - t_post) / (end - start)
+        cursor = t_post
+        for i in range(start, end):  # program order; a receive's event lasts until its data is there
             ins = self.stream[i]
-            what = "activation" if ins.kind == Kind.RECV_ACT else "gradient"
-            (t,) = self.waiter.wait(p, f"its {what}", ins.peer)
-            stage = self.stages[ins.chunk]
-            dest = stage.acts_in if ins.kind == Kind.RECV_ACT else stage.grads_in
-            dest[(ins.mb, ins.slice)] = t
+            if i in pend:
+                self.pc = i
+                what = "activation" if ins.kind == Kind.RECV_ACT else "gradient"
+                (t,) = self.waiter.wait(pend[i], f"its {what}", ins.peer)
+                stage = self.stages[ins.chunk]
+                dest = stage.acts_in if ins.kind == Kind.RECV_ACT else stage.grads_in
+                dest[(ins.mb, ins.slice)] = t
+                done = max(cursor + share, time.monotonic())
+            else:
+                done = cursor + share
+            self.events.append([i, cursor, done])
+            cursor = done
 
     # ------------------------------------------------------------------ step
     def close_compute(self):
@@ -176,9 +187,11 @@ class Rank:
         self.next_kvf = self.next_kvb = None
         self.opt_done = False
         self.tracker.reset_peak()
+        self.events = []  # [index, start, end] of every executed instruction (time.monotonic seconds)
         if self.device.type == "cuda" and self.tp.kind == "dist":  # in-process ranks share the device
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
+        m0 = time.monotonic()
         try:
             self._run_stream()
         except ExecError:
@@ -192,14 +205,15 @@ class Rank:
                            f"to it ({e})") from e
         except Exception as e:  # noqa: BLE001 - any failure of an instruction: one line naming it
             raise ExecError(f"{self.here()}: {cause(e)}") from e
-        out = {"seconds": time.perf_counter() - t0, "loss": self.loss_sum, "peak_activation_bytes": self.tracker.peak}
+        out = {"seconds": time.perf_counter() - t0, "loss": self.loss_sum, "peak_activation_bytes": self.tracker.peak,
+               "events": self.events, "span": [m0, time.monotonic()]}
         if self.device.type == "cuda":
             out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
         return out
 
     def _run_stream(self):
         stream, n, H, comm = self.stream, len(self.stream), self.HANDLERS, self.COMM
-        inject, serve = self.inject, self.kv.serve
+        inject, serve, events = self.inject, self.kv.serve, self.events
         i = 0
         while i < n:
             k = stream[i].kind
@@ -212,8 +226,10 @@ class Rank:
                 continue
             self.pc = i
             inject(i, self.step, self.here)
+            t0 = time.monotonic()
             H[k](self, stream[i])
             serve()
+            events.append([i, t0, time.monotonic()])
             i += 1
         self.pc = n
         if not self.opt_done:

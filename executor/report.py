@@ -21,7 +21,7 @@ def reference_failed(reports: list) -> bool:
 
 
 def summarize(spec, opts, reports: list, times: list, losses: list, tokens: int, *, backend: str, transport: str,
-              device, bad: bool, out) -> dict:
+              device, bad: bool, out, plan=None) -> dict:
     """Rank 0's summary of the run (and, with --check-reference, its verdict line); printed as
     JSON with --json."""
     step_s = median(times)
@@ -32,6 +32,16 @@ def summarize(spec, opts, reports: list, times: list, losses: list, tokens: int,
                "steps": opts.steps, "transport": transport, "device": device.type, "dtype": opts.dtype}
     if device.type == "cuda":
         summary["cuda_max_memory_allocated"] = [r["cuda_max_memory_allocated"] for r in reports]
+    if plan is not None and (opts.trace or opts.json):
+        from ir import atomic_write
+
+        from .trace import chrome_trace, kind_figures
+
+        per_rank = [r["timed"] for r in reports]
+        summary["kinds"] = kind_figures(plan, per_rank)
+        if opts.trace:
+            atomic_write(opts.trace, json.dumps(chrome_trace(plan, per_rank, opts.dtype), separators=(",", ":")))
+            summary["trace"] = opts.trace
     if opts.check_reference:
         summary["max_grad_rel_err"] = max(r.get("max_grad_rel_err", 0.0) for r in reports)
         summary["loss_rel_err"] = max(r["loss_rel_err"] for r in reports if "loss_rel_err" in r)

@@ -54,11 +54,12 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
              timeout=opts.timeout, check_reference=opts.check_reference, watch=watch, fault=f, fault_at=at)
     spec = plan.spec
     tokens = spec.microbatches * spec.micro_batch_size * spec.seq_len
-    times, losses, peaks, cuda_peaks = [], [], [], []
+    times, losses, peaks, cuda_peaks, timed = [], [], [], [], []
     watch.steps = opts.steps
     for step in range(opts.steps):
         watch.step = step
         st = R.run_step(step)
+        timed.append((st["events"], st["span"]))
         rows = gather(transport, watch, opts.timeout, [st["loss"], st["seconds"]],
                       "the step-end exchange of losses and times")
         loss = sum(r[0] for r in rows)
@@ -71,6 +72,8 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
             progress(step, opts.steps, loss, secs, tokens, opts, out)
     watch.step = opts.steps
     mine = {"peak_activation_bytes": max(peaks), "peak_rss_mib": peak_rss_mib(), **R.report}
+    if opts.trace or opts.json:
+        mine["timed"] = timed
     if device.type == "cuda":
         mine["cuda_max_memory_allocated"] = max(cuda_peaks)
     reports = gather(transport, watch, opts.timeout, mine, "the exchange of the final reports")
@@ -78,7 +81,7 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
     summary = None
     if rank == 0:
         summary = summarize(spec, opts, reports, times, losses, tokens, backend=backend.name,
-                            transport=transport.kind, device=device, bad=bad, out=out)
+                            transport=transport.kind, device=device, bad=bad, out=out, plan=plan)
     return (1 if bad else 0), summary
 
 

@@ -24,7 +24,7 @@ degree dp adds one gradient all-reduce of the rank's parameters after the pipeli
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
 from ir import Instr, Kind, Plan, PlanSpec, SpecError, read_user_json
@@ -32,9 +32,40 @@ from ir import Instr, Kind, Plan, PlanSpec, SpecError, read_user_json
 GIB = 1 << 30
 
 
+MEASURED_FORMAT = "slimpipe-device-profile/1"
+
+
+@dataclass(frozen=True, eq=False)
+class Measured:
+    """Curves measured on one machine with the executor's own kernels (`slimpipe profile`).
+
+    matmul [[FLOPs, s]] per call; attention [["fwd"|"bwd", causal 0/1, queries, keys, s]] per call
+    (full calls include the log-sum-exp merge); elementwise, head, embedding [[tokens, fwd s, bwd s]]
+    (elementwise: a whole layer beyond its matmuls and attention); p2p [[bytes, one-way s]];
+    processors: ranks that can compute at once (CPU cores; 0 = a device per rank)."""
+
+    processors: int
+    matmul: tuple
+    attention: tuple
+    elementwise: tuple
+    head: tuple
+    embedding: tuple
+    p2p: tuple
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {k: [list(r) for r in getattr(self, k)] for k in CURVES}
+        return {"format": MEASURED_FORMAT, **self.meta, "processors": self.processors, **out}
+
+
+CURVES = {"matmul": 2, "attention": 5, "elementwise": 3, "head": 3, "embedding": 3, "p2p": 2}
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
-    """What one GPU and its links can do. Bandwidths in bytes/s, latencies in seconds."""
+    """What one GPU and its links can do. Bandwidths in bytes/s, latencies in seconds. `measured`
+    (optional): curves measured on this machine; the cost model then times every kernel call from
+    them instead of FLOPs / (peak * efficiency)."""
 
     name: str
     peak_flops: float          # dense bf16 matmul peak, FLOP/s
@@ -45,9 +76,13 @@ class DeviceProfile:
     intra_bandwidth: float     # tensor/context parallel collectives (NVLink)
     dp_bandwidth: float        # data-parallel gradient all-reduce
     memory_bytes: float        # HBM per GPU
+    measured: Measured | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "measured"}
+        if self.measured is not None:
+            out["measured"] = self.measured.to_json()
+        return out
 
 
 PROFILES = {
@@ -71,23 +106,91 @@ def load_profile(arg: "str | DeviceProfile | None") -> DeviceProfile:
         return PROFILES[arg]
     if not arg.endswith(".json"):
         raise SpecError(f"--device-profile {arg!r} is unknown; allowed: {', '.join(PROFILES)} or a path to a .json file")
-    d = read_user_json(arg, "--device-profile", f"{', '.join(PROFILES)} or a JSON file")
+    return profile_from_dict(read_user_json(arg, "--device-profile", f"{', '.join(PROFILES)} or a JSON file"), arg)
+
+
+def profile_from_dict(d, arg: str = "<dict>") -> DeviceProfile:
+    """A DeviceProfile from its JSON form (what to_json writes), checked; `arg` names it in errors."""
     names = [f.name for f in fields(DeviceProfile)]
     if not isinstance(d, dict):
         raise SpecError(f"--device-profile {arg!r}: must be a JSON object with {', '.join(names)}")
+    d = dict(d)
     d.setdefault("name", arg)
+    names = [n for n in names if n != "measured"]
+    measured = d.pop("measured", None)
     extra = set(d) - set(names)
     missing = [k for k in names if k not in d]
     if extra or missing:
         raise SpecError(f"--device-profile {arg!r}: " + (f"unknown field(s) {sorted(extra)}" if extra else
-                        f"missing {', '.join(missing)}") + f"; fields: {', '.join(names)}")
+                        f"missing {', '.join(missing)}") + f"; fields: {', '.join(names)} (and optionally measured)")
     for k in names[1:]:
         v = d[k]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and k != "p2p_latency"):
             raise SpecError(f"--device-profile {arg!r}: {k}={v!r} must be a positive number")
         if k.endswith("efficiency") and v > 1:
             raise SpecError(f"--device-profile {arg!r}: {k}={v!r} must be in (0, 1]")
+    if measured is not None:
+        d["measured"] = _measured(arg, measured)
     return DeviceProfile(**d)
+
+
+def _measured(arg: str, m) -> Measured:
+    """The `measured` block of a profile file, checked: one line naming what is wrong."""
+    where = f"--device-profile {arg!r}: measured"
+    if not isinstance(m, dict) or m.get("format") != MEASURED_FORMAT:
+        raise SpecError(f"{where} must be an object with format {MEASURED_FORMAT!r} (written by `slimpipe profile`)")
+    proc = m.get("processors")
+    if not isinstance(proc, int) or isinstance(proc, bool) or proc < 0:
+        raise SpecError(f"{where}.processors={proc!r} must be an integer >= 0")
+    curves = {}
+    for k, width in CURVES.items():
+        rows = m.get(k)
+        if not isinstance(rows, list) or not rows:
+            raise SpecError(f"{where}.{k} must be a non-empty list of rows")
+        for row in rows:
+            nums = row[1:] if k == "attention" else row
+            ok = isinstance(row, list) and len(row) == width and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in nums)
+            if ok and k == "attention":
+                ok = row[0] in ("fwd", "bwd") and row[1] in (0, 1) and row[2] > 0 and row[3] > 0
+            if not ok:
+                raise SpecError(f"{where}.{k}: row {row!r} must be {width} numbers >= 0"
+                                + (" (\"fwd\"|\"bwd\", causal 0|1, queries, keys, seconds)" if k == "attention" else ""))
+        curves[k] = tuple(tuple(r) for r in sorted(rows, key=lambda r: tuple(r[:2]) if k != "attention" else (0,)))
+    meta = {k: v for k, v in m.items() if k not in CURVES and k not in ("format", "processors")}
+    return Measured(processors=proc, meta=meta, **curves)
+
+
+def curve_at(rows, x: float, col: int = 1) -> float:
+    """Seconds at x on rows sorted by x (column `col`): linear between the two nearest points (a
+    call's time is overhead + work, close to linear in its size), extended from the end segments,
+    never below zero or, under the smallest point, below its time scaled down with x."""
+    if len(rows) == 1:
+        return rows[0][col] * x / rows[0][0] if rows[0][0] else rows[0][col]
+    i = 1
+    while i < len(rows) - 1 and rows[i][0] < x:
+        i += 1
+    x0, y0, x1, y1 = rows[i - 1][0], rows[i - 1][col], rows[i][0], rows[i][col]
+    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y1
+    if x < x0:
+        y = max(y, y0 * x / x0) if x0 else y0
+    return max(y, 0.0)
+
+
+@lru_cache(maxsize=64)
+def _attention_curve(m: Measured, pass_: str, causal: int) -> tuple:
+    pts = {}
+    for p, c, q, k, t in m.attention:
+        if p == pass_ and c == causal:
+            pts.setdefault(q * k, []).append(t)
+    if not pts:
+        raise SpecError(f"measured profile has no {pass_} {'causal' if causal else 'full'} attention rows")
+    return tuple((x, sum(v) / len(v)) for x, v in sorted(pts.items()))
+
+
+def attention_call(m: Measured, backward: bool, causal: bool, q: float, k: float) -> float:
+    """Seconds of one attention call of q queries over k keys (measured curve by q*k)."""
+    return curve_at(_attention_curve(m, "bwd" if backward else "fwd", int(causal)), q * k)
 
 
 # ---------------------------------------------------------------- FLOPs (pure arithmetic)
@@ -175,20 +278,52 @@ class CostModel:
         self.last = spec.num_stages - 1
         self.offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
         self._unit = lru_cache(maxsize=None)(self._unit_time)
+        self._measured_unit = lru_cache(maxsize=None)(self._measured_time)
 
-    def _unit_time(self, stage: int, s: int, prefix: int, backward: bool, extra_attn: float) -> float:
-        """Seconds of a unit; extra_attn attention FLOPs moved in (+) or out (-) by a KV exchange."""
+    def _unit_time(self, stage: int, s: int, prefix: int, backward: bool, extra_s: float) -> float:
+        """Seconds of a unit; extra_s attention seconds moved in (+) or out (-) by a KV exchange."""
         spec, prof = self.spec, self.prof
         t_mm, t_attn, ring, t_tp = unit_parts(spec.model, s, prefix, backward, spec.tp, spec.cp, prof, self.bytes,
                                               layers=spec.stage_layers[stage], last=stage == self.last,
                                               mbs=spec.micro_batch_size)
-        t_attn += extra_attn / (prof.peak_flops * prof.attn_efficiency)
+        t_attn += extra_s
         return t_mm + max(t_attn, ring) + t_tp
 
-    def unit_time(self, rank: int, ins: Instr, extra_attn: float = 0.0) -> float:
+    def _measured_time(self, stage: int, s: int, prefix_lens: tuple, backward: bool) -> float:
+        """Seconds of a unit from a measured profile: per layer the seven projections (backward: input
+        and weight gradient of each) on the matmul curve, the causal attention over the slice itself
+        and one full call per earlier slice on the attention curve, the elementwise rest; plus LM head
+        and loss on the last stage, the embedding on the first. tp/cp divide the tokens."""
+        spec, m = self.spec, self.prof.measured
+        cfg = spec.model
+        div = spec.tp * spec.cp
+        tok = s * spec.micro_batch_size / div
+        d = cfg.head_dim
+        H, F = cfg.hidden, cfg.ffn
+        projs = ((cfg.heads * d, H), (cfg.kv_heads * d, H), (cfg.kv_heads * d, H), (H, cfg.heads * d),
+                 (F, H), (F, H), (H, F))
+        mm = sum(curve_at(m.matmul, 2.0 * tok * o * i) for o, i in projs) * (2 if backward else 1)
+        attn = attention_call(m, backward, True, tok, tok)
+        for ln in prefix_lens:
+            attn += attention_call(m, backward, False, tok, ln * spec.micro_batch_size / div)
+        col = 2 if backward else 1
+        per_layer = mm + attn + curve_at(m.elementwise, tok, col)
+        t = per_layer * spec.stage_layers[stage]
+        if stage == self.last:
+            t += curve_at(m.head, tok, col)
+        if stage == 0:
+            t += curve_at(m.embedding, tok, col)
+        return t
+
+    def unit_time(self, rank: int, ins: Instr, extra_s: float = 0.0) -> float:
+        """Seconds of the compute unit `ins` on `rank`, with `extra_s` seconds of attention moved in
+        (+) or out (-) by KV exchanges (see kv_shift)."""
         stage = self.stage_of[rank][ins.chunk]
         s = self.spec.slice_lens[ins.mb][ins.slice]
-        return self._unit(stage, s, self.offsets[ins.mb][ins.slice], ins.kind == Kind.B, extra_attn)
+        if self.prof.measured is not None:
+            lens = self.spec.slice_lens[ins.mb][:ins.slice]
+            return max(self._measured_unit(stage, s, lens, ins.kind == Kind.B) + extra_s, 0.0)
+        return self._unit(stage, s, self.offsets[ins.mb][ins.slice], ins.kind == Kind.B, extra_s)
 
     def p2p_time(self, src: int, dst: int, ins: Instr) -> float:
         """An activation or gradient of one slice between pipeline ranks."""
@@ -198,16 +333,25 @@ class CostModel:
         return nbytes / self.prof.p2p_bandwidth + self.prof.p2p_latency
 
     def kv_shift(self, rank: int, ins: Instr) -> float:
-        """Attention FLOPs (per GPU) the exchange `ins` moves from the owner's unit to the
+        """Attention seconds (per GPU) the exchange `ins` moves from the owner's unit to the
         partner's: a non-causal block of the slice's queries over the x shipped slices, in
-        every layer of the owner's stage (`rank` is the owner for KV*_SEND, else `ins.peer`)."""
+        every layer of the owner's stage (`rank` is the owner for KV*_SEND, else `ins.peer`).
+        With a measured profile: the owner saves its x calls over those slices, the partner
+        makes one call over their concatenation."""
         spec = self.spec
         m = spec.model
         owner = rank if ins.kind in (Kind.KVF_SEND, Kind.KVB_SEND) else ins.peer
         L = spec.stage_layers[self.stage_of[owner][ins.chunk]]
+        bwd = ins.kind in (Kind.KVB_SEND, Kind.KVB_RECV)
+        if self.prof.measured is not None:
+            mp, b, div = self.prof.measured, spec.micro_batch_size, spec.tp * spec.cp
+            q = spec.slice_lens[ins.mb][ins.slice] * b / div
+            if owner == rank:
+                return L * sum(attention_call(mp, bwd, False, q, ln * b / div) for ln in spec.slice_lens[ins.mb][:ins.x])
+            return L * attention_call(mp, bwd, False, q, self.offsets[ins.mb][ins.x] * b / div)
         pairs = spec.slice_lens[ins.mb][ins.slice] * self.offsets[ins.mb][ins.x]
         f = (4 * (m.hidden // m.heads) + 3) * m.heads * pairs * L * spec.micro_batch_size / (spec.tp * spec.cp)
-        return f * (BWD_ATTN if ins.kind in (Kind.KVB_SEND, Kind.KVB_RECV) else 1.0)
+        return f * (BWD_ATTN if bwd else 1.0) / (self.prof.peak_flops * self.prof.attn_efficiency)
 
     def kv_bytes(self, ins: Instr) -> float:
         """Bytes per layer both ways: forward ships q + K/V of the x slices, returns out + lse;
@@ -251,14 +395,35 @@ def dp_allreduce_time(dp: int, param_bytes: float, prof: DeviceProfile) -> float
     return 2 * (dp - 1) / dp * param_bytes / prof.dp_bandwidth + prof.p2p_latency
 
 
+def shared_processors(prof: DeviceProfile, pp: int) -> int:
+    """How many processors the pp ranks share (0: each rank has its own device). A measured CPU
+    profile with fewer cores than ranks makes them take turns."""
+    m = prof.measured
+    return m.processors if m is not None and 0 < m.processors < pp else 0
+
+
+def replay_engine(plan: Plan, prof: DeviceProfile):
+    """replay, or replay_shared bound to the profile's processor count: same signature."""
+    from .replay import replay, replay_shared
+
+    n = shared_processors(prof, len(plan.ranks))
+    if not n:
+        return replay
+    return lambda plan, cost, p2p=None, kv=None, record=False: replay_shared(
+        plan, cost, n, *(() if p2p is None else (p2p, kv)), record=record)
+
+
 def timed_replay(plan: Plan, cm: CostModel, record: bool = False):
     """Replay with the cost model: unit times (KV shifts applied), p2p flight, KV rendezvous.
     Returns (replay result, unit time table)."""
     from .replay import replay
 
     table = unit_cost_table(plan, cm)
-    res = replay(plan, lambda r, ins: table[(r, ins.kind, ins.mb, ins.slice, ins.chunk)],
-                 cm.p2p_time, cm.kv_time, record=record)
+    cost = lambda r, ins: table[(r, ins.kind, ins.mb, ins.slice, ins.chunk)]  # noqa: E731
+    shared = shared_processors(cm.prof, len(plan.ranks))
+    res = replay(plan, cost, cm.p2p_time, cm.kv_time, record=record and not shared)  # and the deadlock proof
+    if shared and not res.deadlocked:
+        res = replay_engine(plan, cm.prof)(plan, cost, cm.p2p_time, cm.kv_time, record=record)
     return res, table
 
 

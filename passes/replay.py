@@ -237,3 +237,114 @@ def wait_cycle(stuck: list[Stuck]) -> list[int] | None:
         return [u for u, _ in nx.find_cycle(g)]
     except nx.NetworkXNoCycle:
         return None
+
+
+@gc_paused
+def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: int,
+                  p2p_delay: Callable[[int, int, Instr], float] = _zero,
+                  kv_delay: Callable[[int, int, Instr], float] = _zero,
+                  record: bool = False) -> Replay:
+    """replay() for ranks that share `processors` processors (more CPU ranks than cores): while k
+    ranks compute at once, each runs at min(1, processors / k) of its speed (the OS shares the
+    cores fairly). A global event loop; `busy` is wall time in compute units, as a measured trace
+    sees it. A plan that deadlocks here deadlocks in replay() too (use that for the message)."""
+    ranks = plan.ranks
+    p = len(ranks)
+    pos = [0] * p
+    busy = [0.0] * p
+    left = [0.0] * p           # remaining work of the unit a rank is computing (its own seconds)
+    started = [0.0] * p
+    until = [None] * p         # a rank waiting for a message or rendezvous: the time it is free
+    done_at = [None] * p
+    computing: set[int] = set()
+    posted: dict[tuple[int, int, int], deque] = {}
+    waiting: dict[tuple[int, int, int], tuple[int, float, int]] = {}
+    timeline = [] if record else None
+    comm = [] if record else None
+    T = 0.0
+    eps = 1e-12
+
+    def advance(r: int) -> None:
+        """Move rank r through instructions at time T until it computes, waits or ends."""
+        stream = ranks[r]
+        while pos[r] < len(stream) and r not in computing and until[r] is None:
+            i = pos[r]
+            ins = stream[i]
+            k = ins.kind
+            if k == _F or k == _B:
+                left[r] = cost(r, ins)
+                started[r] = T
+                computing.add(r)
+                return
+            if k in _RECV:
+                q = posted.get((ins.peer, r, ins.tag))
+                if not q:
+                    return
+                a = q.popleft()
+                pos[r] += 1
+                if a > T + eps:
+                    until[r] = a
+            elif k in _SEND:
+                arrive = T + p2p_delay(r, ins.peer, ins)
+                posted.setdefault((r, ins.peer, ins.tag), deque()).append(arrive)
+                if comm is not None:
+                    comm.append((r, i, T, arrive))
+                pos[r] += 1
+            elif k in _KV_OWNER or k in _KV_PARTNER:
+                key = (r, ins.peer, ins.tag) if k in _KV_OWNER else (ins.peer, r, ins.tag)
+                w = waiting.get(key)
+                if w is None:
+                    waiting[key] = (r, T, i)
+                    pos[r] += 1
+                    until[r] = float("inf")  # released by the partner
+                    return
+                del waiting[key]
+                o, t0, oi = w
+                end = T + kv_delay(key[0], key[1], ins)
+                until[o] = end
+                if comm is not None:
+                    comm.append((o, oi, t0, end))
+                    comm.append((r, i, T, end))
+                pos[r] += 1
+                if end > T + eps:
+                    until[r] = end
+            else:
+                pos[r] += 1
+
+    while True:
+        moved = True
+        while moved:
+            moved = False
+            for r in range(p):
+                before = (pos[r], r in computing, until[r])
+                advance(r)
+                if (pos[r], r in computing, until[r]) != before:
+                    moved = True
+                if done_at[r] is None and pos[r] >= len(ranks[r]) and r not in computing and until[r] is None:
+                    done_at[r] = T
+        k = len(computing)
+        rate = min(1.0, processors / k) if k else 1.0
+        t_next = min((left[r] / rate for r in computing), default=float("inf")) + T
+        t_wait = min((u for u in until if u is not None), default=float("inf"))
+        t = min(t_next, t_wait)
+        if t == float("inf"):
+            break
+        dt = t - T
+        for r in list(computing):
+            left[r] -= dt * rate
+            busy[r] += dt
+            if left[r] <= eps * max(1.0, dt):
+                computing.discard(r)
+                if timeline is not None:
+                    timeline.append((r, pos[r], started[r], t))
+                pos[r] += 1
+        T = t
+        for r in range(p):
+            if until[r] is not None and until[r] <= T + eps:
+                until[r] = None
+    clock = [T if d is None else d for d in done_at]
+    res = Replay(clock, busy, timeline=timeline, comm=comm)
+    if any(pos[r] < len(ranks[r]) for r in range(p)):
+        res.stuck = [Stuck(r, min(pos[r], len(ranks[r]) - 1), ranks[r][min(pos[r], len(ranks[r]) - 1)],
+                           ranks[r][min(pos[r], len(ranks[r]) - 1)].peer) for r in range(p) if pos[r] < len(ranks[r])]
+    return res

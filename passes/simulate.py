@@ -61,7 +61,7 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
     step_s (the makespan) adds the data-parallel gradient all-reduce after the pipeline drains.
     Named as compare, tune and the executor name them (step_s, tokens_per_s).
     MFU = model FLOPs (3x forward) / (makespan * peak * pp * tp * cp)."""
-    from .costs import CostModel, load_profile, timed_replay
+    from .costs import CostModel, load_profile, replay_engine, timed_replay
     from .memory import memory_report, rank_params
 
     prof = profile if profile is not None else load_profile(None)
@@ -74,13 +74,14 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
 
     if res.deadlocked:
         raise PlanInvalidError(res.deadlock_message())
-    free = replay(plan, cost)
+    engine = replay_engine(plan, prof)
+    free = engine(plan, cost)
     sums = {Kind.F: [0.0, 0], Kind.B: [0.0, 0]}
     for (_r, k, *_), t in table.items():
         sums[k][0] += t
         sums[k][1] += 1
     mean = {k: (s / c if c else 0.0) for k, (s, c) in sums.items()}
-    ideal_res = replay(strip_exchanges(plan), lambda r, ins: mean[ins.kind])
+    ideal_res = engine(strip_exchanges(plan), lambda r, ins: mean[ins.kind])
     b_total = bubble_fraction(res.busy, res.makespan)
     b_ideal = min(bubble_fraction(ideal_res.busy, ideal_res.makespan), b_total)
     b_free = max(min(bubble_fraction(free.busy, free.makespan), b_total), b_ideal)

@@ -8,9 +8,11 @@ import sys
 from ir import SlimpipeError
 
 from ir.version import version
-from . import cmd_check, cmd_compare, cmd_compile, cmd_export, cmd_import, cmd_plot, cmd_show, cmd_simulate, cmd_trace, cmd_tune
+from . import (cmd_check, cmd_compare, cmd_compile, cmd_export, cmd_import, cmd_plot, cmd_profile, cmd_show, cmd_simulate,
+               cmd_trace, cmd_tune)
 
-COMMANDS = [cmd_compile, cmd_check, cmd_simulate, cmd_show, cmd_trace, cmd_plot, cmd_compare, cmd_tune, cmd_import, cmd_export]
+COMMANDS = [cmd_compile, cmd_check, cmd_simulate, cmd_show, cmd_trace, cmd_plot, cmd_compare, cmd_tune, cmd_import, cmd_export,
+            cmd_profile]
 
 EPILOG = """example (the README's main job: compile, check, simulate, run on 4 ranks with the reference check):
   slimpipe compile --schedule slimpipe --pp 4 --microbatches 4 --slices 8 --model tiny --seq-len 256 -o plan.json

@@ -17,11 +17,12 @@ def dtype_bytes_arg(text: str) -> int:
 
 
 def run(args) -> int:
-    if args.unit_costs and (args.device_profile or args.dtype != "bf16"):
-        raise SpecError("--unit-costs takes no --device-profile/--dtype (forward 1, backward 2, communication free)")
+    if args.unit_costs and (args.device_profile or args.dtype is not None or args.against):
+        raise SpecError("--unit-costs takes no --device-profile/--dtype/--against (forward 1, backward 2, communication free)")
     if args.device_profile:
         load_profile(args.device_profile)  # a bad profile fails before the plan is read
-    dtype = dtype_bytes_arg(args.dtype)
+    # --against compares with the executor, whose default dtype is fp32
+    dtype = dtype_bytes_arg(args.dtype or ("fp32" if args.against else "bf16"))
     plan = load_plan(args.plan)
     # figures of a plan that breaks a rule (missing unit, unmatched send) would mislead; a deadlock
     # is named by the simulation itself
@@ -36,6 +37,8 @@ def run(args) -> int:
                 print(f"  rank {r['rank']}: busy {r['busy']:g}, peak units in flight {r['peak_units']}")
         return 0
     profile = plan_profile(args.device_profile, plan)  # the device it was compiled for, unless told
+    if args.against:
+        return _against(args, plan, profile, dtype)
     out = simulate_timed(plan, profile, dtype)
     if args.json:
         emit_json(out)
@@ -51,6 +54,33 @@ def run(args) -> int:
     return 0
 
 
+def _against(args, plan, profile, dtype) -> int:
+    from passes.against import against
+
+    out = against(plan, args.against, profile, dtype)
+    if args.json:
+        emit_json(out)
+        return 0
+    p, m = out["predicted"], out["measured"]
+    pb, mb = p["bubble_breakdown"], m["bubble_breakdown"]
+    print(f"{plan.spec.schedule} on {out['device_profile']} vs {args.against} (step {out['step']}):")
+    print(f"  step      predicted {human_time(p['step_s'])}, measured {human_time(m['step_s'])} ({out['step_error']:+.1%})")
+    print(f"  bubble    predicted {p['bubble_fraction']:.1%} (ideal {pb['ideal']:.1%}, imbalance {pb['imbalance']:.1%}, "
+          f"comm {pb['comm']:.1%}), measured {m['bubble_fraction']:.1%} (ideal {mb['ideal']:.1%}, imbalance "
+          f"{mb['imbalance']:.1%}, comm {mb['comm']:.1%}) ({out['bubble_points']:+.1f} points)")
+    for r, (a, b) in enumerate(zip(p["busy_s"], m["busy_s"])):
+        print(f"  rank {r}    busy predicted {human_time(a)}, measured {human_time(b)} ({(a - b) / b if b else 0:+.1%})")
+    print("  residual (measured - predicted), largest first:")
+    for row in out["kinds"][:6]:
+        print(f"    {row['kind']:<10} x{row['count']:<4} {human_time(row['residual_s']):>10}  "
+              f"(predicted {human_time(row['predicted_s'])}, measured {human_time(row['measured_s'])})")
+    for row in out["slices"][:6]:
+        name = f"{row['kind']} slice {row['slice']}"
+        print(f"    {name:<10} x{row['count']:<4} {human_time(row['residual_s']):>10}  "
+              f"(predicted {human_time(row['predicted_s'])}, measured {human_time(row['measured_s'])})")
+    return 0
+
+
 def register(sub) -> None:
     p = add_parser(sub, "simulate", "simulate a plan: step time, bubble, MFU and memory per rank (cost model), "
                    "or unit costs", "slimpipe simulate plan.json --device-profile h100 --json")
@@ -58,7 +88,9 @@ def register(sub) -> None:
     p.add_argument("--unit-costs", action="store_true", help="forward 1, backward 2, communication free")
     p.add_argument("--device-profile", help="h100, a100, or a JSON file with measured figures (default: the built-in "
                    "profile the plan was compiled for, else h100)")
-    p.add_argument("--dtype", default="bf16", help="activation/parameter dtype of the memory and message-size model: bf16 (default, "
-                   "a GPU training run), fp16, fp32 (what `python -m executor` runs by default)")
+    p.add_argument("--against", metavar="MEASURED.json", help="compare with a measured trace (`python -m executor "
+                   "plan.json --trace MEASURED.json`): step, bubble, busy per rank, residual per kind and slice")
+    p.add_argument("--dtype", help="activation/parameter dtype of the memory and message-size model: bf16 (default, "
+                   "a GPU training run), fp16, fp32 (what `python -m executor` runs by default; the default with --against)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)

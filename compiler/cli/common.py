@@ -90,21 +90,16 @@ def render_profile(args):
 def plan_profile(arg: str | None, plan: Plan):
     """The device profile to price `plan` with: --device-profile when given, else the one the plan
     was compiled for (plan.meta), else h100."""
-    from dataclasses import fields
-
-    from passes.costs import PROFILES, DeviceProfile, load_profile
+    from passes.costs import PROFILES, load_profile, profile_from_dict
 
     if arg is not None:
         return load_profile(arg)
     rec = plan.meta.get("device_profile_fields")
     if rec is not None:
-        names = [f.name for f in fields(DeviceProfile)]
-        ok = isinstance(rec, dict) and set(rec) == set(names) and isinstance(rec.get("name"), str) and all(
-            isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool) and rec[k] >= 0 for k in names[1:])
-        if not ok:
-            raise PlanFormatError("plan meta.device_profile_fields is not a device profile (fields: "
-                                  f"{', '.join(names)}); give --device-profile")
-        return DeviceProfile(**rec)
+        try:
+            return profile_from_dict(rec, "plan meta.device_profile_fields")
+        except SpecError as e:
+            raise PlanFormatError(f"{e}; give --device-profile") from None
     name = plan.meta.get("device_profile")
     return PROFILES[name] if name in PROFILES else load_profile(None)
 

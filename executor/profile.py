@@ -1,0 +1,404 @@
+"""Measure this machine with the executor's own kernels and write a device profile.
+
+    python -m executor.profile --model '{"layers": 8, "hidden": 64, ...}' [--device cpu|cuda] -o profile.json
+
+(`slimpipe profile` runs this as a subprocess.) What it measures, each as a curve rather than one
+number, at the model's shapes and the token counts a slice can have:
+- matmul: seconds per call of the layer's projections (x @ w.t()) and of their two backward
+  matmuls, keyed by FLOPs per call (small calls are slower per FLOP);
+- attention: the executor's backend forward/backward of one slice's queries over its own K/V
+  (causal) and over one earlier slice's K/V (full, with the log-sum-exp merge), by query and
+  key length;
+- elementwise: what a whole decoder layer (the executor's layer_forward with SliceAttention)
+  takes beyond its matmuls and attention: norms, RoPE, SwiGLU, residuals and the framework's
+  per-op overhead, forward and backward, by token count;
+- head (final norm, LM head, loss) and embedding, forward and backward, by token count;
+- p2p: one-way seconds of a message between two local processes through the executor's own
+  transport (gloo on CPU, NCCL on GPU), by size; bandwidth and latency fitted from it;
+- memory (RAM or GPU memory) and how many ranks can compute at once (CPU cores; 0 = a device each).
+
+Timings take the median of repeated runs after a warm-up. On CPU one torch thread per rank,
+as torchrun gives each rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+import torch  # noqa: E402
+
+from ir import ModelConfig, atomic_write  # noqa: E402
+
+from . import model as M  # noqa: E402
+from .attention import SliceAttention, default_scale, merge, pick_backend  # noqa: E402
+
+TOKENS = (64, 128, 256, 512, 1024, 2048, 4096)
+P2P_BYTES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22, 1 << 24)
+FORMAT = "slimpipe-device-profile/1"
+
+
+class Progress:
+    """One progress line on stderr, rewritten in place."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.done, self.quiet, self.t0 = total, 0, quiet, time.monotonic()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if not self.quiet:
+            el = time.monotonic() - self.t0
+            sys.stderr.write(f"\rprofile: {self.done}/{self.total} {what:<36} {el:5.1f} s")
+            sys.stderr.flush()
+
+    def end(self) -> None:
+        if not self.quiet:
+            sys.stderr.write("\n")
+
+
+CLOCK = [time.thread_time]
+
+
+def timeit(fn, reps: int, sync) -> float:
+    """Median seconds of fn() over `reps` runs after one warm-up. On CPU the clock is this
+    thread's CPU time: other processes on a shared machine stretch wall time, not CPU time, so
+    the profile stays the same under load (the simulator models how ranks share processors)."""
+    clock = CLOCK[0]
+    fn()
+    sync()
+    ts = []
+    for _ in range(reps):
+        t0 = clock()
+        fn()
+        sync()
+        ts.append(clock() - t0)
+    return statistics.median(ts)
+
+
+def reps_for(tokens: int, scale: float) -> int:
+    return max(3, int(scale * 30 * 256 / max(tokens, 256)))
+
+
+class _Ctx:
+    """The LayerCtx surface SliceAttention needs, without an exchange."""
+
+    def __init__(self, backend, scale, prefix):
+        self.backend, self.scale, self.prefix = backend, scale, prefix
+
+    def fwd_remote_slices(self):
+        return 0
+
+    def bwd_remote_slices(self):
+        return 0
+
+    def accumulate(self, i, dk, dv):
+        pass
+
+
+def matmul_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of the layer's projections and the LM head."""
+    d = cfg.head_dim
+    return sorted({(cfg.heads * d, cfg.hidden), (cfg.kv_heads * d, cfg.hidden), (cfg.hidden, cfg.heads * d),
+                   (cfg.ffn, cfg.hidden), (cfg.hidden, cfg.ffn), (cfg.vocab, cfg.hidden)})
+
+
+def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog: Progress) -> dict:
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    be = pick_backend("auto", device, dtype)
+    sc = default_scale(cfg.head_dim)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype)
+
+    mm = {}
+    for s in tokens:
+        r = reps_for(s, scale)
+        for out_f, in_f in matmul_shapes(cfg):
+            x, w, dy = rnd(s, in_f), rnd(out_f, in_f), rnd(s, out_f)
+            fl = 2.0 * s * in_f * out_f
+            for t in (timeit(lambda: x @ w.t(), r, sync), timeit(lambda: dy @ w, r, sync),
+                      timeit(lambda: dy.t() @ x, r, sync)):
+                mm.setdefault(fl, []).append(t)
+        prog.step(f"matmul, {s} tokens")
+    matmul = [[fl, statistics.median(ts)] for fl, ts in sorted(mm.items())]
+
+    attention = []
+    b, h, hk, d = 1, cfg.heads, cfg.kv_heads, cfg.head_dim
+    for s in tokens:
+        r = reps_for(s, scale)
+        q, k, v = rnd(b, h, s, d), rnd(b, hk, s, d), rnd(b, hk, s, d)
+        out, lse = be.fwd(q, k, v, True, sc)
+        dout = rnd(b, h, s, d)
+        attention.append(["fwd", 1, s, s, timeit(lambda: be.fwd(q, k, v, True, sc), r, sync)])
+        attention.append(["bwd", 1, s, s, timeit(lambda: be.bwd(dout, q, k, v, out, lse, True, sc), r, sync)])
+        for t in tokens:
+            if t * s > (1 << 22):
+                continue
+            kp, vp = rnd(b, hk, t, d), rnd(b, hk, t, d)
+            o0, l0 = out.float(), lse
+            acc = [torch.zeros_like(kp), torch.zeros_like(vp)]
+
+            def fwd_full():
+                o2, l2 = be.fwd(q, kp, vp, False, sc)
+                return merge(o0, l0, o2.float(), l2)
+
+            def bwd_full():
+                dq, dk, dv = be.bwd(dout, q, kp, vp, out, lse, False, sc)
+                acc[0].add_(dk)
+                acc[1].add_(dv)
+                return dq.float() + dq.float()
+
+            attention.append(["fwd", 0, s, t, timeit(fwd_full, r, sync)])
+            attention.append(["bwd", 0, s, t, timeit(bwd_full, r, sync)])
+        prog.step(f"attention, {s} queries")
+
+    def mm_time(fl):
+        return _interp(matmul, fl)
+
+    # a whole layer (prefix 0), minus its matmuls and causal attention: the elementwise work
+    P = {n: M.init_param(cfg, n, 0, device, dtype) for n in M.layer_names(0)}
+    elementwise = []
+    for s in tokens:
+        r = reps_for(s, scale)
+        x0 = rnd(1, s, cfg.hidden)
+        cos, sin = M.rope_tables(d, 0, s, device, dtype)
+        lc = _Ctx(be, sc, [])
+        dy = rnd(1, s, cfg.hidden)
+
+        def fwd(x0=x0, cos=cos, sin=sin, lc=lc):
+            with torch.no_grad():
+                return M.layer_forward(P, 0, cfg, x0, cos, sin, lambda q, k, v: SliceAttention.apply(q.contiguous(), k, v, lc))
+
+        def both(x0=x0, cos=cos, sin=sin, lc=lc, dy=dy):
+            x = x0.detach().requires_grad_(True)
+            y = M.layer_forward(P, 0, cfg, x, cos, sin, lambda q, k, v: SliceAttention.apply(q.contiguous(), k, v, lc))
+            t0 = CLOCK[0]()
+            torch.autograd.backward([y], [dy])
+            sync()
+            return CLOCK[0]() - t0
+
+        tf = timeit(fwd, r, sync)
+        both()
+        tb = statistics.median([both() for _ in range(r)])
+        for p_ in P.values():
+            p_.grad = None
+        mm_f = sum(mm_time(2.0 * s * i * o) for o, i in matmul_shapes(cfg) if o != cfg.vocab)
+        mm_f += mm_time(2.0 * s * cfg.hidden * cfg.ffn)  # the layer has two (ffn, hidden) projections
+        att_f = _attn(attention, "fwd", 1, s, s)
+        att_b = _attn(attention, "bwd", 1, s, s)
+        elementwise.append([s, max(tf - mm_f - att_f, 0.0), max(tb - 2 * mm_f - att_b, 0.0)])
+        prog.step(f"layer, {s} tokens")
+
+    # head (final norm + LM head + loss) and the embedding gather
+    Ph = {n: M.init_param(cfg, n, 0, device, dtype) for n in ("norm", "lm_head", "embed")}
+    head, embed = [], []
+    for s in tokens:
+        r = reps_for(s, scale)
+        x0 = rnd(1, s, cfg.hidden)
+        labels = torch.randint(cfg.vocab, (1, s), generator=g).to(device)
+
+        def hfwd(x0=x0, labels=labels):
+            with torch.no_grad():
+                return M.head_loss(Ph, x0, labels, float(s))
+
+        def hboth(x0=x0, labels=labels):
+            x = x0.detach().requires_grad_(True)
+            y = M.head_loss(Ph, x, labels, float(s))
+            t0 = CLOCK[0]()
+            y.backward()
+            sync()
+            return CLOCK[0]() - t0
+
+        def efwd(labels=labels):
+            with torch.no_grad():
+                return Ph["embed"][labels]
+
+        def eboth(labels=labels):
+            y = Ph["embed"][labels]
+            t0 = CLOCK[0]()
+            y.sum().backward()
+            sync()
+            return CLOCK[0]() - t0
+
+        tf = timeit(hfwd, r, sync)
+        hboth()
+        head.append([s, tf, statistics.median([hboth() for _ in range(r)])])
+        ef = timeit(efwd, r, sync)
+        eboth()
+        embed.append([s, ef, statistics.median([eboth() for _ in range(r)])])
+        for p_ in Ph.values():
+            p_.grad = None
+        prog.step(f"head, {s} tokens")
+    return {"matmul": matmul, "attention": attention, "elementwise": elementwise, "head": head,
+            "embedding": embed, "attention_backend": be.name}
+
+
+def _interp(curve, x: float) -> float:
+    """Seconds at x on a [[x, seconds], ...] curve sorted by x: linear between points (a call's
+    time is overhead + work, close to linear in its size), extrapolated from the end segments."""
+    if len(curve) == 1:
+        return curve[0][1] * x / curve[0][0]
+    i = 1
+    while i < len(curve) - 1 and curve[i][0] < x:
+        i += 1
+    (x0, y0), (x1, y1) = curve[i - 1][:2], curve[i][:2]
+    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y1
+    return max(y, min(y0, y1) * min(1.0, x / x0) if x < x0 else 0.0, 0.0)
+
+
+def _attn(rows, pass_, causal, q, k) -> float:
+    pts = sorted([qq * kk, t] for p, c, qq, kk, t in rows if p == pass_ and c == causal)
+    return _interp(pts, q * k)
+
+
+# ---------------------------------------------------------------- point to point
+
+
+def _p2p_worker(rank: int, port: int, device_type: str, sizes, reps: int, out_path: str) -> None:
+    import torch.distributed as dist
+
+    from .transport import init_dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tp = init_dist(rank, 2, device, 60.0)
+    res = []
+    for n in sizes:
+        t = torch.zeros(n // 4, dtype=torch.float32, device=device)
+        spec = [(t.shape, t.dtype)]
+        times = []
+        for i in range(reps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if rank == 0:
+                tp.send(1, 2 * i, [t])
+                p = tp.post_recv(1, 2 * i + 1, spec)
+            else:
+                p = tp.post_recv(0, 2 * i, spec)
+            while not p.ready():
+                tp.wait_change(tp.version(), 0.05)
+            (got,) = p.value()
+            if rank == 1:
+                tp.send(0, 2 * i + 1, [got])
+            for s in tp.pending_sends():
+                while not s.ready():
+                    tp.wait_change(tp.version(), 0.05)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append((time.perf_counter() - t0) / 2)
+        res.append([n, statistics.median(times)])
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(res, f)
+    tp.close()
+
+
+def measure_p2p(device_type: str, sizes, reps: int) -> list:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "p2p.json")
+        mp.spawn(_p2p_worker, args=(port, device_type, list(sizes), reps, out), nprocs=2, join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def fit_p2p(curve) -> tuple[float, float]:
+    """(bandwidth bytes/s, latency s) of one-way times: latency the smallest message's time, bandwidth
+    from the two largest."""
+    (n0, t0), (n1, t1) = curve[-2], curve[-1]
+    bw = (n1 - n0) / max(t1 - t0, 1e-9)
+    return bw, curve[0][1]
+
+
+# ---------------------------------------------------------------- the profile
+
+
+def processors(device_type: str) -> int:
+    if device_type == "cuda":
+        return 0
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def memory_bytes(device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def build(cfg: ModelConfig, device_type: str = "cpu", dtype: str = "fp32", scale: float = 1.0,
+          tokens=TOKENS, quiet: bool = False, name: str | None = None) -> dict:
+    """Measure and return the profile as a JSON-ready dict (passes.costs.load_profile reads it)."""
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    device = torch.device("cuda" if device_type == "cuda" else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    else:
+        CLOCK[0] = time.perf_counter
+    prog = Progress(4 * len(tokens) + 2, quiet)
+    t0 = time.monotonic()
+    comp = measure_compute(cfg, device, dt, tokens, scale, prog)
+    p2p = measure_p2p(device.type, P2P_BYTES, max(5, int(20 * scale)))
+    prog.step("point to point")
+    bw, lat = fit_p2p(p2p)
+    peak = max(fl / t for fl, t in comp["matmul"])
+    attn_rate = max((4 * cfg.head_dim + 3) * cfg.heads * (q * k / 2 if c else q * k) / t
+                    for p, c, q, k, t in comp["attention"] if p == "fwd")
+    prog.step("done")
+    prog.end()
+    return {
+        "name": name or f"measured-{device.type}",
+        "peak_flops": peak, "mm_efficiency": 1.0, "attn_efficiency": min(1.0, attn_rate / peak),
+        "p2p_bandwidth": bw, "p2p_latency": lat, "intra_bandwidth": bw, "dp_bandwidth": bw,
+        "memory_bytes": memory_bytes(device),
+        "measured": {
+            "format": FORMAT, "device": device.type, "dtype": dtype, "processors": processors(device.type),
+            "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else 0,
+            "model": cfg.model_dump(), "attention_backend": comp["attention_backend"],
+            "torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1),
+            "matmul": comp["matmul"], "attention": comp["attention"], "elementwise": comp["elementwise"],
+            "head": comp["head"], "embedding": comp["embedding"], "p2p": p2p,
+        },
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m executor.profile", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="model dimensions as JSON (ir.ModelConfig fields)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--scale", type=float, default=1.0, help="repetitions relative to the default (about a minute)")
+    ap.add_argument("--name", help="profile name (default measured-<device>)")
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("-o", "--output", required=True)
+    a = ap.parse_args(argv)
+    cfg = ModelConfig(**json.loads(a.model))
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("executor.profile: error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    if a.device == "cuda" and torch.cuda.device_count() < 2:
+        print("executor.profile: note: one GPU: p2p measured between two processes on the same GPU", file=sys.stderr)
+    prof = build(cfg, a.device, a.dtype, a.scale, quiet=a.quiet, name=a.name)
+    atomic_write(a.output, json.dumps(prof, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Predicted vs measured: a plan's simulation next to a measured trace of it (`python -m executor
+plan.json --trace measured.json`, or any Chrome trace with one "X" event per instruction whose
+args carry the rank's instruction `index` and the `step`; pid is the rank, ts/dur microseconds).
+
+Compares the step time, the bubble (ideal / imbalance / comm, the measured split found by replaying
+the plan with the measured unit durations), per-rank busy time, and per instruction kind and per
+(kind, slice) the residual measured - predicted, largest first."""
+from __future__ import annotations
+
+from ir import Kind, Plan, SpecError, read_user_json
+
+from .replay import replay
+from .simulate import bubble_fraction, simulate_timed, strip_exchanges
+
+_UNIT = (Kind.F, Kind.B)
+
+
+def load_measured(path: str, plan: Plan) -> tuple[int, dict, float]:
+    """(step, {(rank, index): seconds}, step seconds) of the trace's median step, checked against the plan."""
+    d = read_user_json(path, "--against", "a trace written by `python -m executor plan.json --trace FILE`")
+    evs = d.get("traceEvents") if isinstance(d, dict) else None
+    if not isinstance(evs, list):
+        raise SpecError(f"--against {path!r}: not a Chrome trace (no traceEvents list)")
+    other = d.get("otherData") if isinstance(d.get("otherData"), dict) else {}
+    per_step: dict[int, dict] = {}
+    for e in evs:
+        if not isinstance(e, dict) or e.get("ph") != "X" or not isinstance(e.get("args"), dict) or "index" not in e["args"]:
+            continue
+        r, i, st = e.get("pid"), e["args"]["index"], e["args"].get("step", 0)
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (r, i, st)) and \
+            all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool) for k in ("ts", "dur"))
+        if not ok or not 0 <= r < len(plan.ranks) or not 0 <= i < len(plan.ranks[r]) or e["dur"] < 0:
+            raise SpecError(f"--against {path!r}: event {e.get('name')!r} has pid {r!r} / args.index {i!r} / "
+                            f"step / ts / dur outside the plan ({len(plan.ranks)} ranks) or not numbers")
+        got = per_step.setdefault(st, {})
+        if (r, i) in got:
+            raise SpecError(f"--against {path!r}: step {st}: rank {r} instruction #{i} appears twice")
+        got[(r, i)] = (e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6)
+    if not per_step:
+        raise SpecError(f"--against {path!r}: no instruction events (\"X\" events with args.index)")
+    n = sum(len(s) for s in plan.ranks)
+    spans = {}
+    for st, got in per_step.items():
+        if len(got) != n:
+            missing = next((r, i) for r, s in enumerate(plan.ranks) for i in range(len(s)) if (r, i) not in got)
+            raise SpecError(f"--against {path!r}: step {st} has {len(got)} events for the plan's {n} instructions "
+                            f"(rank {missing[0]} #{missing[1]} is missing): a trace of another plan?")
+        steps = other.get("steps")
+        if isinstance(steps, list) and st < len(steps) and isinstance(steps[st], list) and len(steps[st]) == 2:
+            spans[st] = (steps[st][1] - steps[st][0]) / 1e6
+        else:
+            spans[st] = max(b for _, b in got.values()) - min(a for a, _ in got.values())
+    measured = sorted(per_step) if len(per_step) == 1 else sorted(s for s in per_step if s != min(per_step))
+    st = other.get("median_step")
+    if st not in per_step:
+        by_len = sorted(measured, key=lambda s: spans[s])
+        st = by_len[(len(by_len) - 1) // 2]
+    return st, {k: b - a for k, (a, b) in per_step[st].items()}, spans[st]
+
+
+def _bubbles(plan: Plan, dur: dict, step_s: float) -> dict:
+    """Measured bubble and its split: ideal (mean F and B, no communication), imbalance (the
+    measured unit durations, no communication), comm (the rest), clamped like simulate_timed's."""
+    p = len(plan.ranks)
+    busy = [sum(dur[(r, i)] for i, ins in enumerate(s) if ins.kind in _UNIT) for r, s in enumerate(plan.ranks)]
+    b = bubble_fraction(busy, step_s)
+    sums = {k: [0.0, 0] for k in _UNIT}
+    for r, s in enumerate(plan.ranks):
+        for i, ins in enumerate(s):
+            if ins.kind in _UNIT:
+                sums[ins.kind][0] += dur[(r, i)]
+                sums[ins.kind][1] += 1
+    mean = {k: (t / c if c else 0.0) for k, (t, c) in sums.items()}
+    index = {(r, ins): i for r, s in enumerate(plan.ranks) for i, ins in enumerate(s)}
+    ideal = replay(strip_exchanges(plan), lambda r, ins: mean[ins.kind])
+    free = replay(plan, lambda r, ins: dur[(r, index[(r, ins)])])
+    b_ideal = min(bubble_fraction(ideal.busy, ideal.makespan), b)
+    b_free = max(min(bubble_fraction(free.busy, free.makespan), b), b_ideal)
+    del p
+    return {"step_s": step_s, "bubble_fraction": b,
+            "bubble_breakdown": {"ideal": b_ideal, "imbalance": b_free - b_ideal, "comm": b - b_free},
+            "busy_s": busy}
+
+
+def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
+    """The comparison report (see the module docstring). dtype_bytes: the executor's dtype (fp32 = 4)."""
+    step, dur, step_s = load_measured(path, plan)
+    sim = simulate_timed(plan, profile, dtype_bytes, record=True)
+    res = sim["_replay"]
+    pred_dur = {(r, i): t1 - t0 for r, i, t0, t1 in res.timeline}
+    for r, i, t0, t1 in res.comm or ():
+        pred_dur[(r, i)] = pred_dur.get((r, i), 0.0) + max(t1 - t0, 0.0)
+    meas = _bubbles(plan, dur, step_s)
+    pred = {"step_s": sim["step_s"], "bubble_fraction": sim["bubble_fraction"],
+            "bubble_breakdown": sim["bubble_breakdown"], "busy_s": [r["busy_s"] for r in sim["ranks"]]}
+    kinds: dict[str, list] = {}
+    slices: dict[tuple, list] = {}
+    for r, s in enumerate(plan.ranks):
+        for i, ins in enumerate(s):
+            pm = [pred_dur.get((r, i), 0.0), dur[(r, i)], 1]
+            for key, table in ((ins.kind, kinds), ((ins.kind, ins.slice), slices)):
+                if table is slices and ins.kind not in _UNIT:
+                    continue
+                a = table.setdefault(key, [0.0, 0.0, 0])
+                for j in range(3):
+                    a[j] += pm[j]
+
+    def rows(table, named):
+        out = [{**named(k), "count": c, "predicted_s": ps, "measured_s": ms, "residual_s": ms - ps}
+               for k, (ps, ms, c) in table.items()]
+        return sorted(out, key=lambda x: -abs(x["residual_s"]))
+
+    return {
+        "step": step, "device_profile": sim["device_profile"],
+        "predicted": pred, "measured": meas,
+        "step_error": (pred["step_s"] - step_s) / step_s if step_s else 0.0,
+        "bubble_points": 100 * (pred["bubble_fraction"] - meas["bubble_fraction"]),
+        "kinds": rows(kinds, lambda k: {"kind": k}),
+        "slices": rows(slices, lambda k: {"kind": k[0], "slice": k[1]}),
+        "note": "predicted durations: compute units as simulated (shared processors included); sends and KV "
+                "exchanges their simulated flight or rendezvous time; receives and OPT are not costed (0). "
+                "Measured: receives last until their data is there.",
+    }

@@ -1,0 +1,190 @@
+"""Measured device profiles: the format, the cost model over its curves, processor sharing, the
+executor's measured trace against its plan, and `simulate --against` on hand-made traces."""
+import json
+
+import pytest
+
+from compiler import compile_plan
+from compiler.cli import main
+from executor.cli import options
+from executor.runner import run_local
+from ir import Instr, Kind, SpecError, save
+from ir import F as Fi
+from passes.costs import PROFILES, CostModel, load_profile, profile_from_dict
+from passes.replay import replay, replay_shared
+from passes.simulate import simulate_timed
+
+from compiler import build_spec, resolve_model
+
+
+def spec(schedule, p, m, n=1, v=1, seq_len=64, exchange=False):
+    return build_spec(schedule, resolve_model("tiny"), pp=p, microbatches=m, slices=n, virtual_stages=v,
+                      seq_len=seq_len, exchange=exchange)
+
+MM, ATT, ELEM = 1e-9, 1e-8, 1e-5  # seconds per FLOP, per query-key pair, per token
+
+
+def measured_profile(processors=0):
+    """A profile whose curves are straight lines through zero: the figures have closed forms."""
+    toks = [64, 4096]
+    return {"name": "hand", **{k: v for k, v in PROFILES["h100"].to_json().items() if k != "name"},
+            "measured": {"format": "slimpipe-device-profile/1", "processors": processors,
+                         "matmul": [[1e6, 1e6 * MM], [1e9, 1e9 * MM]],
+                         "attention": [[p, c, q, q, q * q * ATT * (2 if p == "bwd" else 1)] for p in ("fwd", "bwd")
+                                       for c in (0, 1) for q in toks],
+                         "elementwise": [[t, t * ELEM, 2 * t * ELEM] for t in toks],
+                         "head": [[t, 3 * t * ELEM, 6 * t * ELEM] for t in toks],
+                         "embedding": [[t, 0.0, 0.0] for t in toks],
+                         "p2p": [[1024, 1e-4], [1 << 20, 1e-3]]}}
+
+
+def write(tmp_path, d, name="prof.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def test_measured_profile_loads_and_builtins_still_do(tmp_path):
+    assert load_profile("h100").measured is None and load_profile("a100").peak_flops == 312e12
+    prof = load_profile(write(tmp_path, measured_profile(2)))
+    assert prof.measured.processors == 2 and prof.to_json()["measured"]["matmul"][0] == [1e6, 1e6 * MM]
+    assert load_profile(write(tmp_path, prof.to_json(), "again.json")).measured.attention == prof.measured.attention
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m.update(format="x"), "format"),
+    (lambda m: m.update(processors=-1), "processors"),
+    (lambda m: m.update(matmul=[]), "matmul"),
+    (lambda m: m["attention"].append(["sideways", 1, 8, 8, 0.1]), "attention"),
+    (lambda m: m["p2p"].append([1, "fast"]), "p2p"),
+])
+def test_bad_measured_block_is_one_line(tmp_path, edit, says):
+    d = measured_profile()
+    edit(d["measured"])
+    with pytest.raises(SpecError, match=says) as e:
+        load_profile(write(tmp_path, d))
+    assert "\n" not in str(e.value)
+
+
+def test_unit_time_from_curves():
+    """seq 256, 2 slices of 128 on tiny (hidden 64, heads 4 of 16, kv 2, ffn 128), p=2: stage 0 holds
+    4 layers and the embedding, stage 1 4 layers and the head."""
+    plan = compile_plan(spec("seq1f1b", 2, 1, n=2, seq_len=256))
+    cm = CostModel(plan.spec, profile_from_dict(measured_profile()), 4)
+    s = 128
+    mm = 2 * s * 64 * (64 + 32 + 32 + 64 + 128 + 128 + 128) * MM  # q, k, v, o, w1, w3, w2
+    f0 = 4 * (mm + s * s * ATT + s * ELEM)                      # slice 0: causal only
+    f1 = 4 * (mm + 2 * s * s * ATT + s * ELEM) + 3 * s * ELEM   # slice 1 on the last stage: + one full call, head
+    b1 = 4 * (2 * mm + 4 * s * s * ATT + 2 * s * ELEM) + 6 * s * ELEM
+    assert cm.unit_time(0, Fi(0, 0, 0)) == pytest.approx(f0)
+    assert cm.unit_time(1, Fi(0, 1, 0)) == pytest.approx(f1)
+    assert cm.unit_time(1, Instr(Kind.B, 0, 1, 0)) == pytest.approx(b1)
+
+
+def test_processor_sharing_closed_forms():
+    """Two ranks whose units all run at once: on one processor each takes twice as long."""
+    plan = compile_plan(spec("gpipe", 2, 2))
+    flat = plan.with_ranks([tuple(i for i in s if i.kind in (Kind.F, Kind.B)) for s in plan.ranks])
+    one = replay(flat, lambda r, i: 1.0)
+    assert one.makespan == 4.0
+    assert replay_shared(flat, lambda r, i: 1.0, 2).makespan == 4.0
+    shared = replay_shared(flat, lambda r, i: 1.0, 1)
+    assert shared.makespan == 8.0 and shared.busy == [8.0, 8.0]
+    # with its messages the pipeline fills and drains: the shared replay equals replay() with 2 processors
+    a, b = replay(plan, lambda r, i: 1.0 if i.kind == Kind.F else 2.0), replay_shared(
+        plan, lambda r, i: 1.0 if i.kind == Kind.F else 2.0, 2)
+    assert (a.makespan, a.busy) == (b.makespan, b.busy)
+
+
+def test_simulate_uses_the_profiles_processors(tmp_path):
+    plan = compile_plan(spec("1f1b", 4, 4, seq_len=256))
+    alone = simulate_timed(plan, load_profile(write(tmp_path, measured_profile(0))), 4)
+    shared = simulate_timed(plan, load_profile(write(tmp_path, measured_profile(2), "two.json")), 4)
+    assert shared["step_s"] > 1.2 * alone["step_s"]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """A real --local run with --trace: 3 steps of slimpipe with the KV exchange."""
+    d = tmp_path_factory.mktemp("trace")
+    plan = compile_plan(spec("slimpipe", 2, 2, n=4, exchange=True))
+    path = d / "plan.json"
+    save(plan, str(path))
+    trace = str(d / "measured.json")
+    code, summary = run_local(plan, options(device="cpu", steps=3, quiet=True, json=True, trace=trace))
+    assert code == 0
+    return plan, str(path), trace, summary
+
+
+def test_trace_has_every_instruction_once_in_plan_order(measured):
+    plan, _, trace, summary = measured
+    t = json.load(open(trace))
+    ev = [e for e in t["traceEvents"] if e["ph"] == "X"]
+    assert len(ev) == 3 * sum(len(s) for s in plan.ranks)
+    for step in range(3):
+        for r, stream in enumerate(plan.ranks):
+            mine = sorted((e for e in ev if e["pid"] == r and e["args"]["step"] == step), key=lambda e: e["ts"])
+            assert [e["args"]["index"] for e in mine] == list(range(len(stream)))
+            assert [e["args"]["instr"] for e in mine] == [str(i) for i in stream]
+            for a, b in zip(mine, mine[1:]):
+                assert a["ts"] + a["dur"] <= b["ts"] + 1e-3  # microseconds; never overlapping on a rank
+    names = {e["name"] for e in ev}
+    assert {"F0.0", "B1.3", "SEND_ACT", "RECV_GRAD", "KVF_SEND", "OPT"} <= names
+    assert summary["kinds"]["F"]["count"] == 2 * 2 * 4 * 1 and summary["trace"] == trace
+
+
+def hand_trace(plan, durations, steps=2, gap=0.0):
+    """A measured trace laid out back to back per rank from `durations[(rank, index)]` seconds
+    (no waits: each rank runs its own stream as fast as the durations say)."""
+    ev = []
+    for st in range(steps):
+        for r, s in enumerate(plan.ranks):
+            t = 1e6 * st * 10
+            for i, ins in enumerate(s):
+                d = durations[(r, i)] * 1e6
+                ev.append({"name": str(ins.kind), "ph": "X", "pid": r, "tid": 0, "ts": t, "dur": d,
+                           "args": {"index": i, "step": st}})
+                t += d + gap
+    return {"traceEvents": ev}
+
+
+def test_against_a_hand_made_trace(tmp_path, capsys):
+    plan = compile_plan(spec("gpipe", 2, 2, seq_len=256))
+    prof = load_profile(write(tmp_path, measured_profile()))
+    sim = simulate_timed(plan, prof, 4, record=True)
+    pred = {(r, i): t1 - t0 for r, i, t0, t1 in sim["_replay"].timeline}
+    # measured: every F takes its predicted time, every B 0.01 s longer, nothing else takes time
+    dur = {(r, i): pred.get((r, i), 0.0) + (0.01 if ins.kind == Kind.B else 0.0)
+           for r, s in enumerate(plan.ranks) for i, ins in enumerate(s)}
+    tr = write(tmp_path, hand_trace(plan, dur), "measured.json")
+
+    save(plan, str(tmp_path / "plan.json"))
+    assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
+                 "--against", tr, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 1
+    kinds = {k["kind"]: k for k in out["kinds"]}
+    assert out["kinds"][0]["kind"] == "B" and kinds["B"]["residual_s"] == pytest.approx(0.04)
+    assert kinds["F"]["residual_s"] == pytest.approx(0.0, abs=1e-12)
+    assert [s["slice"] for s in out["slices"] if s["kind"] == "B"] == [0]
+    busy = [sum(dur[(r, i)] for i, ins in enumerate(s) if ins.kind in (Kind.F, Kind.B)) for r, s in enumerate(plan.ranks)]
+    assert out["measured"]["busy_s"] == pytest.approx(busy)
+    assert out["predicted"]["busy_s"] == pytest.approx([b - 0.02 for b in busy])
+    # back to back per rank: the step is the busiest rank's sum, the bubble what the others idle
+    step = max(busy)
+    assert out["measured"]["step_s"] == pytest.approx(step)
+    assert out["measured"]["bubble_fraction"] == pytest.approx(1 - sum(busy) / (2 * step))
+    assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
+                 "--against", tr]) == 0
+    assert "residual" in capsys.readouterr().out
+
+
+def test_against_refuses_a_trace_of_another_plan(tmp_path, capsys):
+    plan = compile_plan(spec("gpipe", 2, 2))
+    other = compile_plan(spec("gpipe", 2, 3))
+    save(plan, str(tmp_path / "plan.json"))
+    dur = {(r, i): 0.001 for r, s in enumerate(other.ranks) for i in range(len(s))}
+    tr = write(tmp_path, hand_trace(other, dur), "other.json")
+    assert main(["simulate", str(tmp_path / "plan.json"), "--against", tr]) == 2
+    err = capsys.readouterr().err
+    assert "outside the plan" in err and err.count("\n") == 1
