@@ -37,7 +37,7 @@ def main() -> None:
             spec = build_spec(c["schedule"], resolve_model(*c["model"]), layer_split_kind=split, profile=prof, **c["kw"])
             out = simulate_timed(compile_plan(spec, prof), prof)
             busy = [r["busy_s"] for r in out["ranks"]]
-            row[split] = {"stage_layers": list(spec.stage_layers), "step_s": out["makespan_s"],
+            row[split] = {"stage_layers": list(spec.stage_layers), "step_s": out["step_s"],
                           "bubble_fraction": out["bubble_fraction"], "busy_max_s": max(busy), "busy_min_s": min(busy)}
         row["balanced_vs_uniform"] = row["balanced"]["step_s"] / row["uniform"]["step_s"]
         rows.append(row)
