@@ -13,6 +13,7 @@ fault-injection switch (faults.Injector) acts before an instruction runs.
 from __future__ import annotations
 
 import time
+from time import thread_time
 
 import torch
 
@@ -161,7 +162,7 @@ class Rank:
                 done = max(cursor + share, time.monotonic())
             else:
                 done = cursor + share
-            self.events.append([i, cursor, done])
+            self.events.append([i, cursor, done, None])
             cursor = done
 
     # ------------------------------------------------------------------ step
@@ -187,7 +188,9 @@ class Rank:
         self.next_kvf = self.next_kvb = None
         self.opt_done = False
         self.tracker.reset_peak()
-        self.events = []  # [index, start, end] of every executed instruction (time.monotonic seconds)
+        # [index, start, end, CPU seconds of this thread or None] of every executed instruction (start and
+        # end: time.monotonic, one clock for the machine's processes; CPU time shows what a busy machine hid)
+        self.events = []
         if self.device.type == "cuda" and self.tp.kind == "dist":  # in-process ranks share the device
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
@@ -226,10 +229,10 @@ class Rank:
                 continue
             self.pc = i
             inject(i, self.step, self.here)
-            t0 = time.monotonic()
+            t0, c0 = time.monotonic(), thread_time()
             H[k](self, stream[i])
             serve()
-            events.append([i, t0, time.monotonic()])
+            events.append([i, t0, time.monotonic(), thread_time() - c0])
             i += 1
         self.pc = n
         if not self.opt_done:

@@ -43,10 +43,12 @@ def chrome_trace(plan, per_rank, dtype: str = "fp32") -> dict:
         ev.append({"name": "thread_name", "ph": "M", "pid": r, "tid": 0, "args": {"name": "compute"}})
         ev.append({"name": "thread_name", "ph": "M", "pid": r, "tid": 1, "args": {"name": "communication"}})
         for step, (events, _span) in enumerate(per_rank[r]):
-            for i, t0, t1 in events:
+            for i, t0, t1, cpu in events:
                 ins = plan.ranks[r][i]
                 k = ins.kind
                 args = {"instr": to_text(ins), "index": i, "step": step}
+                if cpu is not None:
+                    args["cpu_s"] = cpu
                 if k in (Kind.F, Kind.B):
                     args.update(stage=spec.placement[r][ins.chunk], tokens=spec.slice_lens[ins.mb][ins.slice])
                     name, tid = f"{k}{ins.mb}.{ins.slice}", 0
@@ -70,7 +72,7 @@ def kind_figures(plan, per_rank) -> dict:
     step = median_step(per_rank)
     acc: dict[str, list] = {}
     for r, steps in enumerate(per_rank):
-        for i, t0, t1 in steps[step][0]:
+        for i, t0, t1, _cpu in steps[step][0]:
             a = acc.setdefault(plan.ranks[r][i].kind, [0, 0.0, []])
             a[0] += 1
             a[1] += t1 - t0

@@ -15,8 +15,9 @@ from .simulate import bubble_fraction, simulate_timed, strip_exchanges
 _UNIT = (Kind.F, Kind.B)
 
 
-def load_measured(path: str, plan: Plan) -> tuple[int, dict, float]:
-    """(step, {(rank, index): seconds}, step seconds) of the trace's median step, checked against the plan."""
+def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict]:
+    """(step, {(rank, index): seconds}, step seconds, {(rank, index): CPU seconds where recorded}) of
+    the trace's median step, checked against the plan."""
     d = read_user_json(path, "--against", "a trace written by `python -m executor plan.json --trace FILE`")
     evs = d.get("traceEvents") if isinstance(d, dict) else None
     if not isinstance(evs, list):
@@ -35,7 +36,9 @@ def load_measured(path: str, plan: Plan) -> tuple[int, dict, float]:
         got = per_step.setdefault(st, {})
         if (r, i) in got:
             raise SpecError(f"--against {path!r}: step {st}: rank {r} instruction #{i} appears twice")
-        got[(r, i)] = (e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6)
+        cpu = e["args"].get("cpu_s")
+        got[(r, i)] = (e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6,
+                       cpu if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) else None)
     if not per_step:
         raise SpecError(f"--against {path!r}: no instruction events (\"X\" events with args.index)")
     n = sum(len(s) for s in plan.ranks)
@@ -49,13 +52,14 @@ def load_measured(path: str, plan: Plan) -> tuple[int, dict, float]:
         if isinstance(steps, list) and st < len(steps) and isinstance(steps[st], list) and len(steps[st]) == 2:
             spans[st] = (steps[st][1] - steps[st][0]) / 1e6
         else:
-            spans[st] = max(b for _, b in got.values()) - min(a for a, _ in got.values())
+            spans[st] = max(v[1] for v in got.values()) - min(v[0] for v in got.values())
     measured = sorted(per_step) if len(per_step) == 1 else sorted(s for s in per_step if s != min(per_step))
     st = other.get("median_step")
     if st not in per_step:
         by_len = sorted(measured, key=lambda s: spans[s])
         st = by_len[(len(by_len) - 1) // 2]
-    return st, {k: b - a for k, (a, b) in per_step[st].items()}, spans[st]
+    cpu = {k: v[2] for k, v in per_step[st].items() if v[2] is not None}
+    return st, {k: v[1] - v[0] for k, v in per_step[st].items()}, spans[st], cpu
 
 
 def _bubbles(plan: Plan, dur: dict, step_s: float) -> dict:
@@ -84,7 +88,7 @@ def _bubbles(plan: Plan, dur: dict, step_s: float) -> dict:
 
 def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     """The comparison report (see the module docstring). dtype_bytes: the executor's dtype (fp32 = 4)."""
-    step, dur, step_s = load_measured(path, plan)
+    step, dur, step_s, cpu = load_measured(path, plan)
     sim = simulate_timed(plan, profile, dtype_bytes, record=True)
     res = sim["_replay"]
     pred_dur = {(r, i): t1 - t0 for r, i, t0, t1 in res.timeline}
@@ -97,17 +101,18 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     slices: dict[tuple, list] = {}
     for r, s in enumerate(plan.ranks):
         for i, ins in enumerate(s):
-            pm = [pred_dur.get((r, i), 0.0), dur[(r, i)], 1]
+            pm = [pred_dur.get((r, i), 0.0), dur[(r, i)], 1, cpu.get((r, i), 0.0), (r, i) in cpu]
             for key, table in ((ins.kind, kinds), ((ins.kind, ins.slice), slices)):
                 if table is slices and ins.kind not in _UNIT:
                     continue
-                a = table.setdefault(key, [0.0, 0.0, 0])
-                for j in range(3):
+                a = table.setdefault(key, [0.0, 0.0, 0, 0.0, 0])
+                for j in range(5):
                     a[j] += pm[j]
 
     def rows(table, named):
-        out = [{**named(k), "count": c, "predicted_s": ps, "measured_s": ms, "residual_s": ms - ps}
-               for k, (ps, ms, c) in table.items()]
+        out = [{**named(k), "count": c, "predicted_s": ps, "measured_s": ms, "residual_s": ms - ps,
+                **({"measured_cpu_s": cs} if nc == c else {})}
+               for k, (ps, ms, c, cs, nc) in table.items()]
         return sorted(out, key=lambda x: -abs(x["residual_s"]))
 
     return {
@@ -119,5 +124,6 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
         "slices": rows(slices, lambda k: {"kind": k[0], "slice": k[1]}),
         "note": "predicted durations: compute units as simulated (shared processors included); sends and KV "
                 "exchanges their simulated flight or rendezvous time; receives and OPT are not costed (0). "
-                "Measured: receives last until their data is there.",
+                "Measured: receives last until their data is there; measured_cpu_s is the rank thread's CPU time "
+                "(what the instructions cost when other processes do not take the processors).",
     }
