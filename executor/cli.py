@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=positive_float, default=300.0,
                    help="seconds any single wait may take (default 300: it covers the peer's compute between two "
                         "messages, the reference check and a slow NCCL start; not the step)")
+    p.add_argument("--p2p-match", choices=["auto", "order", "tag"], default="auto",
+                   help="how a receive finds its message: order (per rank pair in posting order, tags ignored, as NCCL "
+                        "does), tag (as gloo does); auto (default): order on CUDA, tag on CPU. order on CPU emulates NCCL")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads with --local (default 1)")
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
     p.add_argument("--trace", metavar="FILE.json",

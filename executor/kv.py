@@ -45,7 +45,7 @@ class ServeJob:
         while self.pos < len(self.order):
             li = self.order[self.pos]
             if self.pending is None:
-                self.pending = svc.tp.post_recv(self.owner, svc.wire(self.tag, li, 0 if self.fwd else 1, 0), self.specs)
+                self.pending = svc.requests.post_recv(self.owner, svc.wire(self.tag, li, 0 if self.fwd else 1, 0), self.specs)
             if not self.pending.ready():
                 return moved
             parts = self.pending.value()
@@ -61,11 +61,30 @@ class ServeJob:
 
 
 class KVService:
-    """This rank's exchanges: requests it sends as owner, and the jobs it serves as partner."""
+    """This rank's exchanges: requests it sends as owner, and the jobs it serves as partner.
+
+    Requests and replies travel on channels of their own (transport.CHANNELS), and a partner
+    serves the exchanges of one owner one after another, in the order it agreed to them (the
+    checker's p2p-order rule makes that the owner's order): so each channel carries the messages of
+    a rank pair in one order on both sides, which is all NCCL's tagless matching needs."""
 
     def __init__(self, spec, dtype, transport, wire, backend, scale: float):
         self.spec, self.dtype, self.tp, self.wire, self.backend, self.scale = spec, dtype, transport, wire, backend, scale
+        self._channels = None
         self.jobs: list[ServeJob] = []
+
+    @property
+    def requests(self):
+        return self._channel(0)
+
+    @property
+    def replies(self):
+        return self._channel(1)
+
+    def _channel(self, i):
+        if self._channels is None:  # made at first use: a plan without exchanges has no KV process groups
+            self._channels = (self.tp.channel("kvq"), self.tp.channel("kvr"))
+        return self._channels[i]
 
     def reset(self) -> None:
         self.jobs = []
@@ -76,16 +95,21 @@ class KVService:
 
     def request(self, ex: Exchange, li, bwd, tensors, reply_specs):
         """Owner side: ship one layer's request; the returned Pending gives the reply."""
-        self.tp.send(ex.peer, self.wire(ex.tag, li, bwd, 0), [t.contiguous() for t in tensors])
-        return self.tp.post_recv(ex.peer, self.wire(ex.tag, li, bwd, 1), reply_specs)
+        self.requests.send(ex.peer, self.wire(ex.tag, li, bwd, 0), [t.contiguous() for t in tensors])
+        return self.replies.post_recv(ex.peer, self.wire(ex.tag, li, bwd, 1), reply_specs)
 
     def serve(self) -> bool:
         """Answer whatever requests have arrived; True if anything moved."""
         moved = False
         if self.jobs:
             with torch.no_grad():
+                busy = set()  # owners with an earlier exchange still open: theirs come first
                 for job in self.jobs:
+                    if job.owner in busy:
+                        continue
                     moved |= job.progress(self)
+                    if not job.done:
+                        busy.add(job.owner)
             if moved:
                 self.jobs = [j for j in self.jobs if not j.done]
         return moved
@@ -105,7 +129,7 @@ class KVService:
             K, V = torch.cat(ks[:x], 2), torch.cat(ks[x:], 2)
             dq, dk, dv = be.bwd(dout, q, K, V, out, lse, False, sc)
             reply = [dq.to(q.dtype)] + list(dk.split(lens, 2)) + list(dv.split(lens, 2))
-        self.tp.send(job.owner, self.wire(job.tag, li, 0 if job.fwd else 1, 1), [t.contiguous() for t in reply])
+        self.replies.send(job.owner, self.wire(job.tag, li, 0 if job.fwd else 1, 1), [t.contiguous() for t in reply])
 
     def owners(self):
         """Whom the open jobs serve: a rank, or 'ranks a, b' (for wait messages)."""

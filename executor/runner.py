@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ir import SlimpipeError
+from ir import KV, SlimpipeError
 
 from .collectives import gather
 from .errors import PeerGone
@@ -94,12 +94,25 @@ def _failure(rank: int, e: BaseException, watch: Watch) -> tuple[int, str]:
     return 1, f"{watch.where()}: {cause(e)}"
 
 
+def match_mode(opts, device: str) -> str:
+    """--p2p-match: "order" (NCCL's tagless matching) or "tag"; auto is order on CUDA, tag on CPU."""
+    m = getattr(opts, "p2p_match", "auto")
+    if m != "auto":
+        return m
+    cuda = str(device) == "cuda" or (str(device) == "auto" and torch.cuda.is_available())
+    return "order" if cuda else "tag"
+
+
+def has_kv(plan) -> bool:
+    return any(ins.kind in KV for stream in plan.ranks for ins in stream)
+
+
 def run_local(plan, opts) -> tuple[int, dict | None]:
     """All ranks of the plan in this process, one thread each. A failing rank aborts the others
     (they stop at their next wait); each failed rank's line is printed in rank order. A rank still
     busy a grace period after the first failure (a sleep, a long kernel) is abandoned and named."""
     p = plan.spec.pp
-    hub = LocalHub(p, opts.timeout)
+    hub = LocalHub(p, opts.timeout, match=match_mode(opts, opts.device))
     fault = fault_from_env(plan)
     codes: list = [None] * p
     errors: list = [None] * p
@@ -165,7 +178,7 @@ def run_dist(plan, opts) -> int:
     def body():
         try:
             watch.block("the other ranks to join (init_process_group)", "every rank", opts.timeout)
-            tp = init_dist(rank, world, device, opts.timeout)
+            tp = init_dist(rank, world, device, opts.timeout, match_mode(opts, device.type), kv=has_kv(plan))
             watch.unblock()
             code, _ = run_rank(plan, rank, tp, opts, watch=watch, fault=fault)
             watch.block("the other ranks to finish (shutdown barrier)", "every rank", opts.timeout)

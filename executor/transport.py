@@ -8,6 +8,14 @@ with a timeout):
     version() / wait_change(v, timeout)  sleep until something may have arrived
     pending_sends()                      sends not yet complete (waited at step end)
     all_gather(obj)                      step-end metrics, outside the plan's streams
+    channel(name)                        a view whose messages match apart from the others'
+
+Matching (`match`): "tag" pairs a receive with the send of the same (source, tag), as gloo does;
+"order" ignores tags and pairs the messages of one rank pair in posting order, as NCCL does (on
+torch.distributed every message then travels with tag 0; gloo matches equal tags in order). The
+KV exchange travels on channels of its own ("kvq" requests, "kvr" replies: their own process
+groups on torch.distributed), so its messages never interleave with the pipeline's p2p messages of
+the same rank pair, and within each channel a pair's messages come in one order on both sides.
 """
 from __future__ import annotations
 
@@ -60,10 +68,34 @@ class Pending:
 
 
 # ------------------------------------------------------------------ in-process
-class LocalHub:
-    """Shared mailbox of an in-process run: messages keyed (src, dst, tag), FIFO per key."""
+MATCH_MODES = ("tag", "order")
+CHANNELS = ("p2p", "kvq", "kvr")
 
-    def __init__(self, world: int, timeout: float):
+
+class Channel:
+    """A transport view whose sends and receives travel on channel `name` (the KV exchange's)."""
+
+    def __init__(self, tp, name: str):
+        self._tp, self.name = tp, name
+
+    def send(self, dst, tag, tensors):
+        self._tp.send(dst, tag, tensors, channel=self.name)
+
+    def post_recv(self, src, tag, specs):
+        return self._tp.post_recv(src, tag, specs, channel=self.name)
+
+    def __getattr__(self, attr):
+        return getattr(self._tp, attr)
+
+
+class LocalHub:
+    """Shared mailbox of an in-process run: messages keyed (channel, src, dst, tag) - without the
+    tag when match="order" - FIFO per key."""
+
+    def __init__(self, world: int, timeout: float, match: str = "tag"):
+        if match not in MATCH_MODES:
+            raise ValueError(f"match={match!r}; allowed: {', '.join(MATCH_MODES)}")
+        self.match = match
         self.world = world
         self.timeout = timeout
         self.boxes: dict[tuple[int, int, int], deque] = {}
@@ -91,18 +123,24 @@ class LocalTransport:
     def __init__(self, hub: LocalHub, rank: int):
         self.hub, self.rank, self.world = hub, rank, hub.world
 
-    def send(self, dst, tag, tensors):
+    def _key(self, channel, src, dst, tag):
+        return (channel, src, dst, tag if self.hub.match == "tag" else 0)
+
+    def channel(self, name: str) -> Channel:
+        return Channel(self, name)
+
+    def send(self, dst, tag, tensors, channel="p2p"):
         h = self.hub
         # detached views: the receiver gets fresh autograd leaves, no copy is made
         msg = [t.detach() for t in tensors]
         with h.cond:
-            h.boxes.setdefault((self.rank, dst, tag), deque()).append(msg)
+            h.boxes.setdefault(self._key(channel, self.rank, dst, tag), deque()).append(msg)
             h.ver += 1
             h.cond.notify_all()
 
-    def post_recv(self, src, tag, specs):
+    def post_recv(self, src, tag, specs, channel="p2p"):
         h = self.hub
-        key = (src, self.rank, tag)
+        key = self._key(channel, src, self.rank, tag)
         got = []
 
         def poll():
@@ -183,9 +221,14 @@ class DistTransport:
 
     kind = "dist"
 
-    def __init__(self, rank: int, world: int, device: torch.device, timeout: float):
+    def __init__(self, rank: int, world: int, device: torch.device, timeout: float, match: str = "tag",
+                 groups: dict | None = None):
         import torch.distributed as dist
 
+        if match not in MATCH_MODES:
+            raise ValueError(f"match={match!r}; allowed: {', '.join(MATCH_MODES)}")
+        self.match = match
+        self.groups = {"p2p": None, **(groups or {})}  # channel -> process group (None: the default one)
         self.dist = dist
         self.backend = dist.get_backend()
         self.rank, self.world, self.device = rank, world, device
@@ -244,13 +287,26 @@ class DistTransport:
         except RuntimeError as e:
             raise PeerLost(self.backend, e, peers) from e
 
-    def send(self, dst, tag, tensors):
-        buf = _pack(tensors)
-        self._track_send(self._post((dst,), self.dist.isend, buf, dst, tag=tag), buf, dst)
+    def channel(self, name: str) -> Channel:
+        if name not in self.groups:
+            if self.match == "order":  # tagless: sharing the p2p group would interleave the two
+                raise ValueError(f"channel {name!r} has no process group (init_dist(kv=True) makes the KV channels)")
+            self.groups[name] = None  # matched by tag: the default group keeps them apart
+        return Channel(self, name)
 
-    def post_recv(self, src, tag, specs):
+    def _tag(self, tag: int) -> int:
+        return tag if self.match == "tag" else 0
+
+    def send(self, dst, tag, tensors, channel="p2p"):
+        buf = _pack(tensors)
+        group = self.groups[channel]
+        self._track_send(self._post((dst,), self.dist.isend, buf, dst, group=group, tag=self._tag(tag)), buf, dst)
+
+    def post_recv(self, src, tag, specs, channel="p2p"):
         buf = self._recv_buffer(specs)
-        return self._watched(self._post((src,), self.dist.irecv, buf, src, tag=tag), lambda: _unpack(buf, specs))
+        group = self.groups[channel]
+        return self._watched(self._post((src,), self.dist.irecv, buf, src, group=group, tag=self._tag(tag)),
+                             lambda: _unpack(buf, specs))
 
     def batch(self, ops):
         if len(ops) == 1:
@@ -262,7 +318,7 @@ class DistTransport:
         p2p, bufs = [], []
         for kind, peer, tag, payload in ops:
             buf = _pack(payload) if kind == "send" else self._recv_buffer(payload)
-            p2p.append(self.dist.P2POp(self.dist.isend if kind == "send" else self.dist.irecv, buf, peer, tag=tag))
+            p2p.append(self.dist.P2POp(self.dist.isend if kind == "send" else self.dist.irecv, buf, peer, tag=self._tag(tag)))
             bufs.append(buf)
         out = []
         works = self._post(tuple(sorted({op[1] for op in ops})), self.dist.batch_isend_irecv, p2p)
@@ -314,10 +370,17 @@ class DistTransport:
         return [json.loads(bytes(o[:n].cpu().tolist())) for o, n in zip(outs, lengths)]
 
 
-def init_dist(rank: int, world: int, device: torch.device, timeout: float) -> DistTransport:
-    """Join the torchrun job: gloo on CPU, NCCL on CUDA, every wait bounded by `timeout`."""
+def init_dist(rank: int, world: int, device: torch.device, timeout: float, match: str = "tag",
+              kv: bool = False) -> DistTransport:
+    """Join the torchrun job: gloo on CPU, NCCL on CUDA, every wait bounded by `timeout`. With `kv`
+    (the plan has KV exchanges; every rank reads the same plan, so all agree) the KV channels get
+    process groups of their own."""
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-    return DistTransport(rank, world, device, timeout)
+    groups = {}
+    if kv:
+        for name in CHANNELS[1:]:
+            groups[name] = dist.new_group(list(range(world)), timeout=timedelta(seconds=timeout))
+    return DistTransport(rank, world, device, timeout, match, groups)

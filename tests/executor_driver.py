@@ -22,9 +22,10 @@ def options(**kw):
 
 def main(paths):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    tp = init_dist(rank, world, torch.device("cpu"), 120.0)
-    for path in paths:
-        plan = ir.load(path)
+    plans = [ir.load(path) for path in paths]
+    kv = any(ins.kind in ir.KV for plan in plans for s in plan.ranks for ins in s)
+    tp = init_dist(rank, world, torch.device("cpu"), 120.0, kv=kv)
+    for path, plan in zip(paths, plans):
         code, summary = run_rank(plan, rank, tp, options(), out=io.StringIO())
         if rank == 0:
             print("RESULT " + json.dumps({"plan": os.path.basename(path), "code": code, **summary}), flush=True)

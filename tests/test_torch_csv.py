@@ -246,3 +246,13 @@ def test_cli_import_export_and_csv_everywhere(tmp_path, capsys):
     assert main(["import", str(zb), "-o", str(tmp_path / "zb.json")]) == 2
     assert not (tmp_path / "zb.json").exists()
     assert "needs the split backward (I/W)" in capsys.readouterr().err
+
+
+def test_a_torch_schedule_trains_in_our_executor_with_tagless_matching():
+    from executor.cli import options
+    from executor.runner import run_local
+
+    plan = load(torch_csv(torch_ops("Interleaved1F1B", 2, 4, 2, comms=True)))
+    code, s = run_local(plan, options(local=True, check_reference=True, quiet=True, p2p_match="order", device="cpu",
+                                      timeout=60.0))
+    assert code == 0 and s["max_grad_rel_err"] < 1e-4 and s["loss_rel_err"] < 1e-4
