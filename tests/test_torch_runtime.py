@@ -7,7 +7,8 @@ import pytest
 
 import ir
 from compiler import build_spec, compile_plan, resolve_model
-from compiler.torchcsv import export_csv
+from compiler.torchcsv import export_csv, from_rows
+from ir.torchfmt import parse_action
 from tests.test_executor_runs import torchrun
 
 TOL = 1e-5
@@ -17,11 +18,25 @@ PLANS = {  # name -> (family, m, v) at each p
 }
 
 
+def v_shape_gpipe(p, m):
+    """A V-placement schedule (rank r holds stages r and 2p-1-r, as ZB-V and DualPipeV place them),
+    all forwards then all backwards, from a hand-written CSV: our executor and torch's runtime both
+    hand the activation at the V's bottom over locally."""
+    rows = []
+    for r in range(p):
+        a, b = r, 2 * p - 1 - r
+        rows.append([f"{a}F{i}" for i in range(m)] + [f"{b}F{i}" for i in range(m)]
+                    + [f"{b}B{i}" for i in range(m)] + [f"{a}B{i}" for i in range(m)])
+    return from_rows([[parse_action(c) for c in row] for row in rows], seq_len=32)
+
+
 @pytest.mark.parametrize("p", [2, 4])
 def test_exported_plans_run_in_torchs_runtime_like_our_executor(tmp_path, p):
     items = []
-    for name, (fam, m, v) in PLANS.items():
-        plan = compile_plan(build_spec(fam, resolve_model("tiny"), pp=p, microbatches=m, virtual_stages=v, seq_len=32))
+    plans = {name: compile_plan(build_spec(fam, resolve_model("tiny"), pp=p, microbatches=m, virtual_stages=v, seq_len=32))
+             for name, (fam, m, v) in PLANS.items()}
+    plans["v-shape"] = v_shape_gpipe(p, 2)
+    for name, plan in plans.items():
         path = tmp_path / f"{name}.json"
         ir.save(plan, str(path))
         for fmt, comms in (("compute_only", False), ("compute_comms", True)):
