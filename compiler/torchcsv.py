@@ -34,6 +34,7 @@ def _where(r: int, i: int, a) -> str:
 def _layout(rows) -> tuple[list[list[int]], int]:
     """placement (rank -> sorted stages) and m, from the actions."""
     owner: dict[int, tuple[int, int, Action]] = {}
+    mbs: set[int] = set()
     m = 0
     for r, row in enumerate(rows):
         for i, a in enumerate(row):
@@ -51,12 +52,17 @@ def _layout(rows) -> tuple[list[list[int]], int]:
                                     f"a stage lives on one rank")
                 if x.mb >= 0:
                     m = max(m, x.mb + 1)
+                    mbs.add(x.mb)
     if not owner:
         raise SpecError("the schedule has no actions")
     stages = max(owner) + 1
-    missing = [s for s in range(stages) if s not in owner]
-    if missing:
-        raise SpecError(f"stage {missing[0]} runs nowhere (stages 0..{stages - 1} are named); every stage needs a rank")
+    if stages != len(owner):  # found without walking range(stages): a hostile '999999999F0' is one cell
+        gap = next(s for s, t in enumerate(sorted(owner)) if s != t)
+        raise SpecError(f"stage {gap} runs nowhere (stages 0..{stages - 1} are named); every stage needs a rank")
+    if m > len(mbs):
+        gap = next(k for k, t in enumerate(sorted(mbs)) if k != t)
+        raise SpecError(f"micro-batch {gap} never runs (micro-batches 0..{m - 1} are named); every micro-batch "
+                        f"needs its forward and backward on every stage")
     p = len(rows)
     placement = [sorted(s for s, (r, *_rest) in owner.items() if r == q) for q in range(p)]
     counts = sorted({len(pl) for pl in placement})

@@ -256,3 +256,23 @@ def test_a_torch_schedule_trains_in_our_executor_with_tagless_matching():
     code, s = run_local(plan, options(local=True, check_reference=True, quiet=True, p2p_match="order", device="cpu",
                                       timeout=60.0))
     assert code == 0 and s["max_grad_rel_err"] < 1e-4 and s["loss_rel_err"] < 1e-4
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("0F0,999999999F0\n", "stage 1 runs nowhere"),  # found without walking a billion stages
+    ("0F999999999,0B999999999\n", "micro-batch 0 never runs"),
+    ('"unterminated\n', "is not torch's"),
+    ("\n\n", "holds no schedule"),
+    ("(0F0;1B0;2F1)OVERLAP_F_B\n", "combines two compute actions"),
+    ("0F0,0B0,2F0,2B0\n1F0,1B0\n", "rank 1 runs 1 stage(s) and others more"),
+    ("0F0,0B0,1F0\n1B0\n", "stage 1 also runs on rank 0"),
+    ("0RECV_F0,0F0,0B0\n1F0,1B0\n", "stage 0 has no stage -1 to receive from"),
+    ("0F,0B0\n", "F needs a micro-batch index"),
+    ("0REDUCE_GRAD3,0F0\n", "REDUCE_GRAD takes a stage only"),
+])
+def test_hostile_csv_is_one_line_exit_2(tmp_path, capsys, text, expect):
+    path = tmp_path / "h.csv"
+    path.write_text(text)
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expect in err, err
