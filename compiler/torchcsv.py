@@ -86,6 +86,9 @@ def from_rows(rows, model=None, seq_len: int | None = None, source: str = "") ->
         model = resolve_model("tiny")
         if model.layers < stages:
             model = model.model_copy(update={"layers": stages})
+    if model.layers < stages:
+        raise SpecError(f"model {model.name} has {model.layers} layers, fewer than the schedule's {stages} stages "
+                        f"({p} ranks x {v}); give --layers {stages} or more")
     spec = build_spec(SCHEDULE_NAME, model, pp=p, microbatches=m, slices=1, virtual_stages=v,
                       seq_len=seq_len or 128, placement=tuple(tuple(pl) for pl in placement))
     owner = spec.stage_rank()
