@@ -121,22 +121,8 @@ def _divisors(x: int) -> list[int]:
 
 
 def family_choices(fam: str, space: Space) -> list[tuple[int, int, str, bool]]:
-    """(n, v, partition, exchange) the space gives a family."""
-    vs = space.virtual_stages
-    if fam in ("gpipe", "1f1b"):
-        nv = [(1, 1)]
-    elif fam in ("interleaved-1f1b", "looped-bfs"):
-        nv = [(1, v) for v in vs if v > 1]
-    else:
-        nv = [(n, v) for n in space.slices for v in vs]
-    out = []
-    for n, v in nv:
-        out.append((n, v, "uniform", False))
-        if fam == "seq1f1b" and n > 1:
-            out.append((n, v, "flops", False))
-        if fam == "slimpipe" and n > 1:
-            out.append((n, v, "uniform", True))
-    return out
+    """(n, v, partition, exchange) the space gives a family (its record's search choices)."""
+    return schedules.get(fam).search_choices(space.slices, space.virtual_stages)
 
 
 def enumerate_space(problem: Problem, space: Space):

@@ -15,6 +15,8 @@ Text grammar (tokens after the kind may come in any order; the canonical order i
     KVB_SEND / KVB_RECV         the same for the backward unit
     OPT                         optimizer step
 
+Which fields each kind carries, and what it means, is ir.kinds' table (KINDS).
+
 `chunk` is the local model-chunk index on the rank running the instruction (for KV*_RECV: on
 the owner rank); the spec's placement maps (rank, chunk) to a global stage.
 """
@@ -26,53 +28,8 @@ from typing import NamedTuple
 from .errors import PlanFormatError
 
 
-class Kind:
-    """Instruction kinds (plain strings: cheap to compare in hot loops, readable in JSON)."""
+from .kinds import ALL_KINDS, COMPUTE, FIELDS as _FIELDS, KV, KV_OWNER, KV_PARTNER, MATCH, P2P, RECVS, SENDS, Kind, allowed_kinds
 
-    F = "F"
-    B = "B"
-    SEND_ACT = "SEND_ACT"
-    RECV_ACT = "RECV_ACT"
-    SEND_GRAD = "SEND_GRAD"
-    RECV_GRAD = "RECV_GRAD"
-    KVF_SEND = "KVF_SEND"
-    KVF_RECV = "KVF_RECV"
-    KVB_SEND = "KVB_SEND"
-    KVB_RECV = "KVB_RECV"
-    OPT = "OPT"
-
-
-COMPUTE = frozenset({Kind.F, Kind.B})
-SENDS = frozenset({Kind.SEND_ACT, Kind.SEND_GRAD})
-RECVS = frozenset({Kind.RECV_ACT, Kind.RECV_GRAD})
-P2P = SENDS | RECVS
-KV_OWNER = frozenset({Kind.KVF_SEND, Kind.KVB_SEND})
-KV_PARTNER = frozenset({Kind.KVF_RECV, Kind.KVB_RECV})
-KV = KV_OWNER | KV_PARTNER
-ALL_KINDS = COMPUTE | P2P | KV | {Kind.OPT}
-# send kind -> the receive kind it matches, and back
-MATCH = {
-    Kind.SEND_ACT: Kind.RECV_ACT,
-    Kind.SEND_GRAD: Kind.RECV_GRAD,
-    Kind.KVF_SEND: Kind.KVF_RECV,
-    Kind.KVB_SEND: Kind.KVB_RECV,
-}
-MATCH.update({v: k for k, v in list(MATCH.items())})
-
-# which fields each kind carries (the others hold -1, or 0 for x)
-_FIELDS = {
-    Kind.F: ("mb", "s", "c"),
-    Kind.B: ("mb", "s", "c"),
-    Kind.OPT: (),
-}
-for _k in SENDS:
-    _FIELDS[_k] = ("mb", "s", "c", "to", "t")
-for _k in RECVS:
-    _FIELDS[_k] = ("mb", "s", "c", "from", "t")
-for _k in KV_OWNER:
-    _FIELDS[_k] = ("mb", "s", "c", "to", "x", "t")
-for _k in KV_PARTNER:
-    _FIELDS[_k] = ("mb", "s", "c", "from", "x", "t")
 _TOKEN_FIELD = {"mb": "mb", "s": "slice", "c": "chunk", "to": "peer", "from": "peer", "x": "x", "t": "tag"}
 
 
@@ -103,23 +60,17 @@ def B(mb: int, s: int, c: int) -> Instr:
     return Instr(Kind.B, mb, s, c)
 
 
+# kind -> str.format pattern over the Instr tuple, e.g. 'F mb{1} s{2} c{3}'
+_FORMAT = {k: " ".join([k.replace("{", "{{").replace("}", "}}")] + [f"{name}{{{_SLOT[name]}}}" for name in fields])
+           for k, fields in _FIELDS.items()}
+
+
 def to_text(ins: Instr) -> str:
-    """Canonical text form, e.g. 'SEND_ACT mb3 s2 c1 to2 t17'."""
-    k = ins.kind
-    if k == "F" or k == "B":
-        return f"{k} mb{ins.mb} s{ins.slice} c{ins.chunk}"
-    if k == "OPT":
-        return "OPT"
-    head = f"{k} mb{ins.mb} s{ins.slice} c{ins.chunk}"
-    if k in SENDS:
-        return f"{head} to{ins.peer} t{ins.tag}"
-    if k in RECVS:
-        return f"{head} from{ins.peer} t{ins.tag}"
-    if k in KV_OWNER:
-        return f"{head} to{ins.peer} x{ins.x} t{ins.tag}"
-    if k in KV_PARTNER:
-        return f"{head} from{ins.peer} x{ins.x} t{ins.tag}"
-    raise PlanFormatError(f"unknown instruction kind {k!r}; allowed: {', '.join(sorted(ALL_KINDS))}")
+    """Canonical text form, e.g. 'SEND_ACT mb3 s2 c1 to2 t17'; the kind table says which fields."""
+    fmt = _FORMAT.get(ins.kind)
+    if fmt is None:
+        raise PlanFormatError(f"unknown instruction kind {_clip(ins.kind)}; allowed: {allowed_kinds()}")
+    return fmt.format(*ins)
 
 
 _MAX_DIGITS = 18  # far above any real index; keeps int() fast and inside Python's digit limit
@@ -145,10 +96,14 @@ def _int_token(tok: str, prefix: str, text: str) -> int:
 
 _NUM = "([0-9]{1,%d})" % _MAX_DIGITS
 # the canonical forms as one regex each (ASCII digits only): the fast path of `parse`
+def _alt(kinds) -> str:
+    return "|".join(sorted(kinds))
+
+
 _CANONICAL = {
-    "compute": re.compile(rf"(F|B) mb{_NUM} s{_NUM} c{_NUM}"),
-    "send": re.compile(rf"(SEND_ACT|SEND_GRAD) mb{_NUM} s{_NUM} c{_NUM} to{_NUM} t{_NUM}"),
-    "recv": re.compile(rf"(RECV_ACT|RECV_GRAD) mb{_NUM} s{_NUM} c{_NUM} from{_NUM} t{_NUM}"),
+    "compute": re.compile(rf"({_alt(k for k in COMPUTE if _FIELDS[k] == ('mb', 's', 'c'))}) mb{_NUM} s{_NUM} c{_NUM}"),
+    "send": re.compile(rf"({_alt(SENDS)}) mb{_NUM} s{_NUM} c{_NUM} to{_NUM} t{_NUM}"),
+    "recv": re.compile(rf"({_alt(RECVS)}) mb{_NUM} s{_NUM} c{_NUM} from{_NUM} t{_NUM}"),
 }
 _COMPUTE_RE, _SEND_RE, _RECV_RE = _CANONICAL.values()
 
@@ -170,7 +125,7 @@ def parse(text: str) -> Instr:
     kind = parts[0]
     fields = _FIELDS.get(kind)
     if fields is None:
-        raise PlanFormatError(f"instruction {_clip(text)}: unknown kind {_clip(kind)}; allowed: {', '.join(sorted(ALL_KINDS))}")
+        raise PlanFormatError(f"instruction {_clip(text)}: unknown kind {_clip(kind)}; allowed: {allowed_kinds()}")
     # fast path: canonical order, fields straight into their tuple slots
     if len(parts) == len(fields) + 1:
         vals = [kind, -1, -1, -1, -1, -1, 0]

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
-from ir import Instr, Kind, Plan, PlanSpec, SpecError, read_user_json
+from ir import KINDS, Instr, Plan, PlanSpec, SpecError, read_user_json
 
 GIB = 1 << 30
 
@@ -322,8 +322,8 @@ class CostModel:
         s = self.spec.slice_lens[ins.mb][ins.slice]
         if self.prof.measured is not None:
             lens = self.spec.slice_lens[ins.mb][:ins.slice]
-            return max(self._measured_unit(stage, s, lens, ins.kind == Kind.B) + extra_s, 0.0)
-        return self._unit(stage, s, self.offsets[ins.mb][ins.slice], ins.kind == Kind.B, extra_s)
+            return max(self._measured_unit(stage, s, lens, KINDS[ins.kind].cost == "backward") + extra_s, 0.0)
+        return self._unit(stage, s, self.offsets[ins.mb][ins.slice], KINDS[ins.kind].cost == "backward", extra_s)
 
     def p2p_time(self, src: int, dst: int, ins: Instr) -> float:
         """An activation or gradient of one slice between pipeline ranks."""
@@ -340,9 +340,10 @@ class CostModel:
         makes one call over their concatenation."""
         spec = self.spec
         m = spec.model
-        owner = rank if ins.kind in (Kind.KVF_SEND, Kind.KVB_SEND) else ins.peer
+        row = KINDS[ins.kind]
+        owner = rank if row.side == "owner" else ins.peer
         L = spec.stage_layers[self.stage_of[owner][ins.chunk]]
-        bwd = ins.kind in (Kind.KVB_SEND, Kind.KVB_RECV)
+        bwd = row.phase == "backward"
         if self.prof.measured is not None:
             mp, b, div = self.prof.measured, spec.micro_batch_size, spec.tp * spec.cp
             q = spec.slice_lens[ins.mb][ins.slice] * b / div
@@ -362,7 +363,7 @@ class CostModel:
         X = self.offsets[ins.mb][ins.x] * spec.micro_batch_size
         kvd = 2 * m.kv_heads * (m.hidden // m.heads)
         b = self.bytes
-        if ins.kind in (Kind.KVF_SEND, Kind.KVF_RECV):
+        if KINDS[ins.kind].phase == "forward":
             total = (s * m.hidden + X * kvd) * b + s * m.hidden * b + s * m.heads * 4
         else:
             total = (3 * s * m.hidden + X * kvd) * b + s * m.heads * 4 + (s * m.hidden + X * kvd) * b
@@ -435,11 +436,10 @@ def unit_cost_table(plan: Plan, cm: CostModel) -> dict[tuple, float]:
         shift = 0.0
         for ins in stream:
             k = ins.kind
-            if k == Kind.KVF_SEND or k == Kind.KVB_SEND:
-                shift -= cm.kv_shift(r, ins)
-            elif k == Kind.KVF_RECV or k == Kind.KVB_RECV:
-                shift += cm.kv_shift(r, ins)
-            elif k == Kind.F or k == Kind.B:
+            row = KINDS[k]
+            if row.role == "kv":
+                shift += cm.kv_shift(r, ins) if row.side == "partner" else -cm.kv_shift(r, ins)
+            elif row.role == "compute":
                 out[(r, k, ins.mb, ins.slice, ins.chunk)] = cm.unit_time(r, ins, shift)
                 shift = 0.0
     return out

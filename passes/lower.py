@@ -12,7 +12,7 @@ waited for at that point anyway, so no wait and no deadlock is added.
 """
 from __future__ import annotations
 
-from ir import RECVS, SENDS, Instr, Kind, Plan
+from ir import KINDS, RECVS, SENDS, Instr, Plan
 from ir.gcpause import gc_paused
 
 ACT, GRAD = 0, 1
@@ -40,25 +40,19 @@ def lower_comm(plan: Plan) -> Plan:
         ops: list[Instr] = []
         add = ops.append
         for ins in stream:
-            k = ins.kind
-            if k == Kind.F:
-                mb, j, c = ins.mb, ins.slice, ins.chunk
-                s = stages[c]
-                if s > 0 and owner[s - 1] != r:
-                    add(Instr(Kind.RECV_ACT, mb, j, c, owner[s - 1], p2p_tag(spec, mb, j, s - 1, ACT)))
+            row = KINDS[ins.kind]  # the kind table says what a compute unit receives and sends
+            if row.role != "compute" or (row.receives is None and row.sends is None):
                 add(ins)
-                if s < last and owner[s + 1] != r:
-                    add(Instr(Kind.SEND_ACT, mb, j, c, owner[s + 1], p2p_tag(spec, mb, j, s, ACT)))
-            elif k == Kind.B:
-                mb, j, c = ins.mb, ins.slice, ins.chunk
-                s = stages[c]
-                if s < last and owner[s + 1] != r:
-                    add(Instr(Kind.RECV_GRAD, mb, j, c, owner[s + 1], p2p_tag(spec, mb, j, s, GRAD)))
-                add(ins)
-                if s > 0 and owner[s - 1] != r:
-                    add(Instr(Kind.SEND_GRAD, mb, j, c, owner[s - 1], p2p_tag(spec, mb, j, s - 1, GRAD)))
-            else:
-                add(ins)
+                continue
+            mb, j, c = ins.mb, ins.slice, ins.chunk
+            s = stages[c]
+            step, direction = (1, ACT) if row.phase == "forward" else (-1, GRAD)
+            src, dst = s - step, s + step  # the stage its input comes from, the one its output goes to
+            if row.receives is not None and 0 <= src <= last and owner[src] != r:
+                add(Instr(row.receives, mb, j, c, owner[src], p2p_tag(spec, mb, j, min(s, src), direction)))
+            add(ins)
+            if row.sends is not None and 0 <= dst <= last and owner[dst] != r:
+                add(Instr(row.sends, mb, j, c, owner[dst], p2p_tag(spec, mb, j, min(s, dst), direction)))
         out.append(ops)
     return order_receives(plan.with_ranks(out, lowered=True))
 

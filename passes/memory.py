@@ -56,7 +56,7 @@ logits (last stage, transient while one unit runs): fp32 logits and their gradie
 """
 from __future__ import annotations
 
-from ir import Kind, Plan
+from ir import KINDS, Plan
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits")
 SAVES = ("fused", "executor")
@@ -135,8 +135,8 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
     peak, peak_bd = base, dict(static, activations=0.0, kv_cache=0.0, kv_grads=0.0, logits=0.0)
     timeline = []
     for ins in plan.ranks[rank]:
-        k = ins.kind
-        if k != Kind.F and k != Kind.B:
+        effect = KINDS[ins.kind].memory  # the kind table: "save" keeps the unit's state, "free" releases it
+        if effect is None:
             continue
         st = stages[ins.chunk]
         L = spec.stage_layers[st]
@@ -144,7 +144,7 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
         unit_act, unit_lg = per_token_unit(m, st == last, dtype_bytes, saves)
         logits = 0.0 if held_logits else (2 * 4 * tok * m.vocab / tp if st == last else 0.0)
         key = (ins.mb, ins.slice, ins.chunk)
-        if k == Kind.F:
+        if effect == "save":
             a = L * tok * act_tl / tp + unit_act * tok / tp
             v = L * tok * kv_tl / tp
             lg = unit_lg * tok / tp

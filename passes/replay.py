@@ -22,14 +22,20 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ir import Instr, Kind, Plan, to_text
+from ir import COMPUTE, KINDS, KV_OWNER, KV_PARTNER, RECVS, SENDS, UNIT_COST, Instr, Plan, PlanFormatError, allowed_kinds, to_text
+from ir.instr import _clip
 from ir.gcpause import gc_paused
 
-_F, _B = Kind.F, Kind.B
-_SEND = (Kind.SEND_ACT, Kind.SEND_GRAD)
-_RECV = (Kind.RECV_ACT, Kind.RECV_GRAD)
-_KV_OWNER = (Kind.KVF_SEND, Kind.KVB_SEND)
-_KV_PARTNER = (Kind.KVF_RECV, Kind.KVB_RECV)
+# the roles of the kind table (ir.KINDS); a kind outside it raises PlanFormatError
+_COMPUTE = COMPUTE
+_SEND = SENDS
+_RECV = RECVS
+_KV_OWNER = KV_OWNER
+_KV_PARTNER = KV_PARTNER
+
+
+def _unknown(r: int, i: int, ins: Instr) -> PlanFormatError:
+    return PlanFormatError(f"rank {r} #{i}: unknown instruction kind {_clip(ins.kind)}; allowed: {allowed_kinds()}")
 
 
 @dataclass
@@ -78,7 +84,8 @@ class Replay:
 
 
 def unit_cost(rank: int, ins: Instr) -> float:
-    return 1.0 if ins.kind == _F else 2.0
+    """The kind table's unit cost (F = 1, B = 2)."""
+    return UNIT_COST[ins.kind]
 
 
 def _zero(*_args) -> float:
@@ -127,7 +134,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
             while i < n:
                 ins = stream[i]
                 k = ins.kind
-                if k == _F or k == _B:
+                if k in _COMPUTE:
                     d = cost(r, ins)
                     if timeline is not None:
                         timeline.append((r, i, t, t + d))
@@ -210,6 +217,8 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                         release[(key, w[0])] = t
                         if comm is not None:
                             comm.append((r, i, t0, t))
+                elif k not in KINDS:
+                    raise _unknown(r, i, ins)
                 i += 1
             if i != start or moved:
                 progress = True
@@ -271,7 +280,7 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
             i = pos[r]
             ins = stream[i]
             k = ins.kind
-            if k == _F or k == _B:
+            if k in _COMPUTE:
                 left[r] = cost(r, ins)
                 started[r] = T
                 computing.add(r)
@@ -308,6 +317,8 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
                 pos[r] += 1
                 if end > T + eps:
                     until[r] = end
+            elif k not in KINDS:
+                raise _unknown(r, i, ins)
             else:
                 pos[r] += 1
 

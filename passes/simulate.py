@@ -1,22 +1,23 @@
 """Unit-cost simulation (forward 1, backward 2, communication free) and in-flight peaks."""
 from __future__ import annotations
 
-from ir import KV, Kind, Plan, PlanInvalidError
+from ir import COMPUTE, KINDS, KV, Plan, PlanInvalidError
 
 from .replay import replay
 
 
 def peak_units(stream) -> int:
-    """Most forward units on the rank whose backward has not finished (program order)."""
+    """Most forward units on the rank whose backward has not finished (program order): units
+    whose kind saves state (ir.KINDS memory "save") minus those that released it ("free")."""
     cur = peak = 0
-    F, B = Kind.F, Kind.B
+    effect = {k: row.memory for k, row in KINDS.items()}
     for ins in stream:
-        k = ins.kind
-        if k == F:
+        e = effect[ins.kind]
+        if e == "save":
             cur += 1
             if cur > peak:
                 peak = cur
-        elif k == B:
+        elif e == "free":
             cur -= 1
     return peak
 
@@ -51,7 +52,7 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
     """Timed simulation with the cost model (passes.costs) and the memory model (passes.memory).
 
     Bubble fraction 1 - sum(busy) / (p * makespan) is split three ways by replaying the plan
-    twice more: `ideal` with every F and every B at the mean cost of its kind, free
+    twice more: `ideal` with every compute unit at the mean cost of its kind, free
     communication and the KV-exchange instructions removed (what the schedule itself leaves
     idle: with equal units the exchange has nothing to balance, and its rendezvous would only
     hold paired units back to start together); `imbalance` the extra idleness the real unit
@@ -76,7 +77,7 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
         raise PlanInvalidError(res.deadlock_message())
     engine = replay_engine(plan, prof)
     free = engine(plan, cost)
-    sums = {Kind.F: [0.0, 0], Kind.B: [0.0, 0]}
+    sums = {k: [0.0, 0] for k in COMPUTE}
     for (_r, k, *_), t in table.items():
         sums[k][0] += t
         sums[k][1] += 1

@@ -2,7 +2,7 @@
 communication row (sends from issue to arrival, KV exchanges from arrival to the rendezvous's end)."""
 from __future__ import annotations
 
-from ir import KV, Kind, Plan, PlanInvalidError, to_text
+from ir import KINDS, KV, Plan, PlanInvalidError, to_text
 
 from .replay import replay
 
@@ -61,7 +61,7 @@ def chrome_trace(plan: Plan, profile=None, unit_costs: bool = False) -> dict:
         ins = plan.ranks[r][i]
         stage = spec.placement[r][ins.chunk]
         a, b = span(t0, t1)
-        ev.append({"name": f"{ins.kind}{ins.mb}.{ins.slice}", "cat": "forward" if ins.kind == Kind.F else "backward",
+        ev.append({"name": f"{ins.kind}{ins.mb}.{ins.slice}", "cat": KINDS[ins.kind].cost,
                    "ph": "X", "pid": r, "tid": 0, "ts": a / 1000, "dur": (b - a) / 1000,
                    "args": {"instr": to_text(ins), "stage": stage, "index": i,
                             "tokens": spec.slice_lens[ins.mb][ins.slice]}})
@@ -84,6 +84,10 @@ def chrome_trace(plan: Plan, profile=None, unit_costs: bool = False) -> dict:
                           "time_unit": "us", "unit_costs": unit_costs,
                           "timing": "unit costs: F=1, B=2 units, 1 unit shown as 1 ms" if unit_costs else
                           f"cost model, device profile {getattr(profile, 'name', None) or 'h100'}"}}
+
+
+# backward boxes hatched, by the kind table's cost class
+_HATCH = {"backward": "//"}
 
 
 def timeline_figure(plan: Plan, profile=None, unit_costs: bool = False):
@@ -128,7 +132,7 @@ def timeline_figure(plan: Plan, profile=None, unit_costs: bool = False):
         alpha = 0.45 + 0.55 * (ins.slice + 1) / n
         thin = (t1 - t0) < 0.004 * res.makespan  # an outline would hide the colour of a sliver
         ax.broken_barh([(t0 * k, (t1 - t0) * k)], (r - 0.4, 0.8), facecolors=cmap(ins.mb % cmap.N), alpha=alpha,
-                       edgecolor="black", linewidth=0 if thin else 0.3, hatch="//" if ins.kind == Kind.B else None)
+                       edgecolor="black", linewidth=0 if thin else 0.3, hatch=_HATCH.get(KINDS[ins.kind].cost))
     for r, i, t0, t1 in res.comm:
         if plan.ranks[r][i].kind in KV and t1 > t0:
             ax.broken_barh([(t0 * k, (t1 - t0) * k)], (r + 0.4, 0.08), facecolors="red")

@@ -1,6 +1,7 @@
 """Structural rules every plan must satisfy (checked on the plan alone, before replay).
 
 - what the executor needs of the spec (spec_problems: an even head dim for RoPE, ...);
+- every kind is one of ir.KINDS (rule "kind"), and carries the fields its table row names;
 - fields in range (micro-batch, slice, chunk, peer, x; tags small enough for the transport's tags);
 - every (micro-batch, slice, stage) has exactly one F and one B on the rank that owns the stage;
 - per rank: forward slices ascending, backward slices descending, B after its F, and stages that
@@ -21,12 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ir import KV, KV_OWNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, to_text
+from ir import COMPUTE, KINDS, KV, KV_OWNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, allowed_kinds, to_text
 from ir.gcpause import gc_paused
+from ir.instr import _clip
 from ir.limits import tag_limit, wire_stride
 
 MAX_PROBLEMS = 20
-_INDEXED = (Kind.F, Kind.B, Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD)
+_INDEXED = tuple(COMPUTE | P2P)
+# the fused compute kind of each phase (what a KV exchange of that phase names as its unit)
+_PHASE_UNIT = {"forward": Kind.F, "backward": Kind.B}
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class _TooMany(Exception):
 
 
 def _at(r: int, i: int, ins: Instr) -> str:
+    if ins.kind not in KINDS:
+        return f"rank {r} #{i} (kind {_clip(ins.kind)})"
     return f"rank {r} #{i} '{to_text(ins)}'"
 
 
@@ -99,19 +105,23 @@ def _fields(plan: Plan, bad) -> None:
     tags = tag_limit(spec)
     for r, stream in enumerate(plan.ranks):
         for i, ins in enumerate(stream):
-            k = ins.kind
-            if k == Kind.OPT:
+            row = KINDS.get(ins.kind)
+            if row is None:
+                bad("kind", f"{_at(r, i, ins)}: unknown instruction kind; allowed: {allowed_kinds()}", r, i)
+                continue
+            fields = row.fields
+            if not fields:
                 continue
             if not (0 <= ins.mb < m and 0 <= ins.slice < n and 0 <= ins.chunk < v):
                 bad("range", f"{_at(r, i, ins)}: needs mb < {m}, s < {n}, c < {v}", r, i)
-            elif k in P2P or k in KV:
+            elif "to" in fields or "from" in fields:
                 if not (0 <= ins.peer < p) or ins.peer == r:
                     bad("range", f"{_at(r, i, ins)}: peer must be another rank in 0..{p - 1}", r, i)
                 elif not 0 <= ins.tag < tags:
                     bad("range", f"{_at(r, i, ins)}: tag must be 0..{tags - 1} (the executor sends each plan tag as "
                                  f"{wire_stride(spec.stage_layers)} transport tags, one per layer message, and "
                                  f"torch.distributed's tags are 31-bit)", r, i)
-                elif k in KV and not (1 <= ins.x <= ins.slice):
+                elif "x" in fields and not (1 <= ins.x <= ins.slice):
                     bad("range", f"{_at(r, i, ins)}: x must be 1..{ins.slice} (earlier slices of the owner's unit)", r, i)
 
 
@@ -195,6 +205,23 @@ def _by_tag(plan: Plan, kinds, sender: bool):
     return first, repeats
 
 
+def _dependencies() -> list[tuple[str, str, int, str, str]]:
+    """(consumer compute kind, the receive kind feeding it, +-1 to the neighbour stage it comes
+    from, the compute kind producing it there, what it is), from the kind table's receives/sends."""
+    out = []
+    for k in sorted(COMPUTE):
+        row = KINDS[k]
+        if row.receives is None:
+            continue
+        fwd = row.phase == "forward"
+        producer = next(p for p in sorted(COMPUTE) if KINDS[p].sends == MATCH[row.receives])
+        out.append((k, row.receives, -1 if fwd else 1, producer, "activation" if fwd else "gradient"))
+    return out
+
+
+_DEPENDENCIES = _dependencies()
+
+
 def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
     spec = plan.spec
     n, v = spec.slices, spec.virtual_stages
@@ -239,10 +266,8 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
     for r, stream in enumerate(ranks):
         tab, r_via = pos[r], via[r]
         for c, s in enumerate(placement[r]):
-            for (need, recv_kind, nb, send_after, what) in (
-                (Kind.F, Kind.RECV_ACT, s - 1, Kind.F, "activation"),
-                (Kind.B, Kind.RECV_GRAD, s + 1, Kind.B, "gradient"),
-            ):
+            for (need, recv_kind, step, send_after, what) in _DEPENDENCIES:
+                nb = s + step
                 if nb < 0 or nb > last or owner[nb] == r:
                     continue
                 q = owner[nb]
@@ -279,11 +304,12 @@ def _kv(plan: Plan, bad) -> None:
         for i in range(len(stream) - 1, -1, -1):
             ins = stream[i]
             k = ins.kind
-            if k == Kind.F or k == Kind.B:
+            row = KINDS[k]
+            if row.role == "compute":
                 nxt = i
-            elif k in KV:
-                if k in KV_OWNER:
-                    want = Kind.F if k == Kind.KVF_SEND else Kind.B
+            elif row.role == "kv":
+                if row.side == "owner":
+                    want = _PHASE_UNIT[row.phase]
                     u = stream[nxt] if nxt is not None else None
                     if u is None or (u.kind, u.mb, u.slice, u.chunk) != (want, ins.mb, ins.slice, ins.chunk):
                         bad("kv", f"{_at(r, i, ins)}: the next compute unit must be '{want} mb{ins.mb} s{ins.slice} c{ins.chunk}'", r, i)

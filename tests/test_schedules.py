@@ -17,20 +17,9 @@ MODEL = resolve_model("tiny", {"layers": 128})
 
 
 def allowed(s: str, p: int, m: int, n: int, v: int) -> bool:
-    """Where the family accepts the sizes (and, for looped BFS, where the closed form holds)."""
-    if s in ("1f1b", "interleaved-1f1b") and n != 1:
-        return False
-    if s in ("gpipe", "1f1b") and v != 1:
-        return False
-    if s == "interleaved-1f1b" and v > 1 and m % p:
-        return False
-    if s == "seq1f1b" and v > 1 and m % -(-p // n):
-        return False
-    if s == "slimpipe" and v > 1 and n < p:
-        return False
-    if s == "looped-bfs" and m * n < p:
-        return False
-    return True
+    """Where the family accepts the sizes and its record says the closed forms hold."""
+    fam = schedules.get(s)
+    return fam.accepts(p, m, n, v) and fam.exact(p, m, n, v)
 
 
 def compile_sizes(s, p, m, n, v):
@@ -79,20 +68,12 @@ def assert_rules(plan):
 
 @st.composite
 def sizes(draw, family):
+    """Sizes the family accepts: drawn, then moved by the family record's fit."""
     p = draw(st.integers(1, 8))
     m = draw(st.integers(1, 16))
-    n = 1 if family in ("1f1b", "interleaved-1f1b") else draw(st.integers(1, 32))
-    v = 1 if family in ("gpipe", "1f1b") else draw(st.integers(1, 4))
-    if family == "interleaved-1f1b" and v > 1:
-        m = p * draw(st.integers(1, max(1, 16 // p)))
-    if family == "slimpipe" and v > 1:
-        n = max(n, p)
-    if family == "seq1f1b" and v > 1:
-        k = -(-p // n)
-        m = k * max(1, m // k)
-    if family == "looped-bfs":
-        m = max(m, -(-p // n))
-    return p, m, n, v
+    n = draw(st.integers(1, 32))
+    v = draw(st.integers(1, 4))
+    return schedules.get(family).fitted(p, m, n, v)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -32,36 +32,25 @@ def parse_bytes(text: str, flag: str = "--memory-budget") -> float:
 
 
 def candidates(args, layers: int):
-    """(family, n, v) combinations worth simulating."""
+    """(family, n, v) combinations worth simulating: each family record's compare choices."""
     p, m = args.pp, args.microbatches
     vs = [v for v in (1, 2, 4) if layers >= p * v]
-    yield "gpipe", 1, 1
-    yield "1f1b", 1, 1
-    for v in vs[1:]:
-        if m % p == 0:
-            yield "interleaved-1f1b", 1, v
-        if m >= p:
-            yield "looped-bfs", 1, v
-    for n in (2, 4, 8, 16, 32):
-        for v in vs[:2]:
-            yield "seq1f1b", n, v
-    for n in (8, 16, 32, 64):
-        for v in vs:
-            if v == 1 or n >= p:
-                yield "slimpipe", n, v
+    for fam in schedules.FAMILIES.values():
+        if fam.compare is not None:
+            for n, v in fam.compare(p, m, vs):
+                yield fam.name, n, v
 
 
 def best_per_family(args, model, seq, profile, budget):
     rows = []
     for fam, n, v in candidates(args, model.layers):
-        if n > 1 and seq % n and fam == "slimpipe":
-            continue
+        record = schedules.get(fam)
         extra = dict(tp=args.tp, cp=args.cp, dp=args.dp)
-        if fam == "seq1f1b" and n > 1:
+        if n > 1 and record.compare_partition == "flops":
             extra.update(partition="flops", slice_lens=tuple(flops_partition(model, seq, n)))
         elif n > 1 and seq % n:
             continue
-        if fam == "slimpipe":
+        if record.exchange_default(n):
             extra["exchange"] = True
         try:
             spec = build_spec(fam, model, pp=args.pp, microbatches=args.microbatches, slices=n, virtual_stages=v,

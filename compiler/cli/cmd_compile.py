@@ -41,7 +41,9 @@ def add_pass_args(p) -> None:
     """Pass options: the KV exchange (SlimPipe's attention context exchange)."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--exchange", dest="exchange", action="store_true", default=None,
-                   help="pair concurrent units for the KV exchange (default: on for slimpipe, off for the others; "
+                   help="pair concurrent units for the KV exchange (default: on for "
+                        + ", ".join(f.name for f in schedules.FAMILIES.values() if f.default_exchange)
+                        + ", off for the others; "
                         "any family with --slices >= 2 may ask for it)")
     g.add_argument("--no-exchange", dest="exchange", action="store_false", help="no KV exchange")
     p.add_argument("--exchange-threshold", type=nonneg_int, default=0,
@@ -79,7 +81,7 @@ def parallel_from_args(args, model, seq: int) -> dict:
 def exchange_from_args(args) -> bool:
     on = args.exchange
     if on is None:
-        on = args.schedule == "slimpipe" and args.slices > 1
+        on = schedules.get(args.schedule).exchange_default(args.slices)
     if args.exchange_threshold and not on:
         raise SpecError(f"--exchange-threshold {args.exchange_threshold} caps the KV exchange, which this plan does not "
                         f"run; drop it or add --exchange")

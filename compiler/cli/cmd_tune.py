@@ -18,16 +18,24 @@ from .common import (BYTE_UNITS, TIME_UNITS, add_parser, check_output_path, emit
 
 PLOT_FORMATS = ("png", "svg", "pdf")
 
+
+def _names(pred) -> str:
+    """The families whose record satisfies `pred`, comma-separated."""
+    return ", ".join(f.name for f in schedules.FAMILIES.values() if pred(f))
+
+
+_SLICED = lambda f: f.allows_slices and f.search_slices  # noqa: E731
+
 SPACE_HELP = f"""search space (each part can be narrowed with the flags below):
   family     {', '.join(schedules.FAMILIES)}
   tp         {', '.join(map(str, TP_CHOICES))}, dividing heads and kv_heads
   cp         {', '.join(map(str, CP_CHOICES))} (capped at 8: the cost model prices cp on NVLink; --cp 16,32 lifts it)
   p          every divisor of gpus/(tp*cp); dp = gpus/(tp*cp*p); m = global batch / dp, an integer
-  n          1 for gpipe, 1f1b, interleaved-1f1b, looped-bfs; {', '.join(map(str, N_CHOICES))} for seq1f1b, slimpipe
-  v          1 for gpipe, 1f1b; {', '.join(map(str, V_CHOICES))} otherwise (not 1 for interleaved-1f1b,
-             looped-bfs); p*v <= layers
-  partition  uniform (seq divisible by n*cp); also flops for seq1f1b
-  exchange   on and off for slimpipe
+  n          1 for {_names(lambda f: not _SLICED(f))}; {', '.join(map(str, N_CHOICES))} for {_names(_SLICED)}
+  v          1 for {_names(lambda f: f.search_virtual == "one")}; {', '.join(map(str, V_CHOICES))} otherwise (not 1 for
+             {_names(lambda f: f.search_virtual == "above_one")}); p*v <= layers
+  partition  uniform (seq divisible by n*cp); also flops for {_names(lambda f: "flops" in f.partitions)}
+  exchange   on and off for {_names(lambda f: f.default_exchange)}
 Candidates over the budget by a sound memory bound are pruned; the rest are simulated in order of an
 estimate until no candidate left can beat the top K (a sound time bound), or until --time-limit.
 
@@ -257,7 +265,7 @@ def register(sub) -> None:
     p.add_argument("--tp", help="comma-separated tp degrees (default 1,2,4,8)")
     p.add_argument("--cp", help="comma-separated cp degrees (default 1,2,4,8)")
     p.add_argument("--pp", help="comma-separated pipeline sizes (default: every divisor)")
-    p.add_argument("--slices", help="comma-separated n for seq1f1b/slimpipe (default 2,4,8,16,32)")
+    p.add_argument("--slices", help=f"comma-separated n for {_names(_SLICED).replace(', ', '/')} (default 2,4,8,16,32)")
     p.add_argument("--virtual-stages", help="comma-separated v (default 1,2,3,4,5,6,8,10)")
     p.add_argument("--top", type=positive_int, default=5, help="plans to list (default 5)")
     p.add_argument("--time-limit", type=nonneg_float, default=120.0,

@@ -2,16 +2,45 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from ir import B, F, Instr, PlanSpec, SpecError
 
 Order = list[list[Instr]]  # per rank: compute units only, in program order
+Sizes = Callable[[int, int, int, int], object]  # f(p, m, n, v)
+
+
+def _always(p: int, m: int, n: int, v: int) -> bool:
+    return True
+
+
+class _SizesShape:
+    """The attributes Family.validate reads, from bare sizes (no PlanSpec)."""
+
+    def __init__(self, p: int, m: int, n: int, v: int):
+        self.pp, self.microbatches, self.slices, self.virtual_stages = p, m, n, v
 
 
 @dataclass(frozen=True)
 class Family:
-    """A schedule family: its name, what it accepts, and its per-rank generator."""
+    """Everything known about a schedule family, in one record: its generator, what it accepts,
+    its closed forms, its choices in `slimpipe tune` / `compare`, its default KV exchange.
+    closed_forms, search, compare, tune and the tests read this record instead of naming families.
+
+    inflight      the in-flight limit of rank r, in words (what the generator enforces)
+    bubble        closed-form unit-cost bubble fraction f(p, m, n, v) (F = 1, B = 2, free comm)
+    peak_units    closed-form forward units in flight at rank 0's peak f(p, m, n, v)
+    exact         where both closed forms are exact (tests hold the generator to them there)
+    peak_exact    where peak_units is exact; elsewhere (inside `exact`'s domain for the bubble)
+                  it is a lower bound (tune only needs a bound)
+    fit           the nearest accepted sizes to (p, m, n, v), for property tests
+    search_slices   tune tries the space's n (else n = 1)
+    search_virtual  v choices in tune: "one" (v = 1), "above_one" (the space's v > 1), "any"
+    partitions    slice partitions searched when n > 1 ("uniform", and "flops" for Seq1F1B)
+    default_exchange  the KV exchange is on by default when n > 1 (compile, compare); tune tries both
+    compare       (n, v) combinations `slimpipe compare` simulates, f(p, m, allowed v's)
+    compare_partition  the partition compare uses when n > 1
+    """
 
     name: str
     summary: str
@@ -19,6 +48,49 @@ class Family:
     allows_slices: bool = True
     allows_virtual: bool = True
     check: Callable[[PlanSpec], None] | None = None
+    inflight: str = ""
+    bubble: Callable[[int, int, int, int], float] | None = None
+    peak_units: Callable[[int, int, int, int], int] | None = None
+    exact: Callable[[int, int, int, int], bool] = _always
+    peak_exact: Callable[[int, int, int, int], bool] = _always
+    fit: Callable[[int, int, int, int], tuple[int, int, int, int]] | None = None
+    search_slices: bool = True
+    search_virtual: str = "any"
+    partitions: tuple[str, ...] = ("uniform",)
+    default_exchange: bool = False
+    compare: Callable[[int, int, list[int]], Iterable[tuple[int, int]]] | None = None
+    compare_partition: str = "uniform"
+
+    def accepts(self, p: int, m: int, n: int, v: int) -> bool:
+        """Whether validate() takes these sizes."""
+        try:
+            self.validate(_SizesShape(p, m, n, v))
+        except SpecError:
+            return False
+        return True
+
+    def fitted(self, p: int, m: int, n: int, v: int) -> tuple[int, int, int, int]:
+        """(p, m, n, v) moved to sizes the family accepts (n = 1 / v = 1 where it has none, then its
+        own rule)."""
+        n = n if self.allows_slices else 1
+        v = v if self.allows_virtual else 1
+        return self.fit(p, m, n, v) if self.fit is not None else (p, m, n, v)
+
+    def search_choices(self, slices: Iterable[int], virtual_stages: Iterable[int]) -> list[tuple[int, int, str, bool]]:
+        """(n, v, partition, exchange) that `slimpipe tune` tries for this family."""
+        ns = list(slices) if self.allows_slices and self.search_slices else [1]
+        vs = {"one": [1], "above_one": [v for v in virtual_stages if v > 1], "any": list(virtual_stages)}[self.search_virtual]
+        out = []
+        for n in ns:
+            for v in vs:
+                for part in (self.partitions if n > 1 else ("uniform",)):
+                    out.append((n, v, part, False))
+                if self.default_exchange and n > 1:
+                    out.append((n, v, "uniform", True))
+        return out
+
+    def exchange_default(self, slices: int) -> bool:
+        return self.default_exchange and slices > 1
 
     def validate(self, spec: PlanSpec) -> None:
         if not self.allows_slices and spec.slices != 1:
@@ -29,6 +101,20 @@ class Family:
                             f"use interleaved-1f1b, looped-bfs, seq1f1b or slimpipe for virtual stages")
         if self.check is not None:
             self.check(spec)
+
+
+def flat_bubble(p: int, m: int, n: int, v: int) -> float:
+    """(p-1)/(m*n + p-1): one chunk's work per rank (GPipe, 1F1B)."""
+    return (p - 1) / (m * n + p - 1)
+
+
+def chunked_bubble(p: int, m: int, n: int, v: int) -> float:
+    """(p-1)/(v*m*n + p-1): v chunks' work per rank, the fill paid once."""
+    return (p - 1) / (v * m * n + p - 1)
+
+
+def all_units(p: int, m: int, n: int, v: int) -> int:
+    return m * n * v
 
 
 def bounded_inflight(fwd: list[Instr], bwd: list[Instr], limit: int) -> list[Instr]:

@@ -3,7 +3,7 @@ min(2(p-r-1) + (v-1)p, m*v), then 1F1B steps. Needs m % p == 0 when v > 1."""
 from ir import PlanSpec, SpecError
 
 from . import onef1b
-from .common import Family, Order, bounded_inflight, megatron_interleaved
+from .common import Family, Order, bounded_inflight, chunked_bubble, megatron_interleaved
 
 
 def check(spec: PlanSpec) -> None:
@@ -21,4 +21,15 @@ def generate(spec: PlanSpec) -> Order:
     return [bounded_inflight(fwd, bwd, min(2 * (p - r - 1) + (v - 1) * p, m * v) + 1) for r in range(p)]
 
 
-FAMILY = Family("interleaved-1f1b", "Megatron virtual-pipeline 1F1B", generate, allows_slices=False, check=check)
+def peak_units(p: int, m: int, n: int, v: int) -> int:
+    total = m * n * v
+    return min(p, total) if v == 1 else min((v - 1) * p + 2 * (p - 1) + 1, total)
+
+
+def fit(p: int, m: int, n: int, v: int) -> tuple[int, int, int, int]:
+    return p, (p * max(1, m // p) if v > 1 else m), n, v
+
+
+FAMILY = Family("interleaved-1f1b", "Megatron virtual-pipeline 1F1B", generate, allows_slices=False, check=check,
+                inflight="min(2(p-r-1) + (v-1)p, m*v) + 1", bubble=chunked_bubble, peak_units=peak_units, fit=fit,
+                search_virtual="above_one", compare=lambda p, m, vs: [(1, v) for v in vs if v > 1 and m % p == 0])

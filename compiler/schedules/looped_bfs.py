@@ -3,7 +3,7 @@ micro-batch (slices ascending); then for each chunk descending, backward every m
 (slices descending)."""
 from ir import B, F, PlanSpec
 
-from .common import Family, Order
+from .common import Family, Order, all_units, chunked_bubble
 
 
 def generate(spec: PlanSpec) -> Order:
@@ -13,4 +13,8 @@ def generate(spec: PlanSpec) -> Order:
     return [fwd + bwd for _ in range(spec.pp)]
 
 
-FAMILY = Family("looped-bfs", "breadth-first over looping chunks (BFPP)", generate)
+FAMILY = Family("looped-bfs", "breadth-first over looping chunks (BFPP)", generate,
+                inflight="every unit (m*n*v)", bubble=chunked_bubble, peak_units=all_units,
+                exact=lambda p, m, n, v: m * n >= p, fit=lambda p, m, n, v: (p, max(m, -(-p // n)), n, v),
+                search_slices=False, search_virtual="above_one",
+                compare=lambda p, m, vs: [(1, v) for v in vs if v > 1 and m >= p])

@@ -10,7 +10,7 @@ beyond the warm-up. Needs m % ceil(p/n) == 0.
 """
 from ir import PlanSpec, SpecError
 
-from .common import Family, Order, bounded_inflight, lexicographic, megatron_interleaved
+from .common import Family, Order, bounded_inflight, chunked_bubble, lexicographic, megatron_interleaved
 
 
 def group_microbatches(spec: PlanSpec) -> int:
@@ -37,4 +37,22 @@ def generate(spec: PlanSpec) -> Order:
             for r in range(p)]
 
 
-FAMILY = Family("seq1f1b", "sequence-level 1F1B (Seq1F1B)", generate, check=check)
+def peak_units(p: int, m: int, n: int, v: int) -> int:
+    """Rank 0's warm-up + 1; for v > 1 a lower bound where n does not divide p."""
+    total = m * n * v
+    if v == 1:
+        return min(p + n - 1, total)
+    g = n * -(-p // n)
+    return min((v - 1) * g + 2 * (p - 1) + n, total)
+
+
+def fit(p: int, m: int, n: int, v: int) -> tuple[int, int, int, int]:
+    k = -(-p // n)
+    return p, (k * max(1, m // k) if v > 1 else m), n, v
+
+
+FAMILY = Family("seq1f1b", "sequence-level 1F1B (Seq1F1B)", generate, check=check,
+                inflight="min(p-r-1 + n-1, m*n) + 1; v > 1: min((v-1)G + 2(p-r-1) + n-1, m*v*n) + 1, G = n*ceil(p/n)",
+                bubble=chunked_bubble, peak_units=peak_units, peak_exact=lambda p, m, n, v: v == 1, fit=fit,
+                partitions=("uniform", "flops"), compare_partition="flops",
+                compare=lambda p, m, vs: [(n, v) for n in (2, 4, 8, 16, 32) for v in vs[:2]])

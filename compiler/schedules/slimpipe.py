@@ -4,7 +4,7 @@ divisor of n with g >= p; for each cycle of g slices, for each chunk, the g slic
 the exact reverse. Needs n >= p when v > 1."""
 from ir import B, F, PlanSpec, SpecError
 
-from .common import Family, Order, bounded_inflight
+from .common import Family, Order, bounded_inflight, chunked_bubble
 
 
 def check(spec: PlanSpec) -> None:
@@ -35,4 +35,8 @@ def generate(spec: PlanSpec) -> Order:
     return [bounded_inflight(fwd, bwd, n * v + 2 * (p - r - 1)) for r in range(p)]
 
 
-FAMILY = Family("slimpipe", "uniform slices, n*v + 2(p-r-1) units in flight (SlimPipe)", generate, check=check)
+FAMILY = Family("slimpipe", "uniform slices, n*v + 2(p-r-1) units in flight (SlimPipe)", generate, check=check,
+                inflight="n*v + 2(p-r-1)", bubble=chunked_bubble,
+                peak_units=lambda p, m, n, v: min(n * v + 2 * (p - 1), m * n * v),
+                fit=lambda p, m, n, v: (p, m, (max(n, p) if v > 1 else n), v), default_exchange=True,
+                compare=lambda p, m, vs: [(n, v) for n in (8, 16, 32, 64) for v in vs if v == 1 or n >= p])

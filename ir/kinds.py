@@ -1,0 +1,130 @@
+"""The table of instruction kinds: what each kind is, in one place.
+
+Every pass (replay, validate, memory, costs, simulate, trace, lower, grid, exchange) reads this
+table instead of testing kinds by hand, so adding a kind is one row here plus its handler.
+A kind that is not in the table is unknown: `parse` refuses it, `validate` reports it (rule
+"kind") and `replay` raises.
+
+Columns (KindInfo):
+    role       compute | send | receive | kv | collective | optimizer
+    fields     the text tokens it carries, in canonical order (mb, s, c, to/from, x, t)
+    cost       unit-cost class of a compute kind: forward | backward (fused: input and weight
+               gradients) | backward_input | backward_weight; None for the others
+    unit_cost  its duration in unit-cost simulation (F = 1, B = 2; communication free)
+    memory     its effect on the rank's memory: save (the unit's activations are kept) | free
+               (all of the unit's saved state is released) | None
+    phase      compute: forward | backward; p2p: the stream it carries (activation forward,
+               gradient backward); kv: the compute phase it serves
+    side       kv: owner | partner
+    match      send <-> receive and kv owner <-> partner counterpart
+    receives   compute: the receive kind that brings its input from another rank
+    sends      compute: the send kind that carries its output to another rank
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("compute", "send", "receive", "kv", "collective", "optimizer")
+COST_CLASSES = ("forward", "backward", "backward_input", "backward_weight")
+MEMORY_EFFECTS = ("save", "free")
+
+
+class Kind:
+    """Instruction kinds (plain strings: cheap to compare in hot loops, readable in JSON)."""
+
+    F = "F"
+    B = "B"
+    SEND_ACT = "SEND_ACT"
+    RECV_ACT = "RECV_ACT"
+    SEND_GRAD = "SEND_GRAD"
+    RECV_GRAD = "RECV_GRAD"
+    KVF_SEND = "KVF_SEND"
+    KVF_RECV = "KVF_RECV"
+    KVB_SEND = "KVB_SEND"
+    KVB_RECV = "KVB_RECV"
+    OPT = "OPT"
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    name: str
+    role: str
+    fields: tuple[str, ...]
+    summary: str
+    cost: str | None = None
+    unit_cost: float = 0.0
+    memory: str | None = None
+    phase: str | None = None
+    side: str | None = None
+    match: str | None = None
+    receives: str | None = None
+    sends: str | None = None
+
+    @property
+    def is_compute(self) -> bool:
+        return self.role == "compute"
+
+
+_UNIT = ("mb", "s", "c")
+_ROWS = (
+    KindInfo(Kind.F, "compute", _UNIT, "forward unit", cost="forward", unit_cost=1.0, memory="save",
+             phase="forward", receives=Kind.RECV_ACT, sends=Kind.SEND_ACT),
+    KindInfo(Kind.B, "compute", _UNIT, "backward unit (input and weight gradients)", cost="backward", unit_cost=2.0,
+             memory="free", phase="backward", receives=Kind.RECV_GRAD, sends=Kind.SEND_GRAD),
+    KindInfo(Kind.SEND_ACT, "send", _UNIT + ("to", "t"), "send a unit's output activation to the next stage's rank",
+             phase="forward", match=Kind.RECV_ACT),
+    KindInfo(Kind.RECV_ACT, "receive", _UNIT + ("from", "t"), "receive a unit's input activation",
+             phase="forward", match=Kind.SEND_ACT),
+    KindInfo(Kind.SEND_GRAD, "send", _UNIT + ("to", "t"), "send a unit's input gradient to the previous stage's rank",
+             phase="backward", match=Kind.RECV_GRAD),
+    KindInfo(Kind.RECV_GRAD, "receive", _UNIT + ("from", "t"), "receive a unit's output gradient",
+             phase="backward", match=Kind.SEND_GRAD),
+    KindInfo(Kind.KVF_SEND, "kv", _UNIT + ("to", "x", "t"), "forward KV exchange, owner side",
+             phase="forward", side="owner", match=Kind.KVF_RECV),
+    KindInfo(Kind.KVF_RECV, "kv", _UNIT + ("from", "x", "t"), "forward KV exchange, partner side",
+             phase="forward", side="partner", match=Kind.KVF_SEND),
+    KindInfo(Kind.KVB_SEND, "kv", _UNIT + ("to", "x", "t"), "backward KV exchange, owner side",
+             phase="backward", side="owner", match=Kind.KVB_RECV),
+    KindInfo(Kind.KVB_RECV, "kv", _UNIT + ("from", "x", "t"), "backward KV exchange, partner side",
+             phase="backward", side="partner", match=Kind.KVB_SEND),
+    KindInfo(Kind.OPT, "optimizer", (), "optimizer step"),
+)
+
+KINDS: dict[str, KindInfo] = {k.name: k for k in _ROWS}
+
+
+def info(kind: str) -> KindInfo | None:
+    """The table row of `kind`, None if unknown."""
+    return KINDS.get(kind)
+
+
+def kinds_where(**want) -> frozenset[str]:
+    """Kinds whose row has every given column value, e.g. kinds_where(role="send")."""
+    return frozenset(k for k, row in KINDS.items() if all(getattr(row, c) == v for c, v in want.items()))
+
+
+# derived views (frozensets / dicts: what the hot loops test against)
+ROLE: dict[str, str] = {k: row.role for k, row in KINDS.items()}
+UNIT_COST: dict[str, float] = {k: row.unit_cost for k, row in KINDS.items()}
+FIELDS: dict[str, tuple[str, ...]] = {k: row.fields for k, row in KINDS.items()}
+COMPUTE = kinds_where(role="compute")
+FORWARD = kinds_where(role="compute", phase="forward")
+BACKWARD = kinds_where(role="compute", phase="backward")
+SENDS = kinds_where(role="send")
+RECVS = kinds_where(role="receive")
+P2P = SENDS | RECVS
+KV_OWNER = kinds_where(role="kv", side="owner")
+KV_PARTNER = kinds_where(role="kv", side="partner")
+KV = KV_OWNER | KV_PARTNER
+ALL_KINDS = frozenset(KINDS)
+# send kind -> the receive kind it matches, and back (kv owner <-> partner likewise)
+MATCH: dict[str, str] = {k: row.match for k, row in KINDS.items() if row.match}
+
+
+def kv_kind(phase: str, side: str) -> str:
+    """The KV-exchange kind serving a compute unit of `phase` (forward/backward), on `side` (owner/partner)."""
+    return next(k for k, row in KINDS.items() if row.role == "kv" and row.phase == phase and row.side == side)
+
+
+def allowed_kinds() -> str:
+    return ", ".join(KINDS)
