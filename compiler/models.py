@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from ir import ModelConfig, SpecError, pydantic_message, read_user_json
+from ir.hfconfig import model_fields
 
 PRESETS: dict[str, dict] = {
     # tiny: for tests and the CPU demo (runs in seconds under torchrun/gloo)
@@ -14,34 +15,14 @@ PRESETS: dict[str, dict] = {
 }
 DEFAULT_SEQ = {"tiny": 128}
 
-_HF_KEYS = {
-    "num_hidden_layers": "layers",
-    "hidden_size": "hidden",
-    "num_attention_heads": "heads",
-    "num_key_value_heads": "kv_heads",
-    "intermediate_size": "ffn",
-    "vocab_size": "vocab",
-}
 
 
 def _from_config_json(path: str) -> dict:
     cfg = read_user_json(path, "--model", f"a preset ({', '.join(PRESETS)}) or a config.json path")
-    if not isinstance(cfg, dict):
-        raise SpecError(f"--model {path!r}: config must be a JSON object with {', '.join(_HF_KEYS)}")
-    out = {}
-    for hf, ours in _HF_KEYS.items():
-        if hf in cfg:
-            out[ours] = cfg[hf]
-    out.setdefault("kv_heads", out.get("heads"))
-    missing = [hf for hf, ours in _HF_KEYS.items() if out.get(ours) is None]
-    if missing:
-        raise SpecError(f"--model {path!r}: config.json lacks {', '.join(missing)}")
-    for hf, ours in _HF_KEYS.items():
-        val = out[ours]
-        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-            raise SpecError(f"--model {path!r}: {hf}={val!r} must be a positive integer")
-    out["name"] = str(cfg.get("_name_or_path") or cfg.get("model_type") or path)
-    return out
+    fields = model_fields(cfg, f"--model {path!r}")
+    if fields.get("head_dim") == fields["hidden"] // fields["heads"] and fields["hidden"] % fields["heads"] == 0:
+        del fields["head_dim"]  # redundant: let --hidden / --heads overrides scale it
+    return fields
 
 
 def resolve_model(model: str, overrides: dict | None = None) -> ModelConfig:

@@ -1,12 +1,16 @@
 """A Llama-style decoder as plain functions over a {name: tensor} parameter dict.
 
 Embedding, per layer RMSNorm -> GQA attention with RoPE (absolute positions) -> residual ->
-RMSNorm -> SwiGLU MLP -> residual, then final RMSNorm, untied LM head and token cross-entropy.
+RMSNorm -> SwiGLU MLP -> residual, then final RMSNorm, LM head and token cross-entropy. The
+ModelConfig's variant fields are honoured here: head_dim, q/k/v/o and MLP biases, Qwen3's per-head
+q/k norms, tied embeddings (the last stage's head is "embed"), rms_eps, rope_theta and the
+linear / llama3 RoPE scalings.
 Each parameter is initialised from its own generator seeded by (seed, name), so a rank can build
 exactly its stages' parameters and any rank can build the full reference model.
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -17,9 +21,16 @@ ROPE_THETA = 10000.0
 INIT_STD = 0.02
 
 
-def layer_names(i: int) -> list[str]:
+def layer_names(i: int, cfg=None) -> list[str]:
+    """Parameter names of decoder layer i (with cfg: also its biases and q/k norms)."""
     p = f"layers.{i}."
-    return [p + n for n in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w1", "w3", "w2")]
+    names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w1", "w3", "w2"]
+    if cfg is not None:
+        names += ["bq", "bk", "bv"] if cfg.qkv_bias else []
+        names += ["bo"] if cfg.o_bias else []
+        names += ["b1", "b3", "b2"] if cfg.mlp_bias else []
+        names += ["q_norm", "k_norm"] if cfg.qk_norm else []
+    return [p + n for n in names]
 
 
 def param_shape(cfg, name: str) -> tuple[int, ...]:
@@ -33,22 +44,61 @@ def param_shape(cfg, name: str) -> tuple[int, ...]:
     short = name.rsplit(".", 1)[-1]
     return {"attn_norm": (h,), "mlp_norm": (h,), "wq": (cfg.heads * d, h), "wk": (cfg.kv_heads * d, h),
             "wv": (cfg.kv_heads * d, h), "wo": (h, cfg.heads * d), "w1": (cfg.ffn, h), "w3": (cfg.ffn, h),
-            "w2": (h, cfg.ffn)}[short]
+            "w2": (h, cfg.ffn), "bq": (cfg.heads * d,), "bk": (cfg.kv_heads * d,), "bv": (cfg.kv_heads * d,),
+            "bo": (h,), "b1": (cfg.ffn,), "b3": (cfg.ffn,), "b2": (h,), "q_norm": (d,), "k_norm": (d,)}[short]
 
 
 def stage_param_names(spec, stage: int) -> list[str]:
-    """Parameters of one pipeline stage, in a fixed order."""
+    """Parameters of one pipeline stage, in a fixed order. With tied embeddings the last stage
+    holds "embed" (the same matrix as stage 0's) in place of "lm_head"."""
+    cfg = spec.model
     first = spec.stage_first_layer()[stage]
     names = ["embed"] if stage == 0 else []
     for i in range(first, first + spec.stage_layers[stage]):
-        names += layer_names(i)
+        names += layer_names(i, cfg)
     if stage == spec.num_stages - 1:
-        names += ["norm", "lm_head"]
+        names += ["norm"]
+        if not cfg.tie_embeddings:
+            names += ["lm_head"]
+        elif stage != 0:
+            names += ["embed"]
     return names
 
 
 def all_param_names(spec) -> list[str]:
-    return [n for s in range(spec.num_stages) for n in stage_param_names(spec, s)]
+    """Every parameter of the model once, in stage order."""
+    return list(dict.fromkeys(n for s in range(spec.num_stages) for n in stage_param_names(spec, s)))
+
+
+def stage_params(spec, stages, make) -> list[dict]:
+    """{name: parameter} of each of `stages` (one rank's chunks), parameters built by make(name);
+    a name two chunks share (tied embeddings on one rank) is one Parameter object."""
+    made: dict = {}
+    out = []
+    for s in stages:
+        P = {}
+        for n in stage_param_names(spec, s):
+            if n not in made:
+                made[n] = make(n)
+            P[n] = made[n]
+        out.append(P)
+    return out
+
+
+def unique_params(params: list[dict]) -> list:
+    """The distinct parameters of stage_params' dicts (for the optimizer)."""
+    return list({id(p): p for P in params for p in P.values()}.values())
+
+
+def unsupported(spec) -> str | None:
+    """Why the executor cannot run a spec's model, or None. Tied embeddings are one Parameter when
+    stage 0 and the last stage share a rank; across ranks their gradients would need summing."""
+    cfg = spec.model
+    owner = spec.stage_rank()
+    if cfg.tie_embeddings and owner[0] != owner[-1]:
+        return (f"tie_word_embeddings=true with the embedding on rank {owner[0]} and the LM head on rank "
+                f"{owner[-1]} is not supported by the executor (tied weights need both on one rank)")
+    return None
 
 
 def init_param(cfg, name: str, seed: int, device="cpu", dtype=torch.float32) -> torch.nn.Parameter:
@@ -56,6 +106,8 @@ def init_param(cfg, name: str, seed: int, device="cpu", dtype=torch.float32) -> 
     shape = param_shape(cfg, name)
     if name.endswith("norm"):
         t = torch.ones(shape)
+    elif name.rsplit(".", 1)[-1].startswith("b"):
+        t = torch.zeros(shape)
     else:
         g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
         t = torch.randn(shape, generator=g) * INIT_STD
@@ -76,9 +128,9 @@ class RMSNorm(torch.autograd.Function):
     x * rstd and the output.)"""
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(ctx, x, w, eps=EPS):
         xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, rstd, w)
         return (xf * rstd).to(x.dtype) * w
 
@@ -93,17 +145,17 @@ class RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dn = (dy * w).float()
             dx = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
-        return dx, dw
+        return dx, dw, None
 
 
-def rmsnorm(x, w):
-    return RMSNorm.apply(x, w)
+def rmsnorm(x, w, eps=EPS):
+    return RMSNorm.apply(x, w, eps)
 
 
-def rmsnorm_reference(x, w):
+def rmsnorm_reference(x, w, eps=EPS):
     """The same norm under plain autograd (what RMSNorm must match)."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * w
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
 class SwiGLUDown(torch.autograd.Function):
@@ -139,9 +191,33 @@ def swiglu_down_reference(gate, up, w2):
     return (F.silu(gate) * up) @ w2.t()
 
 
-def rope_tables(head_dim: int, start: int, length: int, device, dtype):
-    """cos/sin for absolute positions start .. start+length-1: [length, head_dim]."""
-    inv = 1.0 / (ROPE_THETA ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+def rope_inv_freq(cfg, device="cpu") -> torch.Tensor:
+    """Inverse frequencies of RoPE for a ModelConfig (or a bare head_dim: theta 10000): rope_theta,
+    "linear" scaling (positions / factor) and Llama 3.1's "llama3" band-wise rescaling, as in
+    transformers' modeling_rope_utils."""
+    if isinstance(cfg, int):
+        d, theta, kind = cfg, ROPE_THETA, "default"
+    else:
+        d, theta, kind = cfg.head_dim, cfg.rope_theta, cfg.rope_type
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
+    if kind == "linear":
+        inv = inv / cfg.rope_factor
+    elif kind == "llama3":
+        factor, lo, hi, old = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_pos
+        low_wavelen, high_wavelen = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_tables(cfg, start: int, length: int, device, dtype):
+    """cos/sin for absolute positions start .. start+length-1: [length, head_dim]. `cfg` is the
+    ModelConfig (or, for the default RoPE, just the head dim)."""
+    inv = rope_inv_freq(cfg, device)
     pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
     ang = torch.outer(pos, inv)
     ang = torch.cat([ang, ang], dim=-1)
@@ -159,18 +235,23 @@ def layer_forward(P: dict, i: int, cfg, x, cos, sin, attend):
     """One decoder layer. `attend(q, k, v)` ([b, heads, seq, d] tensors) is the attention core."""
     p = f"layers.{i}."
     b, s, _ = x.shape
-    d = cfg.head_dim
-    h = rmsnorm(x, P[p + "attn_norm"])
-    q = (h @ P[p + "wq"].t()).view(b, s, cfg.heads, d).transpose(1, 2)
-    k = (h @ P[p + "wk"].t()).view(b, s, cfg.kv_heads, d).transpose(1, 2)
-    v = (h @ P[p + "wv"].t()).view(b, s, cfg.kv_heads, d).transpose(1, 2)
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    d, eps = cfg.head_dim, cfg.rms_eps
+    h = rmsnorm(x, P[p + "attn_norm"], eps)
+    q = F.linear(h, P[p + "wq"], P.get(p + "bq")).view(b, s, cfg.heads, d)
+    k = F.linear(h, P[p + "wk"], P.get(p + "bk")).view(b, s, cfg.kv_heads, d)
+    v = F.linear(h, P[p + "wv"], P.get(p + "bv")).view(b, s, cfg.kv_heads, d).transpose(1, 2)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+        q, k = rmsnorm(q, P[p + "q_norm"], eps), rmsnorm(k, P[p + "k_norm"], eps)
+    q, k = rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin)
     a = attend(q, k, v.contiguous())
     # SliceAttention returns a [b, heads, s, d] view of [b, s, heads, d] memory: this is a view, so
     # the out-projection's saved input is the attention's saved output (no second copy)
-    x = x + a.transpose(1, 2).reshape(b, s, cfg.heads * d) @ P[p + "wo"].t()
-    h = rmsnorm(x, P[p + "mlp_norm"])
-    return x + swiglu_down(h @ P[p + "w1"].t(), h @ P[p + "w3"].t(), P[p + "w2"])
+    x = x + F.linear(a.transpose(1, 2).reshape(b, s, cfg.heads * d), P[p + "wo"], P.get(p + "bo"))
+    h = rmsnorm(x, P[p + "mlp_norm"], eps)
+    y = swiglu_down(F.linear(h, P[p + "w1"], P.get(p + "b1")), F.linear(h, P[p + "w3"], P.get(p + "b3")), P[p + "w2"])
+    if cfg.mlp_bias:
+        y = y + P[p + "b2"]
+    return x + y
 
 
 class HeadCrossEntropy(torch.autograd.Function):
@@ -203,15 +284,21 @@ class HeadCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None
 
 
-def head_loss(P: dict, x, labels, denom: float):
+def head_weight(P: dict):
+    """The LM head matrix: "lm_head", or the embedding when they are tied."""
+    w = P.get("lm_head")
+    return P["embed"] if w is None else w
+
+
+def head_loss(P: dict, x, labels, denom: float, eps: float = EPS):
     """Final norm, LM head and the summed token cross-entropy divided by `denom`."""
-    return HeadCrossEntropy.apply(rmsnorm(x, P["norm"]), P["lm_head"], labels, denom)
+    return HeadCrossEntropy.apply(rmsnorm(x, P["norm"], eps), head_weight(P), labels, denom)
 
 
-def head_loss_reference(P: dict, x, labels, denom: float):
+def head_loss_reference(P: dict, x, labels, denom: float, eps: float = EPS):
     """head_loss under plain autograd (what the custom Functions must match)."""
-    h = rmsnorm_reference(x, P["norm"])
-    logits = h @ P["lm_head"].t()
+    h = rmsnorm_reference(x, P["norm"], eps)
+    logits = h @ head_weight(P).t()
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
     return ce / denom
 
@@ -222,17 +309,18 @@ def full_causal(q, k, v):
     return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=True)
 
 
-def reference_loss(spec, P: dict, step: int, device="cpu"):
+def reference_loss(spec, P: dict, step: int, device="cpu", batch=None):
     """The unsliced, unpipelined model on the step's batch: mean token loss per micro-batch,
-    averaged over micro-batches (what the pipelined step computes)."""
+    averaged over micro-batches (what the pipelined step computes). batch(mb) gives the tokens
+    (default: the synthetic batch_tokens of the step)."""
     cfg = spec.model
     m = spec.microbatches
-    cos, sin = rope_tables(cfg.head_dim, 0, spec.seq_len, device, P["embed"].dtype)
+    cos, sin = rope_tables(cfg, 0, spec.seq_len, device, P["embed"].dtype)
     total = 0.0
     for mb in range(m):
-        tok = batch_tokens(spec, step, mb, device)
+        tok = (batch(mb) if batch is not None else batch_tokens(spec, step, mb)).to(device)
         x = P["embed"][tok[:, :-1]]
         for i in range(cfg.layers):
             x = layer_forward(P, i, cfg, x, cos, sin, full_causal)
-        total = total + head_loss(P, x, tok[:, 1:], spec.micro_batch_size * spec.seq_len * m)
+        total = total + head_loss(P, x, tok[:, 1:], spec.micro_batch_size * spec.seq_len * m, cfg.rms_eps)
     return total

@@ -12,9 +12,8 @@ class Parameters:
 
     def __init__(self, spec, stages, device, dtype, lr: float):
         cfg = spec.model
-        self.chunks = [{n: M.init_param(cfg, n, spec.seed, device, dtype) for n in M.stage_param_names(spec, s)}
-                       for s in stages]
-        self.flat = [p for P in self.chunks for p in P.values()]
+        self.chunks = M.stage_params(spec, stages, lambda n: M.init_param(cfg, n, spec.seed, device, dtype))
+        self.flat = M.unique_params(self.chunks)  # a tied embedding held by two chunks is one Parameter
         self.optimizer = torch.optim.AdamW(self.flat, lr=lr) if self.flat else None
 
     def storage_ptrs(self):

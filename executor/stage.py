@@ -168,7 +168,7 @@ class Stage:
             if mb not in self.kv:
                 self.kv[mb] = [[None] * spec.slices for _ in range(self.layers)]
                 self.acc[mb] = [[None] * spec.slices for _ in range(self.layers)]
-            cos, sin = M.rope_tables(cfg.head_dim, off, ln, self.device, self.dtype)
+            cos, sin = M.rope_tables(cfg, off, ln, self.device, self.dtype)
             key = (mb, c)
             for li in range(self.layers):
                 lc = LayerCtx(self.env, u, li, None, self.acc[mb][li], key, tr)
@@ -177,7 +177,7 @@ class Stage:
             if self.is_last:
                 tok = self.batches.tokens(mb)
                 denom = spec.micro_batch_size * spec.seq_len * spec.microbatches
-                x = M.head_loss(P, x, tok[:, 1 + off:1 + off + ln], denom)
+                x = M.head_loss(P, x, tok[:, 1 + off:1 + off + ln], denom, cfg.rms_eps)
                 loss = float(x.detach())
         u.y = x
         if self.next_local is not None:

@@ -46,7 +46,7 @@ def pydantic_message(err: ValidationError, prefix: str = "") -> str:
 def to_dict(plan: Plan) -> dict:
     return {
         "schema_version": plan.schema_version,
-        "spec": plan.spec.model_dump(mode="json"),
+        "spec": {**plan.spec.model_dump(mode="json"), "model": plan.spec.model.to_json()},
         "meta": plan.meta,
         "ranks": [[to_text(i) for i in r] for r in plan.ranks],
     }

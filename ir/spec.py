@@ -3,14 +3,29 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 # Strict scalars: a plan's JSON must say 4, not 4.0, "4" or true (lax pydantic would coerce them).
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+VARIANT_FIELDS = ("head_dim", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "tie_embeddings", "rms_eps", "rope_theta",
+                  "rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_pos",
+                  "sliding_window")
+
+
 class ModelConfig(BaseModel):
-    """Llama-style decoder dimensions (GQA attention, SwiGLU MLP with `ffn` intermediate size)."""
+    """Llama-style decoder (GQA attention with RoPE, SwiGLU MLP with `ffn` intermediate size) and
+    every variant knob of the supported families (Llama, Mistral, Qwen2, Qwen3). Each field changes
+    the model, so the cost and memory models and the executor all honour it; the defaults are the
+    plain Llama-style decoder of plans written before the field existed (schema compatible).
+
+    head_dim defaults to hidden // heads; qkv_bias / o_bias: biases of the q/k/v and the output
+    projections (Qwen2: q/k/v only); qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3);
+    tie_embeddings: the LM head is the embedding matrix; sliding_window: attention window in tokens
+    (None: full causal; a plan refuses a window shorter than its sequence); rope_type "linear" divides
+    positions by rope_factor, "llama3" rescales low frequencies (Llama 3.1)."""
 
     model_config = _FROZEN
     name: StrictStr = "custom"
@@ -20,18 +35,58 @@ class ModelConfig(BaseModel):
     kv_heads: StrictInt = Field(ge=1)
     ffn: StrictInt = Field(ge=1)
     vocab: StrictInt = Field(ge=1)
+    head_dim: StrictInt = Field(ge=1)
+    qkv_bias: StrictBool = False
+    o_bias: StrictBool = False
+    mlp_bias: StrictBool = False
+    qk_norm: StrictBool = False
+    tie_embeddings: StrictBool = False
+    rms_eps: StrictFloat = Field(default=1e-5, gt=0)
+    rope_theta: StrictFloat = Field(default=10000.0, gt=0)
+    rope_type: Literal[ROPE_TYPES] = "default"
+    rope_factor: StrictFloat = Field(default=1.0, gt=0)
+    rope_low_freq_factor: StrictFloat = Field(default=1.0, gt=0)
+    rope_high_freq_factor: StrictFloat = Field(default=4.0, gt=0)
+    rope_original_max_pos: StrictInt = Field(default=8192, ge=1)
+    sliding_window: StrictInt | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_head_dim(cls, data):
+        if isinstance(data, dict) and data.get("head_dim") is None:
+            hidden, heads = data.get("hidden"), data.get("heads")
+            if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden > 0:
+                if hidden % heads:
+                    raise ValueError(f"hidden={hidden} must be divisible by heads={heads} (or give head_dim)")
+                data = {**data, "head_dim": hidden // heads}
+        return data
 
     @model_validator(mode="after")
     def _dims(self):
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads={self.heads} must be divisible by kv_heads={self.kv_heads}")
         return self
 
+    def to_json(self) -> dict:
+        """The JSON form: the dimensions, and the variant fields only where they differ from the
+        plain decoder (head_dim only when it is not hidden / heads), so a plain model's plan reads
+        as it did before those fields existed."""
+        d = self.model_dump(mode="json")
+        plain = {"head_dim": self.hidden // self.heads if self.hidden % self.heads == 0 else None}
+        for name, f in type(self).model_fields.items():
+            if name in VARIANT_FIELDS and d[name] == plain.get(name, f.default):
+                del d[name]
+        return d
+
     @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def q_dim(self) -> int:
+        """Width of the attention's query / output projection: heads * head_dim."""
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of one of the K / V projections: kv_heads * head_dim."""
+        return self.kv_heads * self.head_dim
 
 
 class PlanSpec(BaseModel):
@@ -83,6 +138,10 @@ class PlanSpec(BaseModel):
             raise ValueError(f"stage_layers needs {p * v} positive entries (one per stage)")
         if sum(self.stage_layers) != self.model.layers:
             raise ValueError(f"stage_layers sum to {sum(self.stage_layers)}, model has {self.model.layers} layers")
+        w = self.model.sliding_window
+        if w is not None and w < self.seq_len:
+            raise ValueError(f"sliding_window={w} is shorter than seq_len={self.seq_len}: sliding-window attention "
+                             f"is not supported (use --seq-len <= {w})")
         return self
 
     # derived layout (cheap; callers in hot loops should hoist them)

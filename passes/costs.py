@@ -200,13 +200,22 @@ def attention_pairs(s: float, prefix: float) -> float:
     return s * prefix + s * s / 2
 
 
+def bias_width(model) -> int:
+    """Bias entries of one decoder layer (each costs one add per token)."""
+    h, g, d = model.heads, model.kv_heads, model.head_dim
+    return ((h + 2 * g) * d if model.qkv_bias else 0) + (model.hidden if model.o_bias else 0) + \
+        (2 * model.ffn + model.hidden if model.mlp_bias else 0)
+
+
 def layer_flops(model, s: float, prefix: float, mlp_matrices: int = 3, elementwise: bool = True) -> tuple[float, float]:
     """(matmul + elementwise, attention) forward FLOPs of one decoder layer for one slice."""
-    H, h, g, F = model.hidden, model.heads, model.kv_heads, model.ffn
-    d = H // h
-    mm = 2 * s * H * (H + 2 * g * d) + 2 * s * H * H + 2 * s * H * F * mlp_matrices
+    H, h, g, F, d = model.hidden, model.heads, model.kv_heads, model.ffn, model.head_dim
+    mm = 2 * s * H * (h * d + 2 * g * d) + 2 * s * h * d * H + 2 * s * H * F * mlp_matrices
     if elementwise:
         mm += 8 * s * H + 3 * s * d * (h + g) + (4 * s * F if mlp_matrices == 3 else 0) + 2 * s * H
+        mm += s * bias_width(model)
+        if model.qk_norm:
+            mm += 4 * s * d * (h + g)
     attn = (4 * d + 3) * h * attention_pairs(s, prefix)
     return mm, attn
 
@@ -256,7 +265,7 @@ def unit_parts(model, s: int, prefix: int, backward: bool, tp: int, cp: int, pro
         t_attn *= math.ceil(chunk / FLASH_TILE) * FLASH_TILE / chunk if chunk > 0 else 1.0
         # the ring: cp-1 steps per layer pass the K/V blocks on (backward also returns dK/dV: twice
         # the steps); each step is a message with its latency, like the tp collectives and p2p sends
-        kv = 2 * model.kv_heads * (model.hidden // model.heads) * (prefix + s) * mbs * dtype_bytes / tp
+        kv = 2 * model.kv_heads * model.head_dim * (prefix + s) * mbs * dtype_bytes / tp
         steps = (cp - 1) * (2 if backward else 1)
         ring = layers * ((cp - 1) / cp * kv / prof.intra_bandwidth * (2 if backward else 1) + steps * prof.p2p_latency)
     t_tp = 0.0
@@ -351,7 +360,7 @@ class CostModel:
                 return L * sum(attention_call(mp, bwd, False, q, ln * b / div) for ln in spec.slice_lens[ins.mb][:ins.x])
             return L * attention_call(mp, bwd, False, q, self.offsets[ins.mb][ins.x] * b / div)
         pairs = spec.slice_lens[ins.mb][ins.slice] * self.offsets[ins.mb][ins.x]
-        f = (4 * (m.hidden // m.heads) + 3) * m.heads * pairs * L * spec.micro_batch_size / (spec.tp * spec.cp)
+        f = (4 * m.head_dim + 3) * m.heads * pairs * L * spec.micro_batch_size / (spec.tp * spec.cp)
         return f * (BWD_ATTN if bwd else 1.0) / (self.prof.peak_flops * self.prof.attn_efficiency)
 
     def kv_bytes(self, ins: Instr) -> float:
@@ -361,12 +370,12 @@ class CostModel:
         m = spec.model
         s = spec.slice_lens[ins.mb][ins.slice] * spec.micro_batch_size
         X = self.offsets[ins.mb][ins.x] * spec.micro_batch_size
-        kvd = 2 * m.kv_heads * (m.hidden // m.heads)
+        kvd = 2 * m.kv_heads * m.head_dim
         b = self.bytes
         if KINDS[ins.kind].phase == "forward":
-            total = (s * m.hidden + X * kvd) * b + s * m.hidden * b + s * m.heads * 4
+            total = (s * m.q_dim + X * kvd) * b + s * m.q_dim * b + s * m.heads * 4
         else:
-            total = (3 * s * m.hidden + X * kvd) * b + s * m.heads * 4 + (s * m.hidden + X * kvd) * b
+            total = (3 * s * m.q_dim + X * kvd) * b + s * m.heads * 4 + (s * m.q_dim + X * kvd) * b
         return total / (spec.tp * spec.cp)
 
     def kv_time(self, owner: int, partner: int, ins: Instr) -> float:

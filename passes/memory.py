@@ -13,7 +13,8 @@ norm on the last stage; / t):
 per unit in flight (from its F until its B), per decoder layer and token (flash attention, no
 recomputation, sequence parallel so everything divides by t):
     activations  (6H + 3F) b + 4h    : RMSNorm 1 in/out, q, attention out, RMSNorm 2 in/out (H
-                 each), SwiGLU gate, up and product (F each), the attention log-sum-exp (fp32)
+                 each; q and attention out are heads * head_dim wide, which is H unless the
+                 config sets head_dim apart: 4H + 2hd in general), SwiGLU gate, up and product (F each), the attention log-sum-exp (fp32)
                  + on the last stage 2H b per token (final norm and LM head inputs)
     kv_cache     2 g d b             : the unit's K and V, kept while any later slice needs them
                  (its own backward is the last to, so: from its F to its B)
@@ -40,6 +41,8 @@ logits (last stage, transient while one unit runs): fp32 logits and their gradie
                 (executor.model.SwiGLUDown) saves only gate and up (2F b; silu(gate) and the
                 product are recomputed in backward) -- one F b less than "fused", which keeps
                 the product for the down projection, and 8 bytes more (the two norms' fp32 rstd).
+                Qwen3's per-head q/k RMSNorms add their inputs and fp32 rstd: (h + g) d b +
+                4 (h + g). Biases save nothing (the matmuls keep only their inputs).
                 RoPE saves only its cos/sin tables, once per unit: + 2 d b per token (not per
                 layer). Last stage, per token: the final norm 2H b + 4 (input, rstd; its output
                 is the LM head's saved input) and the loss head's fp32 log-sum-exp, 4 bytes
@@ -64,8 +67,19 @@ DYNAMIC = ("activations", "kv_cache", "kv_grads", "logits")
 
 
 def layer_params(model) -> int:
-    H, g, d, F = model.hidden, model.kv_heads, model.hidden // model.heads, model.ffn
-    return H * (H + 2 * g * d) + H * H + 3 * H * F + 2 * H
+    """Weights of one decoder layer: q/k/v/o projections (head_dim may differ from hidden/heads),
+    SwiGLU MLP, two norms, and the optional biases and per-head q/k norms."""
+    H, h, g, d, F = model.hidden, model.heads, model.kv_heads, model.head_dim, model.ffn
+    n = H * (h * d + 2 * g * d) + h * d * H + 3 * H * F + 2 * H
+    if model.qkv_bias:
+        n += (h + 2 * g) * d
+    if model.o_bias:
+        n += H
+    if model.mlp_bias:
+        n += 2 * F + H
+    if model.qk_norm:
+        n += 2 * d
+    return n
 
 
 def rank_params(spec, rank: int) -> float:
@@ -73,12 +87,15 @@ def rank_params(spec, rank: int) -> float:
     m = spec.model
     last = spec.num_stages - 1
     tot = 0
-    for s in spec.placement[rank]:
+    stages = spec.placement[rank]
+    for s in stages:
         tot += spec.stage_layers[s] * layer_params(m)
         if s == 0:
             tot += m.vocab * m.hidden
         if s == last:
-            tot += m.vocab * m.hidden + m.hidden
+            tot += m.hidden
+            if not (m.tie_embeddings and 0 in stages):  # tied and on one rank: the head is the embedding
+                tot += m.vocab * m.hidden
     return tot / spec.tp
 
 
@@ -96,12 +113,14 @@ def _check_saves(saves: str) -> None:
 def per_token_layer(model, dtype_bytes: int = 2, saves: str = "fused") -> tuple[float, float]:
     """(activation, K/V) bytes per token per decoder layer, before dividing by tp."""
     _check_saves(saves)
-    H, h, g, F = model.hidden, model.heads, model.kv_heads, model.ffn
-    d = H // h
+    H, h, g, F, d = model.hidden, model.heads, model.kv_heads, model.ffn, model.head_dim
     kv = 2 * g * d * dtype_bytes
+    # per-head q/k norms (Qwen3) keep their inputs and fp32 rstd; the q and attention output widths
+    # are heads * head_dim (= H unless head_dim is set apart)
+    qkn = ((h + g) * d * dtype_bytes + 4 * (h + g)) if model.qk_norm else 0
     if saves == "executor":
-        return (6 * H + 2 * F) * dtype_bytes + 4 * h + 8, kv
-    return (6 * H + 3 * F) * dtype_bytes + 4 * h, kv
+        return (4 * H + 2 * h * d + 2 * F) * dtype_bytes + 4 * h + 8 + qkn, kv
+    return (4 * H + 2 * h * d + 3 * F) * dtype_bytes + 4 * h + qkn, kv
 
 
 def per_token_unit(model, last: bool, dtype_bytes: int = 2, saves: str = "fused") -> tuple[float, float]:
@@ -109,7 +128,7 @@ def per_token_unit(model, last: bool, dtype_bytes: int = 2, saves: str = "fused"
     the final norm / LM head inputs on the last stage, RoPE tables and the loss head's saved fp32
     log-sum-exp for saves="executor". Before dividing by tp."""
     _check_saves(saves)
-    H, d = model.hidden, model.hidden // model.heads
+    H, d = model.hidden, model.head_dim
     if saves == "executor":
         return 2 * d * dtype_bytes + (2 * H * dtype_bytes + 4 if last else 0), (4.0 if last else 0.0)
     return (2 * H * dtype_bytes if last else 0.0), 0.0

@@ -1,12 +1,12 @@
 """The executor model's memory-lean autograd Functions (RMSNorm, SwiGLU + down projection, LM head
 cross-entropy, the attention output layout) equal plain autograd, forward and gradients, and keep
 only what they are meant to keep."""
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from executor import model as M
+from ir import ModelConfig
 from executor.attention import SDPA, SliceAttention, default_scale
 from executor.metrics import ActivationTracker
 
@@ -83,7 +83,7 @@ def layer(cfg, P, x, reference):
                            lambda q, k, v: SliceAttention.apply(q.contiguous(), k, v, LC(default_scale(cfg.head_dim))))
 
 
-CFG = SimpleNamespace(hidden=32, heads=4, kv_heads=2, ffn=48, vocab=64, head_dim=8)
+CFG = ModelConfig(layers=1, hidden=32, heads=4, kv_heads=2, ffn=48, vocab=64)
 
 
 def test_layer_matches_plain_autograd(monkeypatch):
@@ -141,6 +141,6 @@ def test_layer_saves_six_h_two_f():
 
     per_token = (saved(64) - saved(32)) / 32
     cos_sin = 2 * CFG.head_dim * 4  # the RoPE tables, once per unit (not per layer)
-    model = SimpleNamespace(hidden=CFG.hidden, heads=CFG.heads, kv_heads=CFG.kv_heads, ffn=CFG.ffn)
+    model = CFG
     act, kv = per_token_layer(model, 4, "executor")
     assert per_token - cos_sin == act + kv
