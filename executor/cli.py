@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a Chrome/Perfetto trace of what ran: one event per executed instruction per rank and "
                         "step, named like `slimpipe trace`'s (compare: slimpipe simulate plan.json --against FILE.json)")
     p.add_argument("--check-only", action="store_true", help="load and check the plan (and SLIMPIPE_FAULT), run nothing")
+    p.add_argument("--hf-model", metavar="DIR", default=None,
+                   help="start from a Hugging Face Llama/Mistral/Qwen2/Qwen3 directory (config.json + safetensors); "
+                        "its config must be the plan's model (compile with --model DIR/config.json); each rank reads "
+                        "only its own layers. With --check-reference the reference is transformers' own model")
+    p.add_argument("--export-hf", metavar="DIR", default=None,
+                   help="after the last step write the weights as a Hugging Face directory (from_pretrained loads it)")
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help="train on a token file (.bin uint16/uint32 as nanoGPT/Megatron write them, .npy) or text "
+                        "(.txt/.jsonl with --tokenizer); default: synthetic tokens. Order: see executor/data.py")
+    p.add_argument("--tokenizer", metavar="FILE", default=None, help="tokenizer.json (tokenizers library) for text --data")
+    p.add_argument("--shuffle-seed", type=int, default=None,
+                   help="visit the --data windows in a seeded random order per epoch (default: file order)")
+    p.add_argument("--data-dtype", choices=["uint16", "uint32"], default=None,
+                   help=".bin token width (default: from Megatron's .idx, else uint16 if the vocabulary fits)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the plan check before running (huge plans; a wrong plan then fails at run time)")
     return p
@@ -116,6 +130,25 @@ def ignored_parallelism(plan) -> str:
             f"in `slimpipe simulate` still prices them)")
 
 
+def prepare_inputs(plan, opts) -> None:
+    """Check --hf-model, --export-hf and --data before any rank starts (a SpecError, exit 2, on
+    every rank alike, so none waits for another): the checkpoint's config is the plan's model and
+    its shards exist, the data's ids fit the vocabulary. The opened data goes to opts.data_source."""
+    from .data import make_source
+
+    if opts.hf_model is not None:
+        from .hf import Checkpoint, check_matches
+
+        check_matches(plan.spec, opts.hf_model)
+        Checkpoint(opts.hf_model)
+    if opts.export_hf is not None:
+        from .hf import _need_libs, check_export_dir
+
+        _need_libs("--export-hf")
+        check_export_dir(opts.export_hf)
+    opts.data_source = make_source(plan.spec, opts.data, 1, opts.tokenizer, opts.shuffle_seed, opts.data_dtype)
+
+
 def _fail(msg: str, code: int = 2) -> int:
     write_line(line(os.environ.get("RANK"), msg))
     return code
@@ -139,6 +172,10 @@ def _main(argv=None) -> int:
     try:
         plan = load_plan(opts.plan, check=not opts.no_check)
         fault_from_env(plan)
+    except ir.SlimpipeError as e:
+        return _fail(str(e), e.exit_code)
+    try:
+        prepare_inputs(plan, opts)
     except ir.SlimpipeError as e:
         return _fail(str(e), e.exit_code)
     ignored = ignored_parallelism(plan)

@@ -20,7 +20,7 @@ import torch
 from ir import Instr, Kind
 
 from .attention import default_scale
-from .data import SyntheticBatches
+from .data import StepBatches
 from .errors import ExecError, InjectedFault, PeerGone, UnitError
 from .faults import Injector, Watch, cause
 from .kv import Exchange, KVService
@@ -39,7 +39,8 @@ class Rank:
     """One rank's runtime: its stages, parameters and optimizer, and the dispatch table."""
 
     def __init__(self, plan, rank: int, transport, backend, *, device, dtype=torch.float32, lr=1e-3,
-                 timeout=300.0, check_reference=False, watch: Watch | None = None, fault=None, fault_at=None):
+                 timeout=300.0, check_reference=False, watch: Watch | None = None, fault=None, fault_at=None,
+                 source=None, hf_model: str | None = None):
         self.plan, self.spec, self.r = plan, plan.spec, rank
         self.stream = plan.ranks[rank]
         self.tp, self.backend, self.device, self.dtype = transport, backend, torch.device(device), dtype
@@ -53,9 +54,10 @@ class Rank:
         self.wire = WireTags(spec)
         self.kv = KVService(spec, dtype, transport, self.wire, backend, default_scale(spec.model.head_dim))
         self.waiter = Waiter(transport, self.watch, timeout, self.here, self.kv.serve)
-        self.params = Parameters(spec, spec.placement[rank], self.device, dtype, lr)
+        self.hf_model = hf_model
+        self.params = Parameters(spec, spec.placement[rank], self.device, dtype, lr, hf_model)
         self.tracker = ActivationTracker(self.params.storage_ptrs())
-        self.batches = SyntheticBatches(spec, self.device)
+        self.batches = StepBatches(spec, self.device, source)
         env = AttentionEnv(backend, self.kv.scale, self.kv, self.waiter.wait)
         self.stages = [Stage(spec, s, c, self.params.chunks[c], device=self.device, dtype=dtype, tracker=self.tracker,
                              env=env, batches=self.batches) for c, s in enumerate(spec.placement[rank])]
@@ -175,8 +177,10 @@ class Rank:
             if k is not None:
                 raise ExecError(f"rank {self.r}: unit mb{k[0]} s{k[1]} c{st.chunk} never ran backward")
         if self.check_reference and self.step == 0:
+            b = self.batches
             self.report.update(reference_check(self.spec, self.params.chunks, self.step, self.device, self.loss_sum,
-                                               self.holds_last))
+                                               self.holds_last, lambda mb: b.source.batch(self.step, mb, b.dp_rank),
+                                               self.hf_model))
 
     def run_step(self, step: int) -> dict:
         """Run the stream once; returns this rank's step figures."""

@@ -231,24 +231,31 @@ def rope(x, cos, sin):
     return x * cos + rot * sin
 
 
+def _proj(h, w, b=None):
+    """h @ w.t() (+ b). Not F.linear: its autograd keeps other tensors for backward than the plain
+    matmul (measured: 0.6% more saved bytes on the tiny model), and the memory model counts these."""
+    y = h @ w.t()
+    return y if b is None else y + b
+
+
 def layer_forward(P: dict, i: int, cfg, x, cos, sin, attend):
     """One decoder layer. `attend(q, k, v)` ([b, heads, seq, d] tensors) is the attention core."""
     p = f"layers.{i}."
     b, s, _ = x.shape
     d, eps = cfg.head_dim, cfg.rms_eps
     h = rmsnorm(x, P[p + "attn_norm"], eps)
-    q = F.linear(h, P[p + "wq"], P.get(p + "bq")).view(b, s, cfg.heads, d)
-    k = F.linear(h, P[p + "wk"], P.get(p + "bk")).view(b, s, cfg.kv_heads, d)
-    v = F.linear(h, P[p + "wv"], P.get(p + "bv")).view(b, s, cfg.kv_heads, d).transpose(1, 2)
+    q = _proj(h, P[p + "wq"], P.get(p + "bq")).view(b, s, cfg.heads, d)
+    k = _proj(h, P[p + "wk"], P.get(p + "bk")).view(b, s, cfg.kv_heads, d)
+    v = _proj(h, P[p + "wv"], P.get(p + "bv")).view(b, s, cfg.kv_heads, d).transpose(1, 2)
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
         q, k = rmsnorm(q, P[p + "q_norm"], eps), rmsnorm(k, P[p + "k_norm"], eps)
     q, k = rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin)
     a = attend(q, k, v.contiguous())
     # SliceAttention returns a [b, heads, s, d] view of [b, s, heads, d] memory: this is a view, so
     # the out-projection's saved input is the attention's saved output (no second copy)
-    x = x + F.linear(a.transpose(1, 2).reshape(b, s, cfg.heads * d), P[p + "wo"], P.get(p + "bo"))
+    x = x + _proj(a.transpose(1, 2).reshape(b, s, cfg.heads * d), P[p + "wo"], P.get(p + "bo"))
     h = rmsnorm(x, P[p + "mlp_norm"], eps)
-    y = swiglu_down(F.linear(h, P[p + "w1"], P.get(p + "b1")), F.linear(h, P[p + "w3"], P.get(p + "b3")), P[p + "w2"])
+    y = swiglu_down(_proj(h, P[p + "w1"], P.get(p + "b1")), _proj(h, P[p + "w3"], P.get(p + "b3")), P[p + "w2"])
     if cfg.mlp_bias:
         y = y + P[p + "b2"]
     return x + y

@@ -21,6 +21,7 @@ import torch
 from ir import KV, SlimpipeError
 
 from .collectives import gather
+from .data import make_source
 from .errors import PeerGone
 from .device import DTYPES, choose_backend, choose_device
 from .faults import Watch, cause, die, fault_from_env, line, write_line
@@ -50,8 +51,11 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
     f, at = fault if fault is not None else fault_from_env(plan)
     if f is not None and f.rank != rank:
         f = at = None
+    source = getattr(opts, "data_source", None) or make_source(plan.spec, opts.data, 1, opts.tokenizer,
+                                                              opts.shuffle_seed, opts.data_dtype)
     R = Rank(plan, rank, transport, backend, device=device, dtype=DTYPES[opts.dtype], lr=opts.lr,
-             timeout=opts.timeout, check_reference=opts.check_reference, watch=watch, fault=f, fault_at=at)
+             timeout=opts.timeout, check_reference=opts.check_reference, watch=watch, fault=f, fault_at=at,
+             source=source, hf_model=opts.hf_model)
     spec = plan.spec
     tokens = spec.microbatches * spec.micro_batch_size * spec.seq_len
     times, losses, peaks, cuda_peaks, timed = [], [], [], [], []
@@ -71,6 +75,12 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
         if rank == 0 and not opts.quiet:
             progress(step, opts.steps, loss, secs, tokens, opts, out)
     watch.step = opts.steps
+    if opts.export_hf:
+        from .hf import export_rank, raw_config
+
+        export_rank(opts.export_hf, spec, rank, R.params.chunks,
+                    lambda obj: gather(transport, watch, opts.timeout, obj, "the listing of the exported shards"),
+                    raw_config(opts.hf_model) if opts.hf_model else None)
     mine = {"peak_activation_bytes": max(peaks), "peak_rss_mib": peak_rss_mib(), **R.report}
     if opts.trace or opts.json:
         mine["timed"] = timed
