@@ -90,17 +90,6 @@ def unique_params(params: list[dict]) -> list:
     return list({id(p): p for P in params for p in P.values()}.values())
 
 
-def unsupported(spec) -> str | None:
-    """Why the executor cannot run a spec's model, or None. Tied embeddings are one Parameter when
-    stage 0 and the last stage share a rank; across ranks their gradients would need summing."""
-    cfg = spec.model
-    owner = spec.stage_rank()
-    if cfg.tie_embeddings and owner[0] != owner[-1]:
-        return (f"tie_word_embeddings=true with the embedding on rank {owner[0]} and the LM head on rank "
-                f"{owner[-1]} is not supported by the executor (tied weights need both on one rank)")
-    return None
-
-
 def init_param(cfg, name: str, seed: int, device="cpu", dtype=torch.float32) -> torch.nn.Parameter:
     """Deterministic initial value of one parameter (independent of which rank builds it)."""
     shape = param_shape(cfg, name)

@@ -13,13 +13,15 @@ def make(arch: str, out_dir: str, shard: bool = False, seed: int = 0, **extra) -
     """Save a tiny random {arch}ForCausalLM (every parameter random, biases and norms included, so
     each is tested) with save_pretrained; `shard` splits it over several safetensors files."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-           "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+           "mistral": (MistralConfig, MistralForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
     kw = dict(DIMS, **extra)
     if arch == "qwen2":
         kw.setdefault("rope_theta", 1e6)
+    if arch == "qwen3":
+        kw.setdefault("head_dim", 16)  # hidden / heads = 8: Qwen3 sets head_dim apart
     if arch == "mistral":
         kw.setdefault("sliding_window", 4096)
     torch.manual_seed(seed)

@@ -142,15 +142,16 @@ def test_executor_runs_variants_against_its_reference(tmp_path, fields):
     assert code == 0 and summary["max_grad_rel_err"] < 1e-4 and summary["loss_rel_err"] < 1e-5
 
 
-def test_executor_refuses_tied_embeddings_across_ranks(tmp_path, capsys):
-    m = model_of(tmp_path, tie_word_embeddings=True)
-    plan = compile_plan(build_spec("1f1b", m, pp=2, microbatches=2, slices=1, virtual_stages=1, seq_len=16))
-    path = tmp_path / "p.json"
-    ir.save(plan, str(path))
-    assert ecli.main([str(path), "--local"]) == 2
-    err = capsys.readouterr().err
-    assert "tie_word_embeddings=true with the embedding on rank 0 and the LM head on rank 1" in err
-    assert err.count("\n") == 1
+def test_tied_embeddings_across_ranks_are_refused_before_running(tmp_path, capsys):
+    cfg = {**BASE, "tie_word_embeddings": True}
+    code, err, out = compile_cli(tmp_path, capsys, cfg)
+    assert code == 2 and "tie_word_embeddings=true with the embedding on rank 0 and the LM head on rank 1" in err
+    assert not out.exists()
+    spec = build_spec("1f1b", model_of(tmp_path, tie_word_embeddings=True), pp=2, microbatches=2, slices=1,
+                      virtual_stages=1, seq_len=16)
+    from passes import spec_problems
+
+    assert [p.rule for p in spec_problems(spec)] == ["executable"]
 
 
 def test_plain_models_serialise_as_before_and_variants_round_trip(tmp_path):
