@@ -34,9 +34,11 @@ def load_plan(path: str, check: bool = True):
     (exit_code 2: unusable file; 1: breaks a rule or deadlocks, like `slimpipe check`). Checking
     first means a wrong plan fails here, on every rank, instead of hanging until the timeout.
     Without `check` (--no-check) the spec's executability rules still run: they cost nothing."""
-    from passes import require_valid, spec_problems
+    from passes import executor_problems, require_valid, spec_problems
 
     plan = ir.load(path)
+    for problem in executor_problems(plan):  # kinds without a handler here (ir.KINDS column `executor`)
+        raise ir.PlanInvalidError(f"plan cannot be run, not run: {problem}")
     if check:
         require_valid(plan, "not run", path)
     else:

@@ -12,8 +12,12 @@ Columns (KindInfo):
                gradients) | backward_input | backward_weight; None for the others
     unit_cost  its duration in unit-cost simulation (F = 1, B = 2; communication free)
     memory     its effect on the rank's memory: save (the unit's activations are kept) | free
-               (all of the unit's saved state is released) | None
-    phase      compute: forward | backward; p2p: the stream it carries (activation forward,
+               (all of the unit's saved state is released) | free_input (split backward, I: what
+               only the input gradient needs is released, what the weight gradient needs -- its
+               matmuls' inputs and output gradients -- is kept) | free_rest (W: that is released) | None
+    attention  a compute kind that runs the unit's attention (a KV exchange can serve it)
+    executor   the executor has a handler for it (a plan with other kinds is refused there)
+    phase      compute: forward | backward (B, I) | weight (W); p2p: the stream it carries (activation forward,
                gradient backward); kv: the compute phase it serves
     side       kv: owner | partner
     match      send <-> receive and kv owner <-> partner counterpart
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 
 ROLES = ("compute", "send", "receive", "kv", "collective", "optimizer")
 COST_CLASSES = ("forward", "backward", "backward_input", "backward_weight")
-MEMORY_EFFECTS = ("save", "free")
+MEMORY_EFFECTS = ("save", "free", "free_input", "free_rest")
 
 
 class Kind:
@@ -34,6 +38,8 @@ class Kind:
 
     F = "F"
     B = "B"
+    I = "I"  # noqa: E741  (split backward: the input gradient)
+    W = "W"  # split backward: the weight gradient
     SEND_ACT = "SEND_ACT"
     RECV_ACT = "RECV_ACT"
     SEND_GRAD = "SEND_GRAD"
@@ -59,6 +65,8 @@ class KindInfo:
     match: str | None = None
     receives: str | None = None
     sends: str | None = None
+    attention: bool = False
+    executor: bool = True
 
     @property
     def is_compute(self) -> bool:
@@ -68,9 +76,14 @@ class KindInfo:
 _UNIT = ("mb", "s", "c")
 _ROWS = (
     KindInfo(Kind.F, "compute", _UNIT, "forward unit", cost="forward", unit_cost=1.0, memory="save",
-             phase="forward", receives=Kind.RECV_ACT, sends=Kind.SEND_ACT),
+             phase="forward", receives=Kind.RECV_ACT, sends=Kind.SEND_ACT, attention=True),
     KindInfo(Kind.B, "compute", _UNIT, "backward unit (input and weight gradients)", cost="backward", unit_cost=2.0,
-             memory="free", phase="backward", receives=Kind.RECV_GRAD, sends=Kind.SEND_GRAD),
+             memory="free", phase="backward", receives=Kind.RECV_GRAD, sends=Kind.SEND_GRAD, attention=True),
+    KindInfo(Kind.I, "compute", _UNIT, "backward for the unit's input only (attention backward included): the "
+             "gradient sent upstream; keeps what W needs", cost="backward_input", unit_cost=1.0, memory="free_input",
+             phase="backward", receives=Kind.RECV_GRAD, sends=Kind.SEND_GRAD, attention=True, executor=False),
+    KindInfo(Kind.W, "compute", _UNIT, "the unit's weight gradient (after its I)", cost="backward_weight",
+             unit_cost=1.0, memory="free_rest", phase="weight", executor=False),
     KindInfo(Kind.SEND_ACT, "send", _UNIT + ("to", "t"), "send a unit's output activation to the next stage's rank",
              phase="forward", match=Kind.RECV_ACT),
     KindInfo(Kind.RECV_ACT, "receive", _UNIT + ("from", "t"), "receive a unit's input activation",
@@ -109,7 +122,9 @@ UNIT_COST: dict[str, float] = {k: row.unit_cost for k, row in KINDS.items()}
 FIELDS: dict[str, tuple[str, ...]] = {k: row.fields for k, row in KINDS.items()}
 COMPUTE = kinds_where(role="compute")
 FORWARD = kinds_where(role="compute", phase="forward")
-BACKWARD = kinds_where(role="compute", phase="backward")
+BACKWARD = kinds_where(role="compute", phase="backward")  # B and I: what produces the input gradient
+WEIGHT = kinds_where(role="compute", phase="weight")
+SPLIT_BACKWARD = frozenset({Kind.I, Kind.W})
 SENDS = kinds_where(role="send")
 RECVS = kinds_where(role="receive")
 P2P = SENDS | RECVS

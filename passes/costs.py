@@ -241,18 +241,43 @@ BWD_MM, BWD_ATTN = 2.0, 2.5
 FLASH_TILE = 128  # queries per flash-attention tile (flash-attn 2's block size on Hopper/Ampere)
 
 
-def unit_parts(model, s: int, prefix: int, backward: bool, tp: int, cp: int, prof: DeviceProfile,
+def cost_class(backward) -> str:
+    """False / True (the older boolean) or a cost class of ir.KINDS -> the cost class."""
+    if backward is True:
+        return "backward"
+    if backward is False:
+        return "forward"
+    return backward
+
+
+def unit_parts(model, s: int, prefix: int, backward, tp: int, cp: int, prof: DeviceProfile,
                dtype_bytes: int = 2, layers: int = 1, last: bool = False, mbs: int = 1
                ) -> tuple[float, float, float, float]:
     """Seconds of one unit (slice of s tokens after `prefix`, `layers` decoder layers, LM head and
     loss if `last`), per GPU of its tp*cp group, split as (matmul, attention, cp ring exchange of
     the K/V it attends over, tp collectives). Its time is mm + max(attention, ring) + tp: the
-    ring is overlapped with attention."""
+    ring is overlapped with attention.
+
+    `backward`: False/"forward", True/"backward" (fused: input and weight gradients), or a split
+    backward's half: "backward_input" (I: the matmuls' input gradients, 1x their forward FLOPs,
+    the elementwise backward 2x, all of the attention backward, the cp ring and the tp
+    collectives) or "backward_weight" (W: the matmuls' weight gradients, 1x their forward FLOPs,
+    LM head included; no attention, no communication). I + W = B."""
+    cls = cost_class(backward)
     mm, attn = layer_flops(model, s, prefix)
     mm, attn = mm * layers, attn * layers
     if last:
         mm += head_flops(model, s)
-    if backward:
+    if cls in ("backward_input", "backward_weight"):
+        pure = layer_flops(model, s, prefix, elementwise=False)[0] * layers
+        if last:
+            pure += 2 * s * model.hidden * model.vocab
+        if cls == "backward_weight":
+            scale = mbs / (tp * cp)
+            return pure * scale / (prof.peak_flops * prof.mm_efficiency), 0.0, 0.0, 0.0
+        mm, attn = pure + (mm - pure) * BWD_MM, attn * BWD_ATTN
+    backward = cls != "forward"
+    if cls == "backward":
         mm, attn = mm * BWD_MM, attn * BWD_ATTN
     scale = mbs / (tp * cp)
     t_mm = mm * scale / (prof.peak_flops * prof.mm_efficiency)
@@ -289,7 +314,7 @@ class CostModel:
         self._unit = lru_cache(maxsize=None)(self._unit_time)
         self._measured_unit = lru_cache(maxsize=None)(self._measured_time)
 
-    def _unit_time(self, stage: int, s: int, prefix: int, backward: bool, extra_s: float) -> float:
+    def _unit_time(self, stage: int, s: int, prefix: int, backward, extra_s: float) -> float:
         """Seconds of a unit; extra_s attention seconds moved in (+) or out (-) by a KV exchange."""
         spec, prof = self.spec, self.prof
         t_mm, t_attn, ring, t_tp = unit_parts(spec.model, s, prefix, backward, spec.tp, spec.cp, prof, self.bytes,
@@ -298,11 +323,18 @@ class CostModel:
         t_attn += extra_s
         return t_mm + max(t_attn, ring) + t_tp
 
-    def _measured_time(self, stage: int, s: int, prefix_lens: tuple, backward: bool) -> float:
+    def _measured_time(self, stage: int, s: int, prefix_lens: tuple, backward) -> float:
         """Seconds of a unit from a measured profile: per layer the seven projections (backward: input
         and weight gradient of each) on the matmul curve, the causal attention over the slice itself
         and one full call per earlier slice on the attention curve, the elementwise rest; plus LM head
-        and loss on the last stage, the embedding on the first. tp/cp divide the tokens."""
+        and loss on the last stage, the embedding on the first. tp/cp divide the tokens.
+        Split backward: W is the projections' weight-gradient half, I the fused backward less W."""
+        cls = cost_class(backward)
+        if cls in ("backward_input", "backward_weight"):
+            full = self._measured_time(stage, s, prefix_lens, "backward")
+            w = self._measured_projections(s) * self.spec.stage_layers[stage]
+            return w if cls == "backward_weight" else max(full - w, 0.0)
+        backward = cls == "backward"
         spec, m = self.spec, self.prof.measured
         cfg = spec.model
         div = spec.tp * spec.cp
@@ -324,6 +356,16 @@ class CostModel:
             t += curve_at(m.embedding, tok, col)
         return t
 
+    def _measured_projections(self, s: int) -> float:
+        """Seconds of one layer's seven projections for s tokens on the measured matmul curve."""
+        spec, m = self.spec, self.prof.measured
+        cfg = spec.model
+        tok = s * spec.micro_batch_size / (spec.tp * spec.cp)
+        d, H, F = cfg.head_dim, cfg.hidden, cfg.ffn
+        projs = ((cfg.heads * d, H), (cfg.kv_heads * d, H), (cfg.kv_heads * d, H), (H, cfg.heads * d),
+                 (F, H), (F, H), (H, F))
+        return sum(curve_at(m.matmul, 2.0 * tok * o * i) for o, i in projs)
+
     def unit_time(self, rank: int, ins: Instr, extra_s: float = 0.0) -> float:
         """Seconds of the compute unit `ins` on `rank`, with `extra_s` seconds of attention moved in
         (+) or out (-) by KV exchanges (see kv_shift)."""
@@ -331,8 +373,8 @@ class CostModel:
         s = self.spec.slice_lens[ins.mb][ins.slice]
         if self.prof.measured is not None:
             lens = self.spec.slice_lens[ins.mb][:ins.slice]
-            return max(self._measured_unit(stage, s, lens, KINDS[ins.kind].cost == "backward") + extra_s, 0.0)
-        return self._unit(stage, s, self.offsets[ins.mb][ins.slice], KINDS[ins.kind].cost == "backward", extra_s)
+            return max(self._measured_unit(stage, s, lens, KINDS[ins.kind].cost) + extra_s, 0.0)
+        return self._unit(stage, s, self.offsets[ins.mb][ins.slice], KINDS[ins.kind].cost, extra_s)
 
     def p2p_time(self, src: int, dst: int, ins: Instr) -> float:
         """An activation or gradient of one slice between pipeline ranks."""

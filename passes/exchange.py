@@ -37,7 +37,7 @@ passes the checker whenever the input does), then to no exchange.
 """
 from __future__ import annotations
 
-from ir import KV, Instr, Kind, Plan
+from ir import KINDS, KV, Instr, Plan, kv_kind
 
 from .lower import kv_tag_base
 from .replay import replay
@@ -61,6 +61,12 @@ def shipped_slices(spec, mb: int, j: int, diff_tokens: int, threshold: int) -> i
     return x
 
 
+def _attention_units(plan: Plan, timeline):
+    """The timeline entries of units that run attention (ir.KINDS column `attention`: F, B, I --
+    a split backward's W has none to exchange)."""
+    return [e for e in timeline if KINDS[plan.ranks[e[0]][e[1]].kind].attention]
+
+
 def pairings(plan: Plan) -> list[tuple[int, int, int, int, int]]:
     """(owner, owner_index, partner, partner_index, x) for every exchange, in time order.
 
@@ -71,10 +77,11 @@ def pairings(plan: Plan) -> list[tuple[int, int, int, int, int]]:
         return []
     # a second replay with backward/forward = 9/4 (integers: exact): units that start together in
     # both run together whatever the real ratio, so the rendezvous does not make them wait
-    alt = replay(plan, cost=lambda r, ins: 4.0 if ins.kind == Kind.F else 9.0, record=True)
+    alt_cost = {"forward": 4.0, "backward": 9.0, "backward_input": 5.0, "backward_weight": 4.0}  # I + W = B
+    alt = replay(plan, cost=lambda r, ins: alt_cost[KINDS[ins.kind].cost], record=True)
     alt_start = {(r, i): t0 for r, i, t0, _t1 in alt.timeline}
     groups: dict[tuple[float, float, str], list[tuple[int, int]]] = {}
-    for r, i, t0, _t1 in res.timeline:
+    for r, i, t0, _t1 in _attention_units(plan, res.timeline):
         groups.setdefault((t0, alt_start[(r, i)], plan.ranks[r][i].kind), []).append((r, i))
     out = []
     thr = spec.exchange_threshold
@@ -105,9 +112,8 @@ def _with_exchanges(plan: Plan, pairs) -> Plan:
     tag = kv_tag_base(spec)
     for o, oi, q, qi, x in pairs:
         u = plan.ranks[o][oi]
-        fwd = u.kind == Kind.F
-        send = Kind.KVF_SEND if fwd else Kind.KVB_SEND
-        recv = Kind.KVF_RECV if fwd else Kind.KVB_RECV
+        phase = KINDS[u.kind].phase
+        send, recv = kv_kind(phase, "owner"), kv_kind(phase, "partner")
         before[o][oi] = Instr(send, u.mb, u.slice, u.chunk, q, tag, x)
         before[q][qi] = Instr(recv, u.mb, u.slice, u.chunk, o, tag, x)
         tag += 1
@@ -137,7 +143,7 @@ def _best_x(cm, o: int, u: Instr, q: int, w: Instr, thr: int) -> tuple[int, floa
     hi = u.slice if not thr else min(u.slice, thr)
     if hi < 1:
         return 0, 0.0, 0.0
-    kind = Kind.KVF_SEND if u.kind == Kind.F else Kind.KVB_SEND
+    kind = kv_kind(KINDS[u.kind].phase, "owner")
 
     def times(x):
         f = cm.kv_shift(o, Instr(kind, u.mb, u.slice, u.chunk, q, 0, x))
@@ -195,7 +201,7 @@ def _pair_steps(plan: Plan, cm, timeline, window: float = 1e-9) -> list[tuple[in
             x, d_o, d_q = _best_x(cm, o, u, q, w, thr)
             if x < 1:
                 continue
-            kind = Kind.KVF_SEND if u.kind == Kind.F else Kind.KVB_SEND
+            kind = kv_kind(KINDS[u.kind].phase, "owner")
             kv = cm.kv_time(o, q, Instr(kind, u.mb, u.slice, u.chunk, q, 0, x))
             old_end = max(to + dur[(o, oi)], ts + dur[(q, qi)])
             new_end = max(to, ts) + kv + max(d_o, d_q)
@@ -226,7 +232,7 @@ def cost_pairings(plan: Plan, profile="h100", dtype_bytes: int = 2) -> list[list
         return [[]]
     evaluate(pairings(plan))
     res = replay(plan, cost=lambda r, ins: 1.0, record=True)
-    evaluate(_pair_steps(plan, cm, [(r, i, t0) for r, i, t0, _t1 in res.timeline]))
+    evaluate(_pair_steps(plan, cm, [(r, i, t0) for r, i, t0, _t1 in _attention_units(plan, res.timeline)]))
     order = sorted((m, len(k), k) for k, m in scored.items() if m != float("inf"))
     return [list(k) for _m, _n, k in order]
 

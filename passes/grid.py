@@ -34,7 +34,7 @@ def time_grid(plan: Plan, max_steps: int = 64, marks=frozenset()) -> str:
     width = max([len(c) for row in cells for c in row.values()] + [2])
     shown = min(steps, max_steps)
     lines = [f"{spec.schedule} p={spec.pp} m={spec.microbatches} n={spec.slices} v={spec.virtual_stages}"
-             f" (unit costs: F=1, B=2; ~ continues a backward; . idle)"]
+             f" (unit costs: F=1, B=2, I=W=1; ~ continues a backward; . idle)"]
     head = "t".ljust(7) + " ".join(str(t).ljust(width) for t in range(shown))
     lines.append(head)
     for r, row in enumerate(cells):

@@ -18,7 +18,12 @@ recomputation, sequence parallel so everything divides by t):
                  + on the last stage 2H b per token (final norm and LM head inputs)
     kv_cache     2 g d b             : the unit's K and V, kept while any later slice needs them
                  (its own backward is the last to, so: from its F to its B)
-dK/dV accumulators: after B(mb, j, c) the earlier slices' dK/dV (offset_j tokens, 2 g d b per
+split backward (I and W instead of B; ir.KINDS memory effects free_input / free_rest): at I
+everything above is released as at B, but what W needs -- the inputs of the unit's matmuls and
+their output gradients, (6H + 2 g d + 3F) b per layer and token, + (H + V) b per token on the
+last stage (LM head input and the logits' gradient) -- is kept until W ("weight_grad_inputs",
+see per_token_layer_w).
+dK/dV accumulators: after B(mb, j, c) (or I) the earlier slices' dK/dV (offset_j tokens, 2 g d b per
 token and layer) wait for their own backward; freed with slice 0's.
 logits (last stage, transient while one unit runs): fp32 logits and their gradient/softmax,
 2 * 4 * tokens * V / t.
@@ -61,9 +66,9 @@ from __future__ import annotations
 
 from ir import KINDS, Plan
 
-CATEGORIES = ("params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits")
+CATEGORIES = ("params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits", "weight_grad_inputs")
 SAVES = ("fused", "executor")
-DYNAMIC = ("activations", "kv_cache", "kv_grads", "logits")
+DYNAMIC = ("activations", "kv_cache", "kv_grads", "logits", "weight_grad_inputs")
 
 
 def layer_params(model) -> int:
@@ -134,6 +139,23 @@ def per_token_unit(model, last: bool, dtype_bytes: int = 2, saves: str = "fused"
     return (2 * H * dtype_bytes if last else 0.0), 0.0
 
 
+def per_token_layer_w(model, dtype_bytes: int = 2) -> float:
+    """Bytes per token and decoder layer that a split backward keeps from a unit's I to its W
+    (before dividing by tp): the inputs of the layer's matmuls -- RMSNorm 1's output (QKV), the
+    attention output (out projection), RMSNorm 2's output (gate, up), the SwiGLU product (down):
+    (3H + F) b -- and their output gradients -- q/k/v (H + 2 g d), out projection H, gate and up
+    2F, down H: (3H + 2 g d + 2F) b. Together (6H + 2 g d + 3F) b, for either `saves`."""
+    H, g, F = model.hidden, model.kv_heads, model.ffn
+    d = H // model.heads
+    return (6 * H + 2 * g * d + 3 * F) * dtype_bytes
+
+
+def per_token_unit_w(model, last: bool, dtype_bytes: int = 2) -> float:
+    """Bytes per token of a unit kept from I to W that do not scale with its layers: on the last
+    stage the LM head's input (H b) and its output gradient (the logits' gradient, V b)."""
+    return (model.hidden + model.vocab) * dtype_bytes if last else 0.0
+
+
 def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused") -> dict:
     """{"peak": bytes, "breakdown": {category: bytes at the peak}, "timeline": [bytes after each
     compute unit]} for one rank."""
@@ -148,10 +170,12 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
     static = static_bytes(spec, rank, dtype_bytes)
     base = sum(static.values())
     offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
-    act = kv = kvg = lgt = 0.0  # lgt: loss-head lse held per unit (saves="executor")
+    w_tl = per_token_layer_w(m, dtype_bytes)
+    act = kv = kvg = lgt = wg = 0.0  # lgt: loss-head lse held per unit (saves="executor"); wg: kept for W
     acc: dict[tuple[int, int], float] = {}
     held: dict[tuple[int, int, int], tuple[float, float]] = {}
-    peak, peak_bd = base, dict(static, activations=0.0, kv_cache=0.0, kv_grads=0.0, logits=0.0)
+    w_held: dict[tuple[int, int, int], float] = {}
+    peak, peak_bd = base, dict(static, activations=0.0, kv_cache=0.0, kv_grads=0.0, logits=0.0, weight_grad_inputs=0.0)
     timeline = []
     for ins in plan.ranks[rank]:
         effect = KINDS[ins.kind].memory  # the kind table: "save" keeps the unit's state, "free" releases it
@@ -171,13 +195,25 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
             act += a
             kv += v
             lgt += lg
-            cur = base + act + kv + kvg + lgt + logits
+            cur = base + act + kv + kvg + lgt + logits + wg
             if cur > peak:
-                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=lgt + logits)
+                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=lgt + logits,
+                                          weight_grad_inputs=wg)
+        elif effect == "free_rest":  # W: what the weight gradient still needed is released after it
+            cur = base + act + kv + kvg + lgt + wg
+            if cur > peak:
+                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=lgt,
+                                          weight_grad_inputs=wg)
+            wg -= w_held.pop(key, 0.0)
         else:
-            cur = base + act + kv + kvg + lgt + logits
+            if effect == "free_input":  # I: from here until W the unit keeps its matmuls' inputs and output grads
+                wk = (L * w_tl + per_token_unit_w(m, st == last, dtype_bytes)) * tok / tp
+                w_held[key] = wk
+                wg += wk
+            cur = base + act + kv + kvg + lgt + logits + wg
             if cur > peak:
-                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=lgt + logits)
+                peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=lgt + logits,
+                                          weight_grad_inputs=wg)
             a, v, lg = held.pop(key, (0.0, 0.0, 0.0))
             act -= a
             kv -= v
@@ -188,7 +224,7 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
             if new:
                 acc[ak] = new
             kvg += new - old
-        timeline.append(base + act + kv + kvg + lgt)
+        timeline.append(base + act + kv + kvg + lgt + wg)
     return {"peak": peak, "breakdown": peak_bd, "timeline": timeline}
 
 

@@ -82,12 +82,13 @@ def chrome_trace(plan: Plan, profile=None, unit_costs: bool = False) -> dict:
             "otherData": {"schedule": spec.schedule, "pp": spec.pp, "microbatches": spec.microbatches,
                           "slices": spec.slices, "virtual_stages": spec.virtual_stages,
                           "time_unit": "us", "unit_costs": unit_costs,
-                          "timing": "unit costs: F=1, B=2 units, 1 unit shown as 1 ms" if unit_costs else
+                          "timing": "unit costs: F=1, B=2, I=W=1 units, 1 unit shown as 1 ms" if unit_costs else
                           f"cost model, device profile {getattr(profile, 'name', None) or 'h100'}"}}
 
 
-# backward boxes hatched, by the kind table's cost class
-_HATCH = {"backward": "//"}
+# backward boxes hatched, by the kind table's cost class: B "//", a split backward's I "\\\\", W ".."
+_HATCH = {"backward": "//", "backward_input": "\\\\", "backward_weight": ".."}
+_HATCH_LABEL = {"backward": "backward (B)", "backward_input": "input gradient (I)", "backward_weight": "weight gradient (W)"}
 
 
 def timeline_figure(plan: Plan, profile=None, unit_costs: bool = False):
@@ -122,7 +123,7 @@ def timeline_figure(plan: Plan, profile=None, unit_costs: bool = False):
     # constrained layout keeps the title and the legend below the axes inside the figure
     fig, ax = plt.subplots(figsize=(fig_w, fig_h), layout="constrained")
     n = spec.slices
-    unit, k = "units: F=1, B=2", 1.0
+    unit, k = "units: F=1, B=2, I=W=1", 1.0
     if not unit_costs:  # seconds in the unit that fits the step (a tiny model's step is microseconds)
         unit, size = next(((u, sz) for u, sz in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)) if res.makespan >= sz),
                           ("ns", 1e-9))
@@ -144,7 +145,10 @@ def timeline_figure(plan: Plan, profile=None, unit_costs: bool = False):
     fig.suptitle("\n".join(title_lines), fontsize=10)
     handles = [Patch(facecolor=cmap(mb), label=f"mb {mb}") for mb in range(colours)]
     handles.append(Patch(facecolor="white", edgecolor="black", label="forward (darker: later slice)"))
-    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="backward"))
+    classes = {KINDS[ins.kind].cost for s in plan.ranks for ins in s if KINDS[ins.kind].role == "compute"}
+    for cls, hatch in _HATCH.items():
+        if cls in classes:
+            handles.append(Patch(facecolor="white", edgecolor="black", hatch=hatch, label=_HATCH_LABEL[cls]))
     if has_kv:
         handles.append(Patch(facecolor="red", label="KV exchange"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(legend_cols, len(handles)), fontsize="small",

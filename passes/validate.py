@@ -3,9 +3,11 @@
 - what the executor needs of the spec (spec_problems: an even head dim for RoPE, ...);
 - every kind is one of ir.KINDS (rule "kind"), and carries the fields its table row names;
 - fields in range (micro-batch, slice, chunk, peer, x; tags small enough for the transport's tags);
-- every (micro-batch, slice, stage) has exactly one F and one B on the rank that owns the stage;
+- every (micro-batch, slice, stage) has exactly one F and one B on the rank that owns the stage,
+  or, split backward, one F, one I and one W with W after its I (rules "coverage", "order");
 - per rank: forward slices ascending, backward slices descending, B after its F, and stages that
-  share a rank in pipeline order;
+  share a rank in pipeline order; an I obeys every rule a B obeys (it is the unit's backward for
+  those rules: slices descending, after its forward and its output gradient);
 - every send has exactly one matching receive, matched by (src, dst, tag) in program order, and
   the pair agrees on micro-batch, slice and stage boundary (hence on shape);
 - per ordered rank pair, the receives come in the order of the sends (rule "p2p-order"): NCCL
@@ -29,8 +31,8 @@ from ir.limits import tag_limit, wire_stride
 
 MAX_PROBLEMS = 20
 _INDEXED = tuple(COMPUTE | P2P)
-# the fused compute kind of each phase (what a KV exchange of that phase names as its unit)
-_PHASE_UNIT = {"forward": Kind.F, "backward": Kind.B}
+# phase -> the compute kinds of that phase (forward: F; backward: B, I; weight: W)
+_PHASES = {ph: sorted(k for k in COMPUTE if KINDS[k].phase == ph) for ph in sorted({KINDS[k].phase for k in COMPUTE})}
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,17 @@ def spec_problems(spec) -> list[Problem]:
                                          f"head on rank {owner[-1]}: the executor ties them only on one rank "
                                          f"(pp=1, or a placement that puts the first and last stage together)"))
     return out
+
+
+def executor_problems(plan) -> list[Problem]:
+    """Kinds the executor has no handler for yet (ir.KINDS column `executor`; today the split
+    backward's I and W): one problem naming them, rule "executable". The plan is valid (check,
+    simulate, show take it); only `python -m executor` refuses it, before any rank starts."""
+    kinds = sorted({ins.kind for s in plan.ranks for ins in s if ins.kind in KINDS and not KINDS[ins.kind].executor})
+    if not kinds:
+        return []
+    return [Problem("executable", f"the plan has {'/'.join(kinds)} instructions (split backward), which the executor "
+                                  f"cannot run yet; compile it without split backward (a family with a fused B) to run it")]
 
 
 class _TooMany(Exception):
@@ -138,7 +151,7 @@ def _coverage_and_order(plan: Plan, bad) -> list[dict[str, list[int]]]:
     owner = spec.stage_rank()
     chunk_of = spec.stage_chunk()
     last = spec.num_stages - 1
-    F, B = Kind.F, Kind.B
+    B = Kind.B
     nu = m * n * v
     out = []
     for r, stream in enumerate(plan.ranks):
@@ -153,11 +166,19 @@ def _coverage_and_order(plan: Plan, bad) -> list[dict[str, list[int]]]:
                 bad("unique", f"{_at(r, i, ins)} repeats #{arr[u]}", r, i)
             else:
                 arr[u] = i
+        # per phase of the kind table: the position of the unit's forward (F), its input-gradient
+        # backward (B, or I of a split backward) and its weight gradient (W)
+        for phase, kinds in _PHASES.items():
+            if len(kinds) == 1:
+                tab[phase] = tab[kinds[0]]
+            else:
+                tab[phase] = [max(xs) for xs in zip(*(tab[k] for k in kinds))]
         out.append(tab)
     for r, tab in enumerate(out):
         stages = spec.placement[r]
         stream = plan.ranks[r]
-        fa, ba = tab[F], tab[B]
+        fa, ba = tab["forward"], tab["backward"]
+        fused, ia, wa = tab[B], tab[Kind.I], tab["weight"]
         for c in range(v):
             s = stages[c]
             prev_d = chunk_of[s - 1] - c if s > 0 and owner[s - 1] == r else None
@@ -166,10 +187,22 @@ def _coverage_and_order(plan: Plan, bad) -> list[dict[str, list[int]]]:
                 for j in range(n):
                     u = (mb * n + j) * v + c
                     f, b = fa[u], ba[u]
-                    if f < 0 or b < 0:
-                        miss = "F" if f < 0 else "B"
-                        bad("coverage", f"rank {r} lacks '{miss} mb{mb} s{j} c{c}' (stage {s}); every unit needs one F and one B", r)
+                    fb, ib, w = fused[u], ia[u], wa[u]
+                    if fb >= 0 and ib >= 0:
+                        bad("coverage", f"{_at(r, ib, stream[ib])}: the unit also has the fused {_at(r, fb, stream[fb])}; "
+                                        f"each unit has one B, or one I and one W", r, ib)
                         continue
+                    if f < 0 or b < 0 or (ib >= 0 and w < 0):
+                        miss = "F" if f < 0 else "B" if b < 0 else "W"
+                        bad("coverage", f"rank {r} lacks '{miss} mb{mb} s{j} c{c}' (stage {s}); every unit needs one F and "
+                                        f"one B, or one F, one I and one W", r)
+                        continue
+                    if w >= 0 and ib < 0:
+                        bad("coverage", f"{_at(r, w, stream[w])}: a weight gradient without the unit's I (it has the fused B, "
+                                        f"which computes it already)", r, w)
+                        continue
+                    if w >= 0 and w < ib:
+                        bad("order", f"{_at(r, w, stream[w])} runs before its input gradient {_at(r, ib, stream[ib])}", r, w)
                     if b < f:
                         bad("order", f"{_at(r, b, stream[b])} runs before its forward {_at(r, f, stream[f])}", r, b)
                     if j > 0:
@@ -211,17 +244,17 @@ def _by_tag(plan: Plan, kinds, sender: bool):
 
 
 def _dependencies() -> list[tuple[str, str, int, str, str]]:
-    """(consumer compute kind, the receive kind feeding it, +-1 to the neighbour stage it comes
-    from, the compute kind producing it there, what it is), from the kind table's receives/sends."""
-    out = []
+    """(consumer phase, the receive kind feeding it, +-1 to the neighbour stage it comes from, the
+    phase producing it there, what it is), from the kind table's receives/sends columns."""
+    out = {}
     for k in sorted(COMPUTE):
         row = KINDS[k]
         if row.receives is None:
             continue
         fwd = row.phase == "forward"
-        producer = next(p for p in sorted(COMPUTE) if KINDS[p].sends == MATCH[row.receives])
-        out.append((k, row.receives, -1 if fwd else 1, producer, "activation" if fwd else "gradient"))
-    return out
+        producer = next(KINDS[p].phase for p in sorted(COMPUTE) if KINDS[p].sends == MATCH[row.receives])
+        out[row.phase] = (row.phase, row.receives, -1 if fwd else 1, producer, "activation" if fwd else "gradient")
+    return list(out.values())
 
 
 _DEPENDENCIES = _dependencies()
@@ -314,9 +347,11 @@ def _kv(plan: Plan, bad) -> None:
                 nxt = i
             elif row.role == "kv":
                 if row.side == "owner":
-                    want = _PHASE_UNIT[row.phase]
                     u = stream[nxt] if nxt is not None else None
-                    if u is None or (u.kind, u.mb, u.slice, u.chunk) != (want, ins.mb, ins.slice, ins.chunk):
+                    urow = KINDS[u.kind] if u is not None else None
+                    if (urow is None or not urow.attention or urow.phase != row.phase
+                            or (u.mb, u.slice, u.chunk) != (ins.mb, ins.slice, ins.chunk)):
+                        want = "/".join(sorted(c for c in COMPUTE if KINDS[c].attention and KINDS[c].phase == row.phase))
                         bad("kv", f"{_at(r, i, ins)}: the next compute unit must be '{want} mb{ins.mb} s{ins.slice} c{ins.chunk}'", r, i)
                     ends.setdefault((r, ins.peer, ins.tag, "o"), []).append(i)
                 else:

@@ -66,3 +66,84 @@ def test_family_records_are_complete(fam):
     assert rec.compare is not None and rec.search_choices((2, 4), (1, 2))
     p, m, n, v = rec.fitted(4, 5, 8, 2)
     assert rec.accepts(p, m, n, v)
+
+
+# ---------------------------------------------------------------- split backward: I and W
+
+def split(plan):
+    """Every B of `plan` replaced by its I and, right after it, its W."""
+    out = []
+    for s in plan.ranks:
+        r = []
+        for i in s:
+            r += [Instr("I", i.mb, i.slice, i.chunk), Instr("W", i.mb, i.slice, i.chunk)] if i.kind == "B" else [i]
+        out.append(r)
+    return plan.with_ranks(out)
+
+
+def _one_rule(plan, r0):
+    problems = validate(plan.with_ranks([r0, *plan.ranks[1:]]))
+    return sorted({p.rule for p in problems}), problems
+
+
+def test_split_backward_text_and_rules():
+    assert ir.parse("I mb3 s2 c1") == Instr("I", 3, 2, 1) and ir.to_text(Instr("W", 3, 2, 1)) == "W mb3 s2 c1"
+    plan = split(compile_plan(build_spec("slimpipe", TINY, pp=2, microbatches=2, slices=2, seq_len=32,
+                                         exchange=False)))
+    assert check(plan).ok
+    r0 = list(plan.ranks[0])
+    ws = [i for i, x in enumerate(r0) if x.kind == "W"]
+    i_s = [i for i, x in enumerate(r0) if x.kind == "I"]
+    # a missing W
+    rules, probs = _one_rule(plan, r0[:ws[0]] + r0[ws[0] + 1:])
+    assert rules == ["coverage"] and "lacks 'W" in probs[0].message
+    # a W before its I
+    m = list(r0)
+    m.insert(0, m.pop(ws[-1]))
+    rules, probs = _one_rule(plan, m)
+    assert rules == ["order"] and "before its input gradient" in probs[0].message
+    # a duplicated W
+    rules, probs = _one_rule(plan, r0[:ws[0]] + [r0[ws[0]]] + r0[ws[0]:])
+    assert rules == ["unique"] and "repeats" in probs[0].message
+    # an I before the receive that brings its output gradient
+    m = list(r0)
+    recv = next(i for i in range(i_s[0], -1, -1) if m[i].kind == "RECV_GRAD")
+    m.insert(recv, m.pop(i_s[0]))
+    rules, probs = _one_rule(plan, m)
+    assert "dependency" in rules and "brings its gradient" in str(probs)
+    # a B and an I for one unit
+    m = list(r0)
+    m[i_s[0]] = Instr("B", *r0[i_s[0]][1:4])
+    rules, probs = _one_rule(plan, m)
+    assert rules == ["coverage"]
+
+
+def test_split_backward_costs_memory_and_executor_refusal(tmp_path):
+    from passes import executor_problems
+    from passes.costs import PROFILES, CostModel
+    from passes.memory import rank_memory
+    from passes.simulate import simulate_units
+
+    spec = build_spec("1f1b", resolve_model("llama-7b"), pp=2, microbatches=2, seq_len=4096)
+    fused = compile_plan(spec)
+    plan = split(fused)
+    # unit costs: I = W = 1, B = 2: the same makespan as fused when each W follows its I
+    assert simulate_units(plan)["makespan"] == simulate_units(fused)["makespan"]
+    cm = CostModel(spec, PROFILES["h100"])
+    for r in range(2):
+        b = cm.unit_time(r, Instr("B", 0, 0, 0))
+        i, w = cm.unit_time(r, Instr("I", 0, 0, 0)), cm.unit_time(r, Instr("W", 0, 0, 0))
+        assert i + w == pytest.approx(b, rel=1e-12) and 0 < w < i
+    # what W needs stays from I to W: more peak memory than fused, shown in its own category
+    for r in range(2):
+        mf, ms = rank_memory(fused, r), rank_memory(plan, r)
+        assert ms["peak"] > mf["peak"] and ms["breakdown"]["weight_grad_inputs"] > 0
+        assert mf["breakdown"]["weight_grad_inputs"] == 0
+    assert [p.rule for p in executor_problems(plan)] == ["executable"] and not executor_problems(fused)
+    path = tmp_path / "iw.json"
+    ir.save(plan, str(path))
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "executor", str(path), "--local"], capture_output=True, text=True)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "I/W instructions (split backward)" in res.stderr

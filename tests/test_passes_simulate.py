@@ -7,7 +7,7 @@ from compiler import build_spec, compile_plan, resolve_model
 from compiler.cli import main
 from passes.simulate import simulate_timed
 
-KEYS = {"params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits"}
+KEYS = {"params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits", "weight_grad_inputs"}
 
 
 def plan_70b(exchange, v=1):
