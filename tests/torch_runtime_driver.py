@@ -46,7 +46,7 @@ class StageModule(nn.Module):
         P = self.P
         if self.first:
             x = P["embed"][x]
-        cos, sin = M.rope_tables(self.cfg.head_dim, 0, x.shape[1], x.device, x.dtype)
+        cos, sin = M.rope_tables(self.cfg, 0, x.shape[1], x.device, x.dtype)
         for i in self.layers:
             x = M.layer_forward(P, i, self.cfg, x, cos, sin, M.full_causal)
         return x
@@ -65,7 +65,7 @@ def run_one(plan, csv_path, fmt, rank, world):
     denom = spec.micro_batch_size * spec.seq_len * spec.microbatches
 
     def loss_fn(out, target):
-        return M.head_loss(mods[last].P, out, target, denom)
+        return M.head_loss(mods[last].P, out, target, denom, spec.model.rms_eps)
 
     sched = _PipelineScheduleRuntime(stages, spec.microbatches, loss_fn=loss_fn, scale_grads=False)
     sched._load_csv(csv_path, format=fmt)
