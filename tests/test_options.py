@@ -16,6 +16,7 @@ from executor.cli import build_parser as executor_parser
 from executor.cli import main as executor_main
 
 PLAN = "<plan>"  # replaced by a valid 2-rank plan
+CSV = "<csv>"  # replaced by that plan as a torch schedule CSV
 OUT = "<out>"  # replaced by a path in an empty directory
 
 BASE = {
@@ -27,6 +28,8 @@ BASE = {
     "plot": ["plot", PLAN, "-o", OUT + ".png"],
     "compare": ["compare", "--pp", "2"],
     "tune": ["tune", "--gpus", "2", "-o", OUT + ".json"],
+    "import": ["import", CSV, "-o", OUT + ".json"],
+    "export": ["export", PLAN, "-o", OUT + ".csv"],
     "executor": [PLAN, "--local", "--quiet"],
 }
 MODEL = [("--model", "gpt5", "--model 'gpt5' is unknown"), ("--seq-len", "-3", "argument --seq-len: -3"),
@@ -48,7 +51,7 @@ BAD = {
         ("--tp", "0", "argument --tp: 0"), ("--cp", "-2", "argument --cp: -2"), ("--dp", "0", "argument --dp: 0"),
         ("--output", "/nonexistent/dir/p.json", "does not exist"),
     ],
-    "check": [("plan", MISSING, MISSING)],
+    "check": [("plan", MISSING, MISSING), ("--p2p", "nccl", "argument --p2p: invalid choice: 'nccl'")],
     "simulate": [("plan", MISSING, MISSING), ("--device-profile", "tpu9", "tpu9"), ("--dtype", "int8", "--dtype 'int8'")],
     "show": [("plan", MISSING, MISSING), ("--max-steps", "-3", "argument --max-steps: -3 is not allowed"),
              ("--rank", "-1", "argument --rank: -1")],
@@ -69,8 +72,11 @@ BAD = {
         ("--top", "0", "argument --top: 0"), ("--time-limit", "-1", "argument --time-limit: -1 is not allowed"),
         ("--output", "/nonexistent/dir/b.json", "does not exist"), ("--plot", OUT + ".txt", "--plot"),
     ],
+    "import": MODEL + [("plan", MISSING, MISSING), ("--output", "/nonexistent/dir/p.json", "does not exist")],
+    "export": [("plan", MISSING, MISSING), ("--format", "onnx", "argument --format: invalid choice: 'onnx'"),
+               ("--output", "/nonexistent/dir/s.csv", "does not exist")],
     "executor": [
-        ("plan", MISSING, MISSING), ("--steps", "0", "argument --steps: 0 is not allowed"),
+        ("plan", MISSING, MISSING), ("--p2p-match", "fifo", "argument --p2p-match: invalid choice: 'fifo'"), ("--steps", "0", "argument --steps: 0 is not allowed"),
         ("--attention", "magic", "argument --attention: invalid choice: 'magic'"),
         ("--device", "tpu", "argument --device: invalid choice: 'tpu'"),
         ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"), ("--lr", "-1", "argument --lr: -1"),
@@ -99,6 +105,7 @@ def test_every_option_has_a_bad_value():
 def plan_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("plan") / "plan.json")
     assert main(["compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", path]) == 0
+    assert main(["export", path, "-o", path + ".csv"]) == 0
     return path
 
 
@@ -116,12 +123,12 @@ def _call(argv: list[str], executor: bool = False) -> tuple[int, str, str]:
 def _argv(cmd: str, opt: str, val: str, plan: str, out: str) -> list[str]:
     argv = list(BASE[cmd])
     if opt == "plan":
-        argv[argv.index(PLAN)] = val
+        argv[argv.index(PLAN if PLAN in argv else CSV)] = val
     elif opt in argv or (opt == "--output" and "-o" in argv):
         argv[argv.index(opt if opt in argv else "-o") + 1] = val
     else:
         argv += [opt, val]
-    return [a.replace(PLAN, plan).replace(OUT, out) for a in argv]
+    return [a.replace(CSV, plan + ".csv").replace(PLAN, plan).replace(OUT, out) for a in argv]
 
 
 @pytest.mark.parametrize("cmd,opt,val,needle", CASES, ids=[f"{c}{o}" for c, o, _, _ in CASES])

@@ -177,7 +177,7 @@ def test_mutations_are_named_with_rank_action_and_rule():
     rows[2].remove("2F3")
     rep = check(load(_csv(rows)))
     assert rep.problems[0].rule == "coverage"
-    assert rep.problems[0].message == "rank 2 lacks 'F mb3 s0 c0' (stage 2); every unit needs one F and one B"
+    assert rep.problems[0].message.startswith("rank 2 lacks 'F mb3 s0 c0' (stage 2); every unit needs one F and one B")
     rows = [list(r) for r in base]
     rows[0].remove("0SEND_F5")
     rep = check(load(_csv(rows)))

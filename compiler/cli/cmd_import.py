@@ -16,8 +16,8 @@ def run(args) -> int:
     model, seq = model_from_args(args)
     # the default tiny model gets one layer per stage at least, unless --layers says otherwise
     default = args.model == "tiny" and all(getattr(args, f) is None for f in MODEL_FLAGS)
-    plan = import_csv(args.schedule, None if default else model, seq)
-    require_valid(plan, "not imported", args.schedule)
+    plan = import_csv(args.plan, None if default else model, seq)
+    require_valid(plan, "not imported", args.plan)
     save(plan, args.output)
     spec, meta = plan.spec, plan.meta["torch"]
     kept = Counter(n[3].lstrip("0123456789") or "idle" for n in meta["annotations"])
@@ -38,7 +38,7 @@ def register(sub) -> None:
     p = add_parser(sub, "import", "read a torch.distributed.pipelining schedule CSV into a plan (p, m, stages and "
                    "placement from the file; refused if it breaks a rule)",
                    "slimpipe import schedule.csv -o plan.json --model llama-7b --seq-len 4096")
-    p.add_argument("schedule", help="CSV file: one row per rank, one action per cell (torch's _dump_csv format)")
+    p.add_argument("plan", metavar="schedule.csv", help="CSV file: one row per rank, one action per cell (torch's _dump_csv format)")
     p.add_argument("-o", "--output", required=True, help="plan file to write (written atomically)")
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
