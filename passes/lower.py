@@ -62,39 +62,43 @@ def order_receives(plan: Plan) -> Plan:
     """Reorder each rank's p2p receives so that, per source rank, they come in the order of that
     rank's sends to it (matched by tag). Receives only move earlier; nothing else moves."""
     ranks = plan.ranks
-    send_rank: dict[tuple[int, int, int], int] = {}  # (src, dst, tag) -> position among src's sends to dst
-    count: dict[tuple[int, int], int] = {}
+    send_tags: dict[tuple[int, int], list[int]] = {}  # (src, dst) -> tags in src's program order
+    recv_at: dict[tuple[int, int], list[int]] = {}  # (src, dst) -> positions of dst's receives from src
     for r, stream in enumerate(ranks):
-        for ins in stream:
-            if ins[0] in SENDS:
-                key = (r, ins[4])
-                k = count.get(key, 0)
-                count[key] = k + 1
-                send_rank.setdefault((r, ins[4], ins[5]), k)
-    out = []
-    changed = False
-    for r, stream in enumerate(ranks):
-        chains: dict[int, list[tuple[int, int]]] = {}  # src -> [(send order, position)]
         for i, ins in enumerate(stream):
-            if ins[0] in RECVS:
-                k = send_rank.get((ins[4], r, ins[5]))
-                if k is None:
-                    continue  # unmatched: the checker reports it; leave it where it is
-                chains.setdefault(ins[4], []).append((k, i))
-        moved: dict[int, tuple] = {}
-        for chain in chains.values():
-            chain.sort()
-            if all(chain[j][1] < chain[j + 1][1] for j in range(len(chain) - 1)):
-                continue
-            at = len(stream)
-            for k, i in reversed(chain):
-                at = min(at, i)
-                if at != i:
-                    changed = True
-                moved[i] = (at, 0, k)
-        if not moved:
-            out.append(stream)
+            k = ins[0]
+            if k in SENDS:
+                key = (r, ins[4])
+                tags = send_tags.get(key)
+                if tags is None:
+                    tags = send_tags[key] = []
+                tags.append(ins[5])
+            elif k in RECVS:
+                key = (ins[4], r)
+                at = recv_at.get(key)
+                if at is None:
+                    at = recv_at[key] = []
+                at.append(i)
+    moved_by_rank: dict[int, dict[int, tuple]] = {}
+    for (src, dst), at in recv_at.items():
+        stream = ranks[dst]
+        tags = send_tags.get((src, dst), [])
+        if [stream[i][5] for i in at] == tags:
+            continue  # already in send order (the common case)
+        order = {t: k for k, t in reversed(list(enumerate(tags)))}  # first send of each tag
+        chain = sorted((order[stream[i][5]], i) for i in at if stream[i][5] in order)  # unmatched: left alone
+        moved = moved_by_rank.setdefault(dst, {})
+        pos = len(stream)
+        for k, i in reversed(chain):
+            pos = min(pos, i)
+            moved[i] = (pos, 0, k)
+    changed = False
+    out = list(ranks)
+    for r, moved in moved_by_rank.items():
+        stream = ranks[r]
+        if all(key[0] == i for i, key in moved.items()):
             continue
         keys = [moved.get(i) or (i, 1, 0) for i in range(len(stream))]
-        out.append(tuple(stream[i] for i in sorted(range(len(stream)), key=keys.__getitem__)))
+        out[r] = tuple(stream[i] for i in sorted(range(len(stream)), key=keys.__getitem__))
+        changed = True
     return plan.with_ranks(out) if changed else plan

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ir import COMPUTE, KINDS, KV, KV_OWNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, allowed_kinds, to_text
+from ir import COMPUTE, KINDS, KV, KV_OWNER, KV_PARTNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, allowed_kinds, to_text
 from ir.gcpause import gc_paused
 from ir.instr import _clip
 from ir.limits import tag_limit, wire_stride
@@ -381,20 +381,34 @@ def _order(plan: Plan, bad) -> None:
     partner instruction of an (owner, partner) pair with the owner's k-th exchange. Reported
     once per pair, at the first position where the two sequences part."""
     ranks = plan.ranks
+    role = {k: (True, k in KV) for k in SENDS | KV_OWNER}
+    role.update({k: (False, k in KV) for k in RECVS | KV_PARTNER})
+    get = role.get
     sends: dict[tuple, list] = {}
     recvs: dict[tuple, list] = {}
     for r, stream in enumerate(ranks):
         for i, ins in enumerate(stream):
-            k = ins[0]
-            if k in SENDS or k in KV_OWNER:
-                sends.setdefault((r, ins[4], k in KV), []).append(i)
-            elif k in RECVS or k in KV:
-                recvs.setdefault((ins[4], r, k in KV), []).append(i)
+            x = get(ins[0])
+            if x is None:
+                continue
+            if x[0]:
+                key = (r, ins[4], x[1])
+                d = sends
+            else:
+                key = (ins[4], r, x[1])
+                d = recvs
+            lst = d.get(key)
+            if lst is None:
+                lst = d[key] = []
+            lst.append(i)
     for key in sorted(set(sends) | set(recvs)):
         src, dst, kv = key
         ss, rr = sends.get(key, ()), recvs.get(key, ())
+        s_stream, r_stream = ranks[src], ranks[dst]
+        if [s_stream[i][5] for i in ss[:len(rr)]] == [r_stream[i][5] for i in rr[:len(ss)]]:
+            continue  # same tags in the same order (kinds that disagree are the match rule's)
         for n_, (si, ri) in enumerate(zip(ss, rr)):
-            a, b = ranks[src][si], ranks[dst][ri]
+            a, b = s_stream[si], r_stream[ri]
             if a[5] != b[5] or MATCH[a[0]] != b[0]:
                 what = "exchange" if kv else "receive"
                 sent = "exchange with" if kv else "send to"
