@@ -4,7 +4,7 @@ Import: p is the number of rows, the stages and their placement come from which 
 stage (chunks of a rank in ascending stage order), m from the largest micro-batch index, one
 slice per micro-batch. A compute-only file is lowered with our lowering (passes.lower); a file
 that carries SEND/RECV actions keeps its order exactly, so `check` proves what torch's runtime
-would run. OVERLAP_F_B becomes its two parts in order. UNSHARD, RESHARD and REDUCE_GRAD (FSDP
+would run. OVERLAP_F_B becomes its two parts in order; I and W are our split-backward kinds. UNSHARD, RESHARD and REDUCE_GRAD (FSDP
 and data-parallel bookkeeping with no pipeline data flow) and idle cells are kept as
 annotations in plan.meta["torch"] that export puts back where they were: the simulator and our
 executor ignore them. Every stream ends with our OPT (dropped again on export).
@@ -25,6 +25,7 @@ from .models import resolve_model
 SCHEDULE_NAME = "torch-csv"
 _SEND_RECV = {"SEND_F": Kind.SEND_ACT, "RECV_F": Kind.RECV_ACT, "SEND_B": Kind.SEND_GRAD, "RECV_B": Kind.RECV_GRAD}
 _TORCH_COMM = {v: k for k, v in _SEND_RECV.items()}
+_COMPUTE = (Kind.F, Kind.B, Kind.I, Kind.W)  # torch's F, B and its split backward I (input), W (weight)
 
 
 def _where(r: int, i: int, a) -> str:
@@ -41,11 +42,6 @@ def _layout(rows) -> tuple[list[list[int]], int]:
             if a is None:
                 continue
             for x in (a.parts if a.type == OVERLAP else (a,)):
-                if x.type in ("I", "W"):
-                    raise SpecError(f"{_where(r, i, a)}: {x.type} ({'backward input' if x.type == 'I' else 'backward weight'}) "
-                                    f"needs the split backward (I/W), which this slimpipe does not have yet; "
-                                    f"allowed: F, B, SEND_F, RECV_F, SEND_B, RECV_B, UNSHARD, RESHARD, REDUCE_GRAD, "
-                                    f"OVERLAP_F_B of F and B")
                 prev = owner.setdefault(x.stage, (r, i, a))
                 if prev[0] != r:
                     raise SpecError(f"{_where(r, i, a)}: stage {x.stage} also runs on {_where(*prev)}; "
@@ -110,7 +106,7 @@ def from_rows(rows, model=None, seq_len: int | None = None, source: str = "") ->
             for x in (a.parts if a.type == OVERLAP else (a,)):
                 s, mb = x.stage, x.mb
                 col.append(i)
-                if x.type in ("F", "B"):
+                if x.type in _COMPUTE:
                     out.append(Instr(x.type, mb, 0, chunk[s]))
                     ncomp += 1
                     continue
@@ -187,7 +183,7 @@ def to_rows(plan: Plan, comms: bool = False) -> list[list[Action | None]]:
             if k in KV:
                 raise SpecError(f"rank {r} #{i} '{ins}': the plan has KV exchanges; torch's runtime has none "
                                 f"(compile with --no-exchange)")
-            if k in (Kind.F, Kind.B):
+            if k in _COMPUTE:
                 act = Action(stages[ins.chunk], k, ins.mb)
                 if merge_at is not None:
                     cells[merge_at] = Action(-1, OVERLAP, -1, (cells[merge_at], act))
