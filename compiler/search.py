@@ -32,9 +32,14 @@ Search, in two stages:
    Stop when every candidate left has a time bound above the K-th best (so none of them can enter
    the top K: the answer is that of simulating everything), or at the time limit (then the result
    says how many stayed unexplored and their best bound).
+Ranking: step times within TIE (0.5%) of the fastest are a tie and go to less peak memory, so the
+threshold in stage 2 is max(K-th best, fastest * (1 + TIE)): every plan in the tie is simulated.
+Then each family gets its own top-1 branch and bound over its candidates (reusing every evaluation),
+so the result names every family's best plan or why it has none (rules, memory bound, memory model).
 """
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import time
@@ -43,10 +48,10 @@ from functools import lru_cache
 from typing import Callable
 
 from ir import Plan, PlanSpec, SlimpipeError, SpecError
-from passes.costs import DeviceProfile, dp_allreduce_time, unit_parts
+from passes.costs import GIB, DeviceProfile, dp_allreduce_time, unit_parts
 from passes.memory import memory_report, per_token_layer, rank_params, static_bytes
 from passes.partition import flops_partition
-from passes.simulate import simulate_timed
+from passes.simulate import simulate_step, simulate_timed
 
 from . import compile_plan, schedule_plan, schedules
 from .layout import build_spec, plain_or_looping, split_layers, uniform_slices
@@ -130,17 +135,25 @@ def enumerate_space(problem: Problem, space: Space):
     G = problem.gpus
     for tp in space.tp:
         for cp in space.cp:
-            if G % (tp * cp):
+            if tp * cp > G:  # cannot be filled at all: not a candidate
                 continue
             rest = G // (tp * cp)
-            pps = _divisors(rest) if space.pp is None else [p for p in space.pp if rest % p == 0]
+            if space.pp is not None:
+                pps = list(space.pp)
+            else:  # every divisor; when tp*cp leaves GPUs over, one p stands for the rule
+                pps = _divisors(rest) if G % (tp * cp) == 0 else [1]
             for p in pps:
-                dp = rest // p
-                m = problem.global_batch // dp
+                dp = rest // p if rest % p == 0 else 0
+                m = problem.global_batch // dp if dp else 0
+                why = None
+                if G % (tp * cp):  # tp, cp or p that cannot fill the GPUs: said, not dropped in silence
+                    why = f"tp*cp={tp * cp} does not divide the {G} GPUs"
+                elif rest % p:
+                    why = f"p={p} does not divide gpus/(tp*cp)={rest}"
                 for fam in space.families:
                     for n, v, part, ex in family_choices(fam, space):
                         c = Candidate(fam, tp, cp, p, dp, m, n, v, part, ex)
-                        yield c, _rule(problem, c)
+                        yield c, why or _rule(problem, c)
 
 
 def _rule(problem: Problem, c: Candidate) -> str | None:
@@ -317,6 +330,48 @@ def evaluate(spec: PlanSpec, profile: DeviceProfile, dtype_bytes: int = 2) -> tu
 
 # ---------------------------------------------------------------- the search
 
+TIE = 0.005  # step times within 0.5% of the fastest are a tie: far inside the cost model's own error
+
+
+def rank_rows(rows: list[dict], tie: float = TIE) -> list[dict]:
+    """The ranking tune shows: the plans within `tie` of the fastest step first, least peak memory
+    first (a tie, or a difference inside the model's noise, goes to less memory), then the others
+    by step time. Ties of everything are broken by the candidate, so the order is deterministic."""
+    if not rows:
+        return []
+    fastest = min(r["step_s"] for r in rows)
+    near = [r for r in rows if r["step_s"] <= fastest * (1 + tie)]
+    rest = [r for r in rows if r["step_s"] > fastest * (1 + tie)]
+    near.sort(key=lambda r: (r["peak_memory_bytes"], r["step_s"], r["_cand"]))
+    rest.sort(key=lambda r: (r["step_s"], r["_cand"]))
+    return near + rest
+
+
+@dataclass
+class FamilyResult:
+    """The best plan of one family (`row`, ranked as tune ranks), or why it has none (`why`), with
+    the family's counts (rule, pruned by the memory bound, over budget by the memory model, pruned
+    by the time bound, simulated), its rule reasons, and its least-memory candidate when nothing fits.
+    `proven`: the row is the family's best over the space (False when the time limit stopped it)."""
+
+    family: str
+    row: dict | None
+    proven: bool
+    why: str | None
+    counts: dict
+    reasons: dict
+    least_memory: dict | None = None
+
+    def to_json(self) -> dict:
+        return {"family": self.family, "best": _public(self.row) if self.row else None, "proven": self.proven,
+                "why_none": self.why, "counts": self.counts, "infeasible_reasons": self.reasons,
+                "least_memory_candidate": self.least_memory}
+
+
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
 @dataclass
 class SearchResult:
     problem: Problem
@@ -328,14 +383,54 @@ class SearchResult:
     stopped: str                       # "bound" (proved), "exhausted" (all simulated), "time-limit"
     unexplored: int = 0
     unexplored_best_bound_s: float | None = None
-    least_memory: dict | None = None   # the candidate with the smallest memory bound (when nothing fits)
+    least_memory: dict | None = None   # the candidate needing the least memory (memory model), when nothing fits
     simulated: list[dict] = field(default_factory=list, repr=False)
     best_plan: Plan | None = field(default=None, repr=False)
     elapsed_s: float = 0.0
+    families: list[FamilyResult] = field(default_factory=list)
+    tie: float = TIE
 
     @property
     def best(self) -> dict | None:
         return self.top[0] if self.top else None
+
+    @property
+    def proven(self) -> bool:
+        return self.stopped != "time-limit"
+
+    def why_none(self) -> str:
+        """Why no plan fits, in one line: the real causes (rules, memory), not just 'no plan fits'."""
+        c, budget = self.counts, self.problem.memory_budget
+        if c["candidates"] == 0:
+            return "the space is empty (no family, tp, cp or p choice left)"
+        parts = []
+        if c["infeasible"]:
+            top = sorted(self.infeasible_reasons.items(), key=lambda kv: -kv[1])[:3]
+            parts.append(f"{c['infeasible']} of {c['candidates']} candidates break a rule ("
+                         + "; ".join(f"{why}: {n}" for why, n in top) + ")")
+        over = c["pruned_memory_bound"] + c["oom_exact"]
+        if over:
+            lm = self.least_memory
+            least = ""
+            if lm:
+                least = f"; the least memory any needs is {_gib(lm['peak_memory_bytes'])} ({_label(lm)}, memory model)"
+            parts.append(f"{over} need more than the budget {_gib(budget)}{least}")
+        if self.stopped == "time-limit" and not self.top:
+            parts.append(f"the time limit stopped the search with {self.unexplored} candidates unexplored")
+        return "no plan fits: " + "; ".join(parts)
+
+
+def _gib(b: float) -> str:
+    """Bytes in the unit that fits (GiB for a GPU's budget, MiB or KiB for toy ones)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _label(r: dict) -> str:
+    return (f"{r['schedule']} p={r['pp']} tp={r['tp']} cp={r['cp']} dp={r['dp']} m={r['microbatches']} "
+            f"n={r['slices']} v={r['virtual_stages']} {r['partition']}" + (" exchange" if r["exchange"] else ""))
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
@@ -348,91 +443,221 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return out
 
 
-def search(problem: Problem, space: Space = Space(), top_k: int = 5, time_limit: float | None = None,
-           progress: Callable[[dict], None] | None = None, keep_plan: bool = True) -> SearchResult:
-    """Branch and bound over the space (module docstring). `progress(state)` is called now and then."""
-    t0 = time.perf_counter()
-    counts = {"candidates": 0, "infeasible": 0, "pruned_memory_bound": 0, "pruned_time_bound": 0,
-              "oom_exact": 0, "simulated": 0}
-    reasons: dict[str, int] = {}
-    live: list[tuple[Candidate, Bounds]] = []
-    least = None
-    for c, why in enumerate_space(problem, space):
-        counts["candidates"] += 1
-        if why is None:
-            bd = bounds(problem, c)
-            if bd.memory > problem.memory_budget:
-                counts["pruned_memory_bound"] += 1
-                if least is None or bd.memory < least[1].memory:
-                    least = (c, bd)
-                continue
-            live.append((c, bd))
-        else:
-            counts["infeasible"] += 1
-            reasons[why] = reasons.get(why, 0) + 1
-        if progress and counts["candidates"] % 2000 == 0:
-            progress({"stage": 1, "done": counts["candidates"], "elapsed": time.perf_counter() - t0})
+_CAUSES = ("infeasible", "pruned_memory_bound", "oom_exact", "pruned_time_bound", "simulated")
 
-    by_est = sorted(range(len(live)), key=lambda i: (live[i][1].estimate, live[i][0]))
-    by_bound = sorted(range(len(live)), key=lambda i: live[i][1].time)
-    done = [False] * len(live)
-    ptr = 0
-    top: list[tuple[float, Candidate, dict]] = []  # sorted by (step, candidate)
-    simulated: list[dict] = []
-    best_plan = None
-    stopped = "exhausted"
-    unexplored, unexplored_bound = 0, None
 
-    def kth() -> float:
-        return top[top_k - 1][0] if len(top) >= top_k else math.inf
+class _Run:
+    """One search's state: the live candidates with their bounds, what was evaluated (each
+    candidate is compiled and simulated at most once), per-family counts and reasons."""
 
-    for step, i in enumerate(by_est):
-        while ptr < len(by_bound) and done[by_bound[ptr]]:
-            ptr += 1
-        if ptr < len(by_bound) and live[by_bound[ptr]][1].time > kth():
-            stopped = "bound"
-            counts["pruned_time_bound"] += len(live) - step
-            break
-        if time_limit is not None and time.perf_counter() - t0 > time_limit:
-            stopped = "time-limit"
-            left = [j for j in by_est[step:] if live[j][1].time <= kth()]
-            counts["pruned_time_bound"] += len(live) - step - len(left)
-            unexplored = len(left)
-            unexplored_bound = min((live[j][1].time for j in left), default=None)
-            break
-        done[i] = True
-        c, bd = live[i]
-        if progress:
-            progress({"stage": 2, "done": step, "total": len(live), "simulated": counts["simulated"],
-                      "best_s": top[0][0] if top else None, "elapsed": time.perf_counter() - t0})
-        if bd.time > kth():
-            counts["pruned_time_bound"] += 1
-            continue
+    def __init__(self, problem: Problem, space: Space, deadline: float | None, progress):
+        self.problem, self.space, self.deadline, self.progress = problem, space, deadline, progress
+        self.t0 = time.perf_counter()
+        self.counts = {k: 0 for k in ("candidates",) + _CAUSES}
+        self.fam_counts = {f: {k: 0 for k in _CAUSES} for f in space.families}
+        self.reasons: dict[str, int] = {}
+        self.fam_reasons: dict[str, dict[str, int]] = {f: {} for f in space.families}
+        self.live: list[tuple[Candidate, Bounds]] = []
+        self.mem_pruned: dict[str, list[tuple[float, Candidate]]] = {f: [] for f in space.families}
+        self.memo: dict[Candidate, tuple[str, object]] = {}  # ("row", row) | ("oom", bytes) | ("rule", why)
+        self.simulated: list[dict] = []
+        self.rows: dict[Candidate, dict] = {}  # the simulated (fitting) candidates' rows
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and self.elapsed() > self.deadline
+
+    def rule(self, c: Candidate, why: str) -> None:
+        self.reasons[why] = self.reasons.get(why, 0) + 1
+        fr = self.fam_reasons[c.schedule]
+        fr[why] = fr.get(why, 0) + 1
+
+    def stage1(self) -> None:
+        for c, why in enumerate_space(self.problem, self.space):
+            self.counts["candidates"] += 1
+            if why is None:
+                bd = bounds(self.problem, c)
+                if bd.memory > self.problem.memory_budget:
+                    self._count(c, "pruned_memory_bound")
+                    self.mem_pruned[c.schedule].append((bd.memory, c))
+                    continue
+                self.live.append((c, bd))
+            else:
+                self._count(c, "infeasible")
+                self.rule(c, why)
+            if self.progress and self.counts["candidates"] % 2000 == 0:
+                self.progress({"stage": 1, "done": self.counts["candidates"], "elapsed": self.elapsed()})
+
+    def _count(self, c: Candidate, cause: str) -> None:
+        self.counts[cause] += 1
+        self.fam_counts[c.schedule][cause] += 1
+
+    def evaluate(self, c: Candidate):
+        """("row", row) | ("oom", exact peak bytes) | ("rule", why), computed once per candidate."""
+        got = self.memo.get(c)
+        if got is not None:
+            return got
+        pr = self.problem
         try:
-            spec = candidate_spec(problem, c)
-            if exact_peak_memory(spec, problem.dtype_bytes) > problem.memory_budget:
-                counts["oom_exact"] += 1
-                continue
-            row, plan = evaluate(spec, problem.profile, problem.dtype_bytes)
+            spec = candidate_spec(pr, c)
+            mem = exact_peak_memory(spec, pr.dtype_bytes)
+            if mem > pr.memory_budget:
+                got = ("oom", mem)
+            else:  # one timed replay: the exact peak is already known, the bubble breakdown is not needed
+                plan = compile_plan(spec, pr.profile)
+                fig = simulate_step(plan, pr.profile, pr.dtype_bytes)
+                row = {"step_s": fig["step_s"], "bubble_fraction": fig["bubble_fraction"], "peak_memory_bytes": mem,
+                       "tokens_per_s": fig["tokens_per_s"], "mfu": fig["mfu"]}
+                got = ("row", {**c.fields(), **row, "_cand": c})
         except SpecError as e:
-            counts["infeasible"] += 1
-            why = rule_reason(c.schedule, e)
-            reasons[why] = reasons.get(why, 0) + 1
-            continue
-        counts["simulated"] += 1
-        row = {**c.fields(), **row, "time_bound_s": bd.time, "memory_bound_bytes": bd.memory}
-        simulated.append(row)
-        if row["step_s"] < kth() or (row["step_s"] == kth() and c < top[-1][1]):
-            top.append((row["step_s"], c, row))
-            top.sort(key=lambda x: (x[0], x[1]))
-            del top[top_k:]
-            if keep_plan and top[0][1] == c:
-                best_plan = plan
-    least_row = None
-    if not top and least is not None:
-        least_row = {**least[0].fields(), "memory_bound_bytes": least[1].memory}
-    return SearchResult(problem, space, [r for _, _, r in top], pareto_front(simulated), counts, reasons, stopped,
-                        unexplored, unexplored_bound, least_row, simulated, best_plan, time.perf_counter() - t0)
+            got = ("rule", rule_reason(c.schedule, e))
+        self.memo[c] = got
+        return got
+
+    def branch_and_bound(self, members: list[int], top_k: int, tie: float):
+        """Evaluate live[members] in order of the estimate until every candidate left has a time
+        bound above max(K-th best step, fastest * (1 + tie)): then the K fastest plans and every
+        plan within `tie` of the fastest are known. Candidates evaluated before (by an earlier
+        branch and bound of this run) count at once and cost nothing. Returns (rows, stopped,
+        unexplored, best time bound among the unexplored)."""
+        live = self.live
+        steps: list[float] = []  # sorted step times of the fitting plans found
+        rows: list[dict] = []
+        rest = []
+        for i in members:
+            c = live[i][0]
+            if c in self.memo:
+                if c in self.rows:
+                    bisect.insort(steps, self.rows[c]["step_s"])
+                    rows.append(self.rows[c])
+            else:
+                rest.append(i)
+        by_est = sorted(rest, key=lambda i: (live[i][1].estimate, live[i][0]))
+        by_bound = sorted(rest, key=lambda i: live[i][1].time)
+        done: set[int] = set()
+        ptr = 0
+
+        def threshold() -> float:
+            if not steps:
+                return math.inf
+            kth = steps[top_k - 1] if len(steps) >= top_k else math.inf
+            return max(kth, steps[0] * (1 + tie))
+
+        for k, i in enumerate(by_est):
+            while ptr < len(by_bound) and by_bound[ptr] in done:
+                ptr += 1
+            if ptr < len(by_bound) and live[by_bound[ptr]][1].time > threshold():
+                return rows, "bound", 0, None
+            if self.out_of_time():
+                left = [j for j in by_est[k:] if live[j][1].time <= threshold()]
+                return rows, "time-limit", len(left), min((live[j][1].time for j in left), default=None)
+            done.add(i)
+            c, bd = live[i]
+            if self.progress:
+                self.progress({"stage": 2, "done": len(self.memo), "total": len(live), "simulated": self.counts["simulated"],
+                               "best_s": steps[0] if steps else None, "elapsed": self.elapsed()})
+            if bd.time > threshold():
+                continue
+            kind, val = self.evaluate(c)
+            cause = {"row": "simulated", "oom": "oom_exact", "rule": "infeasible"}[kind]
+            self._count(c, cause)
+            if kind == "rule":
+                self.rule(c, val)
+            elif kind == "row":
+                row = {**val, "time_bound_s": bd.time, "memory_bound_bytes": bd.memory}
+                self.rows[c] = row
+                self.simulated.append(row)
+                bisect.insort(steps, row["step_s"])
+                rows.append(row)
+        return rows, "exhausted", 0, None
+
+    def least_memory(self, fam: str | None, probe: int = 5) -> dict | None:
+        """The candidate (of `fam`, or of any family) that needs the least memory by the memory
+        model, among those over the budget: the `probe` smallest memory bounds are measured exactly
+        (a bound can be far below the real peak), with the over-budget ones already measured."""
+        pool = []
+        fams = [fam] if fam else list(self.space.families)
+        for f in fams:
+            pool.extend(sorted(self.mem_pruned[f], key=lambda x: (x[0], x[1]))[:probe])
+        best = None
+        for bound, c in pool:
+            if self.out_of_time() and best is not None:
+                break
+            try:
+                mem = exact_peak_memory(candidate_spec(self.problem, c), self.problem.dtype_bytes)
+            except SpecError:
+                continue
+            if best is None or mem < best[0]:
+                best = (mem, c, bound)
+        for c, (kind, val) in self.memo.items():
+            if kind == "oom" and (fam is None or c.schedule == fam) and (best is None or val < best[0]):
+                best = (val, c, None)
+        if best is None:
+            return None
+        mem, c, bound = best
+        return {**c.fields(), "peak_memory_bytes": mem, "memory_bound_bytes": bound}
+
+
+def _family_why(run: _Run, fam: str, least: dict | None) -> str:
+    fc, budget = run.fam_counts[fam], run.problem.memory_budget
+    total = sum(fc.values())
+    if total == 0:
+        return "not in the space"
+    parts = []
+    if fc["infeasible"]:
+        top = sorted(run.fam_reasons[fam].items(), key=lambda kv: -kv[1])[:2]
+        parts.append(f"{fc['infeasible']} of {total} break a rule (" + "; ".join(f"{w.split(': ', 1)[-1]}: {n}"
+                                                                           for w, n in top) + ")")
+    over = fc["pruned_memory_bound"] + fc["oom_exact"]
+    if over:
+        txt = f"{over} over {_gib(budget)}"
+        if least:
+            txt += f" (least: {_gib(least['peak_memory_bytes'])}, {_label(least)})"
+        parts.append(txt)
+    if fc["pruned_time_bound"]:
+        parts.append(f"{fc['pruned_time_bound']} not simulated (time limit)")
+    return "; ".join(parts)
+
+
+def search(problem: Problem, space: Space = Space(), top_k: int = 5, time_limit: float | None = None,
+           progress: Callable[[dict], None] | None = None, keep_plan: bool = True, tie: float = TIE,
+           per_family: bool = True) -> SearchResult:
+    """Branch and bound over the space (module docstring). `progress(state)` is called now and then.
+    The top K are ranked by rank_rows (ties within `tie` go to less memory). With `per_family`, each
+    family's own best plan is proved too (a top-1 branch and bound over its candidates, reusing
+    every evaluation), or the reason it has none is given."""
+    run = _Run(problem, space, time_limit, progress)
+    run.stage1()
+    everyone = list(range(len(run.live)))
+    rows, stopped, unexplored, unexplored_bound = run.branch_and_bound(everyone, top_k, tie)
+    families = []
+    if per_family:
+        for fam in space.families:
+            members = [i for i in everyone if run.live[i][0].schedule == fam]
+            frows, fstop, _, _ = run.branch_and_bound(members, 1, tie) if members else ([], "exhausted", 0, None)
+            ranked = rank_rows(frows, tie)
+            best = ranked[0] if ranked else None
+            least = run.least_memory(fam) if best is None else None
+            families.append(FamilyResult(fam, best, fstop != "time-limit", None if best else _family_why(run, fam, least),
+                                         {}, dict(run.fam_reasons[fam]), least))
+    # every live candidate never evaluated was pruned by the time bound (or left by the time limit)
+    for c, _bd in run.live:
+        if c not in run.memo:
+            run._count(c, "pruned_time_bound")
+    for fr in families:
+        fr.counts = dict(run.fam_counts[fr.family])
+        if fr.row is None:
+            fr.why = _family_why(run, fr.family, fr.least_memory)
+    top = rank_rows(rows, tie)[:top_k]
+    best_plan = None
+    if keep_plan and top:
+        best_plan = compile_plan(candidate_spec(problem, top[0]["_cand"]), problem.profile)
+    least = run.least_memory(None) if not top else None
+    sim = run.simulated
+    return SearchResult(problem, space, top, pareto_front(sim), dict(run.counts), dict(run.reasons), stopped,
+                        unexplored, unexplored_bound, least, sim, best_plan, run.elapsed(), families, tie)
 
 
 def brute_force(problem: Problem, space: Space = Space(), top_k: int = 5) -> tuple[list[dict], list[dict]]:

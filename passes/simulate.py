@@ -48,6 +48,32 @@ def strip_exchanges(plan: Plan) -> Plan:
     return plan.with_ranks([tuple(ins for ins in s if ins.kind not in KV) for s in plan.ranks])
 
 
+def step_figures(spec, cm, res) -> dict:
+    """step_s, bubble_fraction, mfu, tokens_per_s and dp_allreduce_s of one timed replay `res` of a
+    plan of `spec` under the CostModel `cm`: what simulate_timed reports and what tune ranks by."""
+    from .memory import rank_params
+
+    dp_s = max(cm.dp_time(rank_params(spec, r) * 4.0) for r in range(spec.pp))
+    makespan = res.makespan + dp_s
+    devices = spec.pp * spec.tp * spec.cp
+    mfu = cm.model_flops() / (makespan * cm.prof.peak_flops * devices) if makespan > 0 else 0.0
+    tokens = spec.microbatches * spec.micro_batch_size * spec.seq_len * spec.dp
+    return {"step_s": makespan, "bubble_fraction": bubble_fraction(res.busy, res.makespan), "mfu": mfu,
+            "tokens_per_s": tokens / makespan if makespan else 0.0, "dp_allreduce_s": dp_s}
+
+
+def simulate_step(plan: Plan, profile=None, dtype_bytes: int = 2) -> dict:
+    """simulate_timed's headline figures (step_figures) from one timed replay: no bubble breakdown
+    and no memory report, for searches that already know the plan's peak memory."""
+    from .costs import CostModel, load_profile, timed_replay
+
+    cm = CostModel(plan.spec, profile if profile is not None else load_profile(None), dtype_bytes)
+    res, _table = timed_replay(plan, cm)
+    if res.deadlocked:
+        raise PlanInvalidError(res.deadlock_message())
+    return step_figures(plan.spec, cm, res)
+
+
 def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool = False) -> dict:
     """Timed simulation with the cost model (passes.costs) and the memory model (passes.memory).
 
@@ -63,7 +89,7 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
     Named as compare, tune and the executor name them (step_s, tokens_per_s).
     MFU = model FLOPs (3x forward) / (makespan * peak * pp * tp * cp)."""
     from .costs import CostModel, load_profile, replay_engine, timed_replay
-    from .memory import memory_report, rank_params
+    from .memory import memory_report
 
     prof = profile if profile is not None else load_profile(None)
     spec = plan.spec
@@ -86,19 +112,16 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
     b_total = bubble_fraction(res.busy, res.makespan)
     b_ideal = min(bubble_fraction(ideal_res.busy, ideal_res.makespan), b_total)
     b_free = max(min(bubble_fraction(free.busy, free.makespan), b_total), b_ideal)
-    dp_s = max(cm.dp_time(rank_params(spec, r) * 4.0) for r in range(spec.pp))
-    makespan = res.makespan + dp_s
-    devices = spec.pp * spec.tp * spec.cp
-    mfu = cm.model_flops() / (makespan * prof.peak_flops * devices) if makespan > 0 else 0.0
+    head = step_figures(spec, cm, res)
     mem = memory_report(plan, dtype_bytes)
     out = {
-        "step_s": makespan,
+        "step_s": head["step_s"],
         "bubble_fraction": b_total,
         "bubble_breakdown": {"ideal": b_ideal, "imbalance": b_free - b_ideal, "comm": b_total - b_free},
-        "mfu": mfu,
-        "tokens_per_s": spec.microbatches * spec.micro_batch_size * spec.seq_len * spec.dp / makespan if makespan else 0.0,
+        "mfu": head["mfu"],
+        "tokens_per_s": head["tokens_per_s"],
         "device_profile": prof.name,
-        "dp_allreduce_s": dp_s,
+        "dp_allreduce_s": head["dp_allreduce_s"],
         "ranks": [{"rank": r, "busy_s": res.busy[r], **mem[r]} for r in range(spec.pp)],
     }
     if record:

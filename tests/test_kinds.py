@@ -63,7 +63,7 @@ def test_passes_read_the_table():
 def test_family_records_are_complete(fam):
     rec = schedules.get(fam)
     assert rec.name == fam and rec.inflight and rec.bubble is not None and rec.peak_units is not None
-    assert rec.compare is not None and rec.search_choices((2, 4), (1, 2))
+    assert rec.search_choices((2, 4), (1, 2))
     p, m, n, v = rec.fitted(4, 5, 8, 2)
     assert rec.accepts(p, m, n, v)
 

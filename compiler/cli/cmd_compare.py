@@ -1,17 +1,16 @@
-"""slimpipe compare: every schedule family (at its best n, v) on one model, context and cluster."""
+"""slimpipe compare: every schedule family's best plan on one model, context and layout (p, tp, cp, dp,
+m fixed), found by tune's own search over the same n, v, partitions and exchange settings."""
 from __future__ import annotations
 
 import re
 
 from ir import SlimpipeError, SpecError
-from passes.costs import GIB, load_profile
-from passes.partition import flops_partition
+from passes.costs import load_profile
 
-from .. import schedules
-from ..layout import build_spec
-from ..search import evaluate
+from ..search import Candidate, Problem, SearchResult, Space, candidate_spec, evaluate, rank_rows, search
 from .cmd_compile import add_model_args, model_from_args
-from .common import BYTE_UNITS, TIME_UNITS, add_parser, emit_json, fit_unit, human_bytes, positive_int
+from .common import add_parser, emit_json, human_bytes, positive_int
+from .tables import family_table
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20,
           "gib": 2 ** 30, "tib": 2 ** 40}
@@ -31,43 +30,33 @@ def parse_bytes(text: str, flag: str = "--memory-budget") -> float:
     return float(mt.group(1)) * _UNITS[mt.group(2).lower()]
 
 
-def candidates(args, layers: int):
-    """(family, n, v) combinations worth simulating: each family record's compare choices."""
-    p, m = args.pp, args.microbatches
-    vs = [v for v in (1, 2, 4) if layers >= p * v]
-    for fam in schedules.FAMILIES.values():
-        if fam.compare is not None:
-            for n, v in fam.compare(p, m, vs):
-                yield fam.name, n, v
-
-
-def best_per_family(args, model, seq, profile, budget):
+def best_per_family(problem: Problem, space: Space) -> tuple[list[dict], SearchResult]:
+    """tune's search over one layout (p, tp, cp, dp, m fixed): each family's best plan over the same
+    n, v, partitions and exchange as tune. A family with no plan under the budget is shown by its
+    least-memory candidate, simulated and marked oom, with the reason."""
+    res = search(problem, space, top_k=1, keep_plan=False)
     rows = []
-    for fam, n, v in candidates(args, model.layers):
-        record = schedules.get(fam)
-        extra = dict(tp=args.tp, cp=args.cp, dp=args.dp)
-        if n > 1 and record.compare_partition == "flops":
-            extra.update(partition="flops", slice_lens=tuple(flops_partition(model, seq, n)))
-        elif n > 1 and seq % n:
+    for f in res.families:
+        if f.row is not None:
+            rows.append({**f.row, "oom": False, "proven": f.proven, "why_none": None})
             continue
-        if record.exchange_default(n):
-            extra["exchange"] = True
-        try:
-            spec = build_spec(fam, model, pp=args.pp, microbatches=args.microbatches, slices=n, virtual_stages=v,
-                              seq_len=seq, **extra)
-            row, _plan = evaluate(spec, profile)
-        except SlimpipeError:
-            continue
-        rows.append({"schedule": fam, "slices": n, "virtual_stages": v, **row,
-                     "oom": row["peak_memory_bytes"] > budget})
-    best = {}
-    for row in rows:
-        cur = best.get(row["schedule"])
-        key = (row["oom"], row["step_s"] if not row["oom"] else row["peak_memory_bytes"])
-        if cur is None or key < (cur["oom"], cur["step_s"] if not cur["oom"] else cur["peak_memory_bytes"]):
-            best[row["schedule"]] = row
-    order = list(schedules.FAMILIES)
-    return [best[f] for f in order if f in best], len(rows)
+        fc = f.counts
+        over = fc["pruned_memory_bound"] + fc["oom_exact"]
+        short = (f"its least-memory plan; all {over} that obey the rules are over budget" if over and f.least_memory
+                 else f.why)
+        row = {"schedule": f.family, "oom": True, "proven": f.proven, "why_none": short}
+        lm = f.least_memory
+        if lm is None:
+            row["why_none"] = f.why
+        else:
+            cand = Candidate(**{k: lm[k] for k in Candidate.__dataclass_fields__})
+            try:
+                sim, _plan = evaluate(candidate_spec(problem, cand), problem.profile, problem.dtype_bytes)
+                row.update({**cand.fields(), **sim, "_cand": cand})
+            except SlimpipeError:
+                pass
+        rows.append(row)
+    return rows, res
 
 
 def run(args) -> int:
@@ -78,27 +67,46 @@ def run(args) -> int:
     model, seq = model_from_args(args)
     if model.heads % args.tp:
         raise SpecError(f"--tp {args.tp} must divide the model's {model.heads} attention heads")
-    table, tried = best_per_family(args, model, seq, profile, budget)
+    gpus = args.pp * args.tp * args.cp * args.dp
+    problem = Problem(model, seq, gpus, budget, args.microbatches * args.dp, profile)
+    space = Space(tp=(args.tp,), cp=(args.cp,), pp=(args.pp,))
+    table, res = best_per_family(problem, space)
+    tried = res.counts["candidates"]
     if args.json:
         emit_json({"model": model.name, "seq_len": seq, "pp": args.pp, "microbatches": args.microbatches,
                    "tp": args.tp, "cp": args.cp, "dp": args.dp, "device_profile": profile.name,
-                   "memory_budget_bytes": budget, "configurations_tried": tried, "rows": table})
+                   "memory_budget_bytes": budget, "configurations_tried": tried, "counts": res.counts,
+                   "space": {"slices": list(space.slices), "virtual_stages": list(space.virtual_stages)},
+                   "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in table]})
         return 0
     print(f"{model.name}, seq {seq}, pp={args.pp} m={args.microbatches} tp={args.tp} cp={args.cp} dp={args.dp} on "
-          f"{profile.name}; budget {human_bytes(budget)}; best n, v per family of {tried} configurations")
-    tu, ts = fit_unit([r["step_s"] for r in table], TIME_UNITS)
-    mu, ms = fit_unit([r["peak_memory_bytes"] for r in table], BYTE_UNITS)
-    print(f"{'schedule':<17}{'n':>4}{'v':>3}{'step ' + tu:>10}{'bubble':>9}{'peak ' + mu:>10}{'tokens/s':>11}{'MFU':>7}")
-    for r in table:
-        print(f"{r['schedule']:<17}{r['slices']:>4}{r['virtual_stages']:>3}{r['step_s'] / ts:>10.3f}"
-              f"{r['bubble_fraction']:>8.2%} {r['peak_memory_bytes'] / ms:>9.1f}{r['tokens_per_s']:>11.0f}"
-              f"{r['mfu']:>6.1%}" + ("  OOM" if r["oom"] else ""))
+          f"{profile.name}; budget {human_bytes(budget)}")
+    print(f"best plan of each family over tune's space at this layout (n in {','.join(map(str, space.slices))}, "
+          f"v in {','.join(map(str, space.virtual_stages))}, every partition and exchange setting; {tried} candidates):")
+    fitting = [r for r in table if not r["oom"]]
+    pick = rank_rows(fitting)[0] if fitting else None
+    for line in family_table([_Fam(r) for r in table], pick):
+        print(line)
+    over = [r for r in table if r["oom"] and "step_s" in r]
+    if over:
+        print(f"OOM rows: the family's least-memory plan, simulated; it needs more than {human_bytes(budget)}")
     return 0
 
 
+class _Fam:
+    """A compare row in the shape family_table reads."""
+
+    def __init__(self, r: dict):
+        self.family = r["schedule"]
+        self.row = r if "step_s" in r else None
+        self.proven = r["proven"]
+        self.why = r["why_none"]
+        self.oom = r["oom"]
+
+
 def register(sub) -> None:
-    p = add_parser(sub, "compare", "compare the schedule families (each at its best n, v): step time, bubble, "
-                   "peak memory, tokens/s, OOM against a memory budget",
+    p = add_parser(sub, "compare", "compare the schedule families at one layout, each at its best plan over tune's "
+                   "space (n, v, partition, exchange): step time, bubble, peak memory, tokens/s, OOM against a budget",
                    "slimpipe compare --model llama-70b --seq-len 524288 --pp 16 --tp 8 --cp 4 --memory-budget 80GiB")
     add_model_args(p)
     p.add_argument("--pp", type=positive_int, required=True, help="pipeline ranks p")

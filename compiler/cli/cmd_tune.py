@@ -13,8 +13,9 @@ from .. import schedules
 from ..search import N_CHOICES, TP_CHOICES, CP_CHOICES, V_CHOICES, Problem, Space, default_global_batch, search
 from .cmd_compare import parse_bytes
 from .cmd_compile import add_model_args, model_from_args
-from .common import (BYTE_UNITS, TIME_UNITS, add_parser, check_output_path, emit_json, fit_unit, human_bytes, human_time,
-                     nonneg_float, positive_int)
+from .common import (BYTE_UNITS, add_parser, check_output_path, emit_json, fit_unit, human_bytes, nonneg_float,
+                     positive_int)
+from .tables import family_table, plan_table
 
 PLOT_FORMATS = ("png", "svg", "pdf")
 
@@ -37,7 +38,9 @@ SPACE_HELP = f"""search space (each part can be narrowed with the flags below):
   partition  uniform (seq divisible by n*cp); also flops for {_names(lambda f: "flops" in f.partitions)}
   exchange   on and off for {_names(lambda f: f.default_exchange)}
 Candidates over the budget by a sound memory bound are pruned; the rest are simulated in order of an
-estimate until no candidate left can beat the top K (a sound time bound), or until --time-limit.
+estimate until no candidate left can beat the top K (a sound time bound), or until --time-limit
+(then the answer is marked NOT PROVEN). Step times within 0.5% of the fastest are a tie: less memory
+wins. The best plan of every family is shown too, or why the family has none.
 
 example:
   """
@@ -146,6 +149,14 @@ def front_figure(res):
     if front:
         ax.step([r["peak_memory_bytes"] / ms for r in front], [r["tokens_per_s"] / tk for r in front], where="post",
                 color="black", lw=1.2, label="Pareto front")
+    fam_best = [f.row for f in res.families if f.row]
+    if fam_best:  # each family's best plan: what 1F1B or interleaved would have cost
+        ax.scatter([r["peak_memory_bytes"] / ms for r in fam_best], [r["tokens_per_s"] / tk for r in fam_best], s=70,
+                   facecolors=[colors[r["schedule"]] for r in fam_best], edgecolors="black", marker="D", zorder=4)
+        ax.scatter([], [], s=70, facecolors="white", edgecolors="black", marker="D", label="best of each family")
+        for r in fam_best:
+            ax.annotate(r["schedule"], (r["peak_memory_bytes"] / ms, r["tokens_per_s"] / tk), fontsize=7,
+                        xytext=(5, -10), textcoords="offset points")
     if res.best:
         b = res.best
         ax.scatter([b["peak_memory_bytes"] / ms], [b["tokens_per_s"] / tk], marker="*", s=160, color="black", zorder=5,
@@ -155,6 +166,9 @@ def front_figure(res):
         ax.axvline(budget / ms, color="red", ls="--", lw=1, label=f"budget {human_bytes(budget)}")
     else:  # drawing it would squeeze every plan against the left edge
         ax.plot([], [], color="red", ls="--", lw=1, label=f"budget {human_bytes(budget)} (far right, not drawn)")
+    none = [f.family for f in res.families if f.row is None]
+    if none:  # families with no plan under the budget are named, so their absence is not a mystery
+        ax.plot([], [], " ", label="no plan fits: " + ", ".join(none))
     ax.set_xlabel(f"peak memory per GPU ({mu})")
     ax.set_ylabel(tl)
     pr = res.problem
@@ -207,43 +221,40 @@ def run(args) -> int:
                              "pp": list(space.pp) if space.pp else "divisors", "slices": list(space.slices),
                              "virtual_stages": list(space.virtual_stages)},
                    "counts": c, "infeasible_reasons": res.infeasible_reasons, "stopped": res.stopped,
+                   "proven": res.proven, "tie_tolerance": res.tie,
                    "unexplored": res.unexplored, "unexplored_best_bound_s": res.unexplored_best_bound_s,
-                   "top": [row_json(r) for r in res.top], "pareto": [row_json(r) for r in res.pareto],
+                   "top": [row_json(r) for r in res.top], "families": [f.to_json() for f in res.families],
+                   "pareto": [row_json(r) for r in res.pareto],
+                   "why_none": None if res.top else res.why_none(),
                    "least_memory_candidate": res.least_memory, "output": args.output if res.best_plan else None,
                    "plot": args.plot, "elapsed_s": res.elapsed_s})
         return 0 if res.top else 1
     print(f"{model.name}, seq {seq}, {args.gpus} GPUs, global batch {gb}, budget {human_bytes(budget)}, {profile.name}")
     if res.top:
-        tu, ts = fit_unit([r["step_s"] for r in res.top], TIME_UNITS)
-        mu, ms = fit_unit([r["peak_memory_bytes"] for r in res.top], BYTE_UNITS)
-        print(f"{'#':>2} {'schedule':<17}{'p':>3}{'tp':>3}{'cp':>3}{'dp':>4}{'m':>4}{'n':>4}{'v':>3} {'partition':<8}"
-              f"{'exch':>5}{'step ' + tu:>9}{'bubble':>8}{'peak ' + mu:>9}{'tokens/s':>10}{'MFU':>7}")
-        for i, r in enumerate(res.top, 1):
-            print(f"{i:>2} {r['schedule']:<17}{r['pp']:>3}{r['tp']:>3}{r['cp']:>3}{r['dp']:>4}{r['microbatches']:>4}"
-                  f"{r['slices']:>4}{r['virtual_stages']:>3} {r['partition']:<8}{'on' if r['exchange'] else 'off':>5}"
-                  f"{r['step_s'] / ts:>9.3f}{r['bubble_fraction']:>8.1%}{r['peak_memory_bytes'] / ms:>9.1f}"
-                  f"{r['tokens_per_s']:>10.0f}{r['mfu']:>7.1%}")
-    print(f"{c['candidates']} candidates: {c['infeasible']} infeasible by rule, {c['pruned_memory_bound']} pruned by the "
-          f"memory bound, {c['pruned_time_bound']} pruned by the time bound, {c['oom_exact']} over budget by the exact "
-          f"memory model, {c['simulated']} simulated")
+        print(f"fastest plans that fit (step times within {res.tie:.1%} of the fastest count as a tie: less memory "
+              "first):")
+        for line in plan_table(res.top):
+            print(line)
+    else:
+        print(res.why_none())
+    if res.families:
+        print("best plan of each family (or why it has none):")
+        for line in family_table(res.families, res.best):
+            print(line)
+    print(f"{c['candidates']} candidates: {c['infeasible']} break a rule, {c['pruned_memory_bound']} over budget by the "
+          f"memory bound, {c['oom_exact']} over budget by the memory model, {c['pruned_time_bound']} provably slower "
+          f"(time bound), {c['simulated']} simulated")
     if res.stopped == "time-limit":
         gap = ""
         if res.top and res.unexplored_best_bound_s:
-            gap = f"; at most {1 - res.unexplored_best_bound_s / res.top[0]['step_s']:.1%} faster possible"
-        print(f"stopped at --time-limit {args.time_limit:g} s: {res.unexplored} candidates unexplored, best time bound "
-              f"{res.unexplored_best_bound_s:.3f} s{gap}")
+            gap = f": one of them could be up to {1 - res.unexplored_best_bound_s / res.top[0]['step_s']:.1%} faster"
+        print(f"NOT PROVEN: the search stopped at --time-limit {args.time_limit:g} s with {res.unexplored} candidates "
+              f"unexplored{gap}; run with --time-limit 0 to finish the proof")
     elif res.top:
-        print("optimal over the space: every candidate not simulated is over budget or provably slower than the top "
-              f"{args.top}" if res.stopped == "bound" else "optimal over the space: every feasible candidate simulated")
-    if not res.top:
-        lm = res.least_memory
-        hint = ""
-        if lm:
-            hint = (f"; least memory by bound: {lm['schedule']} p={lm['pp']} tp={lm['tp']} cp={lm['cp']} "
-                    f"n={lm['slices']} v={lm['virtual_stages']} needs >= {lm['memory_bound_bytes'] / GIB:.1f} GiB")
-        print(f"no plan fits {budget / GIB:.1f} GiB{hint}")
+        print(f"proven: no plan of the space is faster than #1 by more than {res.tie:.1%} (every candidate not "
+              f"simulated breaks a rule, is over budget or is provably slower than the top {args.top})")
     if args.output:
-        print(f"wrote {args.output}" if res.best_plan is not None else f"not written: {args.output} (no plan fits)")
+        print(f"wrote {args.output} (#1)" if res.best_plan is not None else f"not written: {args.output} (no plan fits)")
     if args.plot:
         print(f"wrote {args.plot}")
     return 0 if res.top else 1

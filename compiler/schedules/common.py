@@ -37,9 +37,8 @@ class Family:
     search_slices   tune tries the space's n (else n = 1)
     search_virtual  v choices in tune: "one" (v = 1), "above_one" (the space's v > 1), "any"
     partitions    slice partitions searched when n > 1 ("uniform", and "flops" for Seq1F1B)
-    default_exchange  the KV exchange is on by default when n > 1 (compile, compare); tune tries both
-    compare       (n, v) combinations `slimpipe compare` simulates, f(p, m, allowed v's)
-    compare_partition  the partition compare uses when n > 1
+    default_exchange  the KV exchange is on by default when n > 1 (compile); tune and compare try both
+    (compare runs tune's search at one layout: one search space, read from these choices)
     """
 
     name: str
@@ -58,8 +57,6 @@ class Family:
     search_virtual: str = "any"
     partitions: tuple[str, ...] = ("uniform",)
     default_exchange: bool = False
-    compare: Callable[[int, int, list[int]], Iterable[tuple[int, int]]] | None = None
-    compare_partition: str = "uniform"
 
     def accepts(self, p: int, m: int, n: int, v: int) -> bool:
         """Whether validate() takes these sizes."""

@@ -32,4 +32,4 @@ def fit(p: int, m: int, n: int, v: int) -> tuple[int, int, int, int]:
 
 FAMILY = Family("interleaved-1f1b", "Megatron virtual-pipeline 1F1B", generate, allows_slices=False, check=check,
                 inflight="min(2(p-r-1) + (v-1)p, m*v) + 1", bubble=chunked_bubble, peak_units=peak_units, fit=fit,
-                search_virtual="above_one", compare=lambda p, m, vs: [(1, v) for v in vs if v > 1 and m % p == 0])
+                search_virtual="above_one")

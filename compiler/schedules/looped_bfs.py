@@ -16,5 +16,4 @@ def generate(spec: PlanSpec) -> Order:
 FAMILY = Family("looped-bfs", "breadth-first over looping chunks (BFPP)", generate,
                 inflight="every unit (m*n*v)", bubble=chunked_bubble, peak_units=all_units,
                 exact=lambda p, m, n, v: m * n >= p, fit=lambda p, m, n, v: (p, max(m, -(-p // n)), n, v),
-                search_slices=False, search_virtual="above_one",
-                compare=lambda p, m, vs: [(1, v) for v in vs if v > 1 and m >= p])
+                search_slices=False, search_virtual="above_one")

@@ -12,4 +12,4 @@ def generate(spec: PlanSpec) -> Order:
 FAMILY = Family("1f1b", "one forward, one backward (PipeDream-flush)", generate,
                 allows_slices=False, allows_virtual=False,
                 inflight="p - r", bubble=flat_bubble, peak_units=lambda p, m, n, v: min(p, m * n * v),
-                search_virtual="one", compare=lambda p, m, vs: [(1, 1)])
+                search_virtual="one")

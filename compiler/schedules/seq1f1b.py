@@ -54,5 +54,4 @@ def fit(p: int, m: int, n: int, v: int) -> tuple[int, int, int, int]:
 FAMILY = Family("seq1f1b", "sequence-level 1F1B (Seq1F1B)", generate, check=check,
                 inflight="min(p-r-1 + n-1, m*n) + 1; v > 1: min((v-1)G + 2(p-r-1) + n-1, m*v*n) + 1, G = n*ceil(p/n)",
                 bubble=chunked_bubble, peak_units=peak_units, peak_exact=lambda p, m, n, v: v == 1, fit=fit,
-                partitions=("uniform", "flops"), compare_partition="flops",
-                compare=lambda p, m, vs: [(n, v) for n in (2, 4, 8, 16, 32) for v in vs[:2]])
+                partitions=("uniform", "flops"))

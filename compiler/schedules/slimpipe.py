@@ -38,5 +38,4 @@ def generate(spec: PlanSpec) -> Order:
 FAMILY = Family("slimpipe", "uniform slices, n*v + 2(p-r-1) units in flight (SlimPipe)", generate, check=check,
                 inflight="n*v + 2(p-r-1)", bubble=chunked_bubble,
                 peak_units=lambda p, m, n, v: min(n * v + 2 * (p - 1), m * n * v),
-                fit=lambda p, m, n, v: (p, m, (max(n, p) if v > 1 else n), v), default_exchange=True,
-                compare=lambda p, m, vs: [(n, v) for n in (8, 16, 32, 64) for v in vs if v == 1 or n >= p])
+                fit=lambda p, m, n, v: (p, m, (max(n, p) if v > 1 else n), v), default_exchange=True)
