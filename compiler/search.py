@@ -443,7 +443,7 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return out
 
 
-_CAUSES = ("infeasible", "pruned_memory_bound", "oom_exact", "pruned_time_bound", "simulated")
+_CAUSES = ("infeasible", "pruned_memory_bound", "oom_exact", "pruned_time_bound", "unexplored", "simulated")
 
 
 class _Run:
@@ -600,7 +600,7 @@ class _Run:
         return {**c.fields(), "peak_memory_bytes": mem, "memory_bound_bytes": bound}
 
 
-def _family_why(run: _Run, fam: str, least: dict | None) -> str:
+def _family_why(run: _Run, fam: str, least: dict | None, proven: bool = True) -> str:
     fc, budget = run.fam_counts[fam], run.problem.memory_budget
     total = sum(fc.values())
     if total == 0:
@@ -616,8 +616,9 @@ def _family_why(run: _Run, fam: str, least: dict | None) -> str:
         if least:
             txt += f" (least: {_gib(least['peak_memory_bytes'])}, {_label(least)})"
         parts.append(txt)
-    if fc["pruned_time_bound"]:
-        parts.append(f"{fc['pruned_time_bound']} not simulated (time limit)")
+    left = fc["unexplored"] + fc["pruned_time_bound"]
+    if left and not proven:  # its own branch and bound was stopped by the time limit
+        parts.append(f"{left} not simulated (time limit)")
     return "; ".join(parts)
 
 
@@ -640,16 +641,19 @@ def search(problem: Problem, space: Space = Space(), top_k: int = 5, time_limit:
             ranked = rank_rows(frows, tie)
             best = ranked[0] if ranked else None
             least = run.least_memory(fam) if best is None else None
-            families.append(FamilyResult(fam, best, fstop != "time-limit", None if best else _family_why(run, fam, least),
+            families.append(FamilyResult(fam, best, fstop != "time-limit", None,
                                          {}, dict(run.fam_reasons[fam]), least))
-    # every live candidate never evaluated was pruned by the time bound (or left by the time limit)
-    for c, _bd in run.live:
+    # a live candidate never evaluated was pruned by the time bound, or left by the time limit when
+    # its bound could still beat the answer (then it is 'unexplored', not 'provably slower')
+    steps = sorted(r["step_s"] for r in rows)
+    thr = max(steps[top_k - 1] if len(steps) >= top_k else math.inf, steps[0] * (1 + tie)) if steps else math.inf
+    for c, bd in run.live:
         if c not in run.memo:
-            run._count(c, "pruned_time_bound")
+            run._count(c, "unexplored" if stopped == "time-limit" and bd.time <= thr else "pruned_time_bound")
     for fr in families:
         fr.counts = dict(run.fam_counts[fr.family])
         if fr.row is None:
-            fr.why = _family_why(run, fr.family, fr.least_memory)
+            fr.why = _family_why(run, fr.family, fr.least_memory, fr.proven)
     top = rank_rows(rows, tie)[:top_k]
     best_plan = None
     if keep_plan and top:

@@ -57,6 +57,7 @@ def test_search_matches_brute_force(brute):
                      key=lambda r: (r["peak_memory_bytes"], r["step_s"], r["_cand"]))
         assert fr.proven and fr.row["_cand"] == f_best["_cand"], fr.family
     c = res.counts
+    assert c["unexplored"] == 0
     assert c["candidates"] == c["infeasible"] + c["pruned_memory_bound"] + c["pruned_time_bound"] + c["oom_exact"] \
         + c["simulated"]
     assert c["simulated"] < len(feasible)          # the bounds did prune
@@ -165,7 +166,8 @@ def test_cli_json_output_and_plan(tmp_path, capsys):
     assert main(args) == 0
     d = json.loads(capsys.readouterr().out)
     assert len(d["top"]) == 3 and d["top"][0]["step_s"] <= d["top"][-1]["step_s"]
-    assert set(d["counts"]) == {"candidates", "infeasible", "pruned_memory_bound", "pruned_time_bound", "oom_exact",
+    assert set(d["counts"]) == {"candidates", "infeasible", "pruned_memory_bound", "pruned_time_bound", "unexplored",
+                                "oom_exact",
                                 "simulated"}
     assert d["pareto"] and all(r["peak_memory_bytes"] <= 2 ** 30 for r in d["pareto"])
     tps = [r["tokens_per_s"] for r in d["pareto"]]

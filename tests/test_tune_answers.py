@@ -104,3 +104,14 @@ def test_compare_searches_tunes_space_and_rows_reproduce(tmp_path, capsys):
     code, out, _ = run(capsys, "compare", *args, "--pp", "4")
     head = next(x for x in out.splitlines() if "schedule" in x)
     assert "partition" in head and "exch" in head
+
+
+def test_a_search_stopped_by_the_time_limit_says_not_proven(capsys):
+    code, out, _ = run(capsys, "tune", "--model", "tiny", "--seq-len", "256", "--gpus", "8", "--memory-budget",
+                       "3MiB", "--slices", "2,4", "--virtual-stages", "1,2", "--time-limit", "1e-9", "--json")
+    d = json.loads(out)
+    assert d["proven"] is False and d["stopped"] == "time-limit" and d["counts"]["unexplored"] > 0
+    assert sum(v for k, v in d["counts"].items() if k != "candidates") == d["counts"]["candidates"]
+    code, out, _ = run(capsys, "tune", "--model", "tiny", "--seq-len", "256", "--gpus", "8", "--memory-budget",
+                       "3MiB", "--slices", "2,4", "--virtual-stages", "1,2", "--time-limit", "1e-9")
+    assert "NOT PROVEN" in out and "unexplored (time limit)" in out and "provably slower" in out

@@ -243,7 +243,8 @@ def run(args) -> int:
             print(line)
     print(f"{c['candidates']} candidates: {c['infeasible']} break a rule, {c['pruned_memory_bound']} over budget by the "
           f"memory bound, {c['oom_exact']} over budget by the memory model, {c['pruned_time_bound']} provably slower "
-          f"(time bound), {c['simulated']} simulated")
+          f"(time bound), " + (f"{c['unexplored']} unexplored (time limit), " if c["unexplored"] else "") +
+          f"{c['simulated']} simulated")
     if res.stopped == "time-limit":
         gap = ""
         if res.top and res.unexplored_best_bound_s:
