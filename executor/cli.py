@@ -9,7 +9,7 @@ import os
 import sys
 
 import ir
-from ir.options import positive_float, positive_int
+from ir.options import nonneg_float, nonneg_int, positive_float, positive_int
 
 from ir.version import version
 
@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter/activation dtype (default fp32, exact for --check-reference; `slimpipe simulate` "
                         "models bf16 unless given --dtype fp32)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    t = p.add_argument_group("training schedule (defaults: constant --lr, no clipping)")
+    t.add_argument("--warmup", type=nonneg_int, default=0, help="linear learning-rate warm-up over this many steps")
+    t.add_argument("--lr-decay", choices=["constant", "cosine"], default="constant",
+                   help="after warm-up: constant, or cosine decay to --min-lr at --decay-steps")
+    t.add_argument("--decay-steps", type=positive_int, default=None,
+                   help="step at which the cosine reaches --min-lr (default: --steps)")
+    t.add_argument("--min-lr", type=nonneg_float, default=0.0, help="learning rate at the end of the decay (default 0)")
+    t.add_argument("--clip", type=nonneg_float, default=0.0,
+                   help="clip gradients to this global norm (over all pipeline and data-parallel ranks); 0: off")
     p.add_argument("--timeout", type=positive_float, default=300.0,
                    help="seconds any single wait may take (default 300: it covers the peer's compute between two "
                         "messages, the reference check and a slow NCCL start; not the step)")
@@ -80,10 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a receive finds its message: order (per rank pair in posting order, tags ignored, as NCCL "
                         "does), tag (as gloo does); auto (default): order on CUDA, tag on CPU. order on CPU emulates NCCL")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads with --local (default 1)")
-    p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     p.add_argument("--trace", metavar="FILE.json",
                    help="write a Chrome/Perfetto trace of what ran: one event per executed instruction per rank and "
                         "step, named like `slimpipe trace`'s (compare: slimpipe simulate plan.json --against FILE.json)")
+    c = p.add_argument_group("checkpoints and logs")
+    c.add_argument("--save", metavar="DIR", help="save parameters and optimizer state (torch.distributed.checkpoint) "
+                   "to DIR/step-NNNNNN after the last step (and every --save-every steps)")
+    c.add_argument("--save-every", type=positive_int, default=None, metavar="K", help="also save every K steps")
+    c.add_argument("--resume", metavar="DIR", help="continue from a checkpoint: a step-NNNNNN directory or a --save "
+                   "directory (its latest complete step); --steps stays the total number of steps")
+    c.add_argument("--metrics", metavar="FILE", help="append one JSON object per step (loss, step_s, tokens_per_s, "
+                   "peak_mem_mib, lr, grad_norm) to FILE, e.g. metrics.jsonl (rank 0). Not --log: torchrun would take that "
+                   "for an abbreviation of its own --log-dir")
     p.add_argument("--check-only", action="store_true", help="load and check the plan (and SLIMPIPE_FAULT), run nothing")
     p.add_argument("--hf-model", metavar="DIR", default=None,
                    help="start from a Hugging Face Llama/Mistral/Qwen2/Qwen3 directory (config.json + safetensors); "
@@ -116,10 +134,10 @@ def options(**overrides) -> argparse.Namespace:
 
 
 def ignored_parallelism(plan) -> str:
-    """A note when the plan asks for tp/cp/dp > 1, which this executor does not run (yet): the
-    plan still runs, as pure pipeline parallelism on pp processes; '' when there is nothing to say."""
+    """A note when the plan asks for tp/cp > 1, which this executor does not run (yet): the plan
+    still runs, as pipeline (x data) parallelism; '' when there is nothing to say."""
     spec = plan.spec
-    extra = [f"{k}={getattr(spec, k)}" for k in ("tp", "cp", "dp") if getattr(spec, k) > 1]
+    extra = [f"{k}={getattr(spec, k)}" for k in ("tp", "cp") if getattr(spec, k) > 1]
     if not extra:
         return ""
     return (f"plan has {' '.join(extra)}; this executor runs pipeline parallelism only, so it runs on "
@@ -144,6 +162,53 @@ def prepare_inputs(plan, opts) -> None:
         _need_libs("--export-hf")
         check_export_dir(opts.export_hf)
     opts.data_source = make_source(plan.spec, opts.data, 1, opts.tokenizer, opts.shuffle_seed, opts.data_dtype)
+def replicas_mismatch(spec, world: int) -> str:
+    """'' if `world` processes can run the plan: pp x dp with the plan's dp, or any multiple of pp
+    when the plan says dp=1 (then WORLD_SIZE / pp replicas); else the one-line reason."""
+    p, dp = spec.pp, spec.dp
+    if dp > 1 and world != p * dp:
+        return (f"plan has pp={p} x dp={dp} = {p * dp} ranks but torchrun started {world} process(es); "
+                f"launch with --nproc-per-node {p * dp} (over all nodes)")
+    if world % p:
+        return (f"plan has pp={p} ranks but torchrun started {world} process(es); "
+                f"launch with --nproc-per-node {p}")
+    return ""
+
+
+def _numpy() -> bool:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_files(opts, plan) -> str:
+    """'' or the one line saying why --resume/--save/--metrics cannot be used (before any rank starts)."""
+    from .checkpoint import CheckpointError, find
+
+    if opts.save_every and not opts.save:
+        return f"--save-every {opts.save_every} needs --save DIR"
+    if (opts.save or opts.resume) and os.environ.get("WORLD_SIZE", "1") != "1" and not _numpy():
+        return ("--save/--resume under torchrun need NumPy (torch.distributed.checkpoint's object collectives): "
+                "pip install 'slimpipe[train]'")
+    if opts.resume:
+        try:
+            find(opts.resume, plan.spec, opts.steps)
+        except CheckpointError as e:
+            return str(e)
+    if opts.save:
+        if os.path.exists(opts.save) and not os.path.isdir(opts.save):
+            return f"--save {opts.save}: exists and is not a directory"
+        try:
+            os.makedirs(opts.save, exist_ok=True)
+        except OSError as e:
+            return f"--save {opts.save}: cannot create it ({e.strerror})"
+    if opts.metrics:
+        parent = os.path.dirname(os.path.abspath(opts.metrics))
+        if os.path.isdir(opts.metrics) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            return f"--metrics {opts.metrics}: not a writable file path (its directory must exist)"
+    return ""
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -178,6 +243,9 @@ def _main(argv=None) -> int:
     ignored = ignored_parallelism(plan)
     if ignored and os.environ.get("RANK", "0") == "0":
         write_line(f"executor: note: {ignored}")
+    bad = check_files(opts, plan)
+    if bad:
+        return _fail(bad)
     if opts.check_only:
         print(f"plan ok: {plan.spec.schedule}, pp={plan.spec.pp}, "
               f"{sum(len(r) for r in plan.ranks)} instructions", flush=True)
@@ -194,19 +262,21 @@ def _main(argv=None) -> int:
 
     try:
         if opts.local or world is None:
+            n = p * plan.spec.dp
             if world is not None and int(world) > 1:
-                return _fail(f"--local runs all {p} ranks in one process; do not start it under torchrun with {world} processes")
-            if not opts.local and p > 1:
-                return _fail(f"plan has pp={p} ranks: launch with `torchrun --nproc-per-node {p} -m executor ...` or pass --local")
+                return _fail(f"--local runs all {n} ranks in one process; do not start it under torchrun with {world} processes")
+            if not opts.local and n > 1:
+                return _fail(f"plan has pp={p} x dp={plan.spec.dp} ranks: launch with `torchrun --nproc-per-node {n} "
+                             f"-m executor ...` or pass --local")
             code, _ = runner.run_local(plan, opts)
             if runner.abandoned_threads():  # a rank still busy after a failure: do not wait for it
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
             return code
-        if int(world) != p:
-            return _fail(f"plan has pp={p} ranks but torchrun started {world} process(es); "
-                         f"launch with --nproc-per-node {p}")
+        bad = replicas_mismatch(plan.spec, int(world))
+        if bad:
+            return _fail(bad)
         return runner.run_dist(plan, opts)
     except ir.SlimpipeError as e:  # e.g. errors.BackendUnavailable (exit 2)
         return _fail(str(e), e.exit_code)

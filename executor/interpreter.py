@@ -25,7 +25,8 @@ from .errors import ExecError, InjectedFault, PeerGone, UnitError
 from .faults import Injector, Watch, cause
 from .kv import Exchange, KVService
 from .metrics import ActivationTracker
-from .params import Parameters
+from .collectives import gather
+from .params import GradReducer, Parameters, lr_at
 from .reference import reference_check
 from .stage import AttentionEnv, Stage
 from .transport import Aborted, PeerLost
@@ -40,8 +41,11 @@ class Rank:
 
     def __init__(self, plan, rank: int, transport, backend, *, device, dtype=torch.float32, lr=1e-3,
                  timeout=300.0, check_reference=False, watch: Watch | None = None, fault=None, fault_at=None,
-                 source=None, hf_model: str | None = None):
+                 source=None, hf_model: str | None = None, replica: int = 0, replicas: int = 1, train=None):
+        """`rank` is the pipeline rank (0..pp-1) of data-parallel replica `replica` of `replicas`;
+        `train` (optional) carries the optimizer schedule: warmup, lr_decay, decay_steps, min_lr, clip."""
         self.plan, self.spec, self.r = plan, plan.spec, rank
+        self.replica, self.replicas, self.train, self.lr = replica, replicas, train, lr
         self.stream = plan.ranks[rank]
         self.tp, self.backend, self.device, self.dtype = transport, backend, torch.device(device), dtype
         self.timeout = timeout
@@ -56,8 +60,9 @@ class Rank:
         self.waiter = Waiter(transport, self.watch, timeout, self.here, self.kv.serve)
         self.hf_model = hf_model
         self.params = Parameters(spec, spec.placement[rank], self.device, dtype, lr, hf_model)
+        self.reducer = GradReducer(transport, replicas, self.params.chunks) if replicas > 1 else None
         self.tracker = ActivationTracker(self.params.storage_ptrs())
-        self.batches = StepBatches(spec, self.device, source)
+        self.batches = StepBatches(spec, self.device, source, replica)
         env = AttentionEnv(backend, self.kv.scale, self.kv, self.waiter.wait)
         self.stages = [Stage(spec, s, c, self.params.chunks[c], device=self.device, dtype=dtype, tracker=self.tracker,
                              env=env, batches=self.batches) for c, s in enumerate(spec.placement[rank])]
@@ -71,9 +76,10 @@ class Rank:
     # ------------------------------------------------------------------ location
     def where(self, i) -> str:
         n = len(self.stream)
+        me = f"rank {self.r}" if self.replicas == 1 else f"rank {self.r} of replica {self.replica}"
         if 0 <= i < n:
-            return f"rank {self.r} #{i} '{self.stream[i]}'"
-        return f"rank {self.r} (end of step, after #{n - 1})" if i >= n else f"rank {self.r}"
+            return f"{me} #{i} '{self.stream[i]}'"
+        return f"{me} (end of step, after #{n - 1})" if i >= n else me
 
     def here(self) -> str:
         return self.where(self.pc)
@@ -113,10 +119,34 @@ class Rank:
     def kv_recv(self, ins):
         self.kv.agree(ins)
 
+    def reduce_grad(self, ins):
+        """REDUCE_GRAD c: chunk c's last backward is done; average its gradients over the replicas
+        while the rest of the step runs (a no-op without data parallelism)."""
+        if self.reducer is not None:
+            self.reducer.start(ins.chunk)
+
     def opt(self, ins):
         self.close_compute()
-        self.params.step()
+        t = self.train
+        lr = None
+        if t is not None:
+            if t.clip > 0:
+                norm = self.global_grad_norm()
+                self.figures["grad_norm"] = norm
+                if norm > t.clip:
+                    self.params.scale_grads(t.clip / (norm + 1e-6))
+            lr = lr_at(self.step, self.lr, t.warmup, t.lr_decay, t.decay_steps, t.min_lr)
+            self.figures["lr"] = lr
+        self.params.step(lr)
         self.opt_done = True
+
+    def global_grad_norm(self) -> float:
+        """The gradient norm over all pipeline ranks (of one replica: after averaging, the
+        replicas hold the same gradients); the same value on every rank."""
+        rows = gather(self.tp, self.watch, self.timeout, self.params.grad_sq_norm(),
+                      "the exchange of gradient norms (gradient clipping)")
+        p = self.spec.pp
+        return sum(rows[:p]) ** 0.5
 
     HANDLERS = {
         Kind.F: forward,
@@ -127,6 +157,8 @@ class Rank:
         Kind.KVB_RECV: kv_recv,
         Kind.OPT: opt,
     }
+    if hasattr(Kind, "REDUCE_GRAD"):
+        HANDLERS[Kind.REDUCE_GRAD] = reduce_grad
     COMM = frozenset({Kind.SEND_ACT, Kind.SEND_GRAD, Kind.RECV_ACT, Kind.RECV_GRAD})
 
     # ------------------------------------------------------------------ communication
@@ -176,11 +208,13 @@ class Rank:
             k = st.first_pending()
             if k is not None:
                 raise ExecError(f"rank {self.r}: unit mb{k[0]} s{k[1]} c{st.chunk} never ran backward")
+        if self.reducer is not None:
+            self.reducer.finish(self.waiter.wait)
         if self.check_reference and self.step == 0:
-            b = self.batches
-            self.report.update(reference_check(self.spec, self.params.chunks, self.step, self.device, self.loss_sum,
-                                               self.holds_last, lambda mb: b.source.batch(self.step, mb, b.dp_rank),
-                                               self.hf_model))
+            src = self.batches.source
+            self.report.update(reference_check(self.spec, self.params.chunks, self.step, self.device,
+                                               lambda mb, d: src.batch(self.step, mb, d), self.hf_model,
+                                               self.replicas))
 
     def run_step(self, step: int) -> dict:
         """Run the stream once; returns this rank's step figures."""
@@ -191,6 +225,7 @@ class Rank:
         self.batches.begin(step)
         self.next_kvf = self.next_kvb = None
         self.opt_done = False
+        self.figures: dict = {}
         self.tracker.reset_peak()
         # [index, start, end, CPU seconds of this thread or None] of every executed instruction (start and
         # end: time.monotonic, one clock for the machine's processes; CPU time shows what a busy machine hid)
@@ -213,7 +248,7 @@ class Rank:
         except Exception as e:  # noqa: BLE001 - any failure of an instruction: one line naming it
             raise ExecError(f"{self.here()}: {cause(e)}") from e
         out = {"seconds": time.perf_counter() - t0, "loss": self.loss_sum, "peak_activation_bytes": self.tracker.peak,
-               "events": self.events, "span": [m0, time.monotonic()]}
+               "events": self.events, "span": [m0, time.monotonic()], **self.figures}
         if self.device.type == "cuda":
             out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
         return out

@@ -9,9 +9,40 @@ from .metrics import median
 TOLERANCE = 1e-4
 
 
-def progress(step: int, steps: int, loss: float, secs: float, tokens: int, opts, out) -> None:
-    print(f"step {step + 1}/{steps}: loss {loss:.6f}  {secs:.3f} s  {tokens / secs:,.0f} tokens/s",
-          file=sys.stderr if opts.json else out, flush=True)
+class Progress:
+    """Rank 0's view of the run: a tqdm bar (step, loss, tokens/s, memory) on a terminal, one line
+    per step otherwise (logs); with --metrics, one JSON object per step appended to that file."""
+
+    def __init__(self, opts, first: int, tokens: int, out):
+        self.opts, self.tokens, self.out = opts, tokens, out
+        self.stream = sys.stderr if opts.json else out
+        self.bar = None
+        if not opts.quiet and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=opts.steps, initial=first, desc="train", unit="step", file=self.stream,
+                            dynamic_ncols=True)
+        self.log = open(opts.metrics, "a") if getattr(opts, "metrics", None) else None
+
+    def update(self, step: int, loss: float, secs: float, mem_mib: float, **extra) -> None:
+        tps = self.tokens / secs if secs else 0.0
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f}  {tps:,.0f} tok/s  mem {mem_mib:,.0f} MiB", refresh=False)
+            self.bar.update(1)
+        elif not self.opts.quiet:
+            print(f"step {step + 1}/{self.opts.steps}: loss {loss:.6f}  {secs:.3f} s  {tps:,.0f} tokens/s  "
+                  f"mem {mem_mib:,.0f} MiB", file=self.stream, flush=True)
+        if self.log is not None:
+            row = {"step": step + 1, "loss": loss, "step_s": secs, "tokens_per_s": tps, "peak_mem_mib": mem_mib}
+            row.update({k: v for k, v in extra.items() if v is not None})
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def reference_failed(reports: list) -> bool:
@@ -28,7 +59,7 @@ def summarize(spec, opts, reports: list, times: list, losses: list, tokens: int,
     summary = {"step_s": step_s, "tokens_per_s": tokens / step_s if step_s else 0.0, "loss": losses[-1],
                "peak_rss_mib": [r["peak_rss_mib"] for r in reports],
                "peak_activation_bytes": [r["peak_activation_bytes"] for r in reports],
-               "attention_backend": backend, "schedule": spec.schedule, "pp": spec.pp,
+               "attention_backend": backend, "schedule": spec.schedule, "pp": spec.pp, "dp": len(reports) // spec.pp,
                "steps": opts.steps, "transport": transport, "device": device.type, "dtype": opts.dtype}
     if device.type == "cuda":
         summary["cuda_max_memory_allocated"] = [r["cuda_max_memory_allocated"] for r in reports]
@@ -37,7 +68,7 @@ def summarize(spec, opts, reports: list, times: list, losses: list, tokens: int,
 
         from .trace import chrome_trace, kind_figures
 
-        per_rank = [r["timed"] for r in reports]
+        per_rank = [r["timed"] for r in reports[:spec.pp]]  # the plan's ranks (data-parallel replica 0)
         summary["kinds"] = kind_figures(plan, per_rank)
         if opts.trace:
             atomic_write(opts.trace, json.dumps(chrome_trace(plan, per_rank, opts.dtype), separators=(",", ":")))

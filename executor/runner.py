@@ -15,11 +15,13 @@ import signal
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import torch
 
 from ir import KV, SlimpipeError
 
+from . import checkpoint
 from .collectives import gather
 from .data import make_source
 from .errors import PeerGone
@@ -27,7 +29,8 @@ from .device import DTYPES, choose_backend, choose_device
 from .faults import Watch, cause, die, fault_from_env, line, write_line
 from .interpreter import Rank
 from .metrics import peak_rss_mib
-from .report import TOLERANCE, progress, reference_failed, summarize
+from .reference import loss_rel_err
+from .report import TOLERANCE, Progress, reference_failed, summarize
 from .transport import LocalHub, init_dist
 
 __all__ = ["DTYPES", "TOLERANCE", "abandoned_threads", "grace_s", "run_dist", "run_local", "run_rank"]
@@ -43,7 +46,8 @@ def grace_s(timeout: float) -> float:
 
 def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | None = None,
              fault=None) -> tuple[int, dict | None]:
-    """Run opts.steps steps on one rank. Returns (exit code, summary on rank 0 else None).
+    """Run opts.steps steps on global rank `rank` (pipeline rank rank % pp of replica rank // pp;
+    the transport's world is pp x replicas). Returns (exit code, summary on rank 0 else None).
     `fault` is (Fault, index) or None: then SLIMPIPE_FAULT is read."""
     device = choose_device(opts, transport, rank)
     backend = choose_backend(opts, device, plan.spec.model.head_dim)
@@ -51,36 +55,63 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
     f, at = fault if fault is not None else fault_from_env(plan)
     if f is not None and f.rank != rank:
         f = at = None
-    source = getattr(opts, "data_source", None) or make_source(plan.spec, opts.data, 1, opts.tokenizer,
-                                                              opts.shuffle_seed, opts.data_dtype)
-    R = Rank(plan, rank, transport, backend, device=device, dtype=DTYPES[opts.dtype], lr=opts.lr,
-             timeout=opts.timeout, check_reference=opts.check_reference, watch=watch, fault=f, fault_at=at,
-             source=source, hf_model=opts.hf_model)
     spec = plan.spec
-    tokens = spec.microbatches * spec.micro_batch_size * spec.seq_len
+    replicas = transport.world // spec.pp
+    source = getattr(opts, "data_source", None)
+    if source is None or getattr(source, "dp", replicas) != replicas:
+        source = make_source(spec, opts.data, replicas, opts.tokenizer, opts.shuffle_seed, opts.data_dtype)
+    R = Rank(plan, rank % spec.pp, transport, backend, device=device, dtype=DTYPES[opts.dtype], lr=opts.lr,
+             timeout=opts.timeout, check_reference=opts.check_reference, watch=watch, fault=f, fault_at=at,
+             source=source, hf_model=opts.hf_model, replica=rank // spec.pp, replicas=replicas, train=training(opts))
+    tokens = spec.microbatches * spec.micro_batch_size * spec.seq_len * replicas
+    dist_mode = transport.kind == "dist"
+    first = 0
+    if opts.resume:
+        path, meta = checkpoint.find(opts.resume, spec, opts.steps)
+        watch.block(f"loading checkpoint {path}", "every rank", opts.timeout)
+        try:
+            checkpoint.load(path, R.params, dist=dist_mode)
+        finally:
+            watch.unblock()
+        first = meta["step"]
+    bar = Progress(opts, first, tokens, out) if rank == 0 else None
     times, losses, peaks, cuda_peaks, timed = [], [], [], [], []
     watch.steps = opts.steps
-    for step in range(opts.steps):
-        watch.step = step
-        st = R.run_step(step)
-        timed.append((st["events"], st["span"]))
-        rows = gather(transport, watch, opts.timeout, [st["loss"], st["seconds"]],
-                      "the step-end exchange of losses and times")
-        loss = sum(r[0] for r in rows)
-        secs = max(r[1] for r in rows)
-        times.append(secs)
-        losses.append(loss)
-        peaks.append(st["peak_activation_bytes"])
-        cuda_peaks.append(st.get("cuda_max_memory_allocated", 0))
-        if rank == 0 and not opts.quiet:
-            progress(step, opts.steps, loss, secs, tokens, opts, out)
-    watch.step = opts.steps
+    try:
+        for step in range(first, opts.steps):
+            watch.step = step
+            st = R.run_step(step)
+            timed.append((st["events"], st["span"]))
+            mem = st["cuda_max_memory_allocated"] / 2**20 if "cuda_max_memory_allocated" in st else peak_rss_mib()
+            rows = gather(transport, watch, opts.timeout, [st["loss"], st["seconds"], mem],
+                          "the step-end exchange of losses and times")
+            loss = sum(r[0] for r in rows) / replicas  # each replica's loss is the mean over its micro-batches
+            secs = max(r[1] for r in rows)
+            if step == 0 and "ref_loss" in R.report and R.holds_last:
+                R.report["loss_rel_err"] = loss_rel_err(loss, R.report["ref_loss"])
+            times.append(secs)
+            losses.append(loss)
+            peaks.append(st["peak_activation_bytes"])
+            cuda_peaks.append(st.get("cuda_max_memory_allocated", 0))
+            if bar is not None:
+                bar.update(step, loss, secs, max(r[2] for r in rows), lr=st.get("lr"), grad_norm=st.get("grad_norm"))
+            done = step + 1
+            if opts.save and (done == opts.steps or (opts.save_every and done % opts.save_every == 0)):
+                save_checkpoint(R, rank, transport, watch, spec, done, opts)
+        watch.step = opts.steps
+    finally:
+        if bar is not None:
+            bar.close()
     if opts.export_hf:
         from .hf import export_rank, raw_config
 
-        export_rank(opts.export_hf, spec, rank, R.params.chunks,
-                    lambda obj: gather(transport, watch, opts.timeout, obj, "the listing of the exported shards"),
-                    raw_config(opts.hf_model) if opts.hf_model else None)
+        what = "the listing of the exported shards"
+        if rank < spec.pp:  # replica 0 writes; the other replicas hold the same weights
+            export_rank(opts.export_hf, spec, rank, R.params.chunks,
+                        lambda obj: [x for x in gather(transport, watch, opts.timeout, obj, what) if x is not None],
+                        raw_config(opts.hf_model) if opts.hf_model else None)
+        else:
+            gather(transport, watch, opts.timeout, None, what)
     mine = {"peak_activation_bytes": max(peaks), "peak_rss_mib": peak_rss_mib(), **R.report}
     if opts.trace or opts.json:
         mine["timed"] = timed
@@ -93,6 +124,31 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
         summary = summarize(spec, opts, reports, times, losses, tokens, backend=backend.name,
                             transport=transport.kind, device=device, bad=bad, out=out, plan=plan)
     return (1 if bad else 0), summary
+
+
+def save_checkpoint(R, rank, transport, watch, spec, done: int, opts) -> None:
+    """Save every rank's parameters and optimizer state after step `done` (DIR/step-NNNNNN)."""
+    path = checkpoint.step_dir(opts.save, done)
+    sd = checkpoint.rank_state(R.params)
+    watch.block(f"saving checkpoint {path}", "every rank", opts.timeout)
+    try:
+        if transport.kind == "dist":
+            checkpoint.save(path, sd, spec, done, opts, dist=True, write_meta=rank == 0)
+        else:
+            states = transport.all_gather(sd)  # in-process: the ranks' dicts themselves, no copy
+            if rank == 0:
+                checkpoint.save(path, states, spec, done, opts, dist=False, write_meta=True)
+            transport.all_gather(None)  # no rank changes its parameters before the save is done
+    finally:
+        watch.unblock()
+
+
+def training(opts):
+    """The optimizer schedule of the options (None: constant --lr, no clipping, as before)."""
+    if not (opts.warmup or opts.lr_decay != "constant" or opts.clip):
+        return None
+    return SimpleNamespace(warmup=opts.warmup, lr_decay=opts.lr_decay, min_lr=opts.min_lr, clip=opts.clip,
+                           decay_steps=opts.decay_steps or opts.steps)
 
 
 def _failure(rank: int, e: BaseException, watch: Watch) -> tuple[int, str]:
@@ -121,7 +177,8 @@ def run_local(plan, opts) -> tuple[int, dict | None]:
     """All ranks of the plan in this process, one thread each. A failing rank aborts the others
     (they stop at their next wait); each failed rank's line is printed in rank order. A rank still
     busy a grace period after the first failure (a sleep, a long kernel) is abandoned and named."""
-    p = plan.spec.pp
+    pp = plan.spec.pp
+    p = pp * plan.spec.dp  # every rank of every data-parallel replica
     hub = LocalHub(p, opts.timeout, match=match_mode(opts, opts.device))
     fault = fault_from_env(plan)
     codes: list = [None] * p
@@ -133,7 +190,7 @@ def run_local(plan, opts) -> tuple[int, dict | None]:
 
     def body(r):
         try:
-            code, s = run_rank(plan, r, hub.endpoint(r), opts, watch=watches[r], fault=fault)
+            code, s = run_rank(plan, r, hub.endpoint(r, pp), opts, watch=watches[r], fault=fault)
             codes[r] = code
             if r == 0:
                 summary[0] = s
@@ -188,7 +245,8 @@ def run_dist(plan, opts) -> int:
     def body():
         try:
             watch.block("the other ranks to join (init_process_group)", "every rank", opts.timeout)
-            tp = init_dist(rank, world, device, opts.timeout, match_mode(opts, device.type), kv=has_kv(plan))
+            tp = init_dist(rank, world, device, opts.timeout, match_mode(opts, device.type), kv=has_kv(plan),
+                           pp=plan.spec.pp)
             watch.unblock()
             code, _ = run_rank(plan, rank, tp, opts, watch=watch, fault=fault)
             watch.block("the other ranks to finish (shutdown barrier)", "every rank", opts.timeout)

@@ -16,6 +16,11 @@ torch.distributed every message then travels with tag 0; gloo matches equal tags
 KV exchange travels on channels of its own ("kvq" requests, "kvr" replies: their own process
 groups on torch.distributed), so its messages never interleave with the pipeline's p2p messages of
 the same rank pair, and within each channel a pair's messages come in one order on both sides.
+
+all_reduce_start(buf) -> Pending: the sum of `buf` over this rank's data-parallel replicas (the same
+pipeline rank in each replica). Peers are pipeline ranks of the plan (0..pp-1); with data
+parallelism a transport belongs to one replica and maps them to global ranks (replica * pp + peer:
+the row-major (dp, pp) mesh).
 """
 from __future__ import annotations
 
@@ -104,6 +109,8 @@ class LocalHub:
         self.error: str | None = None
         self.barrier = threading.Barrier(world)
         self.slots: list = [None] * world
+        self.reduce_slots: dict = {}  # (group, sequence number) -> {global rank: tensor}
+        self.reduce_readers: dict = {}
 
     def abort(self, msg: str) -> None:
         with self.cond:
@@ -113,15 +120,19 @@ class LocalHub:
             self.cond.notify_all()
         self.barrier.abort()
 
-    def endpoint(self, rank: int) -> "LocalTransport":
-        return LocalTransport(self, rank)
+    def endpoint(self, rank: int, pp: int | None = None) -> "LocalTransport":
+        """Global rank `rank`'s transport; `pp` ranks per replica (default: one replica)."""
+        return LocalTransport(self, rank, pp or self.world)
 
 
 class LocalTransport:
     kind = "local"
 
-    def __init__(self, hub: LocalHub, rank: int):
+    def __init__(self, hub: LocalHub, rank: int, pp: int):
         self.hub, self.rank, self.world = hub, rank, hub.world
+        self.base = rank - rank % pp
+        self.dp_group = tuple(range(rank % pp, hub.world, pp))
+        self.reduces = 0
 
     def _key(self, channel, src, dst, tag):
         return (channel, src, dst, tag if self.hub.match == "tag" else 0)
@@ -134,13 +145,13 @@ class LocalTransport:
         # detached views: the receiver gets fresh autograd leaves, no copy is made
         msg = [t.detach() for t in tensors]
         with h.cond:
-            h.boxes.setdefault(self._key(channel, self.rank, dst, tag), deque()).append(msg)
+            h.boxes.setdefault(self._key(channel, self.rank, self.base + dst, tag), deque()).append(msg)
             h.ver += 1
             h.cond.notify_all()
 
     def post_recv(self, src, tag, specs, channel="p2p"):
         h = self.hub
-        key = self._key(channel, src, self.rank, tag)
+        key = self._key(channel, self.base + src, self.rank, tag)
         got = []
 
         def poll():
@@ -183,6 +194,40 @@ class LocalTransport:
     def pending_sends(self) -> list:
         return []
 
+    def all_reduce_start(self, buf):
+        """Sum over the replicas, added in replica order (every replica gets the same bits)."""
+        h = self.hub
+        key = (self.dp_group, self.reduces)
+        self.reduces += 1
+        with h.cond:
+            h.reduce_slots.setdefault(key, {})[self.rank] = buf
+            h.ver += 1
+            h.cond.notify_all()
+        group, got = self.dp_group, []
+
+        def poll():
+            if got:
+                return True
+            if h.error is not None:
+                raise Aborted(h.error)
+            with h.cond:
+                slot = h.reduce_slots[key]
+                if len(slot) < len(group):
+                    return False
+                total = slot[group[0]].clone()
+                for r in group[1:]:
+                    total += slot[r]
+                got.append(total)
+                readers = h.reduce_readers.get(key, 0) + 1
+                if readers == len(group):
+                    del h.reduce_slots[key]
+                    h.reduce_readers.pop(key, None)
+                else:
+                    h.reduce_readers[key] = readers
+                return True
+
+        return Pending(poll, lambda: got[0], peer=None)
+
     def all_gather(self, obj):
         h = self.hub
         h.slots[self.rank] = obj
@@ -222,7 +267,7 @@ class DistTransport:
     kind = "dist"
 
     def __init__(self, rank: int, world: int, device: torch.device, timeout: float, match: str = "tag",
-                 groups: dict | None = None):
+                 groups: dict | None = None, pp: int | None = None, dp_group=None):
         import torch.distributed as dist
 
         if match not in MATCH_MODES:
@@ -232,6 +277,8 @@ class DistTransport:
         self.dist = dist
         self.backend = dist.get_backend()
         self.rank, self.world, self.device = rank, world, device
+        self.base = rank - rank % (pp or world)
+        self.dp_group = dp_group
         self.timeout = timeout
         self.sends: list = []  # Pendings of sends until complete
         self.cond = threading.Condition()
@@ -300,13 +347,14 @@ class DistTransport:
     def send(self, dst, tag, tensors, channel="p2p"):
         buf = _pack(tensors)
         group = self.groups[channel]
-        self._track_send(self._post((dst,), self.dist.isend, buf, dst, group=group, tag=self._tag(tag)), buf, dst)
+        self._track_send(self._post((dst,), self.dist.isend, buf, self.base + dst, group=group, tag=self._tag(tag)),
+                         buf, dst)
 
     def post_recv(self, src, tag, specs, channel="p2p"):
         buf = self._recv_buffer(specs)
         group = self.groups[channel]
-        return self._watched(self._post((src,), self.dist.irecv, buf, src, group=group, tag=self._tag(tag)),
-                             lambda: _unpack(buf, specs))
+        return self._watched(self._post((src,), self.dist.irecv, buf, self.base + src, group=group,
+                                        tag=self._tag(tag)), lambda: _unpack(buf, specs))
 
     def batch(self, ops):
         if len(ops) == 1:
@@ -318,7 +366,8 @@ class DistTransport:
         p2p, bufs = [], []
         for kind, peer, tag, payload in ops:
             buf = _pack(payload) if kind == "send" else self._recv_buffer(payload)
-            p2p.append(self.dist.P2POp(self.dist.isend if kind == "send" else self.dist.irecv, buf, peer, tag=self._tag(tag)))
+            p2p.append(self.dist.P2POp(self.dist.isend if kind == "send" else self.dist.irecv, buf, self.base + peer,
+                                       tag=self._tag(tag)))
             bufs.append(buf)
         out = []
         works = self._post(tuple(sorted({op[1] for op in ops})), self.dist.batch_isend_irecv, p2p)
@@ -355,6 +404,11 @@ class DistTransport:
         self.dist.barrier()
         self.dist.destroy_process_group()
 
+    def all_reduce_start(self, buf):
+        """Sum of `buf` over the data-parallel group, in flight; the Pending gives the result."""
+        work = self.dist.all_reduce(buf, op=self.dist.ReduceOp.SUM, group=self.dp_group, async_op=True)
+        return self._watched(work, lambda: buf)
+
     def all_gather(self, obj):
         """Every rank's `obj` (JSON-serialisable step-end metrics), in rank order. Plain tensor
         collectives rather than all_gather_object, which needs NumPy (not a dependency)."""
@@ -371,10 +425,12 @@ class DistTransport:
 
 
 def init_dist(rank: int, world: int, device: torch.device, timeout: float, match: str = "tag",
-              kv: bool = False) -> DistTransport:
+              kv: bool = False, pp: int | None = None) -> DistTransport:
     """Join the torchrun job: gloo on CPU, NCCL on CUDA, every wait bounded by `timeout`. With `kv`
     (the plan has KV exchanges; every rank reads the same plan, so all agree) the KV channels get
-    process groups of their own."""
+    process groups of their own. With `pp` < world, the ranks form a 2-D device mesh (dp, pp) =
+    (world / pp, pp), row-major: global rank = replica * pp + pipeline rank; gradients are reduced
+    over the mesh's dp groups."""
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -383,4 +439,10 @@ def init_dist(rank: int, world: int, device: torch.device, timeout: float, match
     if kv:
         for name in CHANNELS[1:]:
             groups[name] = dist.new_group(list(range(world)), timeout=timedelta(seconds=timeout))
-    return DistTransport(rank, world, device, timeout, match, groups)
+    dp_group = None
+    if pp is not None and pp < world:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world // pp, pp), mesh_dim_names=("dp", "pp"))
+        dp_group = mesh.get_group("dp")
+    return DistTransport(rank, world, device, timeout, match, groups, pp, dp_group)

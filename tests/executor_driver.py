@@ -2,6 +2,8 @@
 executor tests pay the launch cost once. Rank 0 prints one 'RESULT {json}' line per plan.
 
     torchrun --nproc-per-node P tests/executor_driver.py a.json b.json ...
+
+P is pp times the number of data-parallel replicas (the same pp for every plan).
 """
 import io
 import json
@@ -24,7 +26,8 @@ def main(paths):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     plans = [ir.load(path) for path in paths]
     kv = any(ins.kind in ir.KV for plan in plans for s in plan.ranks for ins in s)
-    tp = init_dist(rank, world, torch.device("cpu"), 120.0, kv=kv)
+    # every plan of a launch has the same pp; world / pp data-parallel replicas (a (dp, pp) mesh)
+    tp = init_dist(rank, world, torch.device("cpu"), 120.0, kv=kv, pp=plans[0].spec.pp)
     for path, plan in zip(paths, plans):
         code, summary = run_rank(plan, rank, tp, options(), out=io.StringIO())
         if rank == 0:

@@ -57,7 +57,8 @@ def add_parallel_args(p) -> None:
                    help="slice lengths: uniform (S/n each) or flops (Seq1F1B's equal forward FLOPs per slice)")
     p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel degree (cost model only; default 1)")
     p.add_argument("--cp", type=positive_int, default=1, help="context parallel degree (cost model only; default 1)")
-    p.add_argument("--dp", type=positive_int, default=1, help="data parallel degree (cost model only; default 1)")
+    p.add_argument("--dp", type=positive_int, default=1,
+                   help="data parallel degree (pipeline replicas: the executor runs pp x dp processes; default 1)")
     p.add_argument("--layer-split", default="uniform",
                    help="decoder layers per stage: uniform (even; the first stages take the extra layers) or "
                         "balanced (minimise the slowest stage under the cost model of --device-profile, embedding, "
