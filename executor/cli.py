@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter/activation dtype (default fp32, exact for --check-reference; `slimpipe simulate` "
                         "models bf16 unless given --dtype fp32)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--autocast", action="store_true",
+                   help="bf16 autocast (mixed precision): fp32 parameters, optimizer and residual stream (with the "
+                        "default --dtype fp32), matmuls and attention in bf16; meant for CUDA (works on CPU, slowly)")
     t = p.add_argument_group("training schedule (defaults: constant --lr, no clipping)")
     t.add_argument("--warmup", type=nonneg_int, default=0, help="linear learning-rate warm-up over this many steps")
     t.add_argument("--lr-decay", choices=["constant", "cosine"], default="constant",
@@ -187,6 +190,8 @@ def check_files(opts, plan) -> str:
     """'' or the one line saying why --resume/--save/--metrics cannot be used (before any rank starts)."""
     from .checkpoint import CheckpointError, find
 
+    if opts.autocast and opts.dtype != "fp32":
+        return f"--autocast with --dtype {opts.dtype}: autocast keeps parameters in fp32 and computes in bf16; use --dtype fp32"
     if opts.save_every and not opts.save:
         return f"--save-every {opts.save_every} needs --save DIR"
     if (opts.save or opts.resume) and os.environ.get("WORLD_SIZE", "1") != "1" and not _numpy():
@@ -200,10 +205,11 @@ def check_files(opts, plan) -> str:
     if opts.save:
         if os.path.exists(opts.save) and not os.path.isdir(opts.save):
             return f"--save {opts.save}: exists and is not a directory"
-        try:
-            os.makedirs(opts.save, exist_ok=True)
-        except OSError as e:
-            return f"--save {opts.save}: cannot create it ({e.strerror})"
+        up = os.path.abspath(opts.save)
+        while not os.path.exists(up):  # created at the first save; its nearest existing parent must be writable
+            up = os.path.dirname(up)
+        if not os.path.isdir(up) or not os.access(up, os.W_OK):
+            return f"--save {opts.save}: cannot be created ({up} is not a writable directory)"
     if opts.metrics:
         parent = os.path.dirname(os.path.abspath(opts.metrics))
         if os.path.isdir(opts.metrics) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):

@@ -41,7 +41,8 @@ class Rank:
 
     def __init__(self, plan, rank: int, transport, backend, *, device, dtype=torch.float32, lr=1e-3,
                  timeout=300.0, check_reference=False, watch: Watch | None = None, fault=None, fault_at=None,
-                 source=None, hf_model: str | None = None, replica: int = 0, replicas: int = 1, train=None):
+                 source=None, hf_model: str | None = None, replica: int = 0, replicas: int = 1, train=None,
+                 autocast: bool = False):
         """`rank` is the pipeline rank (0..pp-1) of data-parallel replica `replica` of `replicas`;
         `train` (optional) carries the optimizer schedule: warmup, lr_decay, decay_steps, min_lr, clip."""
         self.plan, self.spec, self.r = plan, plan.spec, rank
@@ -56,7 +57,8 @@ class Rank:
         self.inject = Injector(fault, fault_at, rank, self.watch, timeout)
         spec = self.spec
         self.wire = WireTags(spec)
-        self.kv = KVService(spec, dtype, transport, self.wire, backend, default_scale(spec.model.head_dim))
+        attn_dtype = torch.bfloat16 if autocast else dtype  # what attention and the KV exchange carry
+        self.kv = KVService(spec, attn_dtype, transport, self.wire, backend, default_scale(spec.model.head_dim))
         self.waiter = Waiter(transport, self.watch, timeout, self.here, self.kv.serve)
         self.hf_model = hf_model
         self.params = Parameters(spec, spec.placement[rank], self.device, dtype, lr, hf_model)
@@ -65,7 +67,8 @@ class Rank:
         self.batches = StepBatches(spec, self.device, source, replica)
         env = AttentionEnv(backend, self.kv.scale, self.kv, self.waiter.wait)
         self.stages = [Stage(spec, s, c, self.params.chunks[c], device=self.device, dtype=dtype, tracker=self.tracker,
-                             env=env, batches=self.batches) for c, s in enumerate(spec.placement[rank])]
+                             env=env, batches=self.batches, autocast=autocast)
+                       for c, s in enumerate(spec.placement[rank])]
         by_index = {st.index: st for st in self.stages}
         for st in self.stages:
             st.next_local = by_index.get(st.index + 1)

@@ -244,7 +244,10 @@ def layer_forward(P: dict, i: int, cfg, x, cos, sin, attend):
     # the out-projection's saved input is the attention's saved output (no second copy)
     x = x + _proj(a.transpose(1, 2).reshape(b, s, cfg.heads * d), P[p + "wo"], P.get(p + "bo"))
     h = rmsnorm(x, P[p + "mlp_norm"], eps)
-    y = swiglu_down(_proj(h, P[p + "w1"], P.get(p + "b1")), _proj(h, P[p + "w3"], P.get(p + "b3")), P[p + "w2"])
+    gate, up = _proj(h, P[p + "w1"], P.get(p + "b1")), _proj(h, P[p + "w3"], P.get(p + "b3"))
+    # under autocast gate/up are bf16: the Function gets w2 in their dtype (a no-op otherwise), so its
+    # backward, which runs outside autocast, multiplies tensors of one dtype
+    y = swiglu_down(gate, up, P[p + "w2"].to(gate.dtype))
     if cfg.mlp_bias:
         y = y + P[p + "b2"]
     return x + y

@@ -62,7 +62,8 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
         source = make_source(spec, opts.data, replicas, opts.tokenizer, opts.shuffle_seed, opts.data_dtype)
     R = Rank(plan, rank % spec.pp, transport, backend, device=device, dtype=DTYPES[opts.dtype], lr=opts.lr,
              timeout=opts.timeout, check_reference=opts.check_reference, watch=watch, fault=f, fault_at=at,
-             source=source, hf_model=opts.hf_model, replica=rank // spec.pp, replicas=replicas, train=training(opts))
+             source=source, hf_model=opts.hf_model, replica=rank // spec.pp, replicas=replicas, train=training(opts),
+             autocast=opts.autocast)
     tokens = spec.microbatches * spec.micro_batch_size * spec.seq_len * replicas
     dist_mode = transport.kind == "dist"
     first = 0

@@ -8,6 +8,8 @@ concatenated) and the dK/dV accumulated for earlier slices by later slices' back
 of a unit is dropped as soon as its backward is done."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import model as M
@@ -89,9 +91,13 @@ class Stage:
     handed over in memory instead of sent)."""
 
     def __init__(self, spec, index: int, chunk: int, params: dict, *, device, dtype, tracker, env: AttentionEnv,
-                 batches):
+                 batches, autocast: bool = False):
+        """autocast: bf16 autocast over the forward (parameters, residual stream and activations
+        between stages stay in `dtype`; matmuls and attention, its K/V and the KV exchange in bf16)."""
         self.spec, self.index, self.chunk, self.params = spec, index, chunk, params
         self.device, self.dtype, self.tracker, self.env, self.batches = device, dtype, tracker, env, batches
+        self.attn_dtype = torch.bfloat16 if autocast else None
+        self.amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
         self.is_first, self.is_last = index == 0, index == spec.num_stages - 1
         self.layers = spec.stage_layers[index]
         self.first_layer = spec.stage_first_layer()[index]
@@ -132,6 +138,8 @@ class Stage:
 
     # ------------------------------------------------------------------ compute
     def _attend(self, lc: LayerCtx, s: int, q, k, v):
+        if self.attn_dtype is not None:  # one dtype for the attention Function, its cache and the exchange
+            q, k, v = q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
         cache = self.kv[lc.key[0]][lc.li]
         cache[s] = (k, v)
         owner = ("u", lc.key[0], s, lc.key[1])
@@ -155,7 +163,7 @@ class Stage:
             tr.add(owner, t)
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.amp():
             if self.is_first:
                 tok = self.batches.tokens(mb)
                 x = P["embed"][tok[:, off:off + ln]]

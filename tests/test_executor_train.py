@@ -151,3 +151,31 @@ def _wider():
     from compiler.layout import build_spec
 
     return build_spec("1f1b", resolve_model("tiny", {"hidden": 128}), pp=2, microbatches=2, seq_len=64)
+
+
+def test_autocast_runs_attention_and_exchange_in_bf16():
+    """--autocast (bf16 autocast, fp32 parameters): slimpipe with the KV exchange runs and stays
+    near the fp32 reference (bf16 matmuls: gradients within a few %), while fp32 is exact; the K/V
+    of the caches and the exchange are bf16."""
+    from executor.runner import run_local
+    from executor import stage as S
+
+    plan = compile_plan(spec("slimpipe", 2, 2, n=4, exchange=True))
+    dtypes = set()
+    attend = S.Stage._attend
+
+    def spy(self, lc, s, q, k, v):
+        out = attend(self, lc, s, q, k, v)
+        dtypes.add((self.kv[lc.key[0]][lc.li][s][0].dtype, out.dtype))
+        return out
+
+    code, exact = run_local(plan, local_opts(steps=1))
+    assert code == 0 and exact["max_grad_rel_err"] < 1e-5
+    S.Stage._attend = spy
+    try:
+        code, s = run_local(plan, local_opts(steps=1, autocast=True))
+    finally:
+        S.Stage._attend = attend
+    assert dtypes == {(torch.bfloat16, torch.bfloat16)}
+    assert code == 1  # beyond --check-reference's fp32 tolerance, as bf16 must be
+    assert 1e-4 < s["max_grad_rel_err"] < 5e-2 and s["loss_rel_err"] < 1e-4

@@ -82,6 +82,11 @@ BAD = {
         ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"), ("--lr", "-1", "argument --lr: -1"),
         ("--timeout", "nan", "argument --timeout: 'nan' is not a finite number"),
         ("--threads", "0", "argument --threads: 0"),
+        ("--warmup", "-1", "argument --warmup: -1"), ("--lr-decay", "linear", "argument --lr-decay: invalid choice"),
+        ("--decay-steps", "0", "argument --decay-steps: 0"), ("--min-lr", "-1", "argument --min-lr: -1"),
+        ("--clip", "x", "argument --clip: 'x'"), ("--save", PLAN, "exists and is not a directory"),
+        ("--save-every", "0", "argument --save-every: 0"), ("--resume", "/nonexistent/ck", "no such directory"),
+        ("--metrics", "/nonexistent/dir/m.jsonl", "not a writable file path"),
     ],
 }
 CASES = [(cmd, opt, val, needle) for cmd, rows in BAD.items() for opt, val, needle in rows]
