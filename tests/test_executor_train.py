@@ -40,10 +40,12 @@ def test_clipped_adamw_steps_match_torch_reference(tmp_path):
     assert code == 0
     rows = [json.loads(line) for line in open(log)]
     P = {n: M.init_param(sp.model, n, sp.seed) for n in M.all_param_names(sp)}
+    # the global batch: replica d's micro-batch mb is the step's micro-batch d * m + mb
+    sp = sp.model_copy(update={"microbatches": 2 * sp.microbatches})
     opt = torch.optim.AdamW(P.values(), lr=lr)
     for step in range(steps - 1):
         opt.zero_grad()
-        M.reference_loss(sp, P, step, replicas=2).backward()
+        M.reference_loss(sp, P, step).backward()
         norm = float(torch.nn.utils.clip_grad_norm_(P.values(), clip))
         assert norm > clip and abs(rows[step]["grad_norm"] - norm) / norm < 1e-5
         lr_s = lr_at(step, lr, 2, "cosine", 4)
@@ -51,7 +53,7 @@ def test_clipped_adamw_steps_match_torch_reference(tmp_path):
         opt.param_groups[0]["lr"] = lr_s
         opt.step()
     with torch.no_grad():
-        ref = float(M.reference_loss(sp, P, steps - 1, replicas=2))
+        ref = float(M.reference_loss(sp, P, steps - 1))
     assert abs(s["loss"] - ref) / ref < 1e-5
     # the same run without clipping ends measurably elsewhere: the comparison can fail
     code, s2 = run_local(plan, local_opts(check_reference=False, steps=steps, **sched))
