@@ -154,9 +154,10 @@ def front_figure(res):
         ax.scatter([r["peak_memory_bytes"] / ms for r in fam_best], [r["tokens_per_s"] / tk for r in fam_best], s=70,
                    facecolors=[colors[r["schedule"]] for r in fam_best], edgecolors="black", marker="D", zorder=4)
         ax.scatter([], [], s=70, facecolors="white", edgecolors="black", marker="D", label="best of each family")
-        for r in fam_best:
+        for k, r in enumerate(fam_best):  # staggered: families often land on the same spot
             ax.annotate(r["schedule"], (r["peak_memory_bytes"] / ms, r["tokens_per_s"] / tk), fontsize=7,
-                        xytext=(5, -10), textcoords="offset points")
+                        xytext=(6, -10 - 9 * k), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"})
     if res.best:
         b = res.best
         ax.scatter([b["peak_memory_bytes"] / ms], [b["tokens_per_s"] / tk], marker="*", s=160, color="black", zorder=5,
