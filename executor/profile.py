@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import sys
 import time
 import warnings
@@ -40,8 +39,8 @@ from ir import ModelConfig, atomic_write  # noqa: E402
 from . import model as M  # noqa: E402
 from .attention import SliceAttention, default_scale, merge, pick_backend  # noqa: E402
 
-TOKENS = (64, 128, 256, 512, 1024, 2048, 4096)
-P2P_BYTES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22, 1 << 24)
+TOKENS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+P2P_BYTES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)
 FORMAT = "slimpipe-device-profile/1"
 
 
@@ -67,9 +66,10 @@ CLOCK = [time.thread_time]
 
 
 def timeit(fn, reps: int, sync) -> float:
-    """Median seconds of fn() over `reps` runs after one warm-up. On CPU the clock is this
-    thread's CPU time: other processes on a shared machine stretch wall time, not CPU time, so
-    the profile stays the same under load (the simulator models how ranks share processors)."""
+    """Fastest of `reps` runs of fn() after one warm-up. On CPU the clock is this thread's CPU
+    time: other processes on a shared machine stretch wall time, not CPU time, so the profile
+    stays the same under load (the simulator models how ranks share processors); the fastest
+    run is the one least disturbed by their cache traffic."""
     clock = CLOCK[0]
     fn()
     sync()
@@ -79,7 +79,7 @@ def timeit(fn, reps: int, sync) -> float:
         fn()
         sync()
         ts.append(clock() - t0)
-    return statistics.median(ts)
+    return min(ts)
 
 
 def reps_for(tokens: int, scale: float) -> int:
@@ -128,7 +128,7 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
                       timeit(lambda: dy.t() @ x, r, sync)):
                 mm.setdefault(fl, []).append(t)
         prog.step(f"matmul, {s} tokens")
-    matmul = [[fl, statistics.median(ts)] for fl, ts in sorted(mm.items())]
+    matmul = [[fl, min(ts)] for fl, ts in sorted(mm.items())]
 
     attention = []
     b, h, hk, d = 1, cfg.heads, cfg.kv_heads, cfg.head_dim
@@ -165,7 +165,7 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
 
     # a whole layer (prefix 0), minus its matmuls and causal attention: the elementwise work
     P = {n: M.init_param(cfg, n, 0, device, dtype) for n in M.layer_names(0)}
-    elementwise = []
+    elementwise, layer = [], []
     for s in tokens:
         r = reps_for(s, scale)
         x0 = rnd(1, s, cfg.hidden)
@@ -187,7 +187,7 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
 
         tf = timeit(fwd, r, sync)
         both()
-        tb = statistics.median([both() for _ in range(r)])
+        tb = min(both() for _ in range(r))
         for p_ in P.values():
             p_.grad = None
         mm_f = sum(mm_time(2.0 * s * i * o) for o, i in matmul_shapes(cfg) if o != cfg.vocab)
@@ -195,6 +195,7 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
         att_f = _attn(attention, "fwd", 1, s, s)
         att_b = _attn(attention, "bwd", 1, s, s)
         elementwise.append([s, max(tf - mm_f - att_f, 0.0), max(tb - 2 * mm_f - att_b, 0.0)])
+        layer.append([s, tf, tb])
         prog.step(f"layer, {s} tokens")
 
     # head (final norm + LM head + loss) and the embedding gather
@@ -230,14 +231,14 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
 
         tf = timeit(hfwd, r, sync)
         hboth()
-        head.append([s, tf, statistics.median([hboth() for _ in range(r)])])
+        head.append([s, tf, min(hboth() for _ in range(r))])
         ef = timeit(efwd, r, sync)
         eboth()
-        embed.append([s, ef, statistics.median([eboth() for _ in range(r)])])
+        embed.append([s, ef, min(eboth() for _ in range(r))])
         for p_ in Ph.values():
             p_.grad = None
         prog.step(f"head, {s} tokens")
-    return {"matmul": matmul, "attention": attention, "elementwise": elementwise, "head": head,
+    return {"matmul": matmul, "attention": attention, "elementwise": elementwise, "layer": layer, "head": head,
             "embedding": embed, "attention_backend": be.name}
 
 
@@ -298,7 +299,7 @@ def _p2p_worker(rank: int, port: int, device_type: str, sizes, reps: int, out_pa
                 torch.cuda.synchronize(device)
             if i:
                 times.append((time.perf_counter() - t0) / 2)
-        res.append([n, statistics.median(times)])
+        res.append([n, min(times)])
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(res, f)
@@ -321,11 +322,21 @@ def measure_p2p(device_type: str, sizes, reps: int) -> list:
 
 
 def fit_p2p(curve) -> tuple[float, float]:
-    """(bandwidth bytes/s, latency s) of one-way times: latency the smallest message's time, bandwidth
-    from the two largest."""
-    (n0, t0), (n1, t1) = curve[-2], curve[-1]
-    bw = (n1 - n0) / max(t1 - t0, 1e-9)
-    return bw, curve[0][1]
+    """(bandwidth bytes/s, latency s) of one-way times t = latency + bytes / bandwidth, least squares
+    relative to each point (small and large messages count alike)."""
+    # minimise sum ((a + b n - t) / t)^2 over a (latency) and b (1 / bandwidth)
+    w = [1.0 / (t * t) for _, t in curve]
+    sw = sum(w)
+    sn = sum(wi * n for wi, (n, _) in zip(w, curve))
+    snn = sum(wi * n * n for wi, (n, _) in zip(w, curve))
+    st = sum(wi * t for wi, (_, t) in zip(w, curve))
+    snt = sum(wi * n * t for wi, (n, t) in zip(w, curve))
+    det = sw * snn - sn * sn
+    b = (sw * snt - sn * st) / det if det else 0.0
+    a = (st - b * sn) / sw
+    if b <= 0:
+        b = curve[-1][1] / curve[-1][0]
+    return 1.0 / b, max(a, 0.0)
 
 
 # ---------------------------------------------------------------- the profile
@@ -355,7 +366,7 @@ def build(cfg: ModelConfig, device_type: str = "cpu", dtype: str = "fp32", scale
     prog = Progress(4 * len(tokens) + 2, quiet)
     t0 = time.monotonic()
     comp = measure_compute(cfg, device, dt, tokens, scale, prog)
-    p2p = measure_p2p(device.type, P2P_BYTES, max(5, int(20 * scale)))
+    p2p = measure_p2p(device.type, P2P_BYTES, max(5, int(30 * scale)))
     prog.step("point to point")
     bw, lat = fit_p2p(p2p)
     peak = max(fl / t for fl, t in comp["matmul"])
@@ -374,6 +385,7 @@ def build(cfg: ModelConfig, device_type: str = "cpu", dtype: str = "fp32", scale
             "model": cfg.model_dump(), "attention_backend": comp["attention_backend"],
             "torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1),
             "matmul": comp["matmul"], "attention": comp["attention"], "elementwise": comp["elementwise"],
+            "layer": comp["layer"],
             "head": comp["head"], "embedding": comp["embedding"], "p2p": p2p,
         },
     }

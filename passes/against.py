@@ -86,6 +86,19 @@ def _bubbles(plan: Plan, dur: dict, step_s: float) -> dict:
             "busy_s": busy}
 
 
+def _cpu_replay(plan: Plan, cpu: dict, profile, dtype_bytes: int) -> float:
+    """The step the measured units' CPU times give when replayed like the prediction (the profile's
+    processors and messages): what the run would have taken with no other process on the machine.
+    Set beside the prediction it separates a cost-model error from a busy machine."""
+    from .costs import CostModel, load_profile, replay_engine
+
+    prof = profile if profile is not None else load_profile(None)
+    cm = CostModel(plan.spec, prof, dtype_bytes)
+    index = {(r, ins): i for r, s in enumerate(plan.ranks) for i, ins in enumerate(s)}
+    res = replay_engine(plan, prof)(plan, lambda r, ins: cpu[(r, index[(r, ins)])], cm.p2p_time, cm.kv_time)
+    return res.makespan
+
+
 def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     """The comparison report (see the module docstring). dtype_bytes: the executor's dtype (fp32 = 4)."""
     step, dur, step_s, cpu = load_measured(path, plan)
@@ -95,6 +108,9 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     for r, i, t0, t1 in res.comm or ():
         pred_dur[(r, i)] = pred_dur.get((r, i), 0.0) + max(t1 - t0, 0.0)
     meas = _bubbles(plan, dur, step_s)
+    units = [(r, i) for r, st in enumerate(plan.ranks) for i, ins in enumerate(st) if ins.kind in _UNIT]
+    if units and all(k in cpu for k in units):
+        meas["cpu_replay_step_s"] = _cpu_replay(plan, cpu, profile, dtype_bytes)
     pred = {"step_s": sim["step_s"], "bubble_fraction": sim["bubble_fraction"],
             "bubble_breakdown": sim["bubble_breakdown"], "busy_s": [r["busy_s"] for r in sim["ranks"]]}
     kinds: dict[str, list] = {}
@@ -119,6 +135,8 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
         "step": step, "device_profile": sim["device_profile"],
         "predicted": pred, "measured": meas,
         "step_error": (pred["step_s"] - step_s) / step_s if step_s else 0.0,
+        **({"cpu_replay_error": (pred["step_s"] - meas["cpu_replay_step_s"]) / meas["cpu_replay_step_s"]}
+           if meas.get("cpu_replay_step_s") else {}),
         "bubble_points": 100 * (pred["bubble_fraction"] - meas["bubble_fraction"]),
         "kinds": rows(kinds, lambda k: {"kind": k}),
         "slices": rows(slices, lambda k: {"kind": k[0], "slice": k[1]}),

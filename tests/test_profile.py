@@ -133,9 +133,9 @@ def test_trace_has_every_instruction_once_in_plan_order(measured):
     assert summary["kinds"]["F"]["count"] == 2 * 2 * 4 * 1 and summary["trace"] == trace
 
 
-def hand_trace(plan, durations, steps=2, gap=0.0):
+def hand_trace(plan, durations, steps=2, gap=0.0, cpu=None):
     """A measured trace laid out back to back per rank from `durations[(rank, index)]` seconds
-    (no waits: each rank runs its own stream as fast as the durations say)."""
+    (no waits: each rank runs its own stream as fast as the durations say); `cpu` CPU seconds."""
     ev = []
     for st in range(steps):
         for r, s in enumerate(plan.ranks):
@@ -143,7 +143,7 @@ def hand_trace(plan, durations, steps=2, gap=0.0):
             for i, ins in enumerate(s):
                 d = durations[(r, i)] * 1e6
                 ev.append({"name": str(ins.kind), "ph": "X", "pid": r, "tid": 0, "ts": t, "dur": d,
-                           "args": {"index": i, "step": st}})
+                           "args": {"index": i, "step": st, **({"cpu_s": cpu.get((r, i), 0.0)} if cpu else {})}})
                 t += d + gap
     return {"traceEvents": ev}
 
@@ -177,6 +177,13 @@ def test_against_a_hand_made_trace(tmp_path, capsys):
     assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
                  "--against", tr]) == 0
     assert "residual" in capsys.readouterr().out
+    # CPU times equal to the predicted unit times: replayed like the prediction, they give its step
+    tr = write(tmp_path, hand_trace(plan, dur, cpu=pred), "cpu.json")
+    assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
+                 "--against", tr, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["measured"]["cpu_replay_step_s"] == pytest.approx(out["predicted"]["step_s"])
+    assert out["cpu_replay_error"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_against_refuses_a_trace_of_another_plan(tmp_path, capsys):
@@ -188,3 +195,12 @@ def test_against_refuses_a_trace_of_another_plan(tmp_path, capsys):
     assert main(["simulate", str(tmp_path / "plan.json"), "--against", tr]) == 2
     err = capsys.readouterr().err
     assert "outside the plan" in err and err.count("\n") == 1
+
+
+def test_profile_command_refuses_bad_options_in_one_line(tmp_path, capsys):
+    for argv, says in ((["--scale", "0"], "--scale"), (["-o", str(tmp_path / "nowhere" / "p.json")], "does not exist"),
+                       (["--model", "llama-9b"], "llama-9b")):
+        assert main(["profile", *argv]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())

@@ -14,10 +14,13 @@ from . import (cmd_check, cmd_compare, cmd_compile, cmd_export, cmd_import, cmd_
 COMMANDS = [cmd_compile, cmd_check, cmd_simulate, cmd_show, cmd_trace, cmd_plot, cmd_compare, cmd_tune, cmd_import, cmd_export,
             cmd_profile]
 
-EPILOG = """example (the README's main job: compile, check, simulate, run on 4 ranks with the reference check):
-  slimpipe compile --schedule slimpipe --pp 4 --microbatches 4 --slices 8 --model tiny --seq-len 256 -o plan.json
+EPILOG = """example (the README's main job: profile this machine, compile, check, simulate, run on 4 ranks with the
+reference check and a measured trace, compare):
+  slimpipe profile --model tiny -o cpu.json
+  slimpipe compile --schedule slimpipe --pp 4 --microbatches 4 --slices 8 --model tiny --seq-len 256 --device-profile cpu.json -o plan.json
   slimpipe check plan.json && slimpipe simulate plan.json && slimpipe show plan.json
-  torchrun --nproc-per-node 4 -m executor plan.json --steps 2 --check-reference"""
+  torchrun --nproc-per-node 4 -m executor plan.json --steps 4 --check-reference --trace measured.json
+  slimpipe simulate plan.json --against measured.json"""
 
 
 class Parser(argparse.ArgumentParser):

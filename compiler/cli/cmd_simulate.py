@@ -21,8 +21,8 @@ def run(args) -> int:
         raise SpecError("--unit-costs takes no --device-profile/--dtype/--against (forward 1, backward 2, communication free)")
     if args.device_profile:
         load_profile(args.device_profile)  # a bad profile fails before the plan is read
-    # --against compares with the executor, whose default dtype is fp32
-    dtype = dtype_bytes_arg(args.dtype or ("fp32" if args.against else "bf16"))
+    if args.dtype is not None:
+        dtype_bytes_arg(args.dtype)
     plan = load_plan(args.plan)
     # figures of a plan that breaks a rule (missing unit, unmatched send) would mislead; a deadlock
     # is named by the simulation itself
@@ -37,6 +37,10 @@ def run(args) -> int:
                 print(f"  rank {r['rank']}: busy {r['busy']:g}, peak units in flight {r['peak_units']}")
         return 0
     profile = plan_profile(args.device_profile, plan)  # the device it was compiled for, unless told
+    # default dtype: a measured profile's (what the executor ran when it was measured), fp32 against
+    # a measured trace (the executor's default), else bf16 (a GPU training run)
+    measured_dtype = profile.measured.meta.get("dtype") if profile.measured is not None else None
+    dtype = dtype_bytes_arg(args.dtype or measured_dtype or ("fp32" if args.against else "bf16"))
     if args.against:
         return _against(args, plan, profile, dtype)
     out = simulate_timed(plan, profile, dtype)
@@ -68,6 +72,9 @@ def _against(args, plan, profile, dtype) -> int:
     print(f"  bubble    predicted {p['bubble_fraction']:.1%} (ideal {pb['ideal']:.1%}, imbalance {pb['imbalance']:.1%}, "
           f"comm {pb['comm']:.1%}), measured {m['bubble_fraction']:.1%} (ideal {mb['ideal']:.1%}, imbalance "
           f"{mb['imbalance']:.1%}, comm {mb['comm']:.1%}) ({out['bubble_points']:+.1f} points)")
+    if "cpu_replay_step_s" in m:
+        print(f"  units' CPU time replayed on free processors: {human_time(m['cpu_replay_step_s'])} "
+              f"(prediction {out['cpu_replay_error']:+.1%}; wall time above it is other processes' share of the machine)")
     for r, (a, b) in enumerate(zip(p["busy_s"], m["busy_s"])):
         print(f"  rank {r}    busy predicted {human_time(a)}, measured {human_time(b)} ({(a - b) / b if b else 0:+.1%})")
     print("  residual (measured - predicted), largest first:")
