@@ -9,9 +9,9 @@ number, at the model's shapes and the token counts a slice can have:
 - attention: the executor's backend forward/backward of one slice's queries over its own K/V
   (causal) and over one earlier slice's K/V (full, with the log-sum-exp merge), by query and
   key length;
-- elementwise: what a whole decoder layer (the executor's layer_forward with SliceAttention)
-  takes beyond its matmuls and attention: norms, RoPE, SwiGLU, residuals and the framework's
-  per-op overhead, forward and backward, by token count;
+- whole units through the executor's own Stage (1 and 3 layers): a layer's time, and what it
+  takes beyond its matmuls and attention (elementwise: norms, RoPE, SwiGLU, residuals, autograd
+  and the framework's per-op overhead), and a unit's fixed cost beyond its layers, by tokens;
 - head (final norm, LM head, loss) and embedding, forward and backward, by token count;
 - p2p: one-way seconds of a message between two local processes through the executor's own
   transport (gloo on CPU, NCCL on GPU), by size; bandwidth and latency fitted from it;
@@ -37,7 +37,8 @@ import torch  # noqa: E402
 from ir import ModelConfig, atomic_write  # noqa: E402
 
 from . import model as M  # noqa: E402
-from .attention import SliceAttention, default_scale, merge, pick_backend  # noqa: E402
+from .attention import default_scale, merge, pick_backend  # noqa: E402
+from .metrics import ActivationTracker  # noqa: E402
 
 TOKENS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 P2P_BYTES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)
@@ -84,22 +85,6 @@ def timeit(fn, reps: int, sync) -> float:
 
 def reps_for(tokens: int, scale: float) -> int:
     return max(3, int(scale * 30 * 256 / max(tokens, 256)))
-
-
-class _Ctx:
-    """The LayerCtx surface SliceAttention needs, without an exchange."""
-
-    def __init__(self, backend, scale, prefix):
-        self.backend, self.scale, self.prefix = backend, scale, prefix
-
-    def fwd_remote_slices(self):
-        return 0
-
-    def bwd_remote_slices(self):
-        return 0
-
-    def accumulate(self, i, dk, dv):
-        pass
 
 
 def matmul_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -163,40 +148,23 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
     def mm_time(fl):
         return _interp(matmul, fl)
 
-    # a whole layer (prefix 0), minus its matmuls and causal attention: the elementwise work
-    P = {n: M.init_param(cfg, n, 0, device, dtype) for n in M.layer_names(0)}
-    elementwise, layer = [], []
+    # whole units of a middle stage through the executor's own Stage (autograd graph, saved-tensor
+    # hooks, K/V bookkeeping included) with 1 and 3 layers: per layer (T3 - T1) / 2, of which the
+    # elementwise work is what its matmuls and causal attention leave; per unit T1 - one layer
+    elementwise, layer, unit = [], [], []
     for s in tokens:
         r = reps_for(s, scale)
-        x0 = rnd(1, s, cfg.hidden)
-        cos, sin = M.rope_tables(d, 0, s, device, dtype)
-        lc = _Ctx(be, sc, [])
-        dy = rnd(1, s, cfg.hidden)
-
-        def fwd(x0=x0, cos=cos, sin=sin, lc=lc):
-            with torch.no_grad():
-                return M.layer_forward(P, 0, cfg, x0, cos, sin, lambda q, k, v: SliceAttention.apply(q.contiguous(), k, v, lc))
-
-        def both(x0=x0, cos=cos, sin=sin, lc=lc, dy=dy):
-            x = x0.detach().requires_grad_(True)
-            y = M.layer_forward(P, 0, cfg, x, cos, sin, lambda q, k, v: SliceAttention.apply(q.contiguous(), k, v, lc))
-            t0 = CLOCK[0]()
-            torch.autograd.backward([y], [dy])
-            sync()
-            return CLOCK[0]() - t0
-
-        tf = timeit(fwd, r, sync)
-        both()
-        tb = min(both() for _ in range(r))
-        for p_ in P.values():
-            p_.grad = None
+        t1 = _stage_unit(cfg, device, dtype, be, s, 1, r, sync, rnd)
+        t3 = _stage_unit(cfg, device, dtype, be, s, 3, max(3, r // 2), sync, rnd)
+        tf, tb = max((t3[0] - t1[0]) / 2, 0.0), max((t3[1] - t1[1]) / 2, 0.0)
         mm_f = sum(mm_time(2.0 * s * i * o) for o, i in matmul_shapes(cfg) if o != cfg.vocab)
         mm_f += mm_time(2.0 * s * cfg.hidden * cfg.ffn)  # the layer has two (ffn, hidden) projections
         att_f = _attn(attention, "fwd", 1, s, s)
         att_b = _attn(attention, "bwd", 1, s, s)
         elementwise.append([s, max(tf - mm_f - att_f, 0.0), max(tb - 2 * mm_f - att_b, 0.0)])
         layer.append([s, tf, tb])
-        prog.step(f"layer, {s} tokens")
+        unit.append([s, max(t1[0] - tf, 0.0), max(t1[1] - tb, 0.0)])
+        prog.step(f"stage units, {s} tokens")
 
     # head (final norm + LM head + loss) and the embedding gather
     Ph = {n: M.init_param(cfg, n, 0, device, dtype) for n in ("norm", "lm_head", "embed")}
@@ -206,9 +174,8 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
         x0 = rnd(1, s, cfg.hidden)
         labels = torch.randint(cfg.vocab, (1, s), generator=g).to(device)
 
-        def hfwd(x0=x0, labels=labels):
-            with torch.no_grad():
-                return M.head_loss(Ph, x0, labels, float(s))
+        def hfwd(x0=x0, labels=labels):  # with the autograd graph, as the executor runs it
+            return M.head_loss(Ph, x0.detach().requires_grad_(True), labels, float(s))
 
         def hboth(x0=x0, labels=labels):
             x = x0.detach().requires_grad_(True)
@@ -219,8 +186,7 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
             return CLOCK[0]() - t0
 
         def efwd(labels=labels):
-            with torch.no_grad():
-                return Ph["embed"][labels]
+            return Ph["embed"][labels]
 
         def eboth(labels=labels):
             y = Ph["embed"][labels]
@@ -238,8 +204,45 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
         for p_ in Ph.values():
             p_.grad = None
         prog.step(f"head, {s} tokens")
-    return {"matmul": matmul, "attention": attention, "elementwise": elementwise, "layer": layer, "head": head,
+    return {"matmul": matmul, "attention": attention, "elementwise": elementwise, "layer": layer, "unit": unit,
+            "head": head,
             "embedding": embed, "attention_backend": be.name}
+
+
+def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, sync, rnd) -> tuple[float, float]:
+    """Fastest (forward, backward) seconds of one unit of s tokens through executor.stage.Stage: the
+    middle stage (L layers) of a one-rank, three-stage plan, so no embedding and no head."""
+    from ir import PlanSpec
+
+    from .data import SyntheticBatches
+    from .params import Parameters
+    from .stage import AttentionEnv, Stage
+
+    spec = PlanSpec(schedule="gpipe", model=cfg.model_copy(update={"layers": L + 2}), seq_len=s, pp=1,
+                    microbatches=1, slices=1, virtual_stages=3, slice_lens=((s,),), placement=((0, 1, 2),),
+                    stage_layers=(1, L, 1))
+    params = Parameters(spec, (1,), device, dtype, 1e-3)
+    env = AttentionEnv(be, default_scale(cfg.head_dim), None, None)
+    st = Stage(spec, 1, 0, params.chunks[0], device=device, dtype=dtype,
+               tracker=ActivationTracker(params.storage_ptrs()), env=env, batches=SyntheticBatches(spec, device))
+    x, dy = rnd(1, s, cfg.hidden), rnd(1, s, cfg.hidden)
+    clock = CLOCK[0]
+    tf, tb = [], []
+    for i in range(reps + 1):
+        st.reset()
+        st.acts_in[(0, 0)] = x
+        c0 = clock()
+        st.forward(0, 0, None)
+        sync()
+        c1 = clock()
+        st.grads_in[(0, 0)] = dy
+        st.backward(0, 0, None)
+        sync()
+        c2 = clock()
+        if i:
+            tf.append(c1 - c0)
+            tb.append(c2 - c1)
+    return min(tf), min(tb)
 
 
 def _interp(curve, x: float) -> float:
@@ -385,7 +388,7 @@ def build(cfg: ModelConfig, device_type: str = "cpu", dtype: str = "fp32", scale
             "model": cfg.model_dump(), "attention_backend": comp["attention_backend"],
             "torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1),
             "matmul": comp["matmul"], "attention": comp["attention"], "elementwise": comp["elementwise"],
-            "layer": comp["layer"],
+            "layer": comp["layer"], "unit": comp["unit"],
             "head": comp["head"], "embedding": comp["embedding"], "p2p": p2p,
         },
     }

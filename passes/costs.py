@@ -51,14 +51,16 @@ class Measured:
     head: tuple
     embedding: tuple
     p2p: tuple
+    unit: tuple = ()           # [[tokens, fwd s, bwd s]] a unit's fixed cost beyond its layers (optional)
     meta: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        out = {k: [list(r) for r in getattr(self, k)] for k in CURVES}
+        out = {k: [list(r) for r in getattr(self, k)] for k in CURVES if k in REQUIRED or getattr(self, k)}
         return {"format": MEASURED_FORMAT, **self.meta, "processors": self.processors, **out}
 
 
-CURVES = {"matmul": 2, "attention": 5, "elementwise": 3, "head": 3, "embedding": 3, "p2p": 2}
+CURVES = {"matmul": 2, "attention": 5, "elementwise": 3, "head": 3, "embedding": 3, "p2p": 2, "unit": 3}
+REQUIRED = ("matmul", "attention", "elementwise", "head", "embedding", "p2p")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ def _measured(arg: str, m) -> Measured:
     curves = {}
     for k, width in CURVES.items():
         rows = m.get(k)
+        if rows is None and k not in REQUIRED:
+            continue
         if not isinstance(rows, list) or not rows:
             raise SpecError(f"{where}.{k} must be a non-empty list of rows")
         for row in rows:
@@ -327,7 +331,7 @@ class CostModel:
         """Seconds of a unit from a measured profile: per layer the seven projections (backward: input
         and weight gradient of each) on the matmul curve, the causal attention over the slice itself
         and one full call per earlier slice on the attention curve, the elementwise rest; plus LM head
-        and loss on the last stage, the embedding on the first. tp/cp divide the tokens.
+        and loss on the last stage, the embedding on the first, the unit's fixed cost. tp/cp divide the tokens.
         Split backward: W is the projections' weight-gradient half, I the fused backward less W."""
         cls = cost_class(backward)
         if cls in ("backward_input", "backward_weight"):
@@ -354,6 +358,8 @@ class CostModel:
             t += curve_at(m.head, tok, col)
         if stage == 0:
             t += curve_at(m.embedding, tok, col)
+        if m.unit:
+            t += curve_at(m.unit, tok, col)
         return t
 
     def _measured_projections(self, s: int) -> float:

@@ -79,6 +79,12 @@ def test_unit_time_from_curves():
     assert cm.unit_time(0, Fi(0, 0, 0)) == pytest.approx(f0)
     assert cm.unit_time(1, Fi(0, 1, 0)) == pytest.approx(f1)
     assert cm.unit_time(1, Instr(Kind.B, 0, 1, 0)) == pytest.approx(b1)
+    # a unit's fixed cost (optional curve) comes on top, once per unit
+    d = measured_profile()
+    d["measured"]["unit"] = [[64, 1e-3, 2e-3], [4096, 1e-3, 2e-3]]
+    cm = CostModel(plan.spec, profile_from_dict(d), 4)
+    assert cm.unit_time(1, Fi(0, 1, 0)) == pytest.approx(f1 + 1e-3)
+    assert cm.unit_time(1, Instr(Kind.B, 0, 1, 0)) == pytest.approx(b1 + 2e-3)
 
 
 def test_processor_sharing_closed_forms():
