@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ir import Instr, Kind, Plan, PlanSpec, SpecError
 from ir.gcpause import gc_paused
-from passes import lower_comm, redistribute, spec_problems
+from passes import lower_comm, place_grad_reduce, redistribute, spec_problems
 from passes.costs import PROFILES, load_profile
 
 from . import schedules
@@ -43,6 +43,7 @@ def compile_plan(spec: PlanSpec, profile=None) -> Plan:
         if PROFILES.get(prof.name) != prof:
             meta["device_profile_fields"] = prof.to_json()
         plan = plan.with_ranks(plan.ranks, **meta)
+    plan = place_grad_reduce(plan)  # dp > 1: each chunk's gradient all-reduce right after its last backward
     return plan.with_ranks([r + (Instr(Kind.OPT),) for r in plan.ranks])
 
 

@@ -180,6 +180,11 @@ def to_rows(plan: Plan, comms: bool = False) -> list[list[Action | None]]:
                     raise SpecError(f"rank {r} #{i} 'OPT': torch's format has no optimizer step inside the stream "
                                     f"(allowed: OPT as the last instruction)")
                 continue
+            if k == Kind.REDUCE_GRAD:  # data-parallel: torch's own stage-only action
+                flush(nall if by_all else ncomp)
+                cells.append(Action(stages[ins.chunk], "REDUCE_GRAD"))
+                nall += 1
+                continue
             if k in KV:
                 raise SpecError(f"rank {r} #{i} '{ins}': the plan has KV exchanges; torch's runtime has none "
                                 f"(compile with --no-exchange)")

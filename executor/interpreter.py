@@ -159,9 +159,8 @@ class Rank:
         Kind.KVF_RECV: kv_recv,
         Kind.KVB_RECV: kv_recv,
         Kind.OPT: opt,
+        Kind.REDUCE_GRAD: reduce_grad,
     }
-    if hasattr(Kind, "REDUCE_GRAD"):
-        HANDLERS[Kind.REDUCE_GRAD] = reduce_grad
     COMM = frozenset({Kind.SEND_ACT, Kind.SEND_GRAD, Kind.RECV_ACT, Kind.RECV_GRAD})
 
     # ------------------------------------------------------------------ communication

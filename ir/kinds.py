@@ -49,6 +49,7 @@ class Kind:
     KVB_SEND = "KVB_SEND"
     KVB_RECV = "KVB_RECV"
     OPT = "OPT"
+    REDUCE_GRAD = "REDUCE_GRAD"
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ _ROWS = (
     KindInfo(Kind.KVB_RECV, "kv", _UNIT + ("from", "x", "t"), "backward KV exchange, partner side",
              phase="backward", side="partner", match=Kind.KVB_SEND),
     KindInfo(Kind.OPT, "optimizer", (), "optimizer step"),
+    KindInfo(Kind.REDUCE_GRAD, "collective", ("c",), "start averaging chunk c's weight gradients over the "
+             "data-parallel replicas (after the chunk's last backward; the optimizer step waits for it)",
+             phase="backward"),
 )
 
 KINDS: dict[str, KindInfo] = {k.name: k for k in _ROWS}

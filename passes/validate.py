@@ -18,7 +18,9 @@
 - every unit whose neighbour stage lives on another rank receives from it before running, and the
   sender sends after producing the data;
 - every KV exchange pairs an owner and a partner instruction (same micro-batch, slice, chunk, x),
-  and the owner's next compute unit is the one it names.
+  and the owner's next compute unit is the one it names;
+- REDUCE_GRAD c (data-parallel gradient average of chunk c) at most once per rank and step, after
+  every backward of chunk c on that rank and before OPT (rule "reduce-grad").
 """
 from __future__ import annotations
 
@@ -112,6 +114,7 @@ def validate(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
         _p2p(plan, pos, bad)
         _kv(plan, bad)
         _order(plan, bad)
+        _reduce_grad(plan, bad)
     except _TooMany:
         pass
     return problems
@@ -130,8 +133,10 @@ def _fields(plan: Plan, bad) -> None:
             fields = row.fields
             if not fields:
                 continue
-            if not (0 <= ins.mb < m and 0 <= ins.slice < n and 0 <= ins.chunk < v):
-                bad("range", f"{_at(r, i, ins)}: needs mb < {m}, s < {n}, c < {v}", r, i)
+            if (("mb" in fields and not 0 <= ins.mb < m) or ("s" in fields and not 0 <= ins.slice < n)
+                    or ("c" in fields and not 0 <= ins.chunk < v)):
+                bad("range", f"{_at(r, i, ins)}: needs " + ", ".join(
+                    f"{f} < {lim}" for f, lim in (("mb", m), ("s", n), ("c", v)) if f in fields), r, i)
             elif "to" in fields or "from" in fields:
                 if not (0 <= ins.peer < p) or ins.peer == r:
                     bad("range", f"{_at(r, i, ins)}: peer must be another rank in 0..{p - 1}", r, i)
@@ -422,3 +427,28 @@ def _nth(k: int) -> str:
     n = k + 1
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
+
+
+def _reduce_grad(plan: Plan, bad) -> None:
+    """REDUCE_GRAD c averages chunk c's weight gradients over the replicas when it runs: it must
+    come after every unit that adds to them (rule "reduce-grad"), once per chunk, before OPT."""
+    wgrad = {k for k, row in KINDS.items() if row.role == "compute" and row.cost in ("backward", "backward_weight")}
+    for r, stream in enumerate(plan.ranks):
+        seen: dict[int, int] = {}
+        opt_at = None
+        for i, ins in enumerate(stream):
+            k = ins.kind
+            if k == Kind.REDUCE_GRAD:
+                if ins.chunk in seen:
+                    bad("reduce-grad", f"{_at(r, i, ins)}: chunk {ins.chunk} is already reduced at #{seen[ins.chunk]}; "
+                                       f"once per step", r, i)
+                seen[ins.chunk] = i
+                if opt_at is not None:
+                    bad("reduce-grad", f"{_at(r, i, ins)}: after the optimizer step at #{opt_at}", r, i)
+            elif k == Kind.OPT:
+                opt_at = i
+            elif k in wgrad and ins.chunk in seen:
+                j = seen[ins.chunk]
+                bad("reduce-grad", f"{_at(r, i, ins)}: adds to chunk {ins.chunk}'s gradients after "
+                                   f"#{j} '{to_text(stream[j])}' reduced them; place REDUCE_GRAD after the chunk's "
+                                   f"last backward", r, i)

@@ -102,3 +102,63 @@ def test_dp1_plan_runs_world_over_pp_replicas():
     sp = spec("1f1b", 2, 3)
     assert replicas_mismatch(sp, 4) == replicas_mismatch(sp, 2) == ""
     assert replicas_mismatch(sp, 3).startswith("plan has pp=2 ranks but torchrun started 3 process(es)")
+
+
+def test_reduce_grad_follows_each_chunks_last_backward():
+    """The pass puts REDUCE_GRAD c right after chunk c's last B on every rank (only that unit's sends
+    in between), so chunk 1's all-reduce of interleaved-1f1b starts while chunk 0 still computes;
+    dp=1 plans have none."""
+    plan = compile_plan(PLANS["interleaved-1f1b"]())
+    for r, stream in enumerate(plan.ranks):
+        kinds = [i.kind for i in stream]
+        assert kinds.count("REDUCE_GRAD") == 2 and kinds[-1] == "OPT"
+        for c in (0, 1):
+            last_b = max(i for i, ins in enumerate(stream) if ins.kind == "B" and ins.chunk == c)
+            at = next(i for i, ins in enumerate(stream) if ins.kind == "REDUCE_GRAD" and ins.chunk == c)
+            assert at > last_b and all(stream[i].kind == "SEND_GRAD" for i in range(last_b + 1, at)), (r, c)
+        first = next(i for i, ins in enumerate(stream) if ins.kind == "REDUCE_GRAD")
+        assert any(ins.kind == "B" for ins in stream[first:])  # chunk 1's reduction overlaps chunk 0's cool-down
+    assert not any(i.kind == "REDUCE_GRAD" for s in compile_plan(spec("1f1b", 2, 3)).ranks for i in s)
+
+
+def test_misplaced_reduce_grad_is_refused():
+    from passes import check
+
+    plan = compile_plan(PLANS["1f1b"]())
+    stream = list(plan.ranks[0])
+    at = next(i for i, ins in enumerate(stream) if ins.kind == "REDUCE_GRAD")
+    last_b = max(i for i, ins in enumerate(stream) if ins.kind == "B")
+    early = stream[:last_b] + [stream[at]] + [s for i, s in enumerate(stream[last_b:], last_b) if i != at]
+    twice = stream[:at + 1] + [stream[at]] + stream[at + 1:]
+    for bad in (early, twice):
+        rep = check(plan.with_ranks([bad] + list(plan.ranks[1:])))
+        assert not rep.ok and rep.problems[0].rule == "reduce-grad" and rep.problems[0].rank == 0
+
+
+def test_executor_starts_each_reduction_at_its_instruction(monkeypatch):
+    """Every chunk's all-reduce is already in flight when the step closes (started by REDUCE_GRAD,
+    not by the fallback at the optimizer step)."""
+    from executor import params
+    from executor.runner import run_local
+
+    seen = []
+    finish = params.GradReducer.finish
+
+    def checked(self, wait):
+        seen.append(sorted(self.open))
+        finish(self, wait)
+
+    monkeypatch.setattr(params.GradReducer, "finish", checked)
+    code, s = run_local(compile_plan(PLANS["interleaved-1f1b"]()), local_opts())
+    assert code == 0 and s["max_grad_rel_err"] < TOL
+    assert seen == [[0, 1]] * 4  # 4 ranks (2 x 2), one step, both chunks started by their instruction
+
+
+def test_reduce_grad_exports_as_torchs_action():
+    """torch.distributed.pipelining has the same action: a dp plan exports it per stage."""
+    from compiler.torchcsv import to_rows
+
+    rows = to_rows(compile_plan(PLANS["interleaved-1f1b"]()))
+    cells = [[str(a) for a in row if a is not None] for row in rows]
+    assert [c for c in cells[0] if c.endswith("REDUCE_GRAD")] == ["2REDUCE_GRAD", "0REDUCE_GRAD"]
+    assert [c for c in cells[1] if c.endswith("REDUCE_GRAD")] == ["3REDUCE_GRAD", "1REDUCE_GRAD"]

@@ -14,14 +14,13 @@ NUM = st.integers(0, 10**6)
 
 @st.composite
 def instrs(draw):
+    """Any instruction of any kind in ir.KINDS, with exactly the fields its table row carries."""
     kind = draw(st.sampled_from(sorted(ir.ALL_KINDS)))
-    if kind == Kind.OPT:
-        return Instr(kind)
-    mb, s, c = draw(NUM), draw(NUM), draw(NUM)
-    if kind in ir.COMPUTE:
-        return Instr(kind, mb, s, c)
-    x = draw(NUM) if kind in ir.KV else 0
-    return Instr(kind, mb, s, c, draw(NUM), draw(NUM), x)
+    fields = ir.KINDS[kind].fields
+    val = {f: (draw(NUM) if f in fields else -1) for f in ("mb", "s", "c", "to", "t")}
+    peer = draw(NUM) if ("to" in fields or "from" in fields) else -1
+    x = draw(NUM) if "x" in fields else 0
+    return Instr(kind, val["mb"], val["s"], val["c"], peer, val["t"], x)
 
 
 @given(instrs())
