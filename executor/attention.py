@@ -227,24 +227,28 @@ class SliceAttention(torch.autograd.Function):
     Its output is [b, heads, s, d] in [b, s, heads, d] memory (seq_major): the layout the
     out-projection reads, so the saved output and the projection's saved input are one tensor.
 
-    `ctx_obj` (an executor.stage.LayerCtx-like object) supplies: backend, scale, prefix
-    [(k_i, v_i)] detached K/V of earlier slices, accumulate(i, dk, dv) for their gradients, and
-    optional remote(fwd|bwd) hooks for the KV exchange (the first x prefix slices done elsewhere).
+    `lc` (an executor.stage.LayerCtx-like object) supplies: backend, scale, prefix [(k_i, v_i)]
+    detached K/V of earlier slices, the unit's KV exchanges (fwd_exchanges/bwd_exchanges: each
+    ships a token range of the prefix to another rank) with their request/reply hooks,
+    local_pieces(exchanges) (the prefix tokens attended here), accumulate(i, dk, dv, start) and
+    accumulate_range(lo, hi, dk, dv) for the prefix's gradients, and serve() (answer others'
+    requests between layers).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, lc):
         be, scale = lc.backend, lc.scale
-        x = lc.fwd_remote_slices()
-        handle = lc.fwd_remote_start(q, lc.prefix[:x]) if x else None
+        lc.serve()
+        exchanges = lc.fwd_exchanges()
+        handles = lc.fwd_remote_start(q, exchanges) if exchanges else ()
         out, lse = be.fwd(q, k, v, True, scale)
         out = out.float()
-        for kp, vp in lc.prefix[x:]:
+        for _i, _a, kp, vp in lc.local_pieces(exchanges):
             o2, l2 = be.fwd(q, kp, vp, False, scale)
             out, lse = merge(out, lse, o2.float(), l2)
-        if handle is not None:
-            o2, l2 = lc.fwd_remote_finish(handle)
-            out, lse = merge(out, lse, o2.float(), l2)
+        if handles:
+            for o2, l2 in lc.fwd_remote_finish(handles):
+                out, lse = merge(out, lse, o2.float(), l2)
         out = seq_major(out.to(q.dtype))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.lc = lc
@@ -255,21 +259,20 @@ class SliceAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         lc = ctx.lc
         be, scale = lc.backend, lc.scale
+        lc.serve()
         dout = dout.contiguous()
-        x = lc.bwd_remote_slices()
-        handle = lc.bwd_remote_start(q, lc.prefix[:x], out, lse, dout) if x else None
+        exchanges = lc.bwd_exchanges()
+        handles = lc.bwd_remote_start(q, out, lse, dout, exchanges) if exchanges else ()
         dq, dk, dv = be.bwd(dout, q, k, v, out, lse, True, scale)
         dq = dq.float()
-        for i in range(x, len(lc.prefix)):
-            kp, vp = lc.prefix[i]
+        for i, a, kp, vp in lc.local_pieces(exchanges):
             dqi, dki, dvi = be.bwd(dout, q, kp, vp, out, lse, False, scale)
             dq += dqi
-            lc.accumulate(i, dki, dvi)
-        if handle is not None:
-            dqr, dks, dvs = lc.bwd_remote_finish(handle)
-            dq += dqr
-            for i in range(x):
-                lc.accumulate(i, dks[i], dvs[i])
+            lc.accumulate(i, dki, dvi, a)
+        if handles:
+            for lo, hi, dqr, dks, dvs in lc.bwd_remote_finish(handles):
+                dq += dqr
+                lc.accumulate_range(lo, hi, dks, dvs)
         ctx.lc = None
         return dq.to(q.dtype), dk, dv, None
 

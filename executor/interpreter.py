@@ -96,9 +96,9 @@ class Rank:
         stage = self.stages[c]
         if stage.has_unit(mb, s):
             raise UnitError("unit already ran forward")
-        kvf, self.next_kvf = self.next_kvf, None
-        if kvf is not None and (kvf.mb, kvf.slice, kvf.chunk) != (mb, s, c):
-            raise UnitError("the preceding KVF_SEND names another unit")
+        kvf, self.next_kvf = self.next_kvf, []
+        if any((e.mb, e.slice, e.chunk) != (mb, s, c) for e in kvf):
+            raise UnitError("a preceding KVF_SEND names another unit")
         loss = stage.forward(mb, s, kvf)
         if loss is not None:
             self.loss_sum += loss
@@ -108,16 +108,16 @@ class Rank:
         stage = self.stages[c]
         if not stage.has_unit(mb, s):
             raise UnitError("backward before its forward")
-        kvb, self.next_kvb = self.next_kvb, None
-        if kvb is not None and (kvb.mb, kvb.slice, kvb.chunk) != (mb, s, c):
-            raise UnitError("the preceding KVB_SEND names another unit")
+        kvb, self.next_kvb = self.next_kvb, []
+        if any((e.mb, e.slice, e.chunk) != (mb, s, c) for e in kvb):
+            raise UnitError("a preceding KVB_SEND names another unit")
         stage.backward(mb, s, kvb)
 
-    def kvf_send(self, ins):
-        self.next_kvf = Exchange(ins)
+    def kvf_send(self, ins):  # several may precede one unit: one per partner or helper
+        self.next_kvf.append(Exchange(ins))
 
     def kvb_send(self, ins):
-        self.next_kvb = Exchange(ins)
+        self.next_kvb.append(Exchange(ins))
 
     def kv_recv(self, ins):
         self.kv.agree(ins)
@@ -158,6 +158,8 @@ class Rank:
         Kind.KVB_SEND: kvb_send,
         Kind.KVF_RECV: kv_recv,
         Kind.KVB_RECV: kv_recv,
+        Kind.KVF_HELP: kv_recv,  # a helper serves like a partner; it has no unit of its own to run
+        Kind.KVB_HELP: kv_recv,
         Kind.OPT: opt,
         Kind.REDUCE_GRAD: reduce_grad,
     }
@@ -225,7 +227,7 @@ class Rank:
             st.reset()
         self.kv.reset()
         self.batches.begin(step)
-        self.next_kvf = self.next_kvb = None
+        self.next_kvf, self.next_kvb = [], []
         self.opt_done = False
         self.figures: dict = {}
         self.tracker.reset_peak()

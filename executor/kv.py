@@ -1,43 +1,50 @@
-"""KV exchange: the owner's side (one Exchange per KVF_SEND/KVB_SEND, per-layer requests) and the
-partner's side (ServeJob per KVF_RECV/KVB_RECV, answered whenever the rank waits, so an exchange
-never needs both ranks to stand at the same instruction)."""
+"""KV exchange: the owner's side (one Exchange per KVF_SEND/KVB_SEND, several per unit allowed,
+per-layer requests) and the serving side (a ServeJob per KVF_RECV/KVB_RECV of a partner or
+KVF_HELP/KVB_HELP of a helper, answered whenever the rank waits and between the layers of its own
+units, so an exchange never needs both ranks to stand at the same instruction).
+
+Each exchange ships the K/V of the owner's tokens [lo, hi) (any range inside the unit's prefix,
+across slice boundaries) with the slice's queries; the server computes that non-causal block and
+returns out + lse (forward) or dq + dK/dV of the range (backward). Per pair of ranks the messages
+are posted in one order on both sides: an owner's requests go out exchange after exchange, and a
+server answers the jobs of one owner in the order it agreed to them (one at a time per owner)."""
 from __future__ import annotations
 
 import torch
 
-from ir import Instr, Kind
+from ir import KV_FWD, Instr
 
 
 class Exchange:
-    """One KV exchange seen from the owner: partner rank, plan tag, shipped prefix slices x."""
+    """One KV exchange seen from the owner: partner rank, plan tag, shipped tokens [lo, hi)."""
 
-    __slots__ = ("peer", "tag", "x", "mb", "slice", "chunk")
+    __slots__ = ("peer", "tag", "lo", "hi", "mb", "slice", "chunk")
 
     def __init__(self, ins: Instr):
-        self.peer, self.tag, self.x = ins.peer, ins.tag, ins.x
+        self.peer, self.tag, self.lo, self.hi = ins.peer, ins.tag, ins.lo, ins.hi
         self.mb, self.slice, self.chunk = ins.mb, ins.slice, ins.chunk
 
 
 class ServeJob:
-    """The partner side of one exchange: answer the owner's per-layer requests in order."""
+    """The serving side of one exchange (partner or helper): answer the owner's per-layer
+    requests in order."""
 
     __slots__ = ("owner", "tag", "fwd", "layers", "order", "pos", "pending", "specs")
 
     def __init__(self, spec, dtype, ins: Instr):
         cfg = spec.model
-        self.owner, self.tag, self.fwd = ins.peer, ins.tag, ins.kind == Kind.KVF_RECV
+        self.owner, self.tag, self.fwd = ins.peer, ins.tag, ins.kind in KV_FWD
         stage = spec.placement[ins.peer][ins.chunk]
         self.layers = spec.stage_layers[stage]
         self.order = list(range(self.layers)) if self.fwd else list(range(self.layers - 1, -1, -1))
         self.pos, self.pending = 0, None
         b, d, dt = spec.micro_batch_size, cfg.head_dim, dtype
-        lens = spec.slice_lens[ins.mb]
-        qs = (b, cfg.heads, lens[ins.slice], d)
-        ks = [((b, cfg.kv_heads, lens[i], d), dt) for i in range(ins.x)]
+        qs = (b, cfg.heads, spec.slice_lens[ins.mb][ins.slice], d)
+        ks = ((b, cfg.kv_heads, ins.hi - ins.lo, d), dt)
         if self.fwd:
-            self.specs = [(qs, dt)] + ks + ks
+            self.specs = [(qs, dt), ks, ks]
         else:
-            self.specs = [(qs, dt), (qs, dt), (qs[:3], torch.float32), (qs, dt)] + ks + ks
+            self.specs = [(qs, dt), (qs, dt), (qs[:3], torch.float32), (qs, dt), ks, ks]
 
     def progress(self, svc: "KVService") -> bool:
         """Serve what has arrived; True if anything moved."""
@@ -90,7 +97,7 @@ class KVService:
         self.jobs = []
 
     def agree(self, ins: Instr) -> None:
-        """KVF_RECV / KVB_RECV: serve this exchange from now on."""
+        """KVF_RECV / KVB_RECV / KVF_HELP / KVB_HELP: serve this exchange from now on."""
         self.jobs.append(ServeJob(self.spec, self.dtype, ins))
 
     def request(self, ex: Exchange, li, bwd, tensors, reply_specs):
@@ -117,18 +124,13 @@ class KVService:
     def answer(self, job: ServeJob, li, parts) -> None:
         be, sc = self.backend, self.scale
         if job.fwd:
-            x = (len(parts) - 1) // 2
-            q, K, V = parts[0], torch.cat(parts[1:1 + x], 2), torch.cat(parts[1 + x:], 2)
+            q, K, V = parts
             out, lse = be.fwd(q, K, V, False, sc)
             reply = [out.to(q.dtype), lse.float()]
         else:
-            q, out, lse, dout = parts[:4]
-            ks = parts[4:]
-            x = len(ks) // 2
-            lens = [k.shape[2] for k in ks[:x]]
-            K, V = torch.cat(ks[:x], 2), torch.cat(ks[x:], 2)
+            q, out, lse, dout, K, V = parts
             dq, dk, dv = be.bwd(dout, q, K, V, out, lse, False, sc)
-            reply = [dq.to(q.dtype)] + list(dk.split(lens, 2)) + list(dv.split(lens, 2))
+            reply = [dq.to(q.dtype), dk.to(K.dtype), dv.to(V.dtype)]
         self.replies.send(job.owner, self.wire(job.tag, li, 0 if job.fwd else 1, 1), [t.contiguous() for t in reply])
 
     def owners(self):

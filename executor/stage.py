@@ -39,50 +39,125 @@ class AttentionEnv:
 
 class LayerCtx:
     """What SliceAttention needs for one (unit, layer): backend, earlier slices' K/V, where
-    their gradients go, and the unit's exchanges."""
+    their gradients go, and the unit's exchanges (several per unit, each shipping the tokens
+    [lo, hi) of the prefix; the rest of the prefix is attended here, slice by slice)."""
 
-    __slots__ = ("env", "unit", "li", "prefix", "acc", "backend", "scale", "key", "tracker")
+    __slots__ = ("env", "unit", "li", "prefix", "acc", "backend", "scale", "key", "tracker", "offsets", "lens")
 
-    def __init__(self, env: AttentionEnv, unit, li, prefix, acc, key, tracker):
+    def __init__(self, env: AttentionEnv, unit, li, prefix, acc, key, tracker, offsets, lens):
         self.env, self.unit, self.li, self.prefix, self.acc, self.key = env, unit, li, prefix, acc, key
         self.backend, self.scale, self.tracker = env.backend, env.scale, tracker
+        self.offsets, self.lens = offsets, lens
 
-    def fwd_remote_slices(self):
-        return self.unit.kvf.x if self.unit.kvf is not None else 0
+    def serve(self) -> None:
+        """Answer the KV requests that have arrived (a partner serves between its own layers)."""
+        self.env.kv.serve()
 
-    def bwd_remote_slices(self):
-        return self.unit.kvb.x if self.unit.kvb is not None else 0
+    # ---- the prefix split into what is shipped and what stays
+    def local_pieces(self, exchanges):
+        """(slice i, start a within it, K, V) of the prefix tokens no exchange ships: whole slices
+        as they are, cut ones as (contiguous) views of their token range."""
+        s = len(self.prefix)
+        if not exchanges:
+            return [(i, 0, k, v) for i, (k, v) in enumerate(self.prefix)]
+        cuts = sorted((e.lo, e.hi) for e in exchanges)
+        out = []
+        for i in range(s):
+            A = self.offsets[i]
+            E = A + self.lens[i]
+            k, v = self.prefix[i]
+            a = A
+            for lo, hi in cuts + [(E, E)]:
+                lo_c = min(max(lo, a), E)
+                if lo_c > a:
+                    if a == A and lo_c == E:
+                        out.append((i, 0, k, v))
+                    else:
+                        out.append((i, a - A, k[:, :, a - A:lo_c - A].contiguous(), v[:, :, a - A:lo_c - A].contiguous()))
+                a = max(a, min(hi, E))
+                if a >= E:
+                    break
+        return out
 
-    def fwd_remote_start(self, q, prefix):
-        return self.env.kv.request(self.unit.kvf, self.li, 0, [q] + [k for k, _ in prefix] + [v for _, v in prefix],
-                                   [(q.shape, q.dtype), (q.shape[:3], torch.float32)])
+    def shipped(self, lo: int, hi: int):
+        """K and V of the prefix tokens [lo, hi), gathered across slices."""
+        ks, vs = [], []
+        for i in range(len(self.prefix)):
+            a, n = self.offsets[i], self.lens[i]
+            x, y = max(lo, a), min(hi, a + n)
+            if x < y:
+                k, v = self.prefix[i]
+                ks.append(k[:, :, x - a:y - a])
+                vs.append(v[:, :, x - a:y - a])
+        return (ks[0] if len(ks) == 1 else torch.cat(ks, 2)), (vs[0] if len(vs) == 1 else torch.cat(vs, 2))
 
-    def fwd_remote_finish(self, h):
-        return self.env.wait(h, "its KV-exchange forward reply", self.unit.kvf.peer)
+    # ---- forward
+    def fwd_exchanges(self):
+        return self.unit.kvf or ()
 
-    def bwd_remote_start(self, q, prefix, out, lse, dout):
-        ks, vs = [k for k, _ in prefix], [v for _, v in prefix]
-        specs = [(q.shape, q.dtype)] + [(k.shape, k.dtype) for k in ks] + [(v.shape, v.dtype) for v in vs]
-        return self.env.kv.request(self.unit.kvb, self.li, 1, [q, out, lse, dout.to(q.dtype)] + ks + vs, specs)
+    def fwd_remote_start(self, q, exchanges):
+        out = []
+        for ex in exchanges:
+            K, V = self.shipped(ex.lo, ex.hi)
+            out.append((ex, self.env.kv.request(ex, self.li, 0, [q, K, V], [(q.shape, q.dtype), (q.shape[:3], torch.float32)])))
+        return out
 
-    def bwd_remote_finish(self, h):
-        parts = self.env.wait(h, "its KV-exchange backward reply", self.unit.kvb.peer)
-        x = (len(parts) - 1) // 2
-        return parts[0].float(), parts[1:1 + x], parts[1 + x:]
+    def fwd_remote_finish(self, handles):
+        return [self.env.wait(h, "its KV-exchange forward reply", ex.peer) for ex, h in handles]
 
-    def accumulate(self, i, dk, dv):
+    # ---- backward
+    def bwd_exchanges(self):
+        return self.unit.kvb or ()
+
+    def bwd_remote_start(self, q, out, lse, dout, exchanges):
+        res = []
+        for ex in exchanges:
+            K, V = self.shipped(ex.lo, ex.hi)
+            specs = [(q.shape, q.dtype), (K.shape, K.dtype), (V.shape, V.dtype)]
+            res.append((ex, self.env.kv.request(ex, self.li, 1, [q, out, lse, dout.to(q.dtype), K, V], specs)))
+        return res
+
+    def bwd_remote_finish(self, handles):
+        """[(lo, hi, dq, dK, dV)] of each exchange's range."""
+        out = []
+        for ex, h in handles:
+            dq, dk, dv = self.env.wait(h, "its KV-exchange backward reply", ex.peer)
+            out.append((ex.lo, ex.hi, dq.float(), dk, dv))
+        return out
+
+    def accumulate_range(self, lo, hi, dk, dv):
+        """dK/dV of the prefix tokens [lo, hi) (one exchange's reply), added slice by slice."""
+        for i in range(len(self.prefix)):
+            a, n = self.offsets[i], self.lens[i]
+            x, y = max(lo, a), min(hi, a + n)
+            if x < y:
+                self.accumulate(i, dk[:, :, x - lo:y - lo], dv[:, :, x - lo:y - lo], x - a)
+
+    def accumulate(self, i, dk, dv, start: int = 0):
+        """Add dK/dV for tokens [start, start + len) of earlier slice i (the whole slice when it
+        covers it) to what its backward will take as extra output gradient."""
         slot = self.acc[i]
+        k, v = self.prefix[i]
+        whole = start == 0 and dk.shape[2] == k.shape[2]
         if slot is None:
-            # own copies: the parts may be views of a receive buffer, and later adds are in place
-            dk = dk.to(self.prefix[i][0].dtype, copy=True).contiguous()
-            dv = dv.to(self.prefix[i][1].dtype, copy=True).contiguous()
+            if whole:  # own copies: the parts may be views of a receive buffer, and later adds are in place
+                dk = dk.to(k.dtype, copy=True).contiguous()
+                dv = dv.to(v.dtype, copy=True).contiguous()
+            else:
+                zk, zv = torch.zeros_like(k), torch.zeros_like(v)
+                zk[:, :, start:start + dk.shape[2]] = dk
+                zv[:, :, start:start + dv.shape[2]] = dv
+                dk, dv = zk, zv
             self.acc[i] = [dk, dv]
             owner = ("acc", self.key[0], i, self.key[1])
             self.tracker.add(owner, dk)
             self.tracker.add(owner, dv)
-        else:
+        elif whole:
             slot[0].add_(dk)
             slot[1].add_(dv)
+        else:
+            slot[0][:, :, start:start + dk.shape[2]].add_(dk)
+            slot[1][:, :, start:start + dv.shape[2]].add_(dv)
 
 
 class Stage:
@@ -148,7 +223,7 @@ class Stage:
         lc.prefix = [(kk.detach(), vv.detach()) for kk, vv in cache[:s]]
         return SliceAttention.apply(q.contiguous(), k, v, lc)
 
-    def forward(self, mb: int, s: int, kvf: Exchange | None) -> float | None:
+    def forward(self, mb: int, s: int, kvf: list[Exchange] | None) -> float | None:
         """Forward of unit (mb, s); returns its loss share on the last stage, else None."""
         spec, cfg, c = self.spec, self.spec.model, self.chunk
         u = self.units[(mb, s)] = Unit()
@@ -178,8 +253,9 @@ class Stage:
                 self.acc[mb] = [[None] * spec.slices for _ in range(self.layers)]
             cos, sin = M.rope_tables(cfg, off, ln, self.device, self.dtype)
             key = (mb, c)
+            offsets, lens = spec.slice_offsets(mb), spec.slice_lens[mb]
             for li in range(self.layers):
-                lc = LayerCtx(self.env, u, li, None, self.acc[mb][li], key, tr)
+                lc = LayerCtx(self.env, u, li, None, self.acc[mb][li], key, tr, offsets, lens)
                 x = M.layer_forward(P, self.first_layer + li, cfg, x, cos, sin,
                                     lambda q, k, v, lc=lc: self._attend(lc, s, q, k, v))
             if self.is_last:
@@ -192,7 +268,7 @@ class Stage:
             self.next_local.acts_in[(mb, s)] = x.detach()
         return loss
 
-    def backward(self, mb: int, s: int, kvb: Exchange | None) -> None:
+    def backward(self, mb: int, s: int, kvb: list[Exchange] | None) -> None:
         """Backward of unit (mb, s): its output gradient and the dK/dV later slices left for it."""
         u = self.units.pop((mb, s))
         u.kvb = kvb

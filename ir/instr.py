@@ -7,18 +7,22 @@ Text grammar (tokens after the kind may come in any order; the canonical order i
     SEND_ACT mb3 s2 c1 to2 t17  send the output activation of unit (mb3, s2, c1) to rank 2
     RECV_ACT mb3 s2 c1 from0 t17  receive the input activation of unit (mb3, s2, c1)
     SEND_GRAD / RECV_GRAD       the same for input gradients (sent to the previous stage)
-    KVF_SEND mb3 s5 c0 to2 x3 t9  forward KV exchange, owner side: the next compute unit on this
-                                rank is (mb3, s5, c0); it ships the K/V of its earliest x slices
-                                and its queries to rank 2, which computes that attention block
-    KVF_RECV mb3 s5 c0 from0 x3 t9  partner side: mb/s/c name the *owner's* unit; the partner
-                                serves it alongside its own next compute unit
-    KVB_SEND / KVB_RECV         the same for the backward unit
+    KVF_SEND mb3 s5 c0 to2 lo0 hi96 t9  forward KV exchange, owner side: the next compute unit
+                                on this rank is (mb3, s5, c0); it ships the K/V of tokens [lo, hi)
+                                of its micro-batch (inside the earlier slices' prefix) and its
+                                queries to rank 2, which computes that attention block. Several
+                                may precede one unit (several partners); their ranges are disjoint
+    KVF_RECV mb3 s5 c0 from0 lo0 hi96 t9  partner side: mb/s/c name the *owner's* unit; the
+                                partner serves it alongside its own next compute unit
+    KVF_HELP mb3 s5 c0 from0 lo0 hi96 t9  helper side: a rank with no unit in that step serves
+                                the block as work of its own (no compute unit of its own follows)
+    KVB_SEND / KVB_RECV / KVB_HELP  the same for the backward unit
     OPT                         optimizer step
 
 Which fields each kind carries, and what it means, is ir.kinds' table (KINDS).
 
-`chunk` is the local model-chunk index on the rank running the instruction (for KV*_RECV: on
-the owner rank); the spec's placement maps (rank, chunk) to a global stage.
+`chunk` is the local model-chunk index on the rank running the instruction (for KV*_RECV and
+KV*_HELP: on the owner rank); the spec's placement maps (rank, chunk) to a global stage.
 """
 from __future__ import annotations
 
@@ -30,11 +34,12 @@ from .errors import PlanFormatError
 
 from .kinds import ALL_KINDS, COMPUTE, FIELDS as _FIELDS, KV, KV_OWNER, KV_PARTNER, MATCH, P2P, RECVS, SENDS, Kind, allowed_kinds
 
-_TOKEN_FIELD = {"mb": "mb", "s": "slice", "c": "chunk", "to": "peer", "from": "peer", "x": "x", "t": "tag"}
+_TOKEN_FIELD = {"mb": "mb", "s": "slice", "c": "chunk", "to": "peer", "from": "peer", "lo": "lo", "hi": "hi", "t": "tag"}
 
 
 class Instr(NamedTuple):
-    """One instruction of one rank's stream. Unused fields are -1 (x: 0)."""
+    """One instruction of one rank's stream. Unused fields are -1 (lo, hi: 0).
+    lo, hi: a KV exchange's token range [lo, hi) of the micro-batch's sequence."""
 
     kind: str
     mb: int = -1
@@ -42,7 +47,8 @@ class Instr(NamedTuple):
     chunk: int = -1
     peer: int = -1
     tag: int = -1
-    x: int = 0
+    lo: int = 0
+    hi: int = 0
 
     def __str__(self) -> str:
         return to_text(self)
@@ -128,7 +134,7 @@ def parse(text: str) -> Instr:
         raise PlanFormatError(f"instruction {_clip(text)}: unknown kind {_clip(kind)}; allowed: {allowed_kinds()}")
     # fast path: canonical order, fields straight into their tuple slots
     if len(parts) == len(fields) + 1:
-        vals = [kind, -1, -1, -1, -1, -1, 0]
+        vals = [kind, -1, -1, -1, -1, -1, 0, 0]
         for tok, name in zip(parts[1:], fields):
             d = tok[len(name):]
             if tok.startswith(name) and d.isascii() and d.isdigit() and len(d) <= _MAX_DIGITS:
@@ -140,7 +146,7 @@ def parse(text: str) -> Instr:
     vals = {}
     for tok in parts[1:]:
         # longest prefix first so 'to3' is not read as t + 'o3'
-        for name in ("from", "mb", "to", "s", "c", "x", "t"):
+        for name in ("from", "mb", "to", "lo", "hi", "s", "c", "t"):
             if tok.startswith(name) and _is_num(tok[len(name):]):
                 break
         else:

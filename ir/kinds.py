@@ -7,7 +7,7 @@ A kind that is not in the table is unknown: `parse` refuses it, `validate` repor
 
 Columns (KindInfo):
     role       compute | send | receive | kv | collective | optimizer
-    fields     the text tokens it carries, in canonical order (mb, s, c, to/from, x, t)
+    fields     the text tokens it carries, in canonical order (mb, s, c, to/from, lo, hi, t)
     cost       unit-cost class of a compute kind: forward | backward (fused: input and weight
                gradients) | backward_input | backward_weight; None for the others
     unit_cost  its duration in unit-cost simulation (F = 1, B = 2; communication free)
@@ -19,8 +19,9 @@ Columns (KindInfo):
     executor   the executor has a handler for it (a plan with other kinds is refused there)
     phase      compute: forward | backward (B, I) | weight (W); p2p: the stream it carries (activation forward,
                gradient backward); kv: the compute phase it serves
-    side       kv: owner | partner
-    match      send <-> receive and kv owner <-> partner counterpart
+    side       kv: owner | partner (serves beside its own next unit) | helper (a rank with no unit
+               in that step: serves as work of its own)
+    match      send <-> receive and kv owner <-> partner counterpart (a helper's: its owner kind)
     receives   compute: the receive kind that brings its input from another rank
     sends      compute: the send kind that carries its output to another rank
 """
@@ -48,6 +49,8 @@ class Kind:
     KVF_RECV = "KVF_RECV"
     KVB_SEND = "KVB_SEND"
     KVB_RECV = "KVB_RECV"
+    KVF_HELP = "KVF_HELP"
+    KVB_HELP = "KVB_HELP"
     OPT = "OPT"
     REDUCE_GRAD = "REDUCE_GRAD"
 
@@ -93,14 +96,18 @@ _ROWS = (
              phase="backward", match=Kind.RECV_GRAD),
     KindInfo(Kind.RECV_GRAD, "receive", _UNIT + ("from", "t"), "receive a unit's output gradient",
              phase="backward", match=Kind.SEND_GRAD),
-    KindInfo(Kind.KVF_SEND, "kv", _UNIT + ("to", "x", "t"), "forward KV exchange, owner side",
+    KindInfo(Kind.KVF_SEND, "kv", _UNIT + ("to", "lo", "hi", "t"), "forward KV exchange, owner side",
              phase="forward", side="owner", match=Kind.KVF_RECV),
-    KindInfo(Kind.KVF_RECV, "kv", _UNIT + ("from", "x", "t"), "forward KV exchange, partner side",
+    KindInfo(Kind.KVF_RECV, "kv", _UNIT + ("from", "lo", "hi", "t"), "forward KV exchange, partner side",
              phase="forward", side="partner", match=Kind.KVF_SEND),
-    KindInfo(Kind.KVB_SEND, "kv", _UNIT + ("to", "x", "t"), "backward KV exchange, owner side",
+    KindInfo(Kind.KVF_HELP, "kv", _UNIT + ("from", "lo", "hi", "t"), "forward KV exchange, helper side",
+             phase="forward", side="helper", match=Kind.KVF_SEND),
+    KindInfo(Kind.KVB_SEND, "kv", _UNIT + ("to", "lo", "hi", "t"), "backward KV exchange, owner side",
              phase="backward", side="owner", match=Kind.KVB_RECV),
-    KindInfo(Kind.KVB_RECV, "kv", _UNIT + ("from", "x", "t"), "backward KV exchange, partner side",
+    KindInfo(Kind.KVB_RECV, "kv", _UNIT + ("from", "lo", "hi", "t"), "backward KV exchange, partner side",
              phase="backward", side="partner", match=Kind.KVB_SEND),
+    KindInfo(Kind.KVB_HELP, "kv", _UNIT + ("from", "lo", "hi", "t"), "backward KV exchange, helper side",
+             phase="backward", side="helper", match=Kind.KVB_SEND),
     KindInfo(Kind.OPT, "optimizer", (), "optimizer step"),
     KindInfo(Kind.REDUCE_GRAD, "collective", ("c",), "start averaging chunk c's weight gradients over the "
              "data-parallel replicas (after the chunk's last backward; the optimizer step waits for it)",
@@ -134,14 +141,18 @@ RECVS = kinds_where(role="receive")
 P2P = SENDS | RECVS
 KV_OWNER = kinds_where(role="kv", side="owner")
 KV_PARTNER = kinds_where(role="kv", side="partner")
-KV = KV_OWNER | KV_PARTNER
+KV_HELPER = kinds_where(role="kv", side="helper")
+KV_SERVER = KV_PARTNER | KV_HELPER  # the side that computes the shipped block
+KV_FWD = kinds_where(role="kv", phase="forward")
+KV = KV_OWNER | KV_SERVER
 ALL_KINDS = frozenset(KINDS)
 # send kind -> the receive kind it matches, and back (kv owner <-> partner likewise)
 MATCH: dict[str, str] = {k: row.match for k, row in KINDS.items() if row.match}
 
 
 def kv_kind(phase: str, side: str) -> str:
-    """The KV-exchange kind serving a compute unit of `phase` (forward/backward), on `side` (owner/partner)."""
+    """The KV-exchange kind serving a compute unit of `phase` (forward/backward), on `side`
+    (owner/partner/helper)."""
     return next(k for k, row in KINDS.items() if row.role == "kv" and row.phase == phase and row.side == side)
 
 

@@ -372,6 +372,13 @@ class CostModel:
                  (F, H), (F, H), (H, F))
         return sum(curve_at(m.matmul, 2.0 * tok * o * i) for o, i in projs)
 
+    def unit_time_of(self, stage: int, s: int, prefix_lens: tuple, backward: bool) -> float:
+        """Seconds of a unit of s tokens after earlier slices of `prefix_lens` tokens on `stage`
+        (no exchange)."""
+        if self.prof.measured is not None:
+            return self._measured_unit(stage, s, tuple(prefix_lens), backward)
+        return self._unit(stage, s, sum(prefix_lens), backward, 0.0)
+
     def unit_time(self, rank: int, ins: Instr, extra_s: float = 0.0) -> float:
         """Seconds of the compute unit `ins` on `rank`, with `extra_s` seconds of attention moved in
         (+) or out (-) by KV exchanges (see kv_shift)."""
@@ -391,33 +398,46 @@ class CostModel:
 
     def kv_shift(self, rank: int, ins: Instr) -> float:
         """Attention seconds (per GPU) the exchange `ins` moves from the owner's unit to the
-        partner's: a non-causal block of the slice's queries over the x shipped slices, in
-        every layer of the owner's stage (`rank` is the owner for KV*_SEND, else `ins.peer`).
-        With a measured profile: the owner saves its x calls over those slices, the partner
-        makes one call over their concatenation."""
+        partner (or helper): a non-causal block of the slice's queries over the shipped tokens
+        [lo, hi), in every layer of the owner's stage. `rank` runs `ins`: the owner for KV*_SEND
+        (what it saves), the partner or helper otherwise (what it spends). With a measured
+        profile: the owner saves its calls over the shipped tokens, slice by slice (a cut slice
+        still costs a call over what is left of it), the partner makes one call over the range."""
         spec = self.spec
         m = spec.model
         row = KINDS[ins.kind]
-        owner = rank if row.side == "owner" else ins.peer
+        is_owner = row.side == "owner"
+        owner = rank if is_owner else ins.peer
         L = spec.stage_layers[self.stage_of[owner][ins.chunk]]
         bwd = row.phase == "backward"
         if self.prof.measured is not None:
             mp, b, div = self.prof.measured, spec.micro_batch_size, spec.tp * spec.cp
             q = spec.slice_lens[ins.mb][ins.slice] * b / div
-            if owner == rank:
-                return L * sum(attention_call(mp, bwd, False, q, ln * b / div) for ln in spec.slice_lens[ins.mb][:ins.x])
-            return L * attention_call(mp, bwd, False, q, self.offsets[ins.mb][ins.x] * b / div)
-        pairs = spec.slice_lens[ins.mb][ins.slice] * self.offsets[ins.mb][ins.x]
+            if not is_owner:
+                return L * attention_call(mp, bwd, False, q, (ins.hi - ins.lo) * b / div)
+            saved = 0.0
+            for off, ln in zip(self.offsets[ins.mb], spec.slice_lens[ins.mb][:ins.slice]):
+                cut = min(ins.hi, off + ln) - max(ins.lo, off)
+                if cut > 0:
+                    saved += attention_call(mp, bwd, False, q, ln * b / div)
+                    if ln > cut:
+                        saved -= attention_call(mp, bwd, False, q, (ln - cut) * b / div)
+            return L * saved
+        pairs = spec.slice_lens[ins.mb][ins.slice] * (ins.hi - ins.lo)
         f = (4 * m.head_dim + 3) * m.heads * pairs * L * spec.micro_batch_size / (spec.tp * spec.cp)
         return f * (BWD_ATTN if bwd else 1.0) / (self.prof.peak_flops * self.prof.attn_efficiency)
 
+    def help_time(self, rank: int, ins: Instr) -> float:
+        """Seconds a helper (KV*_HELP on `rank`) computes the block it serves: its own work."""
+        return self.kv_shift(rank, ins)
+
     def kv_bytes(self, ins: Instr) -> float:
-        """Bytes per layer both ways: forward ships q + K/V of the x slices, returns out + lse;
+        """Bytes per layer both ways: forward ships q + K/V of the shipped tokens, returns out + lse;
         backward ships q, out, dout, lse + K/V, returns dq + dK/dV."""
         spec = self.spec
         m = spec.model
         s = spec.slice_lens[ins.mb][ins.slice] * spec.micro_batch_size
-        X = self.offsets[ins.mb][ins.x] * spec.micro_batch_size
+        X = (ins.hi - ins.lo) * spec.micro_batch_size
         kvd = 2 * m.kv_heads * m.head_dim
         b = self.bytes
         if KINDS[ins.kind].phase == "forward":
@@ -467,8 +487,9 @@ def replay_engine(plan: Plan, prof: DeviceProfile):
     n = shared_processors(prof, len(plan.ranks))
     if not n:
         return replay
-    return lambda plan, cost, p2p=None, kv=None, record=False: replay_shared(
-        plan, cost, n, *(() if p2p is None else (p2p, kv)), record=record)
+    return lambda plan, cost, p2p=None, kv=None, record=False, help_cost=None: replay_shared(
+        plan, cost, n, *(() if p2p is None else (p2p, kv)), record=record,
+        **({} if help_cost is None else {"help_cost": help_cost}))
 
 
 def timed_replay(plan: Plan, cm: CostModel, record: bool = False):
@@ -479,15 +500,16 @@ def timed_replay(plan: Plan, cm: CostModel, record: bool = False):
     table = unit_cost_table(plan, cm)
     cost = lambda r, ins: table[(r, ins.kind, ins.mb, ins.slice, ins.chunk)]  # noqa: E731
     shared = shared_processors(cm.prof, len(plan.ranks))
-    res = replay(plan, cost, cm.p2p_time, cm.kv_time, record=record and not shared)  # and the deadlock proof
+    res = replay(plan, cost, cm.p2p_time, cm.kv_time, record=record and not shared,
+                 help_cost=cm.help_time)  # and the deadlock proof
     if shared and not res.deadlocked:
-        res = replay_engine(plan, cm.prof)(plan, cost, cm.p2p_time, cm.kv_time, record=record)
+        res = replay_engine(plan, cm.prof)(plan, cost, cm.p2p_time, cm.kv_time, record=record, help_cost=cm.help_time)
     return res, table
 
 
 def unit_cost_table(plan: Plan, cm: CostModel) -> dict[tuple, float]:
     """(rank, kind, mb, slice, chunk) -> seconds, with KV exchanges moving attention work from
-    each owner's unit to its partner's unit."""
+    each owner's unit to its partner's unit (a helper's work is its own: costs.help_time)."""
     out = {}
     for r, stream in enumerate(plan.ranks):
         shift = 0.0
@@ -495,7 +517,10 @@ def unit_cost_table(plan: Plan, cm: CostModel) -> dict[tuple, float]:
             k = ins.kind
             row = KINDS[k]
             if row.role == "kv":
-                shift += cm.kv_shift(r, ins) if row.side == "partner" else -cm.kv_shift(r, ins)
+                if row.side == "owner":
+                    shift -= cm.kv_shift(r, ins)
+                elif row.side == "partner":  # a helper's work is its own (help_time), not a unit's
+                    shift += cm.kv_shift(r, ins)
             elif row.role == "compute":
                 out[(r, k, ins.mb, ins.slice, ins.chunk)] = cm.unit_time(r, ins, shift)
                 shift = 0.0

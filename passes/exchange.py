@@ -1,46 +1,54 @@
 """SlimPipe workload redistribution: the attention context exchange (KV exchange).
 
 Slices are uniform, so a unit of a later slice attends over a longer cache than one of an
-earlier slice and costs more. Units that run at the same time are paired; the owner (the longer
-unit) ships the K/V of its micro-batch's earliest x slices plus its queries to the partner, which
-computes that non-causal attention block alongside its own next unit. No exchange where x < 1 or
-where a rank is idle; x is capped by spec.exchange_threshold (0 = no cap).
+earlier slice and costs more. The owner of a long unit ships the K/V of a token range [lo, hi) of
+its prefix plus its queries to another rank, which computes that non-causal attention block and
+returns the partial output (forward) or the gradients (backward). exchange_threshold caps a range
+at the tokens of that many slices (0 = no cap).
 
-Two pairing modes (`redistribute(plan, profile=...)`):
+Two rules (`redistribute(plan, profile=...)`):
 
 - unit cost (`profile=None`, the original pass): "the same time" is the start time in a unit-cost
   replay (F=1, B=2, communication free) of the plan without exchanges, and also in one with
   B/F = 9/4: units that coincide under both ratios run together whatever the real ratio. Forward
-  pairs with forward, backward with backward, sorted by cache length and mirror entries paired,
-  x = floor((s_owner - s_partner)/2). Paired units start together in that replay, so adding the
-  rendezvous changes no start time there.
+  pairs with forward, backward with backward, sorted by cache length and mirror entries paired;
+  the owner ships its earliest x whole slices, x = floor((s_owner - s_partner)/2). Paired units
+  start together in that replay, so adding the rendezvous changes no start time there.
 
-- cost aware (a DeviceProfile or a profile name; the default, "h100"): "the same time" is the
-  same step of the as-soon-as-possible lockstep replay (every unit one step, communication free).
-  In the 1F1B steady state that replay is a checkerboard (half the ranks run a forward while the
-  others run a backward), so forward and backward units pair too (the partner's own unit kind
-  does not matter to the exchange). Each step's units are sorted by their real duration under the
-  cost model (passes.costs) and mirror entries paired; x makes the owner's and the partner's
-  durations as equal as possible (the owner loses kv_shift, the partner gains it), and a pair is
-  kept only where that beats the longer unit by more than the rendezvous time (kv_time). The
-  candidates (this pairing and the unit-cost one) are replayed with the cost model (unit times,
-  p2p flight, KV rendezvous) and the shortest makespan wins, so the result is never slower in
-  that model than the unit-cost pairing. No exchange at all competes only where the unit-cost
-  rule finds no pair either (`--no-exchange` is the way to turn it off): with a toy model whose
-  units take microseconds the rendezvous latency can outweigh the gain, and the user then gets
-  the unit-cost pairing, as before.
+- levelling (a DeviceProfile or a profile name; the default, "h100"): the steps of the
+  as-soon-as-possible lockstep replay (every unit one step, communication free) are levelled one
+  by one toward their mean (level_steps): owners ship disjoint ranges of their prefix to several
+  partners (KV*_RECV: ranks with a unit in that step, which serve beside it) and helpers (KV*_HELP:
+  ranks with no unit in that step, which serve as work of their own). The levelled sets (with
+  and without helpers), the unit-cost pairing and no exchange at all are replayed with the cost
+  model (unit times, p2p flight, KV rendezvous, helper work) and the shortest makespan wins: never
+  slower there than no exchange. With a toy model whose units take microseconds nothing levels
+  (could_level) and the user, who asked for the exchange (`--no-exchange` turns it off), gets the
+  unit-cost pairing, as before.
 
-Deadlock freedom: paired units share a step of a lockstep replay, so that replay is an execution
-in which every rendezvous meets (the plan cannot deadlock); on top of that a candidate whose timed
-replay deadlocks is discarded, and the chosen plan is run through passes.check; should it fail, the pass falls back to the unit-cost pairing (which
-passes the checker whenever the input does), then to no exchange.
+Deadlock freedom: every exchange joins ranks in one step of a lockstep replay, and every rank
+lists its exchanges in one global (step, round) order, so that replay is an execution in which
+every rendezvous meets; a candidate whose timed replay deadlocks is discarded (a replay that
+finishes proves it: whether a rank can move never depends on durations), and the chosen plan's
+exchange rules are checked (validate_kv).
 """
 from __future__ import annotations
 
-from ir import KINDS, KV, Instr, Plan, kv_kind
+import bisect
+from itertools import groupby
+from operator import itemgetter
+from typing import NamedTuple
+
+from ir import COMPUTE, KINDS, KV, RECVS, UNIT_COST, Instr, Plan, kv_kind
 
 from .lower import kv_tag_base
-from .replay import replay
+from .replay import start_times
+
+# unit durations by cost class (ir.KINDS column `cost`) of the replays that define "together":
+# the table's unit costs, backward/forward = 9/4 (I + W = B), and one step per unit (lockstep)
+UNIT_WEIGHTS = {KINDS[k].cost: UNIT_COST[k] for k in COMPUTE}
+ALT_WEIGHTS = {"forward": 4.0, "backward": 9.0, "backward_input": 5.0, "backward_weight": 4.0}
+STEP_WEIGHTS = {c: 1.0 for c in UNIT_WEIGHTS}
 
 
 def cache_tokens(spec, mb: int, j: int) -> int:
@@ -61,39 +69,31 @@ def shipped_slices(spec, mb: int, j: int, diff_tokens: int, threshold: int) -> i
     return x
 
 
-def _attention_units(plan: Plan, timeline):
-    """The timeline entries of units that run attention (ir.KINDS column `attention`: F, B, I --
-    a split backward's W has none to exchange)."""
-    return [e for e in timeline if KINDS[plan.ranks[e[0]][e[1]].kind].attention]
-
-
-def pairings(plan: Plan) -> list[tuple[int, int, int, int, int]]:
+def pairings(plan: Plan, times=None) -> list[tuple[int, int, int, int, int]]:
     """(owner, owner_index, partner, partner_index, x) for every exchange, in time order.
 
-    Indices point at compute units in the streams of `plan` (which has no KV instructions)."""
+    Indices point at compute units in the streams of `plan` (which has no KV instructions).
+    `times`: replay.start_times(plan, [UNIT_WEIGHTS, ALT_WEIGHTS]) when the caller has it."""
     spec = plan.spec
-    res = replay(plan, record=True)
-    if res.deadlocked:
+    # start times under backward/forward = 2 and 9/4 (integers: exact): units that start
+    # together in both run together whatever the real ratio, so the rendezvous does not make them wait
+    starts = start_times(plan, [UNIT_WEIGHTS, ALT_WEIGHTS]) if times is None else times
+    if starts is None:
         return []
-    # a second replay with backward/forward = 9/4 (integers: exact): units that start together in
-    # both run together whatever the real ratio, so the rendezvous does not make them wait
-    alt_cost = {"forward": 4.0, "backward": 9.0, "backward_input": 5.0, "backward_weight": 4.0}  # I + W = B
-    alt = replay(plan, cost=lambda r, ins: alt_cost[KINDS[ins.kind].cost], record=True)
-    alt_start = {(r, i): t0 for r, i, t0, _t1 in alt.timeline}
-    groups: dict[tuple[float, float, str], list[tuple[int, int]]] = {}
-    for r, i, t0, _t1 in _attention_units(plan, res.timeline):
-        groups.setdefault((t0, alt_start[(r, i)], plan.ranks[r][i].kind), []).append((r, i))
+    offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
+    ranks = plan.ranks
+    # one sort brings the units that start together (same kind) next to each other, by cache length
+    # (units that run no attention, a split backward's W, have nothing to exchange)
+    rows = [(t0, t1, u.kind, offsets[u.mb][u.slice], r, i) for r, i, (t0, t1) in starts for u in (ranks[r][i],)
+            if KINDS[u.kind].attention]
+    rows.sort()
     out = []
     thr = spec.exchange_threshold
-    for key in sorted(groups):
-        units = groups[key]
-        if len(units) < 2:
+    for _key, grp in groupby(rows, itemgetter(0, 1, 2)):
+        keyed = list(grp)
+        if len(keyed) < 2:
             continue
-        keyed = []
-        for r, i in units:
-            u = plan.ranks[r][i]
-            keyed.append((cache_tokens(spec, u.mb, u.slice), r, i))
-        keyed.sort()
+        keyed = [row[3:] for row in keyed]
         k = len(keyed)
         for a in range(k // 2):
             short, long_ = keyed[a], keyed[k - 1 - a]
@@ -104,19 +104,43 @@ def pairings(plan: Plan) -> list[tuple[int, int, int, int, int]]:
     return out
 
 
-def _with_exchanges(plan: Plan, pairs) -> Plan:
-    """The plan (without KV instructions) with the exchanges `pairs` ((owner, owner_index,
-    partner, partner_index, x), indices into `plan`) inserted before their units; spec.exchange=True."""
+class Ex(NamedTuple):
+    """One exchange: the owner's unit (rank, index of the compute unit), the server (rank; index
+    of its compute unit for a partner, or where its KV*_HELP goes for a helper), the shipped token
+    range [lo, hi), and the (step, seq) that orders every rank's exchanges the same way."""
+
+    step: int
+    seq: int
+    owner: int
+    oi: int
+    server: int
+    si: int
+    lo: int
+    hi: int
+    helper: bool = False
+
+
+def _as_ex(plan: Plan, pairs) -> list[Ex]:
+    """(owner, owner_index, partner, partner_index, x) pairs (whole slices 0..x-1) as Ex records."""
+    offsets = [plan.spec.slice_offsets(mb) for mb in range(plan.spec.microbatches)]
+    ranks = plan.ranks
+    return [Ex(0, seq, o, oi, q, qi, 0, offsets[ranks[o][oi].mb][x]) for seq, (o, oi, q, qi, x) in enumerate(pairs)]
+
+
+def _with_exchanges(plan: Plan, exs: list[Ex]) -> Plan:
+    """The plan (without KV instructions) with the exchanges `exs` inserted (owner and partner
+    instructions right before their units, a helper's where Ex.si says); spec.exchange=True.
+    Every rank lists its exchanges in (step, seq) order, which is also the order of the tags."""
     spec = plan.spec
-    before: list[dict[int, Instr]] = [dict() for _ in plan.ranks]
-    tag = kv_tag_base(spec)
-    for o, oi, q, qi, x in pairs:
-        u = plan.ranks[o][oi]
+    before: list[dict[int, list]] = [dict() for _ in plan.ranks]
+    base = kv_tag_base(spec)
+    for n, e in enumerate(sorted(exs, key=lambda e: (e.step, e.seq))):
+        u = plan.ranks[e.owner][e.oi]
         phase = KINDS[u.kind].phase
-        send, recv = kv_kind(phase, "owner"), kv_kind(phase, "partner")
-        before[o][oi] = Instr(send, u.mb, u.slice, u.chunk, q, tag, x)
-        before[q][qi] = Instr(recv, u.mb, u.slice, u.chunk, o, tag, x)
-        tag += 1
+        send, serve = kv_kind(phase, "owner"), kv_kind(phase, "helper" if e.helper else "partner")
+        tag = base + n
+        before[e.owner].setdefault(e.oi, []).append(Instr(send, u.mb, u.slice, u.chunk, e.server, tag, e.lo, e.hi))
+        before[e.server].setdefault(e.si, []).append(Instr(serve, u.mb, u.slice, u.chunk, e.owner, tag, e.lo, e.hi))
     ranks = []
     for r, stream in enumerate(plan.ranks):
         ins_before = before[r]
@@ -124,141 +148,317 @@ def _with_exchanges(plan: Plan, pairs) -> Plan:
             ranks.append(stream)
             continue
         out = []
-        for i, ins in enumerate(stream):
-            kv = ins_before.get(i)
-            if kv is not None:
-                out.append(kv)
-            out.append(ins)
+        prev = 0
+        for i in sorted(ins_before):
+            out.extend(stream[prev:i])
+            out.extend(ins_before[i])
+            prev = i
+        out.extend(stream[prev:])
         ranks.append(out)
     new_spec = spec.model_copy(update={"exchange": True})
-    return Plan(new_spec, tuple(tuple(r) for r in ranks), {**plan.meta, "exchanges": tag - kv_tag_base(spec)},
-                plan.schema_version)
+    meta = {**plan.meta, "exchanges": len(exs)}
+    helpers = sum(e.helper for e in exs)
+    if helpers:
+        meta["exchange_helpers"] = helpers
+    return Plan(new_spec, tuple(tuple(r) for r in ranks), meta, plan.schema_version)
 
 
-# ---------------------------------------------------------------- cost-aware pairing
+# ---------------------------------------------------------------- cost-aware leveling
 
-def _best_x(cm, o: int, u: Instr, q: int, w: Instr, thr: int) -> tuple[int, float, float]:
-    """(x, owner seconds, partner seconds) with x in 1..u.slice (capped by thr) making the two
-    durations most equal: the owner's time falls and the partner's rises as x grows."""
-    hi = u.slice if not thr else min(u.slice, thr)
-    if hi < 1:
-        return 0, 0.0, 0.0
-    kind = kv_kind(KINDS[u.kind].phase, "owner")
-
-    def times(x):
-        f = cm.kv_shift(o, Instr(kind, u.mb, u.slice, u.chunk, q, 0, x))
-        return cm.unit_time(o, u, -f), cm.unit_time(q, w, f)
-
-    lo_x, hi_x = 1, hi  # smallest x with owner <= partner, or hi
-    while lo_x < hi_x:
-        mid = (lo_x + hi_x) // 2
-        a, b = times(mid)
-        if a <= b:
-            hi_x = mid
-        else:
-            lo_x = mid + 1
-    best = None
-    for x in (lo_x - 1, lo_x):
-        if x < 1:
-            continue
-        a, b = times(x)
-        if best is None or max(a, b) < max(best[1], best[2]):
-            best = (x, a, b)
-    return best
+def lockstep_steps(plan: Plan):
+    """(rank, index, step) of every compute unit in the as-soon-as-possible lockstep replay
+    (every unit one step, communication free), or None if the plan deadlocks."""
+    times = start_times(plan, [STEP_WEIGHTS])
+    return None if times is None else [(r, i, int(t[0])) for r, i, t in times]
 
 
-def _pair_steps(plan: Plan, cm, timeline, window: float = 1e-9) -> list[tuple[int, int, int, int, int]]:
-    """Pairs of units on different ranks that start together (within `window`) in `timeline`
-    ((rank, index, start) of `plan`'s compute units, e.g. a lockstep replay): mirror pairing by
-    real duration in each group, kept where the pair, started together and paying the rendezvous,
-    ends before the longer unit alone would."""
+def _group_starts(stream) -> list[int]:
+    """For each index: where the receives that feed the instruction there begin (the index after
+    the previous unit's trailing sends): the place a helper's KV*_HELP goes, so that it does not
+    wait for the data of the rank's next unit."""
+    out = list(range(len(stream) + 1))
+    recv = RECVS
+    for i, ins in enumerate(stream):
+        if ins.kind in recv:
+            out[i + 1] = out[i]
+    return out
+
+
+def _quantum(spec) -> int:
+    """Token granularity of shipped ranges: about 1/64 of the shortest slice, a power of two."""
+    s = min(min(lens) for lens in spec.slice_lens)
+    q = 1
+    while q * 128 <= s:
+        q *= 2
+    return q
+
+
+def level_steps(plan: Plan, cm, helpers: bool = True, tokens: bool = True, steps=None,
+                min_gain: float = 2.0) -> list[Ex]:
+    """Exchanges that level every lockstep step toward its mean.
+
+    In each step of the lockstep replay, a water level T is found at which the attention the
+    units above T can ship (their whole prefix at most) fills the room below T of the other units
+    and, with `helpers`, of the ranks that have no unit in that step (their load is 0). Owners
+    (longest first) ship disjoint ranges of their prefix, from its start, to receivers (emptiest
+    first): a receiver with a unit serves alongside it (KV*_RECV), an idle rank as a helper
+    (KV*_HELP). Ranges are in tokens (a multiple of _quantum) or, without `tokens`, whole slices.
+    A piece is kept only where it moves more than `min_gain` times its rendezvous time, and a
+    step's exchanges only where its longest rank gets shorter, rendezvous included. The step's
+    exchanges are put in rounds (_in_rounds) so that rendezvous do not queue behind each other."""
     spec = plan.spec
-    thr = spec.exchange_threshold
     ranks = plan.ranks
-    dur = {}
-    for r, i, _t0 in timeline:
-        dur[(r, i)] = cm.unit_time(r, ranks[r][i])
-    groups: list[list[tuple[float, int, int]]] = []
-    cur: list[tuple[float, int, int]] = []
-    seen: set[int] = set()
-    for t0, r, i in sorted((t0, r, i) for r, i, t0 in timeline):
-        if cur and (t0 - cur[0][0] > window or r in seen):
-            groups.append(cur)
-            cur, seen = [], set()
-        cur.append((t0, r, i))
-        seen.add(r)
-    if cur:
-        groups.append(cur)
-    out = []
-    for g in groups:
-        if len(g) < 2:
+    p = len(ranks)
+    steps = lockstep_steps(plan) if steps is None else steps
+    if not steps:
+        return []
+    thr = spec.exchange_threshold
+    offsets = cm.offsets
+    q_tok = _quantum(spec) if tokens else 0
+    latency = cm.prof.p2p_latency
+    by_step: dict[int, list[tuple[int, int]]] = {}
+    unit_steps: list[list[tuple[int, int]]] = [[] for _ in range(p)]
+    for r, i, k in steps:
+        by_step.setdefault(k, []).append((r, i))
+        unit_steps[r].append((k, i))
+    starts = [_group_starts(st) for st in ranks]
+    # per rank: steps of its units (sorted) -> the helper slot of an idle step
+    slot_steps = [[k for k, _i in us] for us in unit_steps]
+    def helper_slot(h: int, k: int) -> int:
+        j = bisect.bisect_right(slot_steps[h], k)
+        if j >= len(unit_steps[h]):
+            return len(ranks[h])
+        return starts[h][unit_steps[h][j][1]]
+
+    out: list[Ex] = []
+    seq = 0
+    for k in sorted(by_step):
+        units = by_step[k]
+        if len(units) < 2 and not helpers:
             continue
-        g = sorted(g, key=lambda e: dur[(e[1], e[2])])
-        k = len(g)
-        for a in range(k // 2):
-            (ts, q, qi), (to, o, oi) = g[a], g[k - 1 - a]
-            u, w = ranks[o][oi], ranks[q][qi]
-            x, d_o, d_q = _best_x(cm, o, u, q, w, thr)
-            if x < 1:
-                continue
-            kind = kv_kind(KINDS[u.kind].phase, "owner")
-            kv = cm.kv_time(o, q, Instr(kind, u.mb, u.slice, u.chunk, q, 0, x))
-            old_end = max(to + dur[(o, oi)], ts + dur[(q, qi)])
-            new_end = max(to, ts) + kv + max(d_o, d_q)
-            if new_end < old_end:
-                out.append((min(to, ts), o, oi, q, qi, x))
-    out.sort()
-    return [e[1:] for e in out]
+        at = dict(units)
+        load = {}
+        per_tok = {}
+        cap = {}
+        for r, i in units:
+            u = ranks[r][i]
+            load[r] = cm.unit_time(r, u)
+            P = offsets[u.mb][u.slice]
+            row = KINDS[u.kind]
+            if P > 0 and row.attention:  # only a unit that runs attention can ship some
+                # seconds per shipped token, as the partner side pays them over the whole prefix
+                serve = kv_kind(row.phase, "partner")
+                per_tok[r] = cm.kv_shift(r, Instr(serve, u.mb, u.slice, u.chunk, r, 0, 0, P)) / P
+                cap[r] = per_tok[r] * P
+        idle = [h for h in range(p) if h not in load] if helpers else []
+        top = max(load.values())
+        loads = list(load.values()) + [0.0] * len(idle)
+        if top - min(loads) < 4 * latency * max(spec.stage_layers):
+            continue
+
+        def excess(T):
+            e = sum(min(d - T, cap.get(r, 0.0)) for r, d in load.items() if d > T)
+            room = sum(T - d for d in loads if d < T)
+            return e - room
+
+        lo_T, hi_T = 0.0, top
+        for _ in range(40):
+            mid = (lo_T + hi_T) / 2
+            if excess(mid) > 0:
+                lo_T = mid
+            else:
+                hi_T = mid
+        T = hi_T
+        owners = sorted((r for r, d in load.items() if d > T and r in cap), key=lambda r: -load[r])
+        recv = sorted([(d, r) for r, d in load.items() if d < T] + [(0.0, h) for h in idle])
+        if not owners or not recv:
+            continue
+        room = [T - d for d, _r in recv]
+        new = dict(load)
+        for h in idle:
+            new[h] = 0.0
+        shifted = {r: 0.0 for r in load}
+        step_ex: list[Ex] = []
+        ri = 0
+        for o in owners:
+            oi = at[o]
+            u = ranks[o][oi]
+            P = offsets[u.mb][u.slice]
+            cap_tok = offsets[u.mb][thr] if thr and thr < len(offsets[u.mb]) else P
+            need = min(load[o] - T, cap[o])
+            cursor = 0
+            phase = KINDS[u.kind].phase
+            kind = kv_kind(phase, "owner")
+            while need > 0 and ri < len(recv) and cursor < P:
+                g = min(need, room[ri])
+                tok = g / per_tok[o]
+                if tokens:
+                    tok = int(round(tok / q_tok)) * q_tok
+                    end = min(P, cursor + max(tok, 0))
+                else:
+                    want = cursor + tok
+                    end = min((x for x in offsets[u.mb][1:u.slice + 1]), key=lambda x: abs(x - want))
+                end = min(end, cursor + cap_tok)
+                small_need = need <= room[ri]  # the piece is small because the owner needs little
+                d, qr = recv[ri]
+                ins = Instr(kind, u.mb, u.slice, u.chunk, qr, 0, cursor, max(end, cursor + 1))
+                moved = per_tok[o] * (end - cursor)
+                kvt = cm.kv_time(o, qr, ins)
+                if end <= cursor or moved <= min_gain * kvt:
+                    if small_need:
+                        break  # this owner is done; the receiver stays for the next one
+                    ri += 1  # too little room left here: the next receiver
+                    continue
+                helper = qr not in load
+                if helper:
+                    si = helper_slot(qr, k)
+                else:
+                    si = at[qr]
+                step_ex.append(Ex(k, seq, o, oi, qr, si, cursor, end, helper))
+                seq += 1
+                shifted[o] += cm.kv_shift(o, ins)
+                new[o] += kvt
+                served = ins._replace(kind=kv_kind(phase, "helper" if helper else "partner"), peer=o)
+                if helper:
+                    new[qr] += kvt + cm.help_time(qr, served)
+                else:
+                    shifted[qr] = shifted.get(qr, 0.0) - cm.kv_shift(qr, served)
+                    new[qr] += kvt
+                cursor = end
+                need -= moved
+                room[ri] -= moved
+                if room[ri] <= 1e-12 * top:
+                    ri += 1
+        if not step_ex:
+            continue
+        worst = 0.0
+        for r, d in new.items():
+            if r in load:
+                u = ranks[r][at[r]]
+                d = d - load[r] + cm.unit_time(r, u, -shifted[r])
+            worst = max(worst, d)
+        if worst < top:
+            out.extend(_in_rounds(step_ex))
+    return out
 
 
-def cost_pairings(plan: Plan, profile="h100", dtype_bytes: int = 2) -> list[list[tuple[int, int, int, int, int]]]:
-    """Candidate pairings under the cost model, best (shortest timed makespan) first: the units
-    that start together in a lockstep replay (every unit one step, communication free) are
-    mirror-paired by their real durations; the unit-cost pairing and the empty one are candidates too. Candidates whose timed replay deadlocks are left out."""
-    from .costs import CostModel, load_profile, timed_replay
+def _in_rounds(step_ex: list[Ex]) -> list[Ex]:
+    """The exchanges of one step reordered into rounds where each rank meets at most one peer
+    (a greedy edge colouring): rendezvous of one round happen side by side, so the chain of
+    rendezvous a rank waits through is as long as the rounds, not as the step's exchanges."""
+    used: dict[int, set[int]] = {}
+    keyed = []
+    for e in step_ex:
+        a, b = used.setdefault(e.owner, set()), used.setdefault(e.server, set())
+        rnd = 0
+        while rnd in a or rnd in b:
+            rnd += 1
+        a.add(rnd)
+        b.add(rnd)
+        keyed.append((rnd, e.seq, e))
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    seqs = sorted(e.seq for e in step_ex)
+    return [e._replace(seq=q) for q, (_r, _s, e) in zip(seqs, keyed)]
+
+
+def could_level(plan: Plan, cm) -> bool:
+    """False when no step can gain: the longest unit shape is below the rendezvous floor that
+    level_steps asks a step's spread to exceed (a toy model whose units take microseconds)."""
+    spec = plan.spec
+    floor = 4 * cm.prof.p2p_latency * max(spec.stage_layers)
+    last = spec.num_stages - 1
+    # stages that differ in cost: one per layer count, and the last (LM head and loss)
+    kinds = {spec.stage_layers[st]: st for st in range(last)}
+    stages = list(kinds.values()) + [last]
+    for lens in set(spec.slice_lens):
+        for j, s in enumerate(lens):
+            for stage in stages:
+                if cm.unit_time_of(stage, s, lens[:j], True) >= floor:
+                    return True
+    return False
+
+
+def _candidates(plan: Plan, cm) -> tuple[list[Ex], list[list[Ex]]]:
+    """(the unit-cost pairing, the levelled exchange sets worth trying (none if nothing levels))."""
+    level = could_level(plan, cm)
+    weights = [UNIT_WEIGHTS, ALT_WEIGHTS] + ([STEP_WEIGHTS] if level else [])
+    times = start_times(plan, weights)
+    if times is None:
+        return [], []
+    unit = _as_ex(plan, pairings(plan, [(r, i, t[:2]) for r, i, t in times]))
+    levelled = []
+    if level:
+        steps = [(r, i, int(t[2])) for r, i, t in times]
+        for helpers in (True, False):
+            exs = level_steps(plan, cm, helpers=helpers, steps=steps)
+            if exs and exs not in levelled:
+                levelled.append(exs)
+    return unit, levelled
+
+
+def cost_pairings(plan: Plan, profile="h100", dtype_bytes: int = 2) -> list[list[Ex]]:
+    """Candidate exchange sets under the cost model, best (shortest timed makespan) first: the
+    levelled sets (with helpers, without), the unit-cost pairing and the empty set. Candidates
+    whose timed replay deadlocks are left out."""
+    from .costs import CostModel, load_profile
 
     cm = CostModel(plan.spec, load_profile(profile), dtype_bytes)
-    scored: dict[tuple, float] = {}
+    unit, levelled = _candidates(plan, cm)
+    return [exs for _m, exs, _plan in _ranked(plan, cm, levelled + [unit, []])]
 
-    def evaluate(pairs):
-        key = tuple(pairs)
-        if key in scored:
-            return
-        res, _ = timed_replay(_with_exchanges(plan, pairs) if pairs else plan, cm)
-        scored[key] = float("inf") if res.deadlocked else res.makespan
 
-    evaluate([])
-    if scored[()] == float("inf"):
-        return [[]]
-    evaluate(pairings(plan))
-    res = replay(plan, cost=lambda r, ins: 1.0, record=True)
-    evaluate(_pair_steps(plan, cm, [(r, i, t0) for r, i, t0, _t1 in _attention_units(plan, res.timeline)]))
-    order = sorted((m, len(k), k) for k, m in scored.items() if m != float("inf"))
-    return [list(k) for _m, _n, k in order]
+def _ranked(plan: Plan, cm, cands: list[list[Ex]]):
+    """(timed makespan, exchanges, plan) of each candidate that does not deadlock, best first
+    (ties: fewer exchanges)."""
+    from .costs import timed_replay
+
+    out, seen = [], set()
+    for exs in cands:
+        key = tuple(exs)
+        if key in seen:
+            continue
+        seen.add(key)
+        cand = _with_exchanges(plan, exs)
+        res, _ = timed_replay(cand, cm)
+        if not res.deadlocked:
+            out.append((res.makespan, exs, cand))
+    out.sort(key=lambda e: (e[0], len(e[1])))
+    return out
 
 
 _DEFAULT = "h100"
 
 
 def redistribute(plan: Plan, profile=_DEFAULT) -> Plan:
-    """Plan -> Plan with KVF_*/KVB_* exchanges inserted before the paired units; spec.exchange=True.
+    """Plan -> Plan with KV exchanges inserted before the units they serve; spec.exchange=True.
 
-    `profile`: a DeviceProfile or a built-in profile name pairs with the cost model (default
+    `profile`: a DeviceProfile or a built-in profile name levels with the cost model (default
     "h100"); None pairs by the unit-cost replays (the original rule). The input must carry no KV
     instructions (run it once, after communication lowering). The result passes passes.check
-    whenever the input does."""
+    whenever the input does.
+
+    Where levelling can gain (could_level), the levelled sets, the unit-cost pairing and no
+    exchange at all compete on the timed replay and the shortest wins: never slower than no
+    exchange in the cost model. Where it cannot (a toy model), the user still asked for the
+    exchange (--no-exchange turns it off) and gets the unit-cost pairing. Deadlock freedom: a
+    timed replay that finishes proves it (whether a rank can move never depends on durations),
+    and the unit-cost pairing has it by construction (paired units start together in the
+    unit-cost replay); the exchange rules are checked on the chosen plan (validate_kv: the
+    rest of the plan is the input's, untouched)."""
     if any(ins.kind in KV for s in plan.ranks for ins in s):
         raise ValueError("plan already has KV exchanges; redistribute runs once on a plan without them")
-    if profile is None:
-        return _with_exchanges(plan, pairings(plan))
-    from .check import check
+    from .validate import validate_kv as validate
 
-    unit = pairings(plan)
-    cands = cost_pairings(plan, profile)
-    # the user asked for the exchange (--no-exchange turns it off): no exchange at all competes
-    # only where the unit-cost rule finds no pair either, and is the last resort otherwise
-    for pairs in [c for c in cands if c or not unit] + [unit, []]:
-        out = _with_exchanges(plan, pairs)
-        if not pairs or check(out).ok:
+    if profile is None:
+        return _with_exchanges(plan, _as_ex(plan, pairings(plan)))
+    from .costs import CostModel, load_profile
+
+    cm = CostModel(plan.spec, load_profile(profile))
+    unit, levelled = _candidates(plan, cm)
+    if not levelled:
+        out = _with_exchanges(plan, unit)
+        return out if not unit or not validate(out, 1) else _with_exchanges(plan, [])
+    for _m, exs, out in _ranked(plan, cm, levelled + [unit, []]):
+        if not exs or not validate(out, 1):
             return out
-    raise AssertionError("unreachable")
+    return _with_exchanges(plan, [])

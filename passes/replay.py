@@ -22,7 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ir import COMPUTE, KINDS, KV_OWNER, KV_PARTNER, RECVS, SENDS, UNIT_COST, Instr, Plan, PlanFormatError, allowed_kinds, to_text
+from ir import (COMPUTE, KINDS, KV_HELPER, KV_OWNER, KV_PARTNER, RECVS, ROLE, SENDS, UNIT_COST, Instr,
+                Plan, PlanFormatError, allowed_kinds, to_text)
 from ir.instr import _clip
 from ir.gcpause import gc_paused
 
@@ -32,6 +33,7 @@ _SEND = SENDS
 _RECV = RECVS
 _KV_OWNER = KV_OWNER
 _KV_PARTNER = KV_PARTNER
+_KV_HELPER = KV_HELPER
 
 
 def _unknown(r: int, i: int, ins: Instr) -> PlanFormatError:
@@ -63,6 +65,8 @@ class Replay:
     timeline: list[tuple[int, int, float, float]] | None = None
     # (rank, index, start, end) of every send (issue to arrival) and KV rendezvous, when asked for
     comm: list[tuple[int, int, float, float]] | None = None
+    # (rank, index, start, end) of every helper's served block (KV*_HELP), when asked for
+    helps: list[tuple[int, int, float, float]] | None = None
 
     @property
     def makespan(self) -> float:
@@ -97,10 +101,11 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
            p2p_delay: Callable[[int, int, Instr], float] = _zero,
            kv_delay: Callable[[int, int, Instr], float] = _zero,
            record: bool = False, p2p: str = "buffered", batch_runs: bool = True,
-           comm_cost: float = 0.0) -> Replay:
+           comm_cost: float = 0.0, help_cost: Callable[[int, Instr], float] = _zero) -> Replay:
     """Run every rank's stream on virtual clocks. `cost(rank, ins)` is a compute unit's
     duration, `p2p_delay(src, dst, send)` a message's flight time, `kv_delay(owner, partner,
-    owner_instr)` the time a KV rendezvous adds to both ranks."""
+    owner_instr)` the time a KV rendezvous adds to both ranks, `help_cost(rank, help_instr)` the
+    time a helper (KV*_HELP) then spends computing the block it serves (its own busy time)."""
     ranks = plan.ranks
     p = len(ranks)
     pos = [0] * p
@@ -111,6 +116,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
     release: dict[tuple[tuple[int, int, int], int], float] = {}  # meeting time for the side still parked
     timeline = [] if record else None
     comm = [] if record else None
+    helps = [] if record else None
     kv_start: dict[tuple[int, int], float] = {}
     if p2p not in ("buffered", "rendezvous"):
         raise ValueError(f"p2p={p2p!r}: allowed buffered, rendezvous")
@@ -118,6 +124,10 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
     recv_posted: dict[tuple[int, int, int], deque] = {}  # rendezvous: receives posted, by (src, dst, tag)
     run_end = [-1] * p  # rendezvous: end of the run of p2p instructions the rank has posted
     wait_at = [-1] * p  # rendezvous: the instruction of that run the rank waits at
+    # a helper meets each owner (rendezvous) and queues the block it serves: it computes its
+    # queued blocks one after another as they arrive (free_at: when its queue is empty) while it
+    # goes on meeting owners; its next other instruction waits for the queue to drain
+    free_at = [0.0] * p
     progress = True
     while progress:
         progress = False
@@ -134,6 +144,8 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
             while i < n:
                 ins = stream[i]
                 k = ins.kind
+                if free_at[r] > t and k not in _KV_HELPER:
+                    t = free_at[r]
                 if k in _COMPUTE:
                     d = cost(r, ins)
                     if timeline is not None:
@@ -195,7 +207,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                     if comm is not None:
                         comm.append((r, i, t, arrive))
                     t += comm_cost
-                elif k in _KV_OWNER or k in _KV_PARTNER:
+                elif k in _KV_OWNER or k in _KV_PARTNER or k in _KV_HELPER:
                     key = (r, ins.peer, ins.tag) if k in _KV_OWNER else (ins.peer, r, ins.tag)
                     rel = release.pop((key, r), None)
                     if rel is not None:
@@ -217,9 +229,18 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                         release[(key, w[0])] = t
                         if comm is not None:
                             comm.append((r, i, t0, t))
+                    if k in _KV_HELPER:
+                        d = help_cost(r, ins)
+                        t0 = max(t, free_at[r])
+                        free_at[r] = t0 + d
+                        b += d
+                        if helps is not None:
+                            helps.append((r, i, t0, t0 + d))
                 elif k not in KINDS:
                     raise _unknown(r, i, ins)
                 i += 1
+            if i >= n and free_at[r] > t:
+                t = free_at[r]
             if i != start or moved:
                 progress = True
             pos[r] = i
@@ -227,7 +248,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
             busy[r] = b
         if not progress:
             break
-    res = Replay(clock, busy, timeline=timeline, comm=comm)
+    res = Replay(clock, busy, timeline=timeline, comm=comm, helps=helps)
     at = [wait_at[r] if run_end[r] >= 0 else pos[r] for r in range(p)]
     stuck = [Stuck(r, at[r], ranks[r][at[r]], ranks[r][at[r]].peer) for r in range(p) if pos[r] < len(ranks[r])]
     if stuck:
@@ -252,11 +273,12 @@ def wait_cycle(stuck: list[Stuck]) -> list[int] | None:
 def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: int,
                   p2p_delay: Callable[[int, int, Instr], float] = _zero,
                   kv_delay: Callable[[int, int, Instr], float] = _zero,
-                  record: bool = False) -> Replay:
+                  record: bool = False, help_cost: Callable[[int, Instr], float] = _zero) -> Replay:
     """replay() for ranks that share `processors` processors (more CPU ranks than cores): while k
     ranks compute at once, each runs at min(1, processors / k) of its speed (the OS shares the
     cores fairly). A global event loop; `busy` is wall time in compute units, as a measured trace
-    sees it. A plan that deadlocks here deadlocks in replay() too (use that for the message)."""
+    sees it. A plan that deadlocks here deadlocks in replay() too (use that for the message).
+    A helper (KV*_HELP) computes its block right after its rendezvous, as work of its own."""
     ranks = plan.ranks
     p = len(ranks)
     pos = [0] * p
@@ -266,16 +288,25 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
     until = [None] * p         # a rank waiting for a message or rendezvous: the time it is free
     done_at = [None] * p
     computing: set[int] = set()
+    helping: dict[int, int] = {}   # rank -> index of the KV*_HELP whose block it computes
+    owed = [None] * p              # a helper's (index, seconds) still to compute after its rendezvous
     posted: dict[tuple[int, int, int], deque] = {}
     waiting: dict[tuple[int, int, int], tuple[int, float, int]] = {}
     timeline = [] if record else None
     comm = [] if record else None
+    helps = [] if record else None
     T = 0.0
     eps = 1e-12
 
     def advance(r: int) -> None:
         """Move rank r through instructions at time T until it computes, waits or ends."""
         stream = ranks[r]
+        if owed[r] is not None and r not in computing and until[r] is None:
+            helping[r], left[r] = owed[r]
+            owed[r] = None
+            started[r] = T
+            computing.add(r)
+            return
         while pos[r] < len(stream) and r not in computing and until[r] is None:
             i = pos[r]
             ins = stream[i]
@@ -299,8 +330,10 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
                 if comm is not None:
                     comm.append((r, i, T, arrive))
                 pos[r] += 1
-            elif k in _KV_OWNER or k in _KV_PARTNER:
+            elif k in _KV_OWNER or k in _KV_PARTNER or k in _KV_HELPER:
                 key = (r, ins.peer, ins.tag) if k in _KV_OWNER else (ins.peer, r, ins.tag)
+                if k in _KV_HELPER:
+                    owed[r] = (i, help_cost(r, ins))
                 w = waiting.get(key)
                 if w is None:
                     waiting[key] = (r, T, i)
@@ -317,6 +350,8 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
                 pos[r] += 1
                 if end > T + eps:
                     until[r] = end
+                if owed[r] is not None:
+                    return
             elif k not in KINDS:
                 raise _unknown(r, i, ins)
             else:
@@ -331,7 +366,8 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
                 advance(r)
                 if (pos[r], r in computing, until[r]) != before:
                     moved = True
-                if done_at[r] is None and pos[r] >= len(ranks[r]) and r not in computing and until[r] is None:
+                if done_at[r] is None and pos[r] >= len(ranks[r]) and r not in computing and until[r] is None \
+                        and owed[r] is None:
                     done_at[r] = T
         k = len(computing)
         rate = min(1.0, processors / k) if k else 1.0
@@ -346,6 +382,11 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
             busy[r] += dt
             if left[r] <= eps * max(1.0, dt):
                 computing.discard(r)
+                if r in helping:  # a helper's block: its instruction was passed at the rendezvous
+                    j = helping.pop(r)
+                    if helps is not None:
+                        helps.append((r, j, started[r], t))
+                    continue
                 if timeline is not None:
                     timeline.append((r, pos[r], started[r], t))
                 pos[r] += 1
@@ -354,8 +395,80 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
             if until[r] is not None and until[r] <= T + eps:
                 until[r] = None
     clock = [T if d is None else d for d in done_at]
-    res = Replay(clock, busy, timeline=timeline, comm=comm)
+    res = Replay(clock, busy, timeline=timeline, comm=comm, helps=helps)
     if any(pos[r] < len(ranks[r]) for r in range(p)):
         res.stuck = [Stuck(r, min(pos[r], len(ranks[r]) - 1), ranks[r][min(pos[r], len(ranks[r]) - 1)],
                            ranks[r][min(pos[r], len(ranks[r]) - 1)].peer) for r in range(p) if pos[r] < len(ranks[r])]
     return res
+
+
+@gc_paused
+def start_times(plan: Plan, weights: list[dict[str, float]]):
+    """Start time of every compute unit under up to three unit costs at once: weights[k] maps a
+    cost class (ir.KINDS column `cost`: forward, backward, backward_input, backward_weight) to a
+    duration; communication free. [(rank, index, (start under weights[0], ...))] in replay order,
+    or None if the plan deadlocks. One pass: whether an instruction can move never depends on the
+    costs (sends do not block), so every weighting follows the same schedule. For plans without
+    KV exchanges (the input of the exchange pass)."""
+    K = len(weights)
+    if not 1 <= K <= 3:
+        raise ValueError("start_times takes one to three weightings")
+    pad = (0.0,) * (3 - K)
+    dur = {k: tuple(w[KINDS[k].cost] for w in weights) + pad for k in COMPUTE}
+    ranks = plan.ranks
+    p = len(ranks)
+    pos = [0] * p
+    clock = [(0.0, 0.0, 0.0)] * p
+    posted: dict[tuple[int, int, int], deque] = {}
+    out = []
+    add = out.append
+    recv_kinds, send_kinds = _RECV, _SEND
+    progress = True
+    while progress:
+        progress = False
+        for r in range(p):
+            stream = ranks[r]
+            n = len(stream)
+            i = pos[r]
+            if i >= n:
+                continue
+            a, b, c = clock[r]
+            start = i
+            while i < n:
+                ins = stream[i]
+                k = ins.kind
+                d = dur.get(k)
+                if d is not None:
+                    add((r, i, (a, b, c)[:K]))
+                    a += d[0]
+                    b += d[1]
+                    c += d[2]
+                elif k in recv_kinds:
+                    q = posted.get((ins.peer, r, ins.tag))
+                    if not q:
+                        break
+                    x, y, z = q.popleft()
+                    if x > a:
+                        a = x
+                    if y > b:
+                        b = y
+                    if z > c:
+                        c = z
+                elif k in send_kinds:
+                    key = (r, ins.peer, ins.tag)
+                    q = posted.get(key)
+                    if q is None:
+                        q = posted[key] = deque()
+                    q.append((a, b, c))
+                elif k not in KINDS:
+                    raise _unknown(r, i, ins)
+                elif ROLE[k] != "optimizer":
+                    raise ValueError(f"start_times: {k} is not allowed here (a plan without KV exchanges)")
+                i += 1
+            if i != start:
+                progress = True
+            pos[r] = i
+            clock[r] = (a, b, c)
+    if any(pos[r] < len(ranks[r]) for r in range(p)):
+        return None
+    return out

@@ -102,7 +102,7 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
     if res.deadlocked:
         raise PlanInvalidError(res.deadlock_message())
     engine = replay_engine(plan, prof)
-    free = engine(plan, cost)
+    free = engine(plan, cost, help_cost=cm.help_time)
     sums = {k: [0.0, 0] for k in COMPUTE}
     for (_r, k, *_), t in table.items():
         sums[k][0] += t

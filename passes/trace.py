@@ -65,6 +65,12 @@ def chrome_trace(plan: Plan, profile=None, unit_costs: bool = False) -> dict:
                    "ph": "X", "pid": r, "tid": 0, "ts": a / 1000, "dur": (b - a) / 1000,
                    "args": {"instr": to_text(ins), "stage": stage, "index": i,
                             "tokens": spec.slice_lens[ins.mb][ins.slice]}})
+    for r, i, t0, t1 in res.helps:  # a helper's served blocks: its own compute, between its units
+        ins = plan.ranks[r][i]
+        a, b = span(t0, t1)
+        ev.append({"name": f"help{ins.mb}.{ins.slice}", "cat": "kv_help", "ph": "X", "pid": r, "tid": 0,
+                   "ts": a / 1000, "dur": (b - a) / 1000,
+                   "args": {"instr": to_text(ins), "owner": ins.peer, "index": i, "tokens": ins.hi - ins.lo}})
     per_rank: dict[int, list] = {}
     for r, i, t0, t1 in res.comm:
         per_rank.setdefault(r, []).append((i, *span(t0, t1)))

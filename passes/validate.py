@@ -17,8 +17,10 @@
   held to the same rule (they travel on their own process group, in order per pair);
 - every unit whose neighbour stage lives on another rank receives from it before running, and the
   sender sends after producing the data;
-- every KV exchange pairs an owner and a partner instruction (same micro-batch, slice, chunk, x),
-  and the owner's next compute unit is the one it names;
+- every KV exchange pairs an owner and a partner (or helper) instruction (same direction,
+  micro-batch, slice, chunk and token range), the range lies inside the owner unit's prefix (the
+  earlier slices' tokens), the owner's next compute unit is the one it names, the ranges shipped
+  before one unit are disjoint, and a partner (KV*_RECV) has a compute unit of its own after it;
 - REDUCE_GRAD c (data-parallel gradient average of chunk c) at most once per rank and step, after
   every backward of chunk c on that rank and before OPT (rule "reduce-grad").
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ir import COMPUTE, KINDS, KV, KV_OWNER, KV_PARTNER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, allowed_kinds, to_text
+from ir import COMPUTE, KINDS, KV, KV_FWD, KV_OWNER, KV_SERVER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, allowed_kinds, to_text
 from ir.gcpause import gc_paused
 from ir.instr import _clip
 from ir.limits import tag_limit, wire_stride
@@ -120,12 +122,36 @@ def validate(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
     return problems
 
 
-def _fields(plan: Plan, bad) -> None:
+@gc_paused
+def validate_kv(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
+    """The rules of the KV exchanges alone (fields and pairing): what inserting exchanges into a
+    plan that already validates can break (the exchange pass checks its result with this)."""
+    problems: list[Problem] = []
+
+    def bad(rule: str, msg: str) -> None:
+        problems.append(Problem(rule, msg))
+        if len(problems) >= max_problems:
+            raise _TooMany
+
+    try:
+        positions = _kv_positions(plan)
+        _fields(plan, bad, positions=positions)
+        if not problems:
+            _kv(plan, bad, positions)
+    except _TooMany:
+        pass
+    return problems
+
+
+def _fields(plan: Plan, bad, positions=None) -> None:
+    """Fields in range; with `positions` (per rank, the indices of KV instructions) those only."""
     spec = plan.spec
     p, m, n, v = spec.pp, spec.microbatches, spec.slices, spec.virtual_stages
     tags = tag_limit(spec)
+    offsets = [spec.slice_offsets(mb) for mb in range(m)]
     for r, stream in enumerate(plan.ranks):
-        for i, ins in enumerate(stream):
+        for i in (range(len(stream)) if positions is None else positions[r]):
+            ins = stream[i]
             row = KINDS.get(ins.kind)
             if row is None:
                 bad("kind", f"{_at(r, i, ins)}: unknown instruction kind; allowed: {allowed_kinds()}", r, i)
@@ -144,8 +170,9 @@ def _fields(plan: Plan, bad) -> None:
                     bad("range", f"{_at(r, i, ins)}: tag must be 0..{tags - 1} (the executor sends each plan tag as "
                                  f"{wire_stride(spec.stage_layers)} transport tags, one per layer message, and "
                                  f"torch.distributed's tags are 31-bit)", r, i)
-                elif "x" in fields and not (1 <= ins.x <= ins.slice):
-                    bad("range", f"{_at(r, i, ins)}: x must be 1..{ins.slice} (earlier slices of the owner's unit)", r, i)
+                elif "lo" in fields and not (0 <= ins.lo < ins.hi <= offsets[ins.mb][ins.slice]):
+                    bad("range", f"{_at(r, i, ins)}: needs 0 <= lo < hi <= {offsets[ins.mb][ins.slice]} "
+                                 f"(tokens of the earlier slices of the owner's unit)", r, i)
 
 
 def _coverage_and_order(plan: Plan, bad) -> list[dict[str, list[int]]]:
@@ -339,37 +366,53 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
                                               f"that {_at(r, ri, stream[ri])} receives", q_, si)
 
 
-def _kv(plan: Plan, bad) -> None:
+def _kv_positions(plan: Plan) -> list[list[int]]:
+    kv = KV
+    return [[i for i, ins in enumerate(stream) if ins.kind in kv] for stream in plan.ranks]
+
+
+def _kv(plan: Plan, bad, positions=None) -> None:
     ranks = plan.ranks
     ends: dict[tuple, list] = {}
+    compute = COMPUTE
     for r, stream in enumerate(ranks):
-        nxt = None  # index of the next compute unit, scanning backwards
-        for i in range(len(stream) - 1, -1, -1):
+        n = len(stream)
+        shipped: dict[int, list[tuple[int, int, int]]] = {}  # next unit -> (lo, hi, index) shipped before it
+        for i in (positions[r] if positions is not None else _kv_positions(plan)[r]):
             ins = stream[i]
             k = ins.kind
+            j = i + 1
+            while j < n and stream[j].kind not in compute:
+                j += 1
+            nxt = j if j < n else None
             row = KINDS[k]
-            if row.role == "compute":
-                nxt = i
-            elif row.role == "kv":
-                if row.side == "owner":
-                    u = stream[nxt] if nxt is not None else None
-                    urow = KINDS[u.kind] if u is not None else None
-                    if (urow is None or not urow.attention or urow.phase != row.phase
-                            or (u.mb, u.slice, u.chunk) != (ins.mb, ins.slice, ins.chunk)):
-                        want = "/".join(sorted(c for c in COMPUTE if KINDS[c].attention and KINDS[c].phase == row.phase))
-                        bad("kv", f"{_at(r, i, ins)}: the next compute unit must be '{want} mb{ins.mb} s{ins.slice} c{ins.chunk}'", r, i)
-                    ends.setdefault((r, ins.peer, ins.tag, "o"), []).append(i)
-                else:
-                    if nxt is None:
-                        bad("kv", f"{_at(r, i, ins)}: no compute unit follows to run the exchange alongside", r, i)
-                    ends.setdefault((ins.peer, r, ins.tag, "p"), []).append(i)
+            if row.side == "owner":
+                u = stream[nxt] if nxt is not None else None
+                urow = KINDS[u.kind] if u is not None else None
+                if (urow is None or not urow.attention or urow.phase != row.phase
+                        or (u.mb, u.slice, u.chunk) != (ins.mb, ins.slice, ins.chunk)):
+                    want = "/".join(sorted(c for c in COMPUTE if KINDS[c].attention and KINDS[c].phase == row.phase))
+                    bad("kv", f"{_at(r, i, ins)}: the next compute unit must be '{want} mb{ins.mb} s{ins.slice} c{ins.chunk}'", r, i)
+                before = shipped.setdefault(nxt, [])
+                for lo, hi, o in before:
+                    if ins.lo < hi and lo < ins.hi:
+                        bad("kv", f"{_at(r, i, ins)} ships tokens that {_at(r, o, stream[o])} ships too "
+                                  f"(the ranges shipped before one unit must be disjoint)", r, i)
+                        break
+                before.append((ins.lo, ins.hi, i))
+                ends.setdefault((r, ins.peer, ins.tag, "o"), []).append(i)
+            else:
+                if nxt is None and row.side != "helper":
+                    bad("kv", f"{_at(r, i, ins)}: no compute unit follows to run the exchange alongside", r, i)
+                ends.setdefault((ins.peer, r, ins.tag, "p"), []).append(i)
     for (o, pa, tag, side), idx in list(ends.items()):
         if side != "o":
             continue
         other = ends.get((o, pa, tag, "p"), [])
         for oi, pi in zip(idx, other):
             a, b = ranks[o][oi], ranks[pa][pi]
-            if MATCH[a.kind] != b.kind or (a.mb, a.slice, a.chunk, a.x) != (b.mb, b.slice, b.chunk, b.x):
+            if (a.kind in KV_FWD) != (b.kind in KV_FWD) or b.kind in KV_OWNER or \
+                    (a.mb, a.slice, a.chunk, a.lo, a.hi) != (b.mb, b.slice, b.chunk, b.lo, b.hi):
                 bad("kv", f"{_at(o, oi, a)} is paired by tag with {_at(pa, pi, b)}, which names another exchange", o, oi)
         for oi in idx[len(other):]:
             bad("kv", f"{_at(o, oi, ranks[o][oi])} has no partner instruction on rank {pa}", o, oi)
@@ -387,7 +430,7 @@ def _order(plan: Plan, bad) -> None:
     once per pair, at the first position where the two sequences part."""
     ranks = plan.ranks
     role = {k: (True, k in KV) for k in SENDS | KV_OWNER}
-    role.update({k: (False, k in KV) for k in RECVS | KV_PARTNER})
+    role.update({k: (False, k in KV) for k in RECVS | KV_SERVER})  # partners and helpers
     get = role.get
     sends: dict[tuple, list] = {}
     recvs: dict[tuple, list] = {}
@@ -414,7 +457,7 @@ def _order(plan: Plan, bad) -> None:
             continue  # same tags in the same order (kinds that disagree are the match rule's)
         for n_, (si, ri) in enumerate(zip(ss, rr)):
             a, b = s_stream[si], r_stream[ri]
-            if a[5] != b[5] or MATCH[a[0]] != b[0]:
+            if a[5] != b[5] or (MATCH[a[0]] != b[0] and MATCH.get(b[0]) != a[0]):  # a helper's MATCH is its owner kind
                 what = "exchange" if kv else "receive"
                 sent = "exchange with" if kv else "send to"
                 bad("p2p-order", f"{_at(dst, ri, b)} is rank {dst}'s {_nth(n_)} {what} from rank {src}, but rank {src}'s "

@@ -1,6 +1,14 @@
 """Plans the executor tests run: every schedule family at p=2 and p=4 on the tiny model."""
+import dataclasses
+
 from compiler import compile_plan, resolve_model
 from compiler.layout import build_spec
+from passes.costs import PROFILES
+
+# a device slow enough that the tiny model's units outweigh the rendezvous: the exchange pass then
+# levels every step (several partners per unit, token ranges, idle-rank helpers), as it does for
+# real models on real devices
+LEVELLING = dataclasses.replace(PROFILES["h100"], name="levelling-toy", peak_flops=1e9, p2p_latency=1e-6)
 
 SEQ = 64
 # a Seq1F1B-style computation-wise partition (later slices shorter), different per micro-batch
@@ -34,5 +42,7 @@ def matrix(p):
         "slimpipe-v2-exchange": spec("slimpipe", p, p, n=4, v=2, exchange=True),
         # a large vocabulary makes the LM head worth several layers: uneven stages
         "1f1b-balanced": spec("1f1b", p, p, model=resolve_model("tiny", {"vocab": 8192}), layer_split_kind="balanced"),
+        "slimpipe-levelled-v1": (spec("slimpipe", p, 2, n=8, exchange=True), LEVELLING),
+        "slimpipe-levelled-v2": (spec("slimpipe", p, 2, n=8, v=2, exchange=True), LEVELLING),
     }
-    return {name: compile_plan(s) for name, s in c.items()}
+    return {name: compile_plan(*s) if isinstance(s, tuple) else compile_plan(s) for name, s in c.items()}

@@ -1,9 +1,12 @@
-"""Sliced attention (per-slice K/V list, lse merge, exchange of a prefix) equals full causal
-softmax attention, forward and gradients, for every CPU backend."""
+"""Sliced attention (per-slice K/V list, lse merge, exchanges of token ranges of the prefix)
+equals full causal softmax attention, forward and gradients, for every CPU backend."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from executor.attention import MATH, SDPA, SliceAttention, merge
+from executor.stage import LayerCtx
 
 
 def reference(q, k, v, scale):
@@ -16,44 +19,50 @@ def reference(q, k, v, scale):
     return torch.softmax(s, -1) @ v
 
 
-class Ctx:
-    """Stand-in for the interpreter's LayerCtx; the 'remote' side runs the same backend here."""
+class _NoTracker:
+    def add(self, owner, t):
+        pass
 
-    def __init__(self, be, scale, prefix, acc, xf=0, xb=0):
-        self.backend, self.scale, self.prefix, self.acc, self.xf, self.xb = be, scale, prefix, acc, xf, xb
 
-    def fwd_remote_slices(self):
-        return self.xf
+class _Ex:
+    """An exchange as its owner sees it: the prefix tokens [lo, hi) it ships."""
 
-    def bwd_remote_slices(self):
-        return self.xb
+    def __init__(self, lo, hi):
+        self.lo, self.hi, self.peer = lo, hi, 1
 
-    def fwd_remote_start(self, q, prefix):
-        K, V = torch.cat([k for k, _ in prefix], 2), torch.cat([v for _, v in prefix], 2)
-        return self.backend.fwd(q, K, V, False, self.scale)
 
-    def fwd_remote_finish(self, h):
-        return h
+class Ctx(LayerCtx):
+    """The stage's LayerCtx (prefix split, gathering of shipped ranges, dK/dV at token offsets)
+    with its 'remote' side run by the same backend here instead of on another rank."""
 
-    def bwd_remote_start(self, q, prefix, out, lse, dout):
-        lens = [k.shape[2] for k, _ in prefix]
-        K, V = torch.cat([k for k, _ in prefix], 2), torch.cat([v for _, v in prefix], 2)
-        dq, dk, dv = self.backend.bwd(dout, q, K, V, out, lse, False, self.scale)
-        return dq, dk.split(lens, 2), dv.split(lens, 2)
+    def __init__(self, be, scale, prefix, acc, offsets, lens, fwd=(), bwd=()):
+        self.backend, self.scale, self.prefix, self.acc = be, scale, prefix, acc
+        self.offsets, self.lens, self.tracker, self.key = offsets, lens, _NoTracker(), (0, 0)
+        self.unit = SimpleNamespace(kvf=[_Ex(*r) for r in fwd], kvb=[_Ex(*r) for r in bwd])
 
-    def bwd_remote_finish(self, h):
-        return h
+    def serve(self):
+        pass
 
-    def accumulate(self, i, dk, dv):
-        if self.acc[i] is None:
-            self.acc[i] = [dk.clone(), dv.clone()]
-        else:
-            self.acc[i][0] += dk
-            self.acc[i][1] += dv
+    def fwd_remote_start(self, q, exchanges):
+        return [self.backend.fwd(q, *self.shipped(ex.lo, ex.hi), False, self.scale) for ex in exchanges]
+
+    def fwd_remote_finish(self, handles):
+        return handles
+
+    def bwd_remote_start(self, q, out, lse, dout, exchanges):
+        res = []
+        for ex in exchanges:
+            dq, dk, dv = self.backend.bwd(dout, q, *self.shipped(ex.lo, ex.hi), out, lse, False, self.scale)
+            res.append((ex.lo, ex.hi, dq.float(), dk, dv))
+        return res
+
+    def bwd_remote_finish(self, handles):
+        return handles
 
 
 def sliced(q, k, v, lens, be, scale, exch):
-    """Run slices ascending, backward descending, exactly as the interpreter does."""
+    """Run slices ascending, backward descending, exactly as the interpreter does. exch: slice ->
+    (forward ranges, backward ranges), each a list of shipped token ranges of its prefix."""
     offs = [sum(lens[:j]) for j in range(len(lens))]
     ks = [k[:, :, o:o + n].detach().clone().requires_grad_() for o, n in zip(offs, lens)]
     vs = [v[:, :, o:o + n].detach().clone().requires_grad_() for o, n in zip(offs, lens)]
@@ -61,8 +70,7 @@ def sliced(q, k, v, lens, be, scale, exch):
     acc = [None] * len(lens)
     outs = []
     for j in range(len(lens)):
-        x = exch.get(j, (0, 0))
-        ctx = Ctx(be, scale, [(ks[i].detach(), vs[i].detach()) for i in range(j)], acc, *x)
+        ctx = Ctx(be, scale, [(ks[i].detach(), vs[i].detach()) for i in range(j)], acc, offs, lens, *exch.get(j, ()))
         outs.append(SliceAttention.apply(qs[j], ks[j], vs[j], ctx))
     return qs, ks, vs, outs, acc
 
@@ -72,8 +80,11 @@ def sliced(q, k, v, lens, be, scale, exch):
     ((16,), {}),
     ((8, 8, 8, 8), {}),
     ((13, 9, 6, 4), {}),
-    ((8, 8, 8, 8), {3: (2, 1), 2: (1, 0)}),
-    ((13, 9, 6, 4), {3: (1, 2), 1: (0, 1)}),
+    # whole slices, one partner (the unit-cost pairing's form)
+    ((8, 8, 8, 8), {3: ([(0, 16)], [(0, 8)]), 2: ([(0, 8)], [])}),
+    # several partners per unit, token ranges across slice boundaries, gaps kept local
+    ((13, 9, 6, 4), {3: ([(0, 5), (5, 20), (25, 28)], [(3, 22)]), 1: ([(2, 9)], [(0, 13)])}),
+    ((8, 8, 8, 8), {3: ([(4, 12), (12, 21)], [(0, 3), (20, 24)]), 2: ([(1, 2)], [(0, 16)])}),
 ])
 def test_sliced_equals_full_causal(be, lens, exch):
     torch.manual_seed(0)

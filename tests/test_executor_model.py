@@ -61,14 +61,22 @@ def test_head_cross_entropy_matches_autograd():
 
 
 class LC:
+    """A single-slice layer context: no prefix, no exchange, nothing to serve."""
+
     def __init__(self, scale):
         self.backend, self.scale, self.prefix = SDPA, scale, []
 
-    def fwd_remote_slices(self):
-        return 0
+    def serve(self):
+        pass
 
-    def bwd_remote_slices(self):
-        return 0
+    def fwd_exchanges(self):
+        return ()
+
+    def bwd_exchanges(self):
+        return ()
+
+    def local_pieces(self, exchanges):
+        return []
 
 
 def layer_params(cfg):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import ir
+from ir import KV
 from executor.cli import options as executor_options
 from passes import check
 from tests.executor_plans import matrix
@@ -104,6 +105,20 @@ def test_exchange_plans_carry_kv_instructions():
     for name in ("slimpipe-v1-exchange", "slimpipe-v2-exchange", "seq1f1b-v1-flops-exchange"):
         kinds = {i.kind for r in plans[name].ranks for i in r}
         assert {"KVF_SEND", "KVF_RECV", "KVB_SEND", "KVB_RECV"} <= kinds, name
+    # the levelled plans (p=4, n=8) carry every form issue 13 added: helpers of both directions,
+    # several partners before one unit, ranges that cut slices (slices are 8 tokens here)
+    for name in ("slimpipe-levelled-v1", "slimpipe-levelled-v2"):
+        plan = plans[name]
+        kinds = {i.kind for r in plan.ranks for i in r}
+        assert {"KVF_HELP", "KVB_HELP", "KVF_RECV", "KVB_RECV"} <= kinds, name
+        most, cut = 0, 0
+        for s in plan.ranks:
+            run = 0
+            for ins in s:
+                run = run + 1 if ins.kind in ("KVF_SEND", "KVB_SEND") else (0 if ins.kind not in KV else run)
+                most = max(most, run)
+                cut += ins.kind in KV and (ins.lo % 8 or ins.hi % 8)
+        assert most >= 3 and cut > 0, name
 
 
 def local_opts(**kw):

@@ -360,7 +360,7 @@ def test_wrong_schedules(base, data):
         j = next(k for k, x in enumerate(ranks[r]) if x.startswith("F "))
         g = _fields(ranks[r][j])
         ranks[r].insert(j, _text(kind=ir.Kind.KVF_SEND, mb=g["mb"], slice=g["slice"], chunk=g["chunk"], peer=peer,
-                                 tag=10**6, x=max(1, g["slice"])))
+                                 tag=10**6, lo=0, hi=1))
     elif kind == "retag":
         f["tag"] += 10**6
         ranks[r][i] = _text(**f)

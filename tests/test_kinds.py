@@ -19,14 +19,17 @@ def test_table_rows_are_complete():
         else:
             assert row.cost is None and row.unit_cost == 0
         assert row.memory is None or row.memory in MEMORY_EFFECTS
-        if row.match:
+        if row.match and row.side != "helper":
             assert KINDS[row.match].match == name  # counterparts point at each other
+        elif row.match:  # a helper matches its owner kind, which names the partner as its counterpart
+            owner = KINDS[row.match]
+            assert owner.side == "owner" and owner.phase == row.phase and KINDS[owner.match].side == "partner"
     assert ir.UNIT_COST[ir.Kind.F] == 1.0 and ir.UNIT_COST[ir.Kind.B] == 2.0
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_kind_round_trips_with_its_fields(kind):
-    vals = dict(zip(("mb", "s", "c", "to", "from", "x", "t"), (3, 2, 1, 5, 5, 1, 9)))
+    vals = dict(zip(("mb", "s", "c", "to", "from", "lo", "hi", "t"), (3, 2, 1, 5, 5, 1, 7, 9)))
     text = " ".join([kind] + [f"{f}{vals[f]}" for f in KINDS[kind].fields])
     ins = ir.parse(text)
     assert ins.kind == kind and ir.to_text(ins) == text

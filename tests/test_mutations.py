@@ -130,14 +130,14 @@ def test_mutants_are_caught(plan, data):
         mut[r].insert(j, u)
         expect(mut, {"order", "dependency", "kv"}, "backward-before-dependency")
 
-    # 4. break a KV-exchange pairing: change x, the named unit or the peer on one side
+    # 4. break a KV-exchange pairing: change the range, the named unit or the peer on one side
     kvs = [(r, i) for r, i in sites if ranks[r][i].kind in KV]
     if kvs:
         r, i = data.draw(st.sampled_from(kvs))
         u = ranks[r][i]
-        how = data.draw(st.sampled_from(["x", "slice", "peer"]))
-        if how == "x":
-            new = u._replace(x=u.x + 1 if u.x + 1 <= u.slice else u.x - 1)
+        how = data.draw(st.sampled_from(["range", "slice", "peer"]))
+        if how == "range":
+            new = u._replace(hi=u.hi + 1 if u.hi + 1 <= plan.spec.slice_offsets(u.mb)[u.slice] else u.hi - 1)
         elif how == "slice":
             new = u._replace(slice=(u.slice + 1) % plan.spec.slices)
         else:

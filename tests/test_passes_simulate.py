@@ -25,7 +25,8 @@ def test_exchange_brings_bubble_towards_bound(v):
     for o in (a, b):
         bd = o["bubble_breakdown"]
         assert sum(bd.values()) == pytest.approx(o["bubble_fraction"])
-        assert bd["ideal"] == pytest.approx(bound, rel=0.02)
+        # idle ranks that help take the bubble below the schedule's own: ideal is clamped to it
+        assert bd["ideal"] == pytest.approx(min(bound, o["bubble_fraction"]), rel=0.02)
 
 
 def test_cli_json(tmp_path, capsys):
@@ -50,7 +51,8 @@ def test_cli_json(tmp_path, capsys):
 
 def test_breakdown_with_exchange_and_several_microbatches():
     # m > 1 with exchange: the ideal part is the schedule's own bubble (KV rendezvous removed), so
-    # it equals the uniform-cost bound; no part is negative and the three sum to the bubble
+    # it equals the uniform-cost bound, or the whole bubble where helpers took it below that; no
+    # part is negative and the three sum to the bubble
     m = resolve_model("llama-70b")
     plan = compile_plan(build_spec("slimpipe", m, pp=8, microbatches=4, slices=32, seq_len=524288, tp=8,
                                    exchange=True))
@@ -59,4 +61,4 @@ def test_breakdown_with_exchange_and_several_microbatches():
     bd = o["bubble_breakdown"]
     assert min(bd.values()) >= 0
     assert sum(bd.values()) == pytest.approx(o["bubble_fraction"])
-    assert bd["ideal"] == pytest.approx(7 / (4 * 32 + 7), rel=0.02)
+    assert bd["ideal"] == pytest.approx(min(7 / (4 * 32 + 7), o["bubble_fraction"]), rel=0.02)
