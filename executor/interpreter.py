@@ -73,6 +73,9 @@ class Rank:
         for st in self.stages:
             st.next_local = by_index.get(st.index + 1)
             st.prev_local = by_index.get(st.index - 1)
+        for ins in self.stream:  # units whose backward is split: their forward keeps a WeightGradStore
+            if ins.kind == Kind.I and 0 <= ins.chunk < len(self.stages):
+                self.stages[ins.chunk].split_units.add((ins.mb, ins.slice))
         self.holds_last = any(st.is_last for st in self.stages)
         self.report: dict = {}
 
@@ -94,8 +97,8 @@ class Rank:
     def forward(self, ins: Instr):
         mb, s, c = ins.mb, ins.slice, ins.chunk
         stage = self.stages[c]
-        if stage.has_unit(mb, s) or stage.ran_backward(mb, s):
-            raise UnitError("this unit's forward already ran in this step")
+        if stage.has_unit(mb, s):
+            raise UnitError("unit already ran forward")
         kvf, self.next_kvf = self.next_kvf, []
         if any((e.mb, e.slice, e.chunk) != (mb, s, c) for e in kvf):
             raise UnitError("a preceding KVF_SEND names another unit")
@@ -106,14 +109,15 @@ class Rank:
     def backward(self, ins: Instr):
         mb, s, c = ins.mb, ins.slice, ins.chunk
         stage = self.stages[c]
-        if stage.ran_backward(mb, s):
-            raise UnitError("this unit's backward already ran in this step")
         if not stage.has_unit(mb, s):
-            raise UnitError(f"its forward 'F mb{mb} s{s} c{c}' has not run (a backward needs its unit's forward first)")
+            raise UnitError("backward before its forward")
         kvb, self.next_kvb = self.next_kvb, []
         if any((e.mb, e.slice, e.chunk) != (mb, s, c) for e in kvb):
             raise UnitError("a preceding KVB_SEND names another unit")
-        stage.backward(mb, s, kvb)
+        stage.backward(mb, s, kvb, split=ins.kind == Kind.I)
+
+    def weight(self, ins: Instr):
+        self.stages[ins.chunk].backward_weight(ins.mb, ins.slice)
 
     def kvf_send(self, ins):  # several may precede one unit: one per partner or helper
         self.next_kvf.append(Exchange(ins))
@@ -131,8 +135,6 @@ class Rank:
             self.reducer.start(ins.chunk)
 
     def opt(self, ins):
-        if self.opt_done:
-            raise UnitError("a second OPT in one step (every rank holding parameters runs exactly one OPT per step)")
         self.close_compute()
         t = self.train
         lr = None
@@ -158,6 +160,8 @@ class Rank:
     HANDLERS = {
         Kind.F: forward,
         Kind.B: backward,
+        Kind.I: backward,
+        Kind.W: weight,
         Kind.KVF_SEND: kvf_send,
         Kind.KVB_SEND: kvb_send,
         Kind.KVF_RECV: kv_recv,
@@ -215,8 +219,11 @@ class Rank:
         for st in self.stages:
             k = st.first_pending()
             if k is not None:
-                raise ExecError(f"{self.here()}: the unit 'F mb{k[0]} s{k[1]} c{st.chunk}' ran forward but its "
-                                f"backward has not run (the optimizer step needs every gradient of the step)")
+                raise ExecError(f"rank {self.r}: unit mb{k[0]} s{k[1]} c{st.chunk} never ran backward")
+            if st.wstores:
+                k = sorted(st.wstores)[0]
+                raise ExecError(f"rank {self.r}: unit mb{k[0]} s{k[1]} c{st.chunk} ran its I but never its W "
+                                f"(its weight gradients are missing)")
         if self.reducer is not None:
             self.reducer.finish(self.waiter.wait)
         if self.check_reference and self.step == 0:
@@ -285,10 +292,6 @@ class Rank:
         self.pc = n
         if not self.opt_done:
             self.close_compute()
-            if self.params.flat:
-                raise ExecError(f"{self.here()}: the step ended without an OPT instruction, so this rank's "
-                                f"parameters were never updated (every rank holding parameters runs exactly one "
-                                f"OPT per step, after its last backward)")
         for p in self.tp.pending_sends():
             self.waiter.wait(p, "a send to complete", getattr(p, "peer", None))
         if self.device.type == "cuda":

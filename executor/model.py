@@ -153,8 +153,9 @@ class SwiGLUDown(torch.autograd.Function):
     the product.)"""
 
     @staticmethod
-    def forward(ctx, gate, up, w2):
+    def forward(ctx, gate, up, w2, wg=None, param=None):
         ctx.save_for_backward(gate, up, w2)
+        ctx.wg, ctx.weight = wg, (w2 if param is None else param)
         return (F.silu(gate) * up) @ w2.t()
 
     @staticmethod
@@ -163,20 +164,19 @@ class SwiGLUDown(torch.autograd.Function):
         s = F.silu(gate)
         dw2 = None
         if ctx.needs_input_grad[2]:
-            prod = s * up
-            dw2 = dy.reshape(-1, dy.shape[-1]).t() @ prod.reshape(-1, prod.shape[-1])
-            del prod
+            dw2 = _weight_grad(ctx.wg, ctx.weight, s * up, dy)
         dp = dy @ w2
         dgate = torch.ops.aten.silu_backward(dp * up, gate) if ctx.needs_input_grad[0] else None
         dup = dp * s if ctx.needs_input_grad[1] else None
-        return dgate, dup, dw2
+        return dgate, dup, dw2, None, None
 
 
-def swiglu_down(gate, up, w2):
-    return SwiGLUDown.apply(gate, up, w2)
+def swiglu_down(gate, up, w2, wg=None, param=None):
+    """(silu(gate) * up) @ w2.t(); `wg` see Linear; `param`: the Parameter w2 was cast from."""
+    return SwiGLUDown.apply(gate, up, w2, wg, param)
 
 
-def swiglu_down_reference(gate, up, w2):
+def swiglu_down_reference(gate, up, w2, wg=None, param=None):
     return (F.silu(gate) * up) @ w2.t()
 
 
@@ -220,34 +220,100 @@ def rope(x, cos, sin):
     return x * cos + rot * sin
 
 
-def _proj(h, w, b=None):
-    """h @ w.t() (+ b). Not F.linear: its autograd keeps other tensors for backward than the plain
-    matmul (measured: 0.6% more saved bytes on the tiny model), and the memory model counts these."""
-    y = h @ w.t()
+class WeightGradStore:
+    """The weight gradients of one unit, for the split backward (I now, W later).
+
+    A unit's forward hands its store to every matmul Function. In the unit's backward, while
+    `deferred` is set (the I instruction), they compute only their input gradient and leave
+    (weight, matmul input, output gradient) here; `run()` (the W instruction) then adds
+    dW = dY^T X to each weight's .grad. Biases, norm weights and the embedding's gather get their
+    gradients in I (cheap, nothing to keep). The pattern of DualPipe's WeightGradStore and torch's
+    stage_backward_weight, written for our Functions. The store travels with the graph (ctx), not
+    in ambient state: ranks run as threads with --local, and CUDA runs backward on its own thread."""
+
+    __slots__ = ("items", "deferred")
+
+    def __init__(self):
+        self.items: list = []
+        self.deferred = False
+
+    def put(self, w, x, dy) -> None:
+        self.items.append((w, x, dy))
+
+    def tensors(self):
+        """The activations the store keeps alive (for the memory tracker)."""
+        for _, x, dy in self.items:
+            yield x
+            yield dy
+
+    @torch.no_grad()
+    def run(self) -> None:
+        for w, x, dy in self.items:
+            g = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(w.dtype)
+            if w.grad is None:
+                w.grad = g
+            else:
+                w.grad.add_(g)
+        self.items = []
+
+
+def _weight_grad(wg, w, x, dy):
+    """dW = dY^T X now, or None with (w, x, dy) left in the unit's store when it defers."""
+    if wg is not None and wg.deferred:
+        wg.put(w, x, dy)
+        return None
+    return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+class Linear(torch.autograd.Function):
+    """h @ w.t(). Saves h and w, exactly what the plain matmul's autograd keeps (not F.linear: its
+    autograd keeps other tensors, 0.6% more saved bytes on the tiny model, and the memory model
+    counts these). dW goes to the unit's WeightGradStore `wg` when it defers."""
+
+    @staticmethod
+    def forward(ctx, h, w, wg=None):
+        ctx.save_for_backward(h, w)
+        ctx.wg, ctx.weight = wg, w  # the Parameter itself: a saved tensor unpacks as another object
+        return h @ w.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, w = ctx.saved_tensors
+        dh = dy @ w if ctx.needs_input_grad[0] else None
+        dw = _weight_grad(ctx.wg, ctx.weight, h, dy) if ctx.needs_input_grad[1] else None
+        return dh, dw, None
+
+
+def _proj(h, w, b=None, wg=None):
+    """h @ w.t() (+ b); `wg`: the unit's WeightGradStore when its backward is split (Linear), else
+    None and the plain matmul (whose autograd the fused memory figures were measured with)."""
+    y = h @ w.t() if wg is None else Linear.apply(h, w, wg)
     return y if b is None else y + b
 
 
-def layer_forward(P: dict, i: int, cfg, x, cos, sin, attend):
-    """One decoder layer. `attend(q, k, v)` ([b, heads, seq, d] tensors) is the attention core."""
+def layer_forward(P: dict, i: int, cfg, x, cos, sin, attend, wg=None):
+    """One decoder layer. `attend(q, k, v)` ([b, heads, seq, d] tensors) is the attention core;
+    `wg` the unit's WeightGradStore (see Linear)."""
     p = f"layers.{i}."
     b, s, _ = x.shape
     d, eps = cfg.head_dim, cfg.rms_eps
     h = rmsnorm(x, P[p + "attn_norm"], eps)
-    q = _proj(h, P[p + "wq"], P.get(p + "bq")).view(b, s, cfg.heads, d)
-    k = _proj(h, P[p + "wk"], P.get(p + "bk")).view(b, s, cfg.kv_heads, d)
-    v = _proj(h, P[p + "wv"], P.get(p + "bv")).view(b, s, cfg.kv_heads, d).transpose(1, 2)
+    q = _proj(h, P[p + "wq"], P.get(p + "bq"), wg).view(b, s, cfg.heads, d)
+    k = _proj(h, P[p + "wk"], P.get(p + "bk"), wg).view(b, s, cfg.kv_heads, d)
+    v = _proj(h, P[p + "wv"], P.get(p + "bv"), wg).view(b, s, cfg.kv_heads, d).transpose(1, 2)
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
         q, k = rmsnorm(q, P[p + "q_norm"], eps), rmsnorm(k, P[p + "k_norm"], eps)
     q, k = rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin)
     a = attend(q, k, v.contiguous())
     # SliceAttention returns a [b, heads, s, d] view of [b, s, heads, d] memory: this is a view, so
     # the out-projection's saved input is the attention's saved output (no second copy)
-    x = x + _proj(a.transpose(1, 2).reshape(b, s, cfg.heads * d), P[p + "wo"], P.get(p + "bo"))
+    x = x + _proj(a.transpose(1, 2).reshape(b, s, cfg.heads * d), P[p + "wo"], P.get(p + "bo"), wg)
     h = rmsnorm(x, P[p + "mlp_norm"], eps)
-    gate, up = _proj(h, P[p + "w1"], P.get(p + "b1")), _proj(h, P[p + "w3"], P.get(p + "b3"))
+    gate, up = _proj(h, P[p + "w1"], P.get(p + "b1"), wg), _proj(h, P[p + "w3"], P.get(p + "b3"), wg)
     # under autocast gate/up are bf16: the Function gets w2 in their dtype (a no-op otherwise), so its
-    # backward, which runs outside autocast, multiplies tensors of one dtype
-    y = swiglu_down(gate, up, P[p + "w2"].to(gate.dtype))
+    # backward, which runs outside autocast, multiplies tensors of one dtype; a deferred dW goes to
+    # the Parameter itself
+    y = swiglu_down(gate, up, P[p + "w2"].to(gate.dtype), wg, P[p + "w2"])
     if cfg.mlp_bias:
         y = y + P[p + "b2"]
     return x + y
@@ -259,7 +325,8 @@ class HeadCrossEntropy(torch.autograd.Function):
     (one more LM-head matmul) instead of keeping [tokens, vocab] fp32 log-probabilities."""
 
     @staticmethod
-    def forward(ctx, h, w, labels, denom):
+    def forward(ctx, h, w, labels, denom, wg=None):
+        ctx.wg, ctx.weight = wg, w
         logits = (h @ w.t()).float()
         lse = torch.logsumexp(logits, -1)
         picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -279,8 +346,8 @@ class HeadCrossEntropy(torch.autograd.Function):
         dh = g @ w if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
-        return dh, dw, None, None
+            dw = _weight_grad(ctx.wg, ctx.weight, h, g)
+        return dh, dw, None, None, None
 
 
 def head_weight(P: dict):
@@ -289,12 +356,13 @@ def head_weight(P: dict):
     return P["embed"] if w is None else w
 
 
-def head_loss(P: dict, x, labels, denom: float, eps: float = EPS):
-    """Final norm, LM head and the summed token cross-entropy divided by `denom`."""
-    return HeadCrossEntropy.apply(rmsnorm(x, P["norm"], eps), head_weight(P), labels, denom)
+def head_loss(P: dict, x, labels, denom: float, eps: float = EPS, wg=None):
+    """Final norm, LM head and the summed token cross-entropy divided by `denom` (`wg`: the unit's
+    WeightGradStore, see Linear)."""
+    return HeadCrossEntropy.apply(rmsnorm(x, P["norm"], eps), head_weight(P), labels, denom, wg)
 
 
-def head_loss_reference(P: dict, x, labels, denom: float, eps: float = EPS):
+def head_loss_reference(P: dict, x, labels, denom: float, eps: float = EPS, wg=None):
     """head_loss under plain autograd (what the custom Functions must match)."""
     h = rmsnorm_reference(x, P["norm"], eps)
     logits = h @ head_weight(P).t()

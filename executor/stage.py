@@ -21,10 +21,11 @@ from .kv import Exchange
 class Unit:
     """A forward unit kept for its backward."""
 
-    __slots__ = ("x", "y", "kvf", "kvb")
+    __slots__ = ("x", "y", "kvf", "kvb", "wg")
 
-    def __init__(self):
+    def __init__(self, split: bool = False):
         self.x = self.y = self.kvf = self.kvb = None
+        self.wg = M.WeightGradStore() if split else None  # split backward (I, W): weight gradients kept here
 
 
 class AttentionEnv:
@@ -178,6 +179,7 @@ class Stage:
         self.first_layer = spec.stage_first_layer()[index]
         self.next_local: Stage | None = None
         self.prev_local: Stage | None = None
+        self.split_units: set = set()  # (mb, slice) whose backward runs as I + W (set by the runtime)
         self.reset()
 
     def reset(self) -> None:
@@ -188,30 +190,24 @@ class Stage:
         self.grads_out: dict = {}   # (mb, slice) -> input gradient to send
         self.kv: dict = {}          # mb -> [layer][slice] (k, v)
         self.acc: dict = {}         # mb -> [layer][slice] [dk, dv] from later slices
-        self.done: set = set()      # (mb, slice) whose backward has run this step
+        self.wstores: dict = {}     # (mb, slice) -> WeightGradStore: I done, W to come
 
     # ------------------------------------------------------------------ buffers
     def has_unit(self, mb, s) -> bool:
         return (mb, s) in self.units
 
-    def ran_backward(self, mb, s) -> bool:
-        return (mb, s) in self.done
-
     def output(self, mb, s):
         """The unit's output activation, to send to the next stage."""
         u = self.units.get((mb, s))
         if u is None or u.y is None:
-            if (mb, s) in self.done:
-                raise UnitError("nothing to send: the unit's backward already ran and freed its output activation")
-            raise UnitError("nothing to send: the unit's forward has not run on this rank")
+            raise UnitError("nothing to send (its forward has not run)")
         return u.y.detach()
 
     def take_input_grad(self, mb, s):
         """The unit's input gradient, to send to the previous stage."""
         g = self.grads_out.pop((mb, s), None)
         if g is None:
-            raise UnitError("nothing to send: the unit's backward has not run on this rank (or its input "
-                            "gradient was already sent)")
+            raise UnitError("nothing to send (its backward has not run)")
         return g
 
     def first_pending(self):
@@ -233,23 +229,7 @@ class Stage:
     def forward(self, mb: int, s: int, kvf: list[Exchange] | None) -> float | None:
         """Forward of unit (mb, s); returns its loss share on the last stage, else None."""
         spec, cfg, c = self.spec, self.spec.model, self.chunk
-        if s > 0:  # slice s attends over the K/V of slices 0..s-1 of this micro-batch, kept by their forwards
-            cache = self.kv.get(mb)
-            missing = [j for j in range(s) if cache is None or cache[0][j] is None] if self.layers else []
-            if missing:
-                j = missing[0]
-                why = ("its backward already ran and freed them" if (mb, j) in self.done
-                       else "its forward has not run")
-                raise UnitError(f"needs the K/V of the earlier slice 'F mb{mb} s{j} c{c}' of this micro-batch, "
-                                f"but {why} (forward slices run in ascending order, before any backward of the "
-                                f"micro-batch's earlier slices)")
-        if not self.is_first and (mb, s) not in self.acts_in:
-            if self.prev_local is not None:
-                raise UnitError(f"no input activation: the previous stage's forward 'F mb{mb} s{s} "
-                                f"c{self.prev_local.chunk}' has not run on this rank")
-            raise UnitError(f"no input activation: it has not been received (a 'RECV_ACT mb{mb} s{s} c{c}' "
-                            f"must come first)")
-        u = self.units[(mb, s)] = Unit()
+        u = self.units[(mb, s)] = Unit((mb, s) in self.split_units)
         u.kvf = kvf
         off, ln = spec.slice_offsets(mb)[s], spec.slice_lens[mb][s]
         P = self.params
@@ -266,7 +246,10 @@ class Stage:
                 tok = self.batches.tokens(mb)
                 x = P["embed"][tok[:, off:off + ln]]
             else:
-                x = self.acts_in.pop((mb, s)).detach().requires_grad_(True)
+                x = self.acts_in.pop((mb, s), None)
+                if x is None:
+                    raise UnitError("no input activation (missing RECV_ACT?)")
+                x = x.detach().requires_grad_(True)
                 u.x = x
             if mb not in self.kv:
                 self.kv[mb] = [[None] * spec.slices for _ in range(self.layers)]
@@ -277,36 +260,32 @@ class Stage:
             for li in range(self.layers):
                 lc = LayerCtx(self.env, u, li, None, self.acc[mb][li], key, tr, offsets, lens)
                 x = M.layer_forward(P, self.first_layer + li, cfg, x, cos, sin,
-                                    lambda q, k, v, lc=lc: self._attend(lc, s, q, k, v))
+                                    lambda q, k, v, lc=lc: self._attend(lc, s, q, k, v), u.wg)
             if self.is_last:
                 tok = self.batches.tokens(mb)
                 denom = spec.micro_batch_size * spec.seq_len * spec.microbatches
-                x = M.head_loss(P, x, tok[:, 1 + off:1 + off + ln], denom, cfg.rms_eps)
+                x = M.head_loss(P, x, tok[:, 1 + off:1 + off + ln], denom, cfg.rms_eps, u.wg)
                 loss = float(x.detach())
         u.y = x
         if self.next_local is not None:
             self.next_local.acts_in[(mb, s)] = x.detach()
         return loss
 
-    def backward(self, mb: int, s: int, kvb: list[Exchange] | None) -> None:
-        """Backward of unit (mb, s): its output gradient and the dK/dV later slices left for it."""
-        c = self.chunk
-        if (mb, s + 1) in self.units:  # its dK/dV for this slice's K/V comes from that backward
-            raise UnitError(f"the later slice's backward 'B mb{mb} s{s + 1} c{c}' has not run (backward slices run "
-                            f"in descending order: each one adds the gradient of the earlier slices' K/V)")
-        if not self.is_last and (mb, s) not in self.grads_in:
-            if self.next_local is not None:
-                raise UnitError(f"no output gradient: the next stage's backward 'B mb{mb} s{s} "
-                                f"c{self.next_local.chunk}' has not run on this rank")
-            raise UnitError(f"no output gradient: it has not been received (a 'RECV_GRAD mb{mb} s{s} c{c}' "
-                            f"must come first)")
+    def backward(self, mb: int, s: int, kvb: list[Exchange] | None, split: bool = False) -> None:
+        """Backward of unit (mb, s): its output gradient and the dK/dV later slices left for it.
+        split=True is the split backward's I: input gradients (attention backward included) now, the
+        matmul weight gradients kept in a WeightGradStore for backward_weight (W)."""
+        if split and (mb, s) in self.wstores:
+            raise UnitError("its input-gradient backward (I) already ran")
         u = self.units.pop((mb, s))
-        self.done.add((mb, s))
         u.kvb = kvb
         if self.is_last:
             roots, grads = [u.y], [torch.ones_like(u.y)]
         else:
-            roots, grads = [u.y], [self.grads_in.pop((mb, s))]
+            dy = self.grads_in.pop((mb, s), None)
+            if dy is None:
+                raise UnitError("no output gradient (missing RECV_GRAD?)")
+            roots, grads = [u.y], [dy]
         caches, accs = self.kv[mb], self.acc[mb]
         for li in range(len(caches)):
             a = accs[li][s]
@@ -314,7 +293,16 @@ class Stage:
                 k, v = caches[li][s]
                 roots += [k, v]
                 grads += a
+        if split != (u.wg is not None):
+            raise UnitError("the unit's backward is split (I and W) on one side of the plan only")
+        if split:
+            u.wg.deferred = True
         torch.autograd.backward(roots, grads)
+        if split:
+            self.wstores[(mb, s)] = u.wg
+            owner = ("w", mb, s, self.chunk)
+            for t in u.wg.tensors():
+                self.tracker.add(owner, t)
         for li in range(len(caches)):
             caches[li][s] = None
             accs[li][s] = None
@@ -328,4 +316,12 @@ class Stage:
                 self.prev_local.grads_in[(mb, s)] = g
             else:
                 self.grads_out[(mb, s)] = g
-        u.x = u.y = None
+        u.x = u.y = u.wg = None
+
+    def backward_weight(self, mb: int, s: int) -> None:
+        """The split backward's W of unit (mb, s): the weight gradients its I left in the store."""
+        store = self.wstores.pop((mb, s), None)
+        if store is None:
+            raise UnitError("no weight gradients to compute (its I has not run)")
+        store.run()
+        self.tracker.release(("w", mb, s, self.chunk))

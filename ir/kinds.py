@@ -85,9 +85,9 @@ _ROWS = (
              memory="free", phase="backward", receives=Kind.RECV_GRAD, sends=Kind.SEND_GRAD, attention=True),
     KindInfo(Kind.I, "compute", _UNIT, "backward for the unit's input only (attention backward included): the "
              "gradient sent upstream; keeps what W needs", cost="backward_input", unit_cost=1.0, memory="free_input",
-             phase="backward", receives=Kind.RECV_GRAD, sends=Kind.SEND_GRAD, attention=True, executor=False),
+             phase="backward", receives=Kind.RECV_GRAD, sends=Kind.SEND_GRAD, attention=True),
     KindInfo(Kind.W, "compute", _UNIT, "the unit's weight gradient (after its I)", cost="backward_weight",
-             unit_cost=1.0, memory="free_rest", phase="weight", executor=False),
+             unit_cost=1.0, memory="free_rest", phase="weight"),
     KindInfo(Kind.SEND_ACT, "send", _UNIT + ("to", "t"), "send a unit's output activation to the next stage's rank",
              phase="forward", match=Kind.RECV_ACT),
     KindInfo(Kind.RECV_ACT, "receive", _UNIT + ("from", "t"), "receive a unit's input activation",

@@ -142,12 +142,20 @@ def per_token_unit(model, last: bool, dtype_bytes: int = 2, saves: str = "fused"
 def per_token_layer_w(model, dtype_bytes: int = 2) -> float:
     """Bytes per token and decoder layer that a split backward keeps from a unit's I to its W
     (before dividing by tp): the inputs of the layer's matmuls -- RMSNorm 1's output (QKV), the
-    attention output (out projection), RMSNorm 2's output (gate, up), the SwiGLU product (down):
-    (3H + F) b -- and their output gradients -- q/k/v (H + 2 g d), out projection H, gate and up
-    2F, down H: (3H + 2 g d + 2F) b. Together (6H + 2 g d + 3F) b, for either `saves`."""
-    H, g, F = model.hidden, model.kv_heads, model.ffn
-    d = H // model.heads
-    return (6 * H + 2 * g * d + 3 * F) * dtype_bytes
+    attention output (out projection, h d wide), RMSNorm 2's output (gate, up), the SwiGLU product
+    (down): (2H + h d + F) b -- and their output gradients -- q/k/v (h d + 2 g d), out projection H,
+    gate and up 2F, down H: (2H + h d + 2 g d + 2F) b. Together (4H + 2 h d + 2 g d + 3F) b, which is
+    (6H + 2 g d + 3F) b where h d = H; for either `saves`."""
+    H, h, g, F, d = model.hidden, model.heads, model.kv_heads, model.ffn, model.head_dim
+    return (4 * H + 2 * h * d + 2 * g * d + 3 * F) * dtype_bytes
+
+
+def per_token_layer_w_shared(model, dtype_bytes: int = 2, saves: str = "fused") -> float:
+    """The part of per_token_layer_w that the forward already saved (the same tensors, counted once
+    while the unit's I runs): RMSNorm 1's and 2's outputs and the attention output, (2H + h d) b,
+    plus the SwiGLU product (F b) where it is saved (fused; the executor recomputes it in I)."""
+    H, h, F, d = model.hidden, model.heads, model.ffn, model.head_dim
+    return (2 * H + h * d + (F if saves == "fused" else 0)) * dtype_bytes
 
 
 def per_token_unit_w(model, last: bool, dtype_bytes: int = 2) -> float:
@@ -171,6 +179,7 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
     base = sum(static.values())
     offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
     w_tl = per_token_layer_w(m, dtype_bytes)
+    w_shared_tl = per_token_layer_w_shared(m, dtype_bytes, saves)
     act = kv = kvg = lgt = wg = 0.0  # lgt: loss-head lse held per unit (saves="executor"); wg: kept for W
     acc: dict[tuple[int, int], float] = {}
     held: dict[tuple[int, int, int], tuple[float, float]] = {}
@@ -206,14 +215,17 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
                                           weight_grad_inputs=wg)
             wg -= w_held.pop(key, 0.0)
         else:
+            shared = 0.0
             if effect == "free_input":  # I: from here until W the unit keeps its matmuls' inputs and output grads
                 wk = (L * w_tl + per_token_unit_w(m, st == last, dtype_bytes)) * tok / tp
                 w_held[key] = wk
                 wg += wk
-            cur = base + act + kv + kvg + lgt + logits + wg
+                # while I runs, the inputs W keeps are still the forward's saved tensors: count them once
+                shared = (L * w_shared_tl + (m.hidden * dtype_bytes if st == last else 0.0)) * tok / tp
+            cur = base + act + kv + kvg + lgt + logits + wg - shared
             if cur > peak:
                 peak, peak_bd = cur, dict(static, activations=act, kv_cache=kv, kv_grads=kvg, logits=lgt + logits,
-                                          weight_grad_inputs=wg)
+                                          weight_grad_inputs=wg - shared)
             a, v, lg = held.pop(key, (0.0, 0.0, 0.0))
             act -= a
             kv -= v

@@ -121,7 +121,7 @@ def test_split_backward_text_and_rules():
     assert rules == ["coverage"]
 
 
-def test_split_backward_costs_memory_and_executor_refusal(tmp_path):
+def test_split_backward_costs_memory_and_executor_accepts():
     from passes import executor_problems
     from passes.costs import PROFILES, CostModel
     from passes.memory import rank_memory
@@ -142,11 +142,5 @@ def test_split_backward_costs_memory_and_executor_refusal(tmp_path):
         mf, ms = rank_memory(fused, r), rank_memory(plan, r)
         assert ms["peak"] > mf["peak"] and ms["breakdown"]["weight_grad_inputs"] > 0
         assert mf["breakdown"]["weight_grad_inputs"] == 0
-    assert [p.rule for p in executor_problems(plan)] == ["executable"] and not executor_problems(fused)
-    path = tmp_path / "iw.json"
-    ir.save(plan, str(path))
-    import subprocess
-    import sys
-    res = subprocess.run([sys.executable, "-m", "executor", str(path), "--local"], capture_output=True, text=True)
-    assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1 and "I/W instructions (split backward)" in res.stderr
+    # the executor has handlers for I and W (tests/test_split_backward_executor.py runs them)
+    assert not executor_problems(plan) and not executor_problems(fused)
