@@ -35,6 +35,8 @@ from .wire import WireTags
 
 __all__ = ["ExecError", "InjectedFault", "Rank"]
 
+TIED_TAG = 2 ** 31 - 1  # above every plan message's transport tag (ir.limits: an odd stride never reaches it)
+
 
 class Rank:
     """One rank's runtime: its stages, parameters and optimizer, and the dispatch table."""
@@ -212,6 +214,21 @@ class Rank:
             cursor = done
 
     # ------------------------------------------------------------------ step
+    def sync_tied(self):
+        """Tied embeddings with the embedding (stage 0) and the LM head (last stage) on two ranks: each
+        holds a copy; they swap gradients and both add them (a + b == b + a exactly), so the copies
+        take the same optimizer step and stay equal. Posted after all of the step's plan messages
+        on both ranks, so per-pair posting order matches too."""
+        cfg, owner = self.spec.model, self.spec.stage_rank()
+        if not cfg.tie_embeddings or owner[0] == owner[-1] or self.r not in (owner[0], owner[-1]):
+            return
+        peer = owner[-1] if self.r == owner[0] else owner[0]
+        p = next(P["embed"] for P in self.params.chunks if "embed" in P)
+        g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        (pend,) = self.tp.batch([("send", peer, TIED_TAG, [g]), ("recv", peer, TIED_TAG, [(tuple(p.shape), p.dtype)])])
+        (other,) = self.waiter.wait(pend, "its gradient of the tied embedding", peer)
+        p.grad = g + other
+
     def close_compute(self):
         """Serve what is still owed to others; every unit must have run its backward; on step 1,
         the reference check (the gradients are complete now, before any optimizer step)."""
@@ -226,6 +243,7 @@ class Rank:
                                 f"(its weight gradients are missing)")
         if self.reducer is not None:
             self.reducer.finish(self.waiter.wait)
+        self.sync_tied()
         if self.check_reference and self.step == 0:
             src = self.batches.source
             self.report.update(reference_check(self.spec, self.params.chunks, self.step, self.device,

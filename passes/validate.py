@@ -66,11 +66,6 @@ def spec_problems(spec) -> list[Problem]:
         out.append(Problem("executable", f"model head_dim {cfg.head_dim} (hidden {cfg.hidden} / heads {cfg.heads}) is "
                                          f"odd; the executor's rotary position embedding (RoPE) rotates pairs of "
                                          f"dimensions and needs an even head_dim"))
-    owner = spec.stage_rank()
-    if cfg.tie_embeddings and owner[0] != owner[-1]:
-        out.append(Problem("executable", f"tie_word_embeddings=true with the embedding on rank {owner[0]} and the LM "
-                                         f"head on rank {owner[-1]}: the executor ties them only on one rank "
-                                         f"(pp=1, or a placement that puts the first and last stage together)"))
     return out
 
 
