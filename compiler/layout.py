@@ -18,6 +18,46 @@ split_layers = uniform_layers  # the uniform split (first stages take the extra 
 LAYER_SPLITS = ("uniform", "balanced")
 
 
+PLACEMENTS = ("plain", "looping", "v")
+
+
+def placement_of(kind: str, p: int, v: int) -> tuple[tuple[int, ...], ...]:
+    """plain (v = 1: stage r on rank r), looping (chunk c of rank r is stage c*p + r) or v (torch's
+    style "v": chunk c of rank r is stage c*p + r for even c, (c+1)*p - 1 - r for odd c; v = 2:
+    chunk 0 is stage r, chunk 1 stage 2p-1-r)."""
+    if kind == "plain":
+        if v != 1:
+            raise SpecError(f"--placement plain has one stage per rank; it needs --virtual-stages 1 (got {v}); "
+                            f"use looping or v")
+        return plain_or_looping(p, 1)
+    if kind == "looping":
+        return plain_or_looping(p, v)
+    if kind == "v":
+        if v % 2:
+            raise SpecError(f"--placement v pairs chunks in a V; it needs an even --virtual-stages (got {v})")
+        return tuple(tuple(c * p + r if c % 2 == 0 else (c + 1) * p - 1 - r for c in range(v)) for r in range(p))
+    raise SpecError(f"--placement {kind!r} is unknown; allowed: {', '.join(PLACEMENTS)}")
+
+
+def family_placement(schedule: str, placement, p: int, v: int):
+    """The placement tuple for a name (or None: the family's default), refused in one line where
+    the family does not take it; a tuple is taken as given (hand-built placements)."""
+    from . import schedules
+
+    fam = schedules.FAMILIES.get(schedule)
+    allowed = fam.placements if fam is not None else ("looping",)
+    if placement is None:
+        placement = allowed[0]
+    elif not isinstance(placement, str):
+        return tuple(tuple(pl) for pl in placement)
+    if placement not in PLACEMENTS:
+        raise SpecError(f"--placement {placement!r} is unknown; allowed: {', '.join(PLACEMENTS)}")
+    ok = set(allowed) | ({"plain"} if "looping" in allowed and v == 1 else set())
+    if placement not in ok:
+        raise SpecError(f"--placement {placement}: {schedule} takes {' or '.join(sorted(ok))}")
+    return placement_of(placement, p, v)
+
+
 def layer_split(kind: str, model: ModelConfig, stages: int, slice_lens, profile=None, tp: int = 1, cp: int = 1,
                 mbs: int = 1) -> tuple[int, ...]:
     """Decoder layers per stage: `uniform` (even, extra layers on the first stages) or `balanced`
@@ -54,7 +94,7 @@ def build_spec(schedule: str, model: ModelConfig, *, pp: int, microbatches: int,
     """Validate sizes and derive the layout. `slice_lens` (one tuple, or one per micro-batch)
     overrides uniform slicing; `layer_split_kind` picks the layer split (`balanced` prices stages
     with `profile`: None = h100, a name, a JSON path or a DeviceProfile); `placement` (rank -> its
-    stages) replaces the plain/looping placement."""
+    stages) or its name (plain, looping, v; None: the family's default) sets the placement."""
     check_positive(pp=pp, microbatches=microbatches, slices=slices, virtual_stages=virtual_stages,
                    seq_len=seq_len, micro_batch_size=micro_batch_size)
     if slice_lens is None:
@@ -69,7 +109,7 @@ def build_spec(schedule: str, model: ModelConfig, *, pp: int, microbatches: int,
         return PlanSpec(schedule=schedule, model=model, seq_len=seq_len, pp=pp, microbatches=microbatches,
                         slices=slices, virtual_stages=virtual_stages, micro_batch_size=micro_batch_size,
                         partition=partition, slice_lens=per_mb,
-                        placement=placement if placement is not None else plain_or_looping(pp, virtual_stages),
+                        placement=family_placement(schedule, placement, pp, virtual_stages),
                         stage_layers=stages, layer_split=layer_split_kind, **extra)
     except ValidationError as e:
         raise SpecError(f"spec: {pydantic_message(e)}") from None

@@ -8,7 +8,8 @@ from .replay import replay
 
 def peak_units(stream) -> int:
     """Most forward units on the rank whose backward has not finished (program order): units
-    whose kind saves state (ir.KINDS memory "save") minus those that released it ("free")."""
+    whose kind saves state (ir.KINDS memory "save") minus those that released it ("free"; with a
+    split backward "free_rest": a unit is in flight until its W)."""
     cur = peak = 0
     effect = {k: row.memory for k, row in KINDS.items()}
     for ins in stream:
@@ -17,7 +18,7 @@ def peak_units(stream) -> int:
             cur += 1
             if cur > peak:
                 peak = cur
-        elif e == "free":
+        elif e == "free" or e == "free_rest":
             cur -= 1
     return peak
 

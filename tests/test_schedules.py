@@ -31,12 +31,19 @@ def assert_rules(plan):
     spec = plan.spec
     owner = spec.stage_rank()
     for r, stream in enumerate(plan.ranks):
-        pos = {}
+        pos, weight = {}, {}
         for i, ins in enumerate(stream):
-            if ins.kind in (Kind.F, Kind.B):
-                key = (ins.kind, ins.mb, ins.slice, ins.chunk)
+            if ins.kind in (Kind.F, Kind.B, Kind.I):  # a split backward's I obeys B's rules
+                key = (Kind.B if ins.kind == Kind.I else ins.kind, ins.mb, ins.slice, ins.chunk)
                 assert key not in pos, f"rank {r}: {key} twice"
                 pos[key] = i
+            elif ins.kind == Kind.W:
+                assert (ins.mb, ins.slice, ins.chunk) not in weight
+                weight[(ins.mb, ins.slice, ins.chunk)] = i
+        split = any(ins.kind == Kind.I for ins in stream)
+        if split:  # exactly one W per unit, after its I
+            assert set(weight) == {(mb, j, c) for (k, mb, j, c) in pos if k == Kind.B}
+            assert all(weight[(mb, j, c)] > i for (k, mb, j, c), i in pos.items() if k == Kind.B)
         expect = {(k, mb, j, c) for k in (Kind.F, Kind.B) for mb in range(spec.microbatches)
                   for j in range(spec.slices) for c in range(spec.virtual_stages)}
         assert set(pos) == expect, f"rank {r}: units differ from one F and one B per (mb, slice, chunk)"

@@ -101,7 +101,8 @@ def test_exact_memory_without_compile_matches_simulation():
 
 # how many shapes of the grid below each family accepts: a validate that refuses everything (or
 # lets through what it should refuse) changes the count
-ACCEPTED = {"gpipe": 20, "1f1b": 20, "interleaved-1f1b": 32, "looped-bfs": 40, "seq1f1b": 150, "slimpipe": 135}
+ACCEPTED = {"gpipe": 20, "1f1b": 20, "interleaved-1f1b": 32, "looped-bfs": 40, "seq1f1b": 150, "slimpipe": 135,
+            "zb-h1": 80, "zb-v": 80, "interleaved-zb": 160}
 
 
 @pytest.mark.parametrize("fam", list(schedules.FAMILIES))

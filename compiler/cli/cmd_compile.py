@@ -32,7 +32,11 @@ def add_shape_args(p, schedule_required: bool = True) -> None:
     p.add_argument("--pp", type=positive_int, required=True, help="pipeline ranks p")
     p.add_argument("--microbatches", type=positive_int, required=True, help="micro-batches m per step")
     p.add_argument("--slices", type=positive_int, default=1, help="sequence slices n per micro-batch (default 1)")
-    p.add_argument("--virtual-stages", type=positive_int, default=1, help="model chunks v per rank (default 1)")
+    p.add_argument("--virtual-stages", type=positive_int, default=None,
+                   help="model chunks v per rank (default 1; 2 for zb-v)")
+    p.add_argument("--placement", default=None,
+                   help="stages of each rank: plain (v = 1), looping (chunk c of rank r is stage c*p + r) or v "
+                        "(chunk 0 is stage r, chunk 1 stage 2p-1-r); default: the schedule's (v for zb-v, else looping)")
     p.add_argument("--micro-batch-size", type=positive_int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data seed the executor uses (default 0)")
 
@@ -95,9 +99,13 @@ def exchange_from_args(args) -> bool:
 
 
 def spec_from_args(args):
-    schedules.get(args.schedule)  # unknown schedule: fail first, with the list of names
+    family = schedules.get(args.schedule)  # unknown schedule: fail first, with the list of names
+    if args.virtual_stages is None:
+        args.virtual_stages = family.default_virtual
     model, seq = model_from_args(args)
     extra = {}
+    if getattr(args, "placement", None) is not None:
+        extra["placement"] = args.placement
     if hasattr(args, "exchange"):
         extra.update(exchange=exchange_from_args(args), exchange_threshold=args.exchange_threshold)
     if hasattr(args, "partition"):

@@ -33,12 +33,17 @@ class Family:
     exact         where both closed forms are exact (tests hold the generator to them there)
     peak_exact    where peak_units is exact; elsewhere (inside `exact`'s domain for the bubble)
                   it is a lower bound (tune only needs a bound)
-    fit           the nearest accepted sizes to (p, m, n, v), for property tests
+    fit           the nearest sizes to (p, m, n, v) that it accepts and where its closed forms are
+                  exact, for property tests
     search_slices   tune tries the space's n (else n = 1)
-    search_virtual  v choices in tune: "one" (v = 1), "above_one" (the space's v > 1), "any"
+    search_virtual  v choices in tune: "one" (v = 1), "above_one" (the space's v > 1), "any", "two" (v = 2)
     partitions    slice partitions searched when n > 1 ("uniform", and "flops" for Seq1F1B)
     default_exchange  the KV exchange is on by default when n > 1 (compile); tune and compare try both
     (compare runs tune's search at one layout: one search space, read from these choices)
+    split_backward  its orders use I and W (zero-bubble families) instead of the fused B
+    placements    the placements it accepts (the first is its default): plain (v = 1), looping
+                  (chunk c of rank r is stage c*p + r), v (chunk 0 stage r, chunk 1 stage 2p-1-r)
+    default_virtual  --virtual-stages when not given
     """
 
     name: str
@@ -57,6 +62,9 @@ class Family:
     search_virtual: str = "any"
     partitions: tuple[str, ...] = ("uniform",)
     default_exchange: bool = False
+    split_backward: bool = False
+    placements: tuple[str, ...] = ("looping",)
+    default_virtual: int = 1
 
     def accepts(self, p: int, m: int, n: int, v: int) -> bool:
         """Whether validate() takes these sizes."""
@@ -76,7 +84,8 @@ class Family:
     def search_choices(self, slices: Iterable[int], virtual_stages: Iterable[int]) -> list[tuple[int, int, str, bool]]:
         """(n, v, partition, exchange) that `slimpipe tune` tries for this family."""
         ns = list(slices) if self.allows_slices and self.search_slices else [1]
-        vs = {"one": [1], "above_one": [v for v in virtual_stages if v > 1], "any": list(virtual_stages)}[self.search_virtual]
+        vs = {"one": [1], "above_one": [v for v in virtual_stages if v > 1], "any": list(virtual_stages),
+              "two": [2]}[self.search_virtual]
         out = []
         for n in ns:
             for v in vs:

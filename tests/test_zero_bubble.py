@@ -1,0 +1,111 @@
+"""Zero-bubble families (split backward): closed forms on a hypothesis grid, validity, and
+torch's own ScheduleZBVZeroBubble / ScheduleInterleavedZeroBubble orders replayed with our
+simulator next to ours (unit costs F = I = W = 1)."""
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compiler import build_spec, compile_plan, resolve_model, schedules
+from ir import Instr, Plan, SpecError
+from passes import check, lower_comm, simulate_units
+
+MODEL = resolve_model("tiny", {"layers": 128})
+
+
+def compile_sizes(fam, p, m, n, v):
+    return compile_plan(build_spec(fam, MODEL, pp=p, microbatches=m, slices=n, virtual_stages=v, seq_len=2 * n))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=st.integers(1, 8), k=st.integers(0, 8))
+def test_zb_h1_bubble_closed_form(p, k):
+    """ZB-H1, F = I = W = 1, m >= p: bubble exactly (p-1)/(3m+p-1); rank-0 peak p (1F1B's)."""
+    m = p + k
+    plan = compile_sizes("zb-h1", p, m, 1, 1)
+    assert check(plan).ok
+    sim = simulate_units(plan)
+    assert sim["makespan"] == 3 * m + p - 1
+    assert abs(sim["bubble_fraction"] - (p - 1) / (3 * m + p - 1)) < 1e-12
+    assert sim["ranks"][0]["peak_units"] == p == schedules.get("zb-h1").peak_units(p, m, 1, 1)
+    assert all(r["busy"] == 3 * m for r in sim["ranks"])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=st.integers(1, 7), k=st.integers(0, 8))
+def test_zb_v_bubble_closed_form(p, k):
+    """ZB-V (V placement, v = 2) where its record says the closed form is exact (m = p, or p <= 4
+    and m >= p + 2): bubble (p-1)/(6m+p-1), rank-0 peak 2p chunk units (1F1B's peak activation)."""
+    m = p + k
+    if not schedules.get("zb-v").exact(p, m, 1, 2):
+        m = p
+    plan = compile_sizes("zb-v", p, m, 1, 2)
+    assert check(plan).ok
+    assert plan.spec.placement == tuple((r, 2 * p - 1 - r) for r in range(p))
+    sim = simulate_units(plan)
+    assert sim["makespan"] == 6 * m + p - 1
+    assert sim["ranks"][0]["peak_units"] == min(2 * p, m + 1, 2 * m) == schedules.get("zb-v").peak_units(p, m, 1, 2)
+
+
+@pytest.mark.parametrize("fam,v", [("zb-h1", 1), ("zb-v", 2), ("interleaved-zb", 2), ("interleaved-zb", 3)])
+@pytest.mark.parametrize("p,m,n", [(2, 2, 2), (3, 4, 2), (4, 4, 4), (2, 3, 3)])
+def test_sliced_zero_bubble_is_valid(fam, v, p, m, n):
+    """Every family with slices: forward slices ascending, I descending, W after its I, no deadlock;
+    and within p-1 + 2 units of the closed form's makespan."""
+    plan = compile_sizes(fam, p, m, n, v)
+    assert check(plan).ok
+    sim = simulate_units(plan)
+    assert sim["makespan"] <= 3 * v * m * n + p - 1 + 2 * (p - 1) + 2
+    kinds = {i.kind for s in plan.ranks for i in s}
+    assert {"I", "W"} <= kinds and "B" not in kinds
+
+
+def test_zb_v_refuses_other_v_and_placements():
+    with pytest.raises(SpecError, match="zb-v places 2 chunks per rank"):
+        compile_sizes("zb-v", 2, 2, 1, 4)
+    with pytest.raises(SpecError, match="--placement looping: zb-v takes v"):
+        build_spec("zb-v", MODEL, pp=2, microbatches=2, virtual_stages=2, seq_len=8, placement="looping")
+    with pytest.raises(SpecError, match="--placement plain: 1f1b takes looping"):
+        build_spec("1f1b", MODEL, pp=2, microbatches=2, virtual_stages=2, seq_len=8, placement="plain")
+
+
+def _torch_plan(schedule: str, p: int, m: int, v: int, placement):
+    """torch's own order (get_schedule_ops), as our compute-only plan, lowered by our compiler."""
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+    rows = get_schedule_ops(schedule, p, m, num_stages_per_rank=v)
+    from compiler.layout import placement_of
+
+    spec = build_spec("interleaved-zb", MODEL, pp=p, microbatches=m, virtual_stages=v, seq_len=8,
+                      placement=placement_of(placement, p, v))
+    where = {s: (r, c) for r, chunks in enumerate(spec.placement) for c, s in enumerate(chunks)}
+    ranks = [[] for _ in range(p)]
+    for r, row in enumerate(rows):
+        for a in row:
+            if a is None:
+                continue
+            rr, c = where[a.stage_index]
+            assert rr == r
+            kind = {"FORWARD": "F", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W", "FULL_BACKWARD": "B"}[
+                a.computation_type.name]
+            ranks[r].append(Instr(kind, a.microbatch_index, 0, c))
+    return lower_comm(Plan(spec, tuple(tuple(x) for x in ranks)))
+
+
+@pytest.mark.parametrize("p,m", [(2, 2), (2, 4), (4, 4), (4, 8), (3, 6)])
+def test_zb_v_not_slower_than_torch(p, m):
+    theirs = _torch_plan("ZBVZeroBubble", p, m, 2, "v")
+    ours = compile_sizes("zb-v", p, m, 1, 2)
+    assert check(theirs).ok and check(ours).ok
+    t, o = simulate_units(theirs), simulate_units(ours)
+    assert o["makespan"] <= t["makespan"], (o["makespan"], t["makespan"])
+    assert o["ranks"][0]["peak_units"] <= t["ranks"][0]["peak_units"]
+
+
+@pytest.mark.parametrize("p,m,v", [(2, 4, 2), (4, 4, 2), (4, 8, 2), (2, 4, 3)])
+def test_interleaved_zb_not_slower_than_torch(p, m, v):
+    theirs = _torch_plan("InterleavedZeroBubble", p, m, v, "looping")
+    ours = compile_sizes("interleaved-zb", p, m, 1, v)
+    assert check(theirs).ok and check(ours).ok
+    t, o = simulate_units(theirs), simulate_units(ours)
+    assert o["makespan"] <= t["makespan"], (o["makespan"], t["makespan"])
+    assert o["ranks"][0]["peak_units"] <= t["ranks"][0]["peak_units"]
