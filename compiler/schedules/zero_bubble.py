@@ -184,7 +184,7 @@ def zb_bubble(p: int, m: int, n: int, v: int) -> float:
 
 def ZB_V_EXACT(p: int, m: int, n: int, v: int) -> bool:  # noqa: N802
     """Where zb-v's unit-cost bubble is exactly (p-1)/(6m + p-1) (checked on the test grid)."""
-    return n == 1 and (m == p or p <= 2 or (p <= 4 and m >= p + 2))
+    return n == 1 and m >= p and (m == p or p <= 2 or (p <= 4 and m >= p + 2))
 
 
 ZB_H1 = Family("zb-h1", "ZB-H1 zero bubble: 1F1B's in-flight limit, W fills the cool-down (Qi et al. 2024)", zb_h1,
