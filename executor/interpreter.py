@@ -99,8 +99,8 @@ class Rank:
     def forward(self, ins: Instr):
         mb, s, c = ins.mb, ins.slice, ins.chunk
         stage = self.stages[c]
-        if stage.has_unit(mb, s):
-            raise UnitError("unit already ran forward")
+        if stage.has_unit(mb, s) or stage.ran_backward(mb, s):
+            raise UnitError("this unit's forward already ran in this step")
         kvf, self.next_kvf = self.next_kvf, []
         if any((e.mb, e.slice, e.chunk) != (mb, s, c) for e in kvf):
             raise UnitError("a preceding KVF_SEND names another unit")
@@ -111,8 +111,10 @@ class Rank:
     def backward(self, ins: Instr):
         mb, s, c = ins.mb, ins.slice, ins.chunk
         stage = self.stages[c]
+        if stage.ran_backward(mb, s):
+            raise UnitError("this unit's backward already ran in this step")
         if not stage.has_unit(mb, s):
-            raise UnitError("backward before its forward")
+            raise UnitError(f"its forward 'F mb{mb} s{s} c{c}' has not run (a backward needs its unit's forward first)")
         kvb, self.next_kvb = self.next_kvb, []
         if any((e.mb, e.slice, e.chunk) != (mb, s, c) for e in kvb):
             raise UnitError("a preceding KVB_SEND names another unit")
@@ -137,6 +139,8 @@ class Rank:
             self.reducer.start(ins.chunk)
 
     def opt(self, ins):
+        if self.opt_done:
+            raise UnitError("a second OPT in one step (every rank holding parameters runs exactly one OPT per step)")
         self.close_compute()
         t = self.train
         lr = None
@@ -236,11 +240,12 @@ class Rank:
         for st in self.stages:
             k = st.first_pending()
             if k is not None:
-                raise ExecError(f"rank {self.r}: unit mb{k[0]} s{k[1]} c{st.chunk} never ran backward")
+                raise ExecError(f"{self.here()}: the unit 'F mb{k[0]} s{k[1]} c{st.chunk}' ran forward but its "
+                                f"backward has not run (the optimizer step needs every gradient of the step)")
             if st.wstores:
                 k = sorted(st.wstores)[0]
-                raise ExecError(f"rank {self.r}: unit mb{k[0]} s{k[1]} c{st.chunk} ran its I but never its W "
-                                f"(its weight gradients are missing)")
+                raise ExecError(f"{self.here()}: the unit 'I mb{k[0]} s{k[1]} c{st.chunk}' ran its input-gradient "
+                                f"backward but its W has not run (its weight gradients are missing)")
         if self.reducer is not None:
             self.reducer.finish(self.waiter.wait)
         self.sync_tied()
@@ -310,6 +315,10 @@ class Rank:
         self.pc = n
         if not self.opt_done:
             self.close_compute()
+            if self.params.flat:
+                raise ExecError(f"{self.here()}: the step ended without an OPT instruction, so this rank's "
+                                f"parameters were never updated (every rank holding parameters runs exactly one "
+                                f"OPT per step, after its last backward)")
         for p in self.tp.pending_sends():
             self.waiter.wait(p, "a send to complete", getattr(p, "peer", None))
         if self.device.type == "cuda":

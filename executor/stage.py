@@ -190,24 +190,31 @@ class Stage:
         self.grads_out: dict = {}   # (mb, slice) -> input gradient to send
         self.kv: dict = {}          # mb -> [layer][slice] (k, v)
         self.acc: dict = {}         # mb -> [layer][slice] [dk, dv] from later slices
+        self.done: set = set()      # (mb, slice) whose backward has run this step
         self.wstores: dict = {}     # (mb, slice) -> WeightGradStore: I done, W to come
 
     # ------------------------------------------------------------------ buffers
     def has_unit(self, mb, s) -> bool:
         return (mb, s) in self.units
 
+    def ran_backward(self, mb, s) -> bool:
+        return (mb, s) in self.done
+
     def output(self, mb, s):
         """The unit's output activation, to send to the next stage."""
         u = self.units.get((mb, s))
         if u is None or u.y is None:
-            raise UnitError("nothing to send (its forward has not run)")
+            if (mb, s) in self.done:
+                raise UnitError("nothing to send: the unit's backward already ran and freed its output activation")
+            raise UnitError("nothing to send: the unit's forward has not run on this rank")
         return u.y.detach()
 
     def take_input_grad(self, mb, s):
         """The unit's input gradient, to send to the previous stage."""
         g = self.grads_out.pop((mb, s), None)
         if g is None:
-            raise UnitError("nothing to send (its backward has not run)")
+            raise UnitError("nothing to send: the unit's backward has not run on this rank (or its input "
+                            "gradient was already sent)")
         return g
 
     def first_pending(self):
@@ -229,6 +236,22 @@ class Stage:
     def forward(self, mb: int, s: int, kvf: list[Exchange] | None) -> float | None:
         """Forward of unit (mb, s); returns its loss share on the last stage, else None."""
         spec, cfg, c = self.spec, self.spec.model, self.chunk
+        if s > 0:  # slice s attends over the K/V of slices 0..s-1 of this micro-batch, kept by their forwards
+            cache = self.kv.get(mb)
+            missing = [j for j in range(s) if cache is None or cache[0][j] is None] if self.layers else []
+            if missing:
+                j = missing[0]
+                why = ("its backward already ran and freed them" if (mb, j) in self.done
+                       else "its forward has not run")
+                raise UnitError(f"needs the K/V of the earlier slice 'F mb{mb} s{j} c{c}' of this micro-batch, "
+                                f"but {why} (forward slices run in ascending order, before any backward of the "
+                                f"micro-batch's earlier slices)")
+        if not self.is_first and (mb, s) not in self.acts_in:
+            if self.prev_local is not None:
+                raise UnitError(f"no input activation: the previous stage's forward 'F mb{mb} s{s} "
+                                f"c{self.prev_local.chunk}' has not run on this rank")
+            raise UnitError(f"no input activation: it has not been received (a 'RECV_ACT mb{mb} s{s} c{c}' "
+                            f"must come first)")
         u = self.units[(mb, s)] = Unit((mb, s) in self.split_units)
         u.kvf = kvf
         off, ln = spec.slice_offsets(mb)[s], spec.slice_lens[mb][s]
@@ -246,10 +269,7 @@ class Stage:
                 tok = self.batches.tokens(mb)
                 x = P["embed"][tok[:, off:off + ln]]
             else:
-                x = self.acts_in.pop((mb, s), None)
-                if x is None:
-                    raise UnitError("no input activation (missing RECV_ACT?)")
-                x = x.detach().requires_grad_(True)
+                x = self.acts_in.pop((mb, s)).detach().requires_grad_(True)
                 u.x = x
             if mb not in self.kv:
                 self.kv[mb] = [[None] * spec.slices for _ in range(self.layers)]
@@ -277,15 +297,23 @@ class Stage:
         matmul weight gradients kept in a WeightGradStore for backward_weight (W)."""
         if split and (mb, s) in self.wstores:
             raise UnitError("its input-gradient backward (I) already ran")
+        c = self.chunk
+        if (mb, s + 1) in self.units:  # its dK/dV for this slice's K/V comes from that backward
+            raise UnitError(f"the later slice's backward 'B mb{mb} s{s + 1} c{c}' has not run (backward slices run "
+                            f"in descending order: each one adds the gradient of the earlier slices' K/V)")
+        if not self.is_last and (mb, s) not in self.grads_in:
+            if self.next_local is not None:
+                raise UnitError(f"no output gradient: the next stage's backward 'B mb{mb} s{s} "
+                                f"c{self.next_local.chunk}' has not run on this rank")
+            raise UnitError(f"no output gradient: it has not been received (a 'RECV_GRAD mb{mb} s{s} c{c}' "
+                            f"must come first)")
         u = self.units.pop((mb, s))
+        self.done.add((mb, s))
         u.kvb = kvb
         if self.is_last:
             roots, grads = [u.y], [torch.ones_like(u.y)]
         else:
-            dy = self.grads_in.pop((mb, s), None)
-            if dy is None:
-                raise UnitError("no output gradient (missing RECV_GRAD?)")
-            roots, grads = [u.y], [dy]
+            roots, grads = [u.y], [self.grads_in.pop((mb, s))]
         caches, accs = self.kv[mb], self.acc[mb]
         for li in range(len(caches)):
             a = accs[li][s]

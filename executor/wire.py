@@ -2,7 +2,9 @@
 reply, forward and backward) travels under its own transport tag."""
 from __future__ import annotations
 
-from ir.limits import wire_stride
+from ir.limits import WIRE_TAG_LIMIT, wire_stride
+
+from .errors import UnitError
 
 
 class WireTags:
@@ -16,4 +18,9 @@ class WireTags:
     def __call__(self, tag: int, li: int = 0, bwd: int = 0, reply: int = 0) -> int:
         """li < 0: the plain p2p message of the instruction (activation, gradient)."""
         sub = 0 if li < 0 else 1 + 4 * li + 2 * bwd + reply
-        return tag * self.stride + sub
+        wire = tag * self.stride + sub
+        if not 0 <= wire < WIRE_TAG_LIMIT:  # only a plan run with --no-check gets here
+            raise UnitError(f"its tag {tag} is too large: the executor sends it as transport tag {wire}, and "
+                            f"torch.distributed's tags are 31-bit (plan tags must be below "
+                            f"{WIRE_TAG_LIMIT // self.stride})")
+        return wire
