@@ -40,6 +40,14 @@ def matrix(p):
         "slimpipe-v1-exchange": spec("slimpipe", p, 2, n=4, exchange=True),
         "slimpipe-v2": spec("slimpipe", p, p, n=4, v=2),
         "slimpipe-v2-exchange": spec("slimpipe", p, p, n=4, v=2, exchange=True),
+        # the split backward (I and W): zero-bubble families, with slices and with the KV exchange
+        "zb-h1": spec("zb-h1", p, p + 1),
+        "zb-h1-sliced": spec("zb-h1", p, 2, n=4),
+        "zb-v": spec("zb-v", p, p, v=2),
+        "zb-v-sliced": spec("zb-v", p, 2, n=4, v=2),
+        "zb-v-sliced-exchange": spec("zb-v", p, 2, n=4, v=2, exchange=True),
+        "interleaved-zb-v2": spec("interleaved-zb", p, p, v=2),
+        "interleaved-zb-v2-sliced": spec("interleaved-zb", p, p, n=2, v=2),
         # a large vocabulary makes the LM head worth several layers: uneven stages
         "1f1b-balanced": spec("1f1b", p, p, model=resolve_model("tiny", {"vocab": 8192}), layer_split_kind="balanced"),
         "slimpipe-levelled-v1": (spec("slimpipe", p, 2, n=8, exchange=True), LEVELLING),
