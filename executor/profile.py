@@ -209,6 +209,13 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
             "embedding": embed, "attention_backend": be.name}
 
 
+class _NoExchange:
+    """The KV-exchange service of a stage measured alone: no partners, nothing to serve."""
+
+    def serve(self) -> bool:
+        return False
+
+
 def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, sync, rnd) -> tuple[float, float]:
     """Fastest (forward, backward) seconds of one unit of s tokens through executor.stage.Stage: the
     middle stage (L layers) of a one-rank, three-stage plan, so no embedding and no head."""
@@ -222,7 +229,7 @@ def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, 
                     microbatches=1, slices=1, virtual_stages=3, slice_lens=((s,),), placement=((0, 1, 2),),
                     stage_layers=(1, L, 1))
     params = Parameters(spec, (1,), device, dtype, 1e-3)
-    env = AttentionEnv(be, default_scale(cfg.head_dim), None, None)
+    env = AttentionEnv(be, default_scale(cfg.head_dim), _NoExchange(), None)
     st = Stage(spec, 1, 0, params.chunks[0], device=device, dtype=dtype,
                tracker=ActivationTracker(params.storage_ptrs()), env=env, batches=SyntheticBatches(spec, device))
     x, dy = rnd(1, s, cfg.hidden), rnd(1, s, cfg.hidden)
@@ -232,11 +239,11 @@ def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, 
         st.reset()
         st.acts_in[(0, 0)] = x
         c0 = clock()
-        st.forward(0, 0, None)
+        st.forward(0, 0, [])
         sync()
         c1 = clock()
         st.grads_in[(0, 0)] = dy
-        st.backward(0, 0, None)
+        st.backward(0, 0, [])
         sync()
         c2 = clock()
         if i:

@@ -210,3 +210,17 @@ def test_profile_command_refuses_bad_options_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_stage_unit_measures_through_the_executors_stage():
+    """The profiler's whole-unit measurement drives executor.stage.Stage alone (no KV-exchange
+    partners): it must run, not crash, and give positive forward/backward times."""
+    import torch
+
+    from executor.attention import pick_backend
+    from executor.profile import _stage_unit
+
+    cfg = resolve_model("tiny")
+    fwd, bwd = _stage_unit(cfg, torch.device("cpu"), torch.float32, pick_backend("auto", torch.device("cpu")), 32, 1, 1,
+                           lambda: None, lambda *shape: torch.randn(*shape))
+    assert fwd > 0 and bwd > 0

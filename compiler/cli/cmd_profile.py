@@ -19,6 +19,8 @@ from .common import add_parser, check_output_path, report
 
 def run(args) -> int:
     check_output_path(args.output)
+    if args.name is not None and not args.name.strip():
+        raise SpecError("--name must not be empty (it names the profile in simulate's output)")
     if not args.scale > 0:
         raise SpecError(f"--scale {args.scale:g} must be > 0 (1 = about a minute)")
     model, _ = model_from_args(args)
