@@ -12,11 +12,15 @@ def storage_key(t):
 
 class ActivationTracker:
     """Live activation bytes, deduplicated by storage and grouped by owner (a unit, an
-    accumulator): an owner's tensors count until release(owner). Parameters are excluded."""
+    accumulator): an owner's tensors count until release(owner). Parameters are excluded.
+
+    The tracker holds each counted storage until its count drops to zero: keyed by address
+    alone, a storage freed early (by autograd, say) could hand its address to a new tensor that
+    would then be deduplicated against it, and the measured peak would depend on the allocator."""
 
     def __init__(self, exclude_ptrs=()):
         self.exclude = set(exclude_ptrs)
-        self.refs: dict[int, list] = {}  # storage ptr -> [nbytes, count]
+        self.refs: dict[int, list] = {}  # storage ptr -> [nbytes, count, the storage (held)]
         self.owned: dict[object, set] = {}
         self.live = 0
         self.peak = 0
@@ -31,7 +35,7 @@ class ActivationTracker:
         mine.add(ptr)
         ref = self.refs.get(ptr)
         if ref is None:
-            self.refs[ptr] = [nbytes, 1]
+            self.refs[ptr] = [nbytes, 1, t.untyped_storage()]
             self.live += nbytes
             if self.live > self.peak:
                 self.peak = self.live
