@@ -5,8 +5,8 @@ in one torchrun launch, and compare the two on the same plan, weights and batch.
 
 For each plan: _PipelineScheduleRuntime loads the CSV (FORMAT compute_only or compute_comms) and
 drives PipelineStages whose modules are built from the executor's model functions and parameter
-initialisation (executor.model); then the executor runs the same plan (without its optimizer
-step). Rank 0 prints one 'RESULT {json}' line per plan: the largest relative error over every
+initialisation (executor.model); then the executor runs the same plan (its gradients taken
+before its optimizer step). Rank 0 prints one 'RESULT {json}' line per plan: the largest relative error over every
 parameter gradient and of the loss (fp32, gloo)."""
 import json
 import os
@@ -74,18 +74,25 @@ def run_one(plan, csv_path, fmt, rank, world):
     sched.step(tok[:, :-1], target=tok[:, 1:], losses=losses)
     torch_loss = float(sum(x.detach() for x in losses)) if losses else 0.0
     dist.barrier()
-    # the executor on the same plan, without its optimizer step (the gradients stay)
-    plain = plan.with_ranks([tuple(i for i in s if i.kind != ir.Kind.OPT) for s in plan.ranks])
+    # the executor on the same plan; its gradients are copied when its OPT runs (the step drops them)
     tp = DistTransport(rank, world, torch.device("cpu"), 120.0)
-    R = Rank(plain, rank, tp, pick_backend("sdpa", torch.device("cpu"), torch.float32, spec.model.head_dim),
+    R = Rank(plan, rank, tp, pick_backend("sdpa", torch.device("cpu"), torch.float32, spec.model.head_dim),
              device="cpu", timeout=120.0)
+    grads = []
+    step = R.params.step
+
+    def keep_grads(lr=None):
+        grads.extend({n: p.grad.detach().clone() for n, p in chunk.items()} for chunk in R.params.chunks)
+        step(lr)
+
+    R.params.step = keep_grads
     ours = R.run_step(0)
     for p in tp.pending_sends():
         p.value()
     worst = 0.0
     for c, s in enumerate(mine):
         for name, p in mods[s].P.items():
-            worst = max(worst, rel(p.grad, R.params.chunks[c][name].grad))
+            worst = max(worst, rel(p.grad, grads[c][name]))
     loss_err = abs(torch_loss - ours["loss"]) / abs(ours["loss"]) if last in mine else 0.0
     t = torch.tensor([worst, loss_err, torch_loss if last in mine else 0.0, ours["loss"] if last in mine else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
