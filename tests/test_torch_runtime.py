@@ -1,6 +1,7 @@
-"""Plans exported from slimpipe run in torch.distributed.pipelining's own runtime
-(_PipelineScheduleRuntime loading our CSV, PipelineStages built from the executor's model) under
-torchrun/gloo at p=2 and p=4, with loss and gradients equal to our executor's on the same plan."""
+"""Plans exported from slimpipe (1f1b, interleaved-1f1b, zb-v with its I and W) run in
+torch.distributed.pipelining's own runtime (_PipelineScheduleRuntime loading our CSV,
+PipelineStages built from the executor's model) under torchrun/gloo at p=2 and p=4, with loss and
+gradients equal to our executor's on the same plan."""
 import json
 
 import pytest
@@ -15,6 +16,7 @@ TOL = 1e-5
 PLANS = {  # name -> (family, m, v) at each p
     "1f1b": ("1f1b", 4, 1),
     "interleaved-1f1b": ("interleaved-1f1b", 8, 2),
+    "zb-v": ("zb-v", 4, 2),
 }
 
 
