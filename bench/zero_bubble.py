@@ -139,7 +139,7 @@ def unit_times(case: dict) -> dict:
             t[k] = CostModel(spec, prof).unit_time_of(1, s, (prefix,) if prefix else (), cls)
         mm, attn, _ring, tpc = unit_parts(spec.model, s, prefix, "forward", spec.tp, spec.cp, prof, layers=layers)
         t["attention_share_of_F"] = attn / (mm + attn + tpc)
-        t["W_over_F_plus_I"] = t["W"] / (t["F"] + t["I"])
+        t["W_share"] = t["W"] / (t["F"] + t["I"] + t["W"])  # 1/3 at unit costs
         out[name] = {"tokens": s, "prefix": prefix, **t}
     return out
 
@@ -154,6 +154,8 @@ def verdict(cases: list[dict]) -> list[dict]:
         for other in ("1f1b", "slimpipe", "slimpipe split-backward"):
             if other in rows:
                 d[f"zb_v_over_{other.replace(' ', '_').replace('-', '_')}"] = zbv["step_s"] / rows[other]["step_s"]
+        fastest = min(rows.values(), key=lambda r: r["step_s"])
+        d["fastest"], d["fastest_step_s"] = fastest["row"], fastest["step_s"]
         d["zb_v_unit_cost_bubble"] = zbv["unit_cost"]["bubble_fraction"]
         d["zb_v_bubble"] = zbv["bubble_fraction"]
         out.append(d)
@@ -191,27 +193,44 @@ def run(cases=CASES) -> dict:
 
 
 def table(res: dict) -> str:
-    """Markdown: one table per case, then the F/I/W times."""
-    lines = []
-    for c in res["cases"]:
-        lines += [f"{c['case']} (p={c['pp']}, tp={c['tp']}, n={c['slices']} for sliced rows, {res['device_profile']}):", "",
-                  "| schedule | n | v | step s | bubble | unit-cost bubble | peak GiB (rank) |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in c["rows"]:
+    """Markdown: one row per schedule, one column per case (step, bubble with the unit-cost bubble
+    beside it, peak GiB of the fullest rank); the refusal lines under it; then the F/I/W times."""
+    cases = res["cases"]
+    head = ["schedule"] + [f"{c['case']} (n={c['slices']})" for c in cases]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    refusals: list[str] = []
+    for i, label in enumerate(r["row"] for r in cases[0]["rows"]):
+        cells = [label]
+        for c in cases:
+            r = c["rows"][i]
             if "refused" in r:
-                lines.append(f"| {r['row']} | | | refused: `{r['refused']}` | | | |")
+                if r["refused"] not in refusals:
+                    refusals.append(r["refused"])
+                cells.append(f"refused ({refusals.index(r['refused']) + 1})")
                 continue
             step = f"{r['step_s']:.3f}" if r["step_s"] < 10 else f"{r['step_s']:.1f}"
-            lines.append(f"| {r['row']} | {r['slices']} | {r['virtual_stages']} | {step} | {r['bubble_fraction']:.1%} | "
-                         f"{r['unit_cost']['bubble_fraction']:.1%} | {r['peak_memory_gib']:.1f} ({r['peak_rank']}) |")
-        lines.append("")
-    lines += ["Middle-stage unit times (stage 1), seconds: F, I, W; attention's share of F; W / (F + I):", "",
-              "| case | piece | tokens | F | I | W | attention share of F | W/(F+I) |", "|---|---|---|---|---|---|---|---|"]
+            cells.append(f"{step} s, {r['bubble_fraction']:.1%} ({r['unit_cost']['bubble_fraction']:.1%}), "
+                         f"{r['peak_memory_gib']:.1f} GiB")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"({k}) `{line}`" + ("  " if k < len(refusals) else "") for k, line in enumerate(refusals, 1)]
+    lines.append("")
+    lines += ["A middle stage's unit times (stage 1), seconds: F, I, W; attention's share of F; W's share of "
+              "F + I + W (1/3 at unit costs):", "",
+              "| model, context | piece | tokens | F | I | W | attention share of F | W share |",
+              "|---|---|---|---|---|---|---|---|"]
+    seen = set()
     for c in res["cases"]:
+        key = (c["model"], c["seq_len"], c["pp"], c["tp"], c["slices"])
+        if key in seen:  # the same model, context and layout: the same units
+            continue
+        seen.add(key)
+        S = c["seq_len"]
+        name = f"{c['model']} {S // 1024}K" if S % 1024 == 0 else f"{c['model']} {S} tokens"
         for piece in ("whole", "first_slice", "last_slice"):
             u = c["unit_times"][piece]
-            lines.append(f"| {c['case']} | {piece.replace('_', ' ')} | {u['tokens']} | {u['F']:.4g} | {u['I']:.4g} | "
-                         f"{u['W']:.4g} | {u['attention_share_of_F']:.1%} | {u['W_over_F_plus_I']:.2f} |")
+            lines.append(f"| {name} | {piece.replace('_', ' ')} | {u['tokens']} | {u['F']:.4g} | {u['I']:.4g} | "
+                         f"{u['W']:.4g} | {u['attention_share_of_F']:.1%} | {u['W_share']:.1%} |")
     return "\n".join(lines)
 
 

@@ -26,5 +26,5 @@ def test_rows_closed_forms_and_refusal():
             assert r["peak_memory_gib"] == max(r["peak_memory_gib_per_rank"])
     md = table({"device_profile": "h100", "cases": [{**TINY, "rows": list(rows.values()),
                                                           "unit_times": unit_times(TINY)}]})
-    assert "| 1f1b sliced | | | refused: `slimpipe compile: error: --slices 2:" in md
-    assert md.count("| tiny p=2 m=2 | ") == 3  # F, I, W of the whole sequence, the first and the last slice
+    assert "| 1f1b sliced | refused (1) |" in md and "(1) `slimpipe compile: error: --slices 2: 1f1b does not" in md
+    assert md.count("| tiny 128 tokens | ") == 3  # F, I, W of the whole sequence, the first and the last slice
