@@ -114,6 +114,9 @@ class PlanSpec(BaseModel):
     layer_split: Literal["uniform", "balanced", "custom"] = "uniform"
     exchange: StrictBool = False
     exchange_threshold: StrictInt = Field(default=0, ge=0)
+    # the family's order splits each unit's backward into I and W (compile --split-backward;
+    # the zero-bubble families split it whatever this says)
+    split_backward: StrictBool = False
     tp: StrictInt = Field(default=1, ge=1)
     cp: StrictInt = Field(default=1, ge=1)
     dp: StrictInt = Field(default=1, ge=1)

@@ -48,6 +48,10 @@ def matrix(p):
         "zb-v-sliced-exchange": spec("zb-v", p, 2, n=4, v=2, exchange=True),
         "interleaved-zb-v2": spec("interleaved-zb", p, p, v=2),
         "interleaved-zb-v2-sliced": spec("interleaved-zb", p, p, n=2, v=2),
+        # slimpipe --split-backward with the KV exchange: slices = p (levelled: token ranges, helpers at p=4)
+        # and slices = 2p > p (interleaved, the unit-cost pairing)
+        "slimpipe-split-v1-exchange": (spec("slimpipe", p, 2, n=p, exchange=True, split_backward=True), LEVELLING),
+        "slimpipe-split-v2-exchange": spec("slimpipe", p, 2, n=2 * p, v=2, exchange=True, split_backward=True),
         # a large vocabulary makes the LM head worth several layers: uneven stages
         "1f1b-balanced": spec("1f1b", p, p, model=resolve_model("tiny", {"vocab": 8192}), layer_split_kind="balanced"),
         "slimpipe-levelled-v1": (spec("slimpipe", p, 2, n=8, exchange=True), LEVELLING),

@@ -184,6 +184,8 @@ def test_show_max_steps_negative(plan_path, capsys):
     (["trace", PLAN, "-o", OUT + ".json", "--unit-costs", "--device-profile", "a100"], "--unit-costs takes no --device-profile"),
     (["compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--exchange-threshold", "2", "-o", OUT + ".json"],
      "--exchange-threshold 2 caps the KV exchange, which this plan does not run"),
+    (["compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--split-backward", "-o", OUT + ".json"],
+     "--split-backward: 1f1b runs a fused backward; the families that split it are slimpipe, zb-h1"),
 ])
 def test_options_that_do_not_apply(tmp_path, plan_path, argv, needle):
     """An option that would be silently ignored is refused instead."""

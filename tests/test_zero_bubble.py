@@ -109,3 +109,77 @@ def test_interleaved_zb_not_slower_than_torch(p, m, v):
     t, o = simulate_units(theirs), simulate_units(ours)
     assert o["makespan"] <= t["makespan"], (o["makespan"], t["makespan"])
     assert o["ranks"][0]["peak_units"] <= t["ranks"][0]["peak_units"]
+
+
+# ---------------------------------------------------------------- slimpipe --split-backward
+
+def slimpipe_split(p, m, n, v, exchange=False):
+    return compile_plan(build_spec("slimpipe", MODEL, pp=p, microbatches=m, slices=n, virtual_stages=v,
+                                   seq_len=4 * n, exchange=exchange, split_backward=True))
+
+
+# (p, m, n, v): unit-cost makespan with the split (F = I = W = 1), and fused (F = 1, B = 2). Derived by
+# hand for (2, 2, 2, 1) (rank 1 ends its I at 9 and runs its four W from 9 to 13); fused slimpipe is
+# 3vmn + 3(p-1); the split 3vmn + p-1 where (m-1)nv >= p-1, else more: m = 1 leaves no later
+# micro-batch's W to fill the drain.
+SPLIT_FIGURES = [
+    ((2, 2, 2, 1), 13, 15),
+    ((4, 4, 4, 1), 51, 57),
+    ((4, 2, 4, 2), 51, 57),
+    ((8, 4, 8, 1), 103, 117),
+    ((4, 1, 4, 1), 18, 21),
+    ((3, 2, 1, 1), 9, 12),
+]
+
+
+@pytest.mark.parametrize("sizes,split_ms,fused_ms", SPLIT_FIGURES)
+def test_slimpipe_split_backward_figures(sizes, split_ms, fused_ms):
+    p, m, n, v = sizes
+    fused = compile_sizes("slimpipe", p, m, n, v)
+    plan = slimpipe_split(p, m, n, v)
+    assert check(plan).ok
+    sim, sim_f = simulate_units(plan), simulate_units(fused)
+    assert (sim["makespan"], sim_f["makespan"]) == (split_ms, fused_ms)
+    assert sim["bubble_fraction"] == pytest.approx(1 - 3 * v * m * n / split_ms, abs=1e-12)
+    assert all(r["busy"] == 3 * v * m * n for r in sim["ranks"])
+    fam = schedules.get("slimpipe")
+    exact = fam.split_exact(p, m, n, v)
+    assert exact == (split_ms == 3 * v * m * n + p - 1)
+    if exact:
+        assert sim["bubble_fraction"] == pytest.approx(fam.split_bubble(p, m, n, v), abs=1e-12)
+    # F and I keep SlimPipe's order: the fused order with B read as I, W dropped
+    for s, sf in zip(plan.ranks, fused.ranks):
+        mine = [(i.kind.replace("I", "B"), i.mb, i.slice, i.chunk) for i in s if i.kind in ("F", "I")]
+        assert mine == [(i.kind, i.mb, i.slice, i.chunk) for i in sf if i.kind in ("F", "B")]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=st.integers(1, 8), m=st.integers(1, 12), n=st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16]),
+       v=st.integers(1, 3), exchange=st.booleans())
+def test_slimpipe_split_backward_closed_form(p, m, n, v, exchange):
+    """slimpipe --split-backward (with or without the KV exchange): valid and deadlock-free; makespan
+    3vmn + p-1 exactly where (m-1)nv >= p-1, longer elsewhere; every rank's peak units in flight (F
+    to W) is the fused order's rank-0 peak min(nv + 2(p-1), mnv); each W after its I."""
+    if v > 1 and n < p:
+        n = p if n % 2 else 2 * p  # interleaved slimpipe needs n >= p
+    exchange = exchange and n > 1
+    plan = slimpipe_split(p, m, n, v, exchange)
+    assert check(plan).ok
+    sim = simulate_units(plan)
+    want = 3 * v * m * n + p - 1
+    fam = schedules.get("slimpipe")
+    if fam.split_exact(p, m, n, v):
+        assert sim["makespan"] == want
+    else:
+        assert sim["makespan"] > want
+    peak = fam.peak_units(p, m, n, v)
+    assert [r["peak_units"] for r in sim["ranks"]] == [peak] * p
+    kinds = {i.kind for s in plan.ranks for i in s}
+    assert "B" not in kinds and {"I", "W"} <= kinds
+
+
+def test_split_backward_refused_where_the_family_has_a_fused_backward():
+    for fam in ("gpipe", "1f1b", "seq1f1b"):
+        with pytest.raises(SpecError, match=f"--split-backward: {fam} runs a fused backward; the families that "
+                                            "split it are slimpipe, zb-h1, zb-v, interleaved-zb"):
+            compile_plan(build_spec(fam, MODEL, pp=2, microbatches=2, seq_len=8, split_backward=True))

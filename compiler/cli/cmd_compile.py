@@ -37,6 +37,10 @@ def add_shape_args(p, schedule_required: bool = True) -> None:
     p.add_argument("--placement", default=None,
                    help="stages of each rank: plain (v = 1), looping (chunk c of rank r is stage c*p + r) or v "
                         "(chunk 0 is stage r, chunk 1 stage 2p-1-r); default: the schedule's (v for zb-v, else looping)")
+    p.add_argument("--split-backward", action="store_true", default=False,
+                   help="split each unit's backward into I (input gradient) and W (weight gradient, deferred into "
+                        "the gaps); for " + ", ".join(f.name for f in schedules.FAMILIES.values() if f.split_option)
+                        + " (the zero-bubble families always split)")
     p.add_argument("--micro-batch-size", type=positive_int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data seed the executor uses (default 0)")
 
@@ -106,6 +110,8 @@ def spec_from_args(args):
     extra = {}
     if getattr(args, "placement", None) is not None:
         extra["placement"] = args.placement
+    if getattr(args, "split_backward", False):
+        extra["split_backward"] = True
     if hasattr(args, "exchange"):
         extra.update(exchange=exchange_from_args(args), exchange_threshold=args.exchange_threshold)
     if hasattr(args, "partition"):
@@ -124,7 +130,8 @@ def run(args) -> int:
     plan = compile_plan(spec, profile)
     save(plan, args.output)
     summary = {"output": args.output, "schedule": spec.schedule, "pp": spec.pp, "microbatches": spec.microbatches,
-               "slices": spec.slices, "virtual_stages": spec.virtual_stages, "partition": spec.partition,
+               "slices": spec.slices, "virtual_stages": spec.virtual_stages, "split_backward": spec.split_backward,
+               "partition": spec.partition,
                "slice_lens": list(spec.slice_lens[0]), "layer_split": spec.layer_split,
                "stage_layers": list(spec.stage_layers), "tp": spec.tp, "cp": spec.cp, "dp": spec.dp, "exchange": spec.exchange,
                "exchanges": plan.meta.get("exchanges", 0), "device_profile": plan.meta.get("device_profile"),
@@ -133,7 +140,7 @@ def run(args) -> int:
         emit_json(summary)
     else:
         print(f"wrote {args.output}: {spec.schedule} p={spec.pp} m={spec.microbatches} n={spec.slices} "
-              f"v={spec.virtual_stages}, model {spec.model.name} ({spec.model.layers} layers), seq {spec.seq_len}, "
+              f"v={spec.virtual_stages}{', split backward' if spec.split_backward else ''}, model {spec.model.name} ({spec.model.layers} layers), seq {spec.seq_len}, "
               f"{summary['instructions']} instructions"
               + (f", {summary['exchanges']} KV exchanges" if spec.exchange else ""))
     return 0

@@ -1,10 +1,11 @@
 """Shared pieces of the schedule generators."""
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from ir import B, F, Instr, PlanSpec, SpecError
+from ir import B, F, Instr, Kind, PlanSpec, SpecError
 
 Order = list[list[Instr]]  # per rank: compute units only, in program order
 Sizes = Callable[[int, int, int, int], object]  # f(p, m, n, v)
@@ -41,6 +42,10 @@ class Family:
     default_exchange  the KV exchange is on by default when n > 1 (compile); tune and compare try both
     (compare runs tune's search at one layout: one search space, read from these choices)
     split_backward  its orders use I and W (zero-bubble families) instead of the fused B
+    split_option  it takes --split-backward (spec.split_backward): its fused B become I and W
+                  (the zero-bubble families take the flag too: they split anyway)
+    split_bubble  closed-form unit-cost bubble with --split-backward (F = I = W = 1) f(p, m, n, v)
+    split_exact   where split_bubble is exact (peak_units does not change with the split)
     placements    the placements it accepts (the first is its default): plain (v = 1), looping
                   (chunk c of rank r is stage c*p + r), v (chunk 0 stage r, chunk 1 stage 2p-1-r)
     default_virtual  --virtual-stages when not given
@@ -63,6 +68,9 @@ class Family:
     partitions: tuple[str, ...] = ("uniform",)
     default_exchange: bool = False
     split_backward: bool = False
+    split_option: bool = False
+    split_bubble: Callable[[int, int, int, int], float] | None = None
+    split_exact: Callable[[int, int, int, int], bool] = _always
     placements: tuple[str, ...] = ("looping",)
     default_virtual: int = 1
 
@@ -105,8 +113,18 @@ class Family:
         if not self.allows_virtual and spec.virtual_stages != 1:
             raise SpecError(f"--virtual-stages {spec.virtual_stages}: {self.name} has one stage per rank (allowed: 1); "
                             f"use interleaved-1f1b, looped-bfs, seq1f1b or slimpipe for virtual stages")
+        if getattr(spec, "split_backward", False) and not (self.split_option or self.split_backward):
+            raise SpecError(f"--split-backward: {self.name} runs a fused backward; the families that split it are "
+                            f"{', '.join(split_families())}")
         if self.check is not None:
             self.check(spec)
+
+
+def split_families() -> list[str]:
+    """Names of the families that take --split-backward (from their records)."""
+    from . import FAMILIES
+
+    return [f.name for f in FAMILIES.values() if f.split_option or f.split_backward]
 
 
 def flat_bubble(p: int, m: int, n: int, v: int) -> float:
@@ -171,3 +189,63 @@ def megatron_interleaved(spec: PlanSpec, units: list[tuple[int, int]], bwd_units
         mb, j = bwd_units[idx]
         bwd.append(B(mb, j, v - 1 - chunk))
     return fwd, bwd
+
+
+def fill_weight_gradients(spec: PlanSpec, order: Order, limit_w: list[int]) -> Order:
+    """A fused order (F and B) with each B split into I and W, the W placed by a greedy rule in a
+    unit-cost replay (F = I = W = 1, communication free; the F and I of every rank keep their order):
+
+    an idle rank runs its next F or I if it is ready (its input activation, or its output gradient,
+    has arrived), except an F while `limit_w[r]` of its units are between F and W (then the oldest
+    deferred W goes first, so what W keeps stays bounded); otherwise (next unit not ready) it runs
+    its oldest deferred W, if any, else it waits; after its last I it runs the W still deferred
+    (the cool-down). With unit costs every start is an integer and a unit not ready at t is ready
+    at t + 1 at the earliest, so a W put in a wait never delays the F and I of any rank."""
+    p = spec.pp
+    stages = spec.placement
+    last = spec.num_stages - 1
+    seq = [[Instr(Kind.I, *u[1:]) if u.kind == Kind.B else u for u in s] for s in order]
+    pos = [0] * p
+    f_end: dict[tuple[int, int, int], int] = {}
+    i_end: dict[tuple[int, int, int], int] = {}
+    pending: list[deque] = [deque() for _ in range(p)]
+    in_w = [0] * p  # units between F and W
+    free_at = [0] * p
+    out: Order = [[] for _ in range(p)]
+    t = 0
+    idle_rounds = 0
+    while any(pos[r] < len(seq[r]) or pending[r] for r in range(p)):
+        moved = False
+        for r in range(p):
+            if free_at[r] > t:
+                continue
+            u = seq[r][pos[r]] if pos[r] < len(seq[r]) else None
+            ready = False
+            if u is not None:
+                s = stages[r][u.chunk]
+                if u.kind == Kind.F:
+                    ready = s == 0 or f_end.get((u.mb, u.slice, s - 1), t + 1) <= t
+                else:
+                    ready = s == last or i_end.get((u.mb, u.slice, s + 1), t + 1) <= t
+            if ready and not (u.kind == Kind.F and in_w[r] >= limit_w[r] and pending[r]):
+                out[r].append(u)
+                pos[r] += 1
+                s = stages[r][u.chunk]
+                if u.kind == Kind.F:
+                    f_end[(u.mb, u.slice, s)] = t + 1
+                    in_w[r] += 1
+                else:
+                    i_end[(u.mb, u.slice, s)] = t + 1
+                    pending[r].append(Instr(Kind.W, u.mb, u.slice, u.chunk))
+            elif pending[r]:
+                out[r].append(pending[r].popleft())
+                in_w[r] -= 1
+            else:
+                continue
+            free_at[r] = t + 1
+            moved = True
+        t += 1
+        idle_rounds = 0 if moved else idle_rounds + 1
+        if idle_rounds > 1:  # nothing ran and nothing is running: the fused order was not valid
+            raise SpecError(f"{spec.schedule}: its order deadlocks in the unit-cost replay (p={p})")
+    return out
