@@ -98,6 +98,8 @@ class Rank:
     # ------------------------------------------------------------------ handlers
     def forward(self, ins: Instr):
         mb, s, c = ins.mb, ins.slice, ins.chunk
+        if self.opt_done:
+            raise UnitError("runs after this step's OPT: the optimizer step must follow every backward of the step")
         stage = self.stages[c]
         if stage.has_unit(mb, s) or stage.ran_backward(mb, s):
             raise UnitError("this unit's forward already ran in this step")
@@ -110,6 +112,9 @@ class Rank:
 
     def backward(self, ins: Instr):
         mb, s, c = ins.mb, ins.slice, ins.chunk
+        if self.opt_done:
+            raise UnitError("runs after this step's OPT, so its gradient would miss the optimizer step (OPT must "
+                            "follow every backward of the step)")
         stage = self.stages[c]
         if stage.ran_backward(mb, s):
             raise UnitError("this unit's backward already ran in this step")
@@ -121,6 +126,9 @@ class Rank:
         stage.backward(mb, s, kvb, split=ins.kind == Kind.I)
 
     def weight(self, ins: Instr):
+        if self.opt_done:
+            raise UnitError("runs after this step's OPT, so its weight gradient would miss the optimizer step (OPT "
+                            "must follow every backward of the step)")
         self.stages[ins.chunk].backward_weight(ins.mb, ins.slice)
 
     def kvf_send(self, ins):  # several may precede one unit: one per partner or helper

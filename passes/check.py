@@ -24,15 +24,18 @@ class Report:
 P2P_MODES = ("buffered", "rendezvous")
 
 
-def check(plan: Plan, p2p: str = "buffered") -> Report:
+def check(plan: Plan, p2p: str = "buffered", step: bool | None = None) -> Report:
     """Structural rules, then the deadlock proof with buffered sends (the executor over gloo) and,
     with p2p="rendezvous", again with sends that block until their receive is posted (NCCL).
     Order problems alone (rule p2p-order) do not stop the proof: it matches by tag, as gloo does.
     How runs of consecutive sends/receives are posted comes from plan.meta["p2p_batching"]:
-    "runs" (default, our executor: one batch per run) or "single" (torch's runtime: one per action)."""
+    "runs" (default, our executor: one batch per run) or "single" (torch's runtime: one per action).
+    `step=True` holds the plan to a whole training step (every rank's OPT, rule "optimizer"), as
+    `slimpipe check` and everything acting on a plan file do; None applies that rule only when some
+    rank has an OPT (a bare schedule from the generators has none)."""
     if p2p not in P2P_MODES:
         raise ValueError(f"p2p={p2p!r}; allowed: {', '.join(P2P_MODES)}")
-    problems = validate(plan)
+    problems = validate(plan, step=step)
     if all(pr.rule == "p2p-order" for pr in problems):
         res = replay(plan)
         if res.deadlocked:
@@ -50,8 +53,9 @@ def check(plan: Plan, p2p: str = "buffered") -> Report:
 def require_valid(plan: Plan, doing: str, path: str = "plan.json", deadlock: bool = True) -> None:
     """Refuse a plan that breaks a rule (and, with `deadlock`, one that cannot finish) before
     acting on it: PlanInvalidError with one line, e.g. 'plan breaks a rule, not run: [order] ...'.
-    `doing` says what was not done ('not run', 'not simulated')."""
-    problems = check(plan).problems if deadlock else validate(plan)
+    `doing` says what was not done ('not run', 'not simulated'). The plan must be a whole training
+    step (rule "optimizer")."""
+    problems = check(plan, step=True).problems if deadlock else validate(plan, step=True)
     if problems:
         first = str(problems[0])
         if len(first) > 700:

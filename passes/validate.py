@@ -23,6 +23,10 @@
   before one unit are disjoint, and a partner (KV*_RECV) has a compute unit of its own after it;
 - REDUCE_GRAD c (data-parallel gradient average of chunk c) at most once per rank and step, after
   every backward of chunk c on that rank and before OPT (rule "reduce-grad").
+- in a step plan (one that has an optimizer step on some rank; always under `check`), every rank
+  holding parameters runs exactly one OPT, after every instruction of its step that leaves a weight
+  gradient (rule "optimizer"). A bare schedule (the generators' output, before compile appends the
+  optimizer step) has none.
 """
 from __future__ import annotations
 
@@ -91,8 +95,10 @@ def _at(r: int, i: int, ins: Instr) -> str:
 
 
 @gc_paused
-def validate(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
-    """All rule violations found (at most `max_problems`), in a stable order."""
+def validate(plan: Plan, max_problems: int = MAX_PROBLEMS, step: bool | None = None) -> list[Problem]:
+    """All rule violations found (at most `max_problems`), in a stable order. `step` says whether
+    the plan must be a whole training step (rule "optimizer": True for what is run or checked,
+    None = when some rank has an OPT, False for a bare schedule)."""
     problems: list[Problem] = []
 
     def bad(rule: str, msg: str, rank: int | None = None, index: int | None = None) -> None:
@@ -110,6 +116,7 @@ def validate(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
         pos = _coverage_and_order(plan, bad)
         _p2p(plan, pos, bad)
         _kv(plan, bad)
+        _optimizer(plan, bad, step)
         _order(plan, bad)
         _reduce_grad(plan, bad)
     except _TooMany:
@@ -361,6 +368,38 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
                                               f"that {_at(r, ri, stream[ri])} receives", q_, si)
 
 
+# what the optimizer step must follow: every compute kind that leaves a weight gradient (the fused
+# backward B, the split backward's W; I leaves none, but it precedes its W)
+_OPTIMIZER = frozenset(k for k, row in KINDS.items() if row.role == "optimizer")
+_GRADIENTS = frozenset(k for k, row in KINDS.items() if row.role == "compute" and row.cost in ("backward", "backward_weight"))
+
+
+def _optimizer(plan: Plan, bad, step: bool | None) -> None:
+    """Rule "optimizer": each rank holding parameters (every rank holds at least one stage)
+    runs exactly one optimizer step, after the last instruction that leaves a weight gradient;
+    an earlier one would update the parameters without the gradients that follow it.
+    `step`: True, the plan is a training step (every rank needs its OPT); None, it is one when
+    some rank has an OPT; False, the rule is skipped."""
+    opt = _OPTIMIZER
+    found = [[i for i, ins in enumerate(stream) if ins.kind in opt] for stream in plan.ranks]
+    if step is False or (step is None and not any(found)):
+        return
+    for r, stream in enumerate(plan.ranks):
+        opts = found[r]
+        if not opts:
+            bad("optimizer", f"rank {r} has no optimizer step (OPT): every rank holding parameters runs exactly one "
+                             f"per step, after its last backward", r)
+            continue
+        for i in opts[1:]:
+            bad("optimizer", f"{_at(r, i, stream[i])} repeats {_at(r, opts[0], stream[opts[0]])}: one optimizer step "
+                             f"per rank and step", r, i)
+        o = opts[0]
+        last = next((i for i in range(len(stream) - 1, o, -1) if stream[i].kind in _GRADIENTS), None)
+        if last is not None:
+            bad("optimizer", f"{_at(r, o, stream[o])} runs before {_at(r, last, stream[last])}: the optimizer step "
+                             f"must follow every backward of the step, or it misses their gradients", r, o)
+
+
 def _kv_positions(plan: Plan) -> list[list[int]]:
     kv = KV
     return [[i for i, ins in enumerate(stream) if ins.kind in kv] for stream in plan.ranks]
@@ -470,7 +509,7 @@ def _nth(k: int) -> str:
 def _reduce_grad(plan: Plan, bad) -> None:
     """REDUCE_GRAD c averages chunk c's weight gradients over the replicas when it runs: it must
     come after every unit that adds to them (rule "reduce-grad"), once per chunk, before OPT."""
-    wgrad = {k for k, row in KINDS.items() if row.role == "compute" and row.cost in ("backward", "backward_weight")}
+    wgrad = _GRADIENTS
     for r, stream in enumerate(plan.ranks):
         seen: dict[int, int] = {}
         opt_at = None

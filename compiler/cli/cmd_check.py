@@ -17,7 +17,7 @@ def run(args) -> int:
             emit_json({"valid": False, "usable": False, "problems": [
                 {"rule": "unreadable", "rank": getattr(e, "rank", None), "index": getattr(e, "index", None), "message": str(e)}]})
         raise
-    report = check(plan, args.p2p)
+    report = check(plan, args.p2p, step=True)
     if args.json:
         emit_json(report.to_json())
     elif report.ok:

@@ -17,7 +17,7 @@ def run(args) -> int:
     if args.rank is not None and args.rank >= plan.spec.pp:
         raise SpecError(f"--rank {args.rank} is not a rank of {args.plan}; allowed: 0..{plan.spec.pp - 1}")
     # a plan that breaks a rule or deadlocks is drawn as far as it goes, then said so: exit 1 like check
-    problems = check(plan).problems
+    problems = check(plan, step=True).problems
     if args.list:
         print(listing(plan, rank=args.rank))
     else:
