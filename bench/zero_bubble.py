@@ -1,7 +1,7 @@
 """Zero-bubble schedules at long and short context (issue 10): step time, bubble and peak memory
 of 1f1b, interleaved-zb, zb-v (whole sequence and sliced), seq1f1b (flops slices) and slimpipe
-(with the KV exchange; with and without --split-backward) under the cost and memory models with
-the h100 device profile, to test the SlimPipe paper's claim that zero-bubble V schedules lose
+(with the KV exchange, with and without --split-backward; both again without the exchange) under
+the cost and memory models with the h100 device profile, to test the SlimPipe paper's claim that zero-bubble V schedules lose
 their advantage at long context, where attention dominates.
 
 Cases (every row of a case shares model, sequence, p, tp, m):
@@ -70,6 +70,9 @@ ROWS = [
     ("seq1f1b flops", "--schedule seq1f1b --slices {n} --partition flops"),
     ("slimpipe", "--schedule slimpipe --slices {n} --exchange"),
     ("slimpipe split-backward", "--schedule slimpipe --slices {n} --exchange --split-backward"),
+    # the same two without the KV exchange: what the exchange buys (at 4K it costs; see the README)
+    ("slimpipe no-exchange", "--schedule slimpipe --slices {n} --no-exchange"),
+    ("slimpipe split-backward no-exchange", "--schedule slimpipe --slices {n} --no-exchange --split-backward"),
 ]
 
 
@@ -156,6 +159,11 @@ def verdict(cases: list[dict]) -> list[dict]:
                 d[f"zb_v_over_{other.replace(' ', '_').replace('-', '_')}"] = zbv["step_s"] / rows[other]["step_s"]
         fastest = min(rows.values(), key=lambda r: r["step_s"])
         d["fastest"], d["fastest_step_s"] = fastest["row"], fastest["step_s"]
+        # the split backward inside one schedule: step saved by slimpipe --split-backward
+        for tag, a, b in (("exchange", "slimpipe", "slimpipe split-backward"),
+                          ("no_exchange", "slimpipe no-exchange", "slimpipe split-backward no-exchange")):
+            if a in rows and b in rows:
+                d[f"split_backward_saves_{tag}"] = 1 - rows[b]["step_s"] / rows[a]["step_s"]
         d["zb_v_unit_cost_bubble"] = zbv["unit_cost"]["bubble_fraction"]
         d["zb_v_bubble"] = zbv["bubble_fraction"]
         out.append(d)

@@ -9,7 +9,7 @@ TINY = dict(case="tiny p=2 m=2", model="tiny", seq_len=128, pp=2, tp=1, microbat
 
 
 def test_rows_closed_forms_and_refusal():
-    rows = {label: run_row(TINY, label, flags) for label, flags in ROWS if label != "slimpipe split-backward"}
+    rows = {label: run_row(TINY, label, flags) for label, flags in ROWS}
     assert rows["1f1b sliced"]["refused"] == ("slimpipe compile: error: --slices 2: 1f1b does not slice the sequence "
                                               "(allowed: 1); use seq1f1b or slimpipe for sequence slicing")
     p, m, n = 2, 2, 2
@@ -19,6 +19,8 @@ def test_rows_closed_forms_and_refusal():
     assert rows["slimpipe"]["exchange"] and rows["slimpipe"]["unit_cost"]["bubble_fraction"] == approx(
         (p - 1) / (m * n + p - 1), rel=1e-12)
     assert rows["zb-v sliced"]["split_backward"] and not rows["seq1f1b flops"]["split_backward"]
+    split, plain = rows["slimpipe split-backward no-exchange"], rows["slimpipe no-exchange"]
+    assert split["split_backward"] and not split["exchange"] and not plain["split_backward"]
     assert rows["zb-v"]["command"].startswith("slimpipe compile --model tiny --seq-len 128 --pp 2 --tp 1 "
                                               "--microbatches 2 --schedule zb-v --device-profile h100")
     for r in rows.values():
