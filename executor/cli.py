@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=1, help="training steps (default 1)")
     p.add_argument("--json", action="store_true", help="last line on rank 0: a JSON summary (progress goes to stderr)")
     p.add_argument("--check-reference", action="store_true",
-                   help="compare loss and gradients of step 1 with the unsliced single-process model; exit 1 if > 1e-4")
+                   help="compare loss and gradients of step 1 with the unsliced single-process model; exit 1 if > 1e-4 (in bf16/fp16 or with --autocast: 1e-4 + 2x what that precision costs the unsliced model itself)")
     p.add_argument("--attention", choices=["auto", "sdpa", "flash", "math"], default="auto",
                    help="attention backend (auto: flash-attn on CUDA when importable, else torch SDPA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")

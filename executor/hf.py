@@ -227,14 +227,14 @@ def raw_config(hf_dir: str) -> dict:
         return json.load(f)
 
 
-def reference(hf_dir: str, spec, batch, device) -> tuple[float, dict]:
-    """transformers' own model (fp32, from_pretrained) on the step's batch: the step loss (mean token
+def reference(hf_dir: str, spec, batch, device, dtype=torch.float32) -> tuple[float, dict]:
+    """transformers' own model (from_pretrained in `dtype`, fp32 by default) on the step's batch: the step loss (mean token
     loss per micro-batch, averaged over micro-batches, as the pipelined step computes it) and the
     gradient of every parameter under our names. batch(mb) -> [mbs, seq_len + 1] token ids."""
     _need_libs("--hf-model --check-reference", "transformers")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager")
     model.to(device).train()
     m = spec.microbatches
     denom = spec.micro_batch_size * spec.seq_len * m

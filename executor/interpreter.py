@@ -51,7 +51,7 @@ class Rank:
         self.replica, self.replicas, self.train, self.lr = replica, replicas, train, lr
         self.stream = plan.ranks[rank]
         self.tp, self.backend, self.device, self.dtype = transport, backend, torch.device(device), dtype
-        self.timeout = timeout
+        self.timeout, self.autocast = timeout, autocast
         self.check_reference = check_reference
         self.pc, self.step = -1, 0
         self.watch = watch or Watch(rank)
@@ -261,7 +261,7 @@ class Rank:
             src = self.batches.source
             self.report.update(reference_check(self.spec, self.params.chunks, self.step, self.device,
                                                lambda mb, d: src.batch(self.step, mb, d), self.hf_model,
-                                               self.replicas))
+                                               self.replicas, self.dtype, self.autocast))
 
     def run_step(self, step: int) -> dict:
         """Run the stream once; returns this rank's step figures."""

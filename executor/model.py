@@ -271,9 +271,11 @@ class Linear(torch.autograd.Function):
     counts these). dW goes to the unit's WeightGradStore `wg` when it defers."""
 
     @staticmethod
-    def forward(ctx, h, w, wg=None):
+    def forward(ctx, h, w, wg=None, weight=None):
         ctx.save_for_backward(h, w)
-        ctx.wg, ctx.weight = wg, w  # the Parameter itself: a saved tensor unpacks as another object
+        # the Parameter itself (a saved tensor unpacks as another object; under autocast `w` is its
+        # bf16 cast and `weight` the Parameter the deferred dW goes to)
+        ctx.wg, ctx.weight = wg, w if weight is None else weight
         return h @ w.t()
 
     @staticmethod
@@ -281,13 +283,21 @@ class Linear(torch.autograd.Function):
         h, w = ctx.saved_tensors
         dh = dy @ w if ctx.needs_input_grad[0] else None
         dw = _weight_grad(ctx.wg, ctx.weight, h, dy) if ctx.needs_input_grad[1] else None
-        return dh, dw, None
+        return dh, dw, None, None
 
 
 def _proj(h, w, b=None, wg=None):
     """h @ w.t() (+ b); `wg`: the unit's WeightGradStore when its backward is split (Linear), else
     None and the plain matmul (whose autograd the fused memory figures were measured with)."""
-    y = h @ w.t() if wg is None else Linear.apply(h, w, wg)
+    if wg is None:
+        y = h @ w.t()
+    elif torch.is_autocast_enabled(h.device.type):
+        # what autocast does to the plain matmul, done before the Function: its backward runs
+        # outside autocast and multiplies tensors of one dtype
+        dt = torch.get_autocast_dtype(h.device.type)
+        y = Linear.apply(h.to(dt), w.to(dt), wg, w)
+    else:
+        y = Linear.apply(h, w, wg)
     return y if b is None else y + b
 
 

@@ -179,5 +179,6 @@ def test_autocast_runs_attention_and_exchange_in_bf16():
     finally:
         S.Stage._attend = attend
     assert dtypes == {(torch.bfloat16, torch.bfloat16)}
-    assert code == 1  # beyond --check-reference's fp32 tolerance, as bf16 must be
-    assert 1e-4 < s["max_grad_rel_err"] < 5e-2 and s["loss_rel_err"] < 1e-4
+    # beyond fp32's 1e-4, as bf16 must be, and within the bound derived from what bf16 autocast costs the
+    # unsliced reference (tests/test_reference_dtype.py)
+    assert code == 0 and 1e-4 < s["max_grad_rel_err"] <= s["grad_tolerance"] < 5e-2 and s["loss_rel_err"] < 1e-4
