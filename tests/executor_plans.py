@@ -30,11 +30,16 @@ def matrix(p):
         "gpipe": spec("gpipe", p, p),
         "1f1b": spec("1f1b", p, p + 1),
         "interleaved-1f1b-v2": spec("interleaved-1f1b", p, p, v=2),
+        # m not a multiple of p: rounds of micro-batches (p=2: m=5 in rounds 3+2; p=4: m=10 in 5+5),
+        # one round of m = 3 (p=2: more micro-batches than ranks; p=4: fewer)
+        "interleaved-1f1b-v2-rounds": spec("interleaved-1f1b", p, 5 * p // 2, v=2),
+        "interleaved-1f1b-v2-m3": spec("interleaved-1f1b", p, 3, v=2),
         "looped-bfs-v2": spec("looped-bfs", p, p, v=2),
         "seq1f1b-v1-uniform": spec("seq1f1b", p, 2, n=4),
         "seq1f1b-v1-flops": spec("seq1f1b", p, 2, n=4, slice_lens=FLOPS_LIKE),
         "seq1f1b-v2-uniform": spec("seq1f1b", p, p, n=4, v=2),
         "seq1f1b-v2-flops": spec("seq1f1b", p, p, n=4, v=2, slice_lens=FLOPS_LIKE),
+        "seq1f1b-v2-n2-m3": spec("seq1f1b", p, 3, n=2, v=2),  # p=4: m=3 is no multiple of ceil(p/n)=2
         "seq1f1b-v1-flops-exchange": spec("seq1f1b", p, 2, n=4, slice_lens=FLOPS_LIKE, exchange=True),
         "slimpipe-v1": spec("slimpipe", p, 2, n=4),
         "slimpipe-v1-exchange": spec("slimpipe", p, 2, n=4, exchange=True),
@@ -48,6 +53,7 @@ def matrix(p):
         "zb-v-sliced-exchange": spec("zb-v", p, 2, n=4, v=2, exchange=True),
         "interleaved-zb-v2": spec("interleaved-zb", p, p, v=2),
         "interleaved-zb-v2-sliced": spec("interleaved-zb", p, p, n=2, v=2),
+        "interleaved-zb-v2-m3": spec("interleaved-zb", p, 3, v=2),  # p=2: m % p = 1; p=4: m < p
         # slimpipe --split-backward with the KV exchange: slices = p (levelled: token ranges, helpers at p=4)
         # and slices = 2p > p (interleaved, the unit-cost pairing)
         "slimpipe-split-v1-exchange": (spec("slimpipe", p, 2, n=p, exchange=True, split_backward=True), LEVELLING),

@@ -30,9 +30,9 @@ def test_memory_budget_without_unit_is_refused(cmd, capsys):
 
 
 def test_rule_reasons_keep_digits_inside_names():
-    err = ir.SpecError("--microbatches 6: interleaved-1f1b needs a multiple of --pp 4; got m=6")
+    err = ir.SpecError("--slices 4: interleaved-1f1b does not slice the sequence (allowed: 1); use seq1f1b")
     assert rule_reason("interleaved-1f1b", err) == \
-        "interleaved-1f1b: --microbatches N: interleaved-1f1b needs a multiple of --pp N"
+        "interleaved-1f1b: --slices N: interleaved-1f1b does not slice the sequence (allowed: N)"
 
 
 def test_tiny_model_tables_use_units_that_fit(capsys):

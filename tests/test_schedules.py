@@ -107,6 +107,17 @@ def test_unit_costs_match_closed_forms(family, data):
     ("slimpipe", 4, 2, 4, 1, 33, [8, 8, 6, 4]),  # T_r = 10, 8, 6, 4 capped at m*n*v = 8
     ("slimpipe", 4, 2, 4, 2, 57, [14, 12, 10, 8]),
     ("looped-bfs", 2, 2, 1, 2, 15, [4, 4]),
+    # m not a multiple of p (issue 15.6): rounds of G >= p micro-batches, makespan 3 max(vm + p-1, m + vp-1),
+    # rank r's peak min((v-1)G_0 + 2(p-r-1) + 1, m v), G_0 the first round
+    ("interleaved-1f1b", 4, 10, 1, 2, 69, [12, 10, 8, 6]),   # rounds 5+5: 3(20+3)
+    ("interleaved-1f1b", 4, 11, 1, 2, 75, [13, 11, 9, 7]),   # rounds 6+5: 3(22+3)
+    ("interleaved-1f1b", 4, 9, 1, 3, 90, [17, 15, 13, 11]),  # rounds 5+4, v=3: 3(27+3)
+    ("interleaved-1f1b", 2, 5, 1, 2, 33, [6, 4]),            # rounds 3+2: 3(10+1)
+    ("interleaved-1f1b", 2, 3, 1, 2, 21, [6, 4]),            # one round of 3: 3(6+1)
+    ("interleaved-1f1b", 4, 3, 1, 2, 30, [6, 6, 6, 4]),      # m < p: a pipeline of vp stages, 3(3+8-1)
+    ("seq1f1b", 4, 3, 2, 2, 45, [12, 12, 10, 8]),            # ceil(p/n) = 2 does not divide 3: 3(2*6+3)
+    ("seq1f1b", 3, 5, 2, 2, 66, [12, 10, 8]),                # rounds of 3+2 micro-batches: 3(2*10+2)
+    ("seq1f1b", 4, 1, 2, 2, 27, [4, 4, 4, 4]),               # m n = 2 < p: 3(2+8-1)
 ])
 def test_exact_figures(family, p, m, n, v, makespan, peaks):
     sim = simulate_units(compile_sizes(family, p, m, n, v))
@@ -129,6 +140,21 @@ def test_slimpipe_interleaved_cycle_order():
                   [(j, 0) for j in range(4, 8)] + [(j, 1) for j in range(4, 8)]
     bwd = [(i.slice, i.chunk) for i in plan.ranks[0] if i.kind == Kind.B]
     assert bwd == list(reversed(fwd))
+
+
+def test_rounds_of_microbatches():
+    """max(1, m div k) rounds, sizes within one of each other, the larger first."""
+    from compiler.schedules.common import rounds
+    assert rounds(8, 4) == [4, 4] and rounds(10, 4) == [5, 5] and rounds(11, 4) == [6, 5]
+    assert rounds(9, 4) == [5, 4] and rounds(13, 4) == [5, 4, 4] and rounds(3, 4) == [3] and rounds(1, 4) == [1]
+
+
+@pytest.mark.parametrize("family", ["interleaved-1f1b", "seq1f1b", "interleaved-zb"])
+def test_interleaved_families_take_any_microbatch_count(family):
+    """Every m >= 1 compiles with v > 1 (no refusal left for m)."""
+    fam = schedules.get(family)
+    n = 2 if fam.allows_slices else 1
+    assert all(fam.accepts(p, m, n, 2) for p in range(1, 9) for m in range(1, 3 * p + 2))
 
 
 def test_interleaved_megatron_mapping():

@@ -293,3 +293,28 @@ def test_hostile_csv_is_one_line_exit_2(tmp_path, capsys, text, expect):
     assert main(["check", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expect in err, err
+
+
+@pytest.mark.parametrize("p,m,v", [(4, 10, 2), (4, 6, 2), (4, 5, 3), (3, 8, 2), (2, 3, 2), (4, 3, 2), (4, 1, 2)])
+def test_interleaved_1f1b_m_not_a_multiple_of_p_is_torchs_order(p, m, v):
+    # torch 2.13's ScheduleInterleaved1F1B groups m into max(1, m div p) rounds of equal size (when
+    # that divides m); our rounds are the same there, and so is every instruction: torch's order
+    # lowered by our compiler is our plan, and torch's simulator counts as many steps as our replay
+    ops = torch_ops("Interleaved1F1B", p, m, v)
+    model = resolve_model("tiny", {"layers": p * v})
+    plan = compile_plan(build_spec("interleaved-1f1b", model, pp=p, microbatches=m, virtual_stages=v, seq_len=32))
+    assert load(torch_csv(ops)).ranks == plan.ranks
+    full = {r: [TS._Action.from_str(str(a)) for a in row] for r, row in enumerate(to_rows(plan, comms=True))}
+    assert torch_steps([full[r] for r in range(p)], p, p * v) == unit_steps(plan)
+    assert simulate_units(plan)["makespan"] == 3 * max(v * m + p - 1, m + v * p - 1)
+
+
+@pytest.mark.parametrize("p,m,v,makespan", [(2, 5, 2, 33), (4, 9, 2, 63), (4, 11, 2, 75), (4, 13, 3, 126)])
+def test_interleaved_1f1b_where_torch_refuses(p, m, v, makespan):
+    # torch needs m divisible by its round count m div p; our rounds may differ by one micro-batch
+    with pytest.raises(ValueError, match="multiple of the number of rounds"):
+        torch_ops("Interleaved1F1B", p, m, v)
+    model = resolve_model("tiny", {"layers": p * v})
+    plan = compile_plan(build_spec("interleaved-1f1b", model, pp=p, microbatches=m, virtual_stages=v, seq_len=32))
+    assert check(plan).ok
+    assert simulate_units(plan)["makespan"] == makespan == 3 * (v * m + p - 1)

@@ -100,8 +100,8 @@ def test_exact_memory_without_compile_matches_simulation():
 
 
 # how many shapes of the grid below each family accepts: a validate that refuses everything (or
-# lets through what it should refuse) changes the count
-ACCEPTED = {"gpipe": 20, "1f1b": 20, "interleaved-1f1b": 32, "looped-bfs": 40, "seq1f1b": 150, "slimpipe": 135,
+# lets through what it should refuse) changes the count; the interleaved families take every m
+ACCEPTED = {"gpipe": 20, "1f1b": 20, "interleaved-1f1b": 40, "looped-bfs": 40, "seq1f1b": 160, "slimpipe": 135,
             "zb-h1": 80, "zb-v": 80, "interleaved-zb": 160}
 
 
@@ -203,3 +203,14 @@ def test_cli_rejects(flags, capsys):
     assert main(["tune", "--seq-len", "256"] + flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0]
+
+
+def test_tune_offers_interleaved_plans_whose_m_is_no_multiple_of_p():
+    """tune keeps m = global batch / dp: 10 sequences on p = 4 now give interleaved plans with m = 10
+    (issue 15.6; before, every interleaved-1f1b candidate broke the m % p rule)."""
+    prob = Problem(resolve_model("tiny"), 128, 4, float("inf"), 10, H100)
+    res = search(prob, Space(families=("interleaved-1f1b", "seq1f1b"), tp=(1,), cp=(1,), pp=(4,), slices=(2,),
+                             virtual_stages=(2,)))
+    picks = {r["schedule"]: r for r in res.top}
+    assert set(picks) == {"interleaved-1f1b", "seq1f1b"}
+    assert all((r["pp"], r["microbatches"], r["virtual_stages"]) == (4, 10, 2) for r in picks.values())

@@ -101,7 +101,8 @@ def test_zb_v_not_slower_than_torch(p, m):
     assert o["ranks"][0]["peak_units"] <= t["ranks"][0]["peak_units"]
 
 
-@pytest.mark.parametrize("p,m,v", [(2, 4, 2), (4, 4, 2), (4, 8, 2), (2, 4, 3)])
+@pytest.mark.parametrize("p,m,v", [(2, 4, 2), (4, 4, 2), (4, 8, 2), (2, 4, 3),
+                                   (4, 10, 2), (2, 3, 2), (4, 5, 3), (3, 8, 2)])  # m % p != 0 (issue 15.6)
 def test_interleaved_zb_not_slower_than_torch(p, m, v):
     theirs = _torch_plan("InterleavedZeroBubble", p, m, v, "looping")
     ours = compile_sizes("interleaved-zb", p, m, 1, v)
@@ -183,3 +184,28 @@ def test_split_backward_refused_where_the_family_has_a_fused_backward():
         with pytest.raises(SpecError, match=f"--split-backward: {fam} runs a fused backward; the families that "
                                             "split it are slimpipe, zb-h1, zb-v, interleaved-zb"):
             compile_plan(build_spec(fam, MODEL, pp=2, microbatches=2, seq_len=8, split_backward=True))
+
+
+@pytest.mark.parametrize("p,m,v,makespan", [(4, 10, 2, 63), (4, 9, 2, 57), (2, 3, 2, 19), (2, 5, 3, 46), (4, 5, 3, 48),
+                                            (3, 4, 2, 26)])
+def test_interleaved_zb_m_not_a_multiple_of_p(p, m, v, makespan):
+    """Any m >= p at p <= 4: the zero-bubble closed form 3vm + p - 1 (torch has no order for m = 9,
+    5 at these p), rank-0 peak v p chunk units."""
+    plan = compile_sizes("interleaved-zb", p, m, 1, v)
+    assert check(plan).ok
+    sim = simulate_units(plan)
+    assert sim["makespan"] == makespan == 3 * v * m + p - 1
+    assert sim["ranks"][0]["peak_units"] == v * p
+
+
+@pytest.mark.parametrize("p,m,v,makespan", [(4, 2, 2, 19), (4, 3, 2, 23), (4, 3, 3, 33), (3, 2, 2, 16), (8, 4, 2, 39),
+                                            (8, 6, 2, 47)])
+def test_interleaved_zb_fewer_microbatches_than_ranks_is_torchs_makespan(p, m, v, makespan):
+    """m < p (n = 1): the ready input gradient goes first; the makespan and every rank's peak equal
+    torch's ScheduleInterleavedZeroBubble order's (F first took 1 to 3 units more)."""
+    theirs = _torch_plan("InterleavedZeroBubble", p, m, v, "looping")
+    ours = compile_sizes("interleaved-zb", p, m, 1, v)
+    assert check(ours).ok
+    t, o = simulate_units(theirs), simulate_units(ours)
+    assert o["makespan"] == t["makespan"] == makespan
+    assert [r["peak_units"] for r in o["ranks"]] == [r["peak_units"] for r in t["ranks"]] == [m * v] * p

@@ -2,8 +2,9 @@
 family's record (compiler.schedules.common.Family: bubble, peak_units, and where they are exact).
 
 The tests hold the generated schedules to them exactly (tests/test_schedules.py); `slimpipe tune`
-uses them to bound candidates without compiling. Interleaved Seq1F1B uses our groups of
-G = n*ceil(p/n) units (see seq1f1b.py), which equals the reference's warm-up where n divides p."""
+uses them to bound candidates without compiling. The interleaved orders group micro-batches in
+rounds of at least p units (common.rounds; seq1f1b.py, interleaved_1f1b.py), which equals the
+reference's warm-up where n divides p and the rounds divide m."""
 from __future__ import annotations
 
 from ir import SpecError

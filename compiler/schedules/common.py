@@ -172,22 +172,33 @@ def lexicographic(spec: PlanSpec, chunk: int = 0) -> tuple[list[Instr], list[Ins
     return fwd, bwd
 
 
+def rounds(m: int, k: int) -> list[int]:
+    """Micro-batches per round of an interleaved order: m split into max(1, m div k) rounds whose
+    sizes differ by at most one, the larger first (m = 10, k = 4: [5, 5]; m = 11: [6, 5]; m = 3:
+    [3]). Every round holds at least k micro-batches when m >= k, so a rank's next chunk never
+    waits for the previous chunk to come round the ring; where k divides m every round is k."""
+    r = max(1, m // k)
+    size, extra = divmod(m, r)
+    return [size + 1] * extra + [size] * (r - extra)
+
+
 def megatron_interleaved(spec: PlanSpec, units: list[tuple[int, int]], bwd_units: list[tuple[int, int]],
-                         group: int | None = None) -> tuple[list[Instr], list[Instr]]:
-    """Megatron's virtual-pipeline order over a sequence of (mb, slice) 'units', in groups of
-    G units (default G = p): forward step u runs chunk (u mod G*v) div G on unit
-    (u div G*v)*G + (u mod G); backward uses the reversed chunk."""
+                         groups: list[int]) -> tuple[list[Instr], list[Instr]]:
+    """Megatron's virtual-pipeline order over a sequence of (mb, slice) 'units', in rounds of
+    `groups[i]` units: within a round of G units, forward step u runs chunk u div G on unit
+    u mod G of the round; backward walks the same rounds with the chunks reversed. With every
+    round of p units this is forward step u -> chunk (u mod pv) div p on unit (u div pv)*p + u mod p."""
     v = spec.virtual_stages
-    g = group or spec.pp
-    span = g * v
     fwd, bwd = [], []
-    for u in range(len(units) * v):
-        chunk = (u % span) // g
-        idx = (u // span) * g + (u % g)
-        mb, j = units[idx]
-        fwd.append(F(mb, j, chunk))
-        mb, j = bwd_units[idx]
-        bwd.append(B(mb, j, v - 1 - chunk))
+    start = 0
+    for g in groups:
+        for chunk in range(v):
+            for k in range(start, start + g):
+                mb, j = units[k]
+                fwd.append(F(mb, j, chunk))
+                mb, j = bwd_units[k]
+                bwd.append(B(mb, j, v - 1 - chunk))
+        start += g
     return fwd, bwd
 
 

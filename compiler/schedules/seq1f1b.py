@@ -1,27 +1,25 @@
 """Seq1F1B: 1F1B over (micro-batch, slice) units; backward FIFO over micro-batches, LIFO over
 slices; warm-up min(p-r-1 + n-1, m*n).
 
-Interleaved form (v > 1): Megatron's virtual-pipeline order over the m*n units, in groups of
-G = n*ceil(p/n) units (whole micro-batches, G >= p), warm-up min((v-1)G + 2(p-r-1) + n-1, m*v*n).
-Where n divides p, G = p and this is the reference's (v-1)p + 2(p-r-1) + n-1. Groups aligned to
-micro-batches keep the LIFO backward of a micro-batch's slices inside one group; groups of p that
-split a micro-batch (n not dividing p) would make the first backward wait for forwards far
-beyond the warm-up. Needs m % ceil(p/n) == 0.
+Interleaved form (v > 1): Megatron's virtual-pipeline order over the m*n units, in rounds of
+whole micro-batches, at least k = ceil(p/n) of them (G >= p units): common.rounds(m, k) gives
+max(1, m div k) rounds whose sizes differ by at most one, the larger first. Warm-up
+min((v-1)G_0 + 2(p-r-1) + n-1, m*v*n), G_0 = n * (micro-batches of the first round). Where n
+divides p and k divides m, every round is G = p units and this is the reference's
+(v-1)p + 2(p-r-1) + n-1. Rounds aligned to micro-batches keep the LIFO backward of a
+micro-batch's slices inside one round; rounds that split a micro-batch (n not dividing p) would
+make the first backward wait for forwards far beyond the warm-up. Any m: with m < k (m*n < p)
+one round of m micro-batches.
 """
-from ir import PlanSpec, SpecError
+from ir import PlanSpec
 
-from .common import Family, Order, bounded_inflight, chunked_bubble, lexicographic, megatron_interleaved
-
-
-def group_microbatches(spec: PlanSpec) -> int:
-    return -(-spec.pp // spec.slices)
+from .common import Family, Order, bounded_inflight, lexicographic, megatron_interleaved, rounds
+from .interleaved_1f1b import interleaved_bubble
 
 
-def check(spec: PlanSpec) -> None:
-    k = group_microbatches(spec)
-    if spec.virtual_stages > 1 and spec.microbatches % k:
-        raise SpecError(f"--microbatches {spec.microbatches}: interleaved seq1f1b with --pp {spec.pp} and "
-                        f"--slices {spec.slices} needs a multiple of ceil(pp/slices)={k}")
+def group_microbatches(p: int, n: int) -> int:
+    """k = ceil(p/n): the fewest whole micro-batches whose units fill the ring."""
+    return -(-p // n)
 
 
 def generate(spec: PlanSpec) -> Order:
@@ -29,11 +27,11 @@ def generate(spec: PlanSpec) -> Order:
     fwd, bwd = lexicographic(spec)
     if v == 1:
         return [bounded_inflight(fwd, bwd, min(p - r - 1 + n - 1, m * n) + 1) for r in range(p)]
-    g = n * group_microbatches(spec)
+    groups = [n * g for g in rounds(m, group_microbatches(p, n))]
     units = [(i.mb, i.slice) for i in fwd]
     bwd_units = [(i.mb, i.slice) for i in bwd]
-    fwd, bwd = megatron_interleaved(spec, units, bwd_units, group=g)
-    return [bounded_inflight(fwd, bwd, min((v - 1) * g + 2 * (p - r - 1) + n - 1, m * v * n) + 1)
+    fwd, bwd = megatron_interleaved(spec, units, bwd_units, groups)
+    return [bounded_inflight(fwd, bwd, min((v - 1) * groups[0] + 2 * (p - r - 1) + n - 1, m * v * n) + 1)
             for r in range(p)]
 
 
@@ -42,16 +40,12 @@ def peak_units(p: int, m: int, n: int, v: int) -> int:
     total = m * n * v
     if v == 1:
         return min(p + n - 1, total)
-    g = n * -(-p // n)
+    g = n * rounds(m, group_microbatches(p, n))[0]
     return min((v - 1) * g + 2 * (p - 1) + n, total)
 
 
-def fit(p: int, m: int, n: int, v: int) -> tuple[int, int, int, int]:
-    k = -(-p // n)
-    return p, (k * max(1, m // k) if v > 1 else m), n, v
-
-
-FAMILY = Family("seq1f1b", "sequence-level 1F1B (Seq1F1B)", generate, check=check,
-                inflight="min(p-r-1 + n-1, m*n) + 1; v > 1: min((v-1)G + 2(p-r-1) + n-1, m*v*n) + 1, G = n*ceil(p/n)",
-                bubble=chunked_bubble, peak_units=peak_units, peak_exact=lambda p, m, n, v: v == 1, fit=fit,
+FAMILY = Family("seq1f1b", "sequence-level 1F1B (Seq1F1B)", generate,
+                inflight="min(p-r-1 + n-1, m*n) + 1; v > 1: min((v-1)G + 2(p-r-1) + n-1, m*v*n) + 1, "
+                         "G = n * ceil(m / max(1, m div ceil(p/n)))",
+                bubble=interleaved_bubble, peak_units=peak_units, peak_exact=lambda p, m, n, v: v == 1,
                 partitions=("uniform", "flops"))
