@@ -139,12 +139,12 @@ def split_mutants(plan, pick, every_source=False):
     mut[r].insert(k, mut[r].pop(i))
     expect(plan, mut, {"order", "kv"}, "W-before-its-I", "order", "before its input gradient")
     # a duplicated W (the copy anywhere after the W; between a partner's KV*_RECV and the unit it
-    # serves beside, the kv rule names that too)
+    # serves beside, the kv rule names that too, and after the OPT the optimizer rule)
     r, i = pick(ws)
     k = pick(list(range(i + 1, len(ranks[r]) + 1)))
     mut = copy()
     mut[r].insert(k, ranks[r][i])
-    expect(plan, mut, {"unique", "kv"}, "duplicated-W", "unique", "repeats")
+    expect(plan, mut, {"unique", "kv", "optimizer"}, "duplicated-W", "unique", "repeats")
     # a unit with the fused B and its W (its I read as B)
     r, i = pick(ws)
     ib = at[(r, Kind.I, unit(ranks[r][i]))]
