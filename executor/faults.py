@@ -8,6 +8,8 @@ same kind of line naming the rank they waited on.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import sys
 import threading
 import time
@@ -18,12 +20,13 @@ from .errors import InjectedFault
 
 FAULT_ENV = "SLIMPIPE_FAULT"
 FAULT_HELP = """fault injection (for tests of the failure paths):
-  SLIMPIPE_FAULT='rank=R,instr=I,action=fail|delay|exit[,seconds=S][,step=K]'
+  SLIMPIPE_FAULT='rank=R,instr=I,action=fail|delay|exit|stop[,seconds=S][,step=K]'
     rank R, at instruction I of its stream (an index, or the text form such as 'F mb3 s1 c0'),
     in training step K (default 1): fail raises an error there (exit 1); delay sleeps S seconds
     (default 5) before running it; exit prints one line and ends the process abruptly with
-    os._exit(3), like a crash. Other ranks then fail within --timeout, naming whom they waited on."""
-ACTIONS = ("fail", "delay", "exit")
+    os._exit(3), like a crash; stop stops the process with SIGSTOP (as Ctrl-Z or a debugger would).
+    Other ranks then fail within --timeout, naming whom they waited on."""
+ACTIONS = ("fail", "delay", "exit", "stop")
 
 
 class Fault:
@@ -111,6 +114,10 @@ class Injector:
             raise InjectedFault(f"{FAULT_ENV}='{f.text}'")
         if f.action == "exit":
             die(self.rank, f"{where()}: injected crash ({FAULT_ENV}='{f.text}'): exiting at once with code 3", 3)
+        if f.action == "stop":
+            write_line(line(self.rank, f"{where()}: injected stop ({FAULT_ENV}='{f.text}'): SIGSTOP", "fault"))
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         self.watch.block(f"the end of an injected delay of {f.seconds:g} s", None, f.seconds + self.timeout)
         try:
             time.sleep(f.seconds)
@@ -215,3 +222,33 @@ def die(rank, msg: str, code: int = 1, *, from_signal: bool = False, label: str 
         write_line(line(rank, msg, label))
     finally:
         os._exit(code)
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state of a process on this host (/proc/PID/stat), or None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def end_stopped_peers(procs, rank: int) -> str:
+    """When this rank fails: its peers on this host that are stopped (SIGSTOP, Ctrl-Z, a
+    debugger's stop) cannot act on the SIGTERM the launcher sends, and torchrun waits 30 s more
+    before it kills them; end them now with SIGKILL. `procs`: (host, pid) of every rank, gathered
+    when the ranks joined (None before). Returns words for this rank's line ('' if none)."""
+    if not procs:
+        return ""
+    host, ended = socket.gethostname(), []
+    for q, (h, pid) in enumerate(procs):
+        if q != rank and h == host and _proc_state(pid) in ("T", "t"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                ended.append(f"rank {q} (pid {pid})")
+            except OSError:
+                pass
+    if not ended:
+        return ""
+    return (f"; {', '.join(ended)} {'was' if len(ended) == 1 else 'were'} stopped (SIGSTOP or a debugger) and could "
+            f"not answer the launcher's SIGTERM: ended with SIGKILL")

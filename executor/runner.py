@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,7 +27,7 @@ from .collectives import gather
 from .data import make_source
 from .errors import PeerGone
 from .device import DTYPES, choose_backend, choose_device
-from .faults import Watch, cause, die, fault_from_env, line, write_line
+from .faults import Watch, cause, die, end_stopped_peers, fault_from_env, line, write_line
 from .interpreter import Rank
 from .metrics import peak_rss_mib
 from .reference import loss_rel_err
@@ -242,12 +243,14 @@ def run_dist(plan, opts) -> int:
     fault = fault_from_env(plan)  # malformed: exit 2 before any communication
     watch = Watch(rank)
     result: list = []
+    procs: list = []  # (host, pid) of every rank, once they joined
 
     def body():
         try:
             watch.block("the other ranks to join (init_process_group)", "every rank", opts.timeout)
             tp = init_dist(rank, world, device, opts.timeout, match_mode(opts, device.type), kv=has_kv(plan),
                            pp=plan.spec.pp)
+            procs.extend(tuple(x) for x in tp.all_gather([socket.gethostname(), os.getpid()]))
             watch.unblock()
             code, _ = run_rank(plan, rank, tp, opts, watch=watch, fault=fault)
             watch.block("the other ranks to finish (shutdown barrier)", "every rank", opts.timeout)
@@ -258,7 +261,7 @@ def run_dist(plan, opts) -> int:
             code, msg = _failure(rank, e, watch)
             if isinstance(e, PeerGone):  # a Ctrl-C ends every rank at once: let this rank's SIGINT say so
                 time.sleep(INTERRUPT_GRACE_S)
-            die(rank, msg, code)
+            die(rank, msg + end_stopped_peers(procs, rank), code)
 
     def on_signal(signum, _frame):
         if signum == signal.SIGINT:  # the user's Ctrl-C reaches every process of the job
@@ -277,5 +280,5 @@ def run_dist(plan, opts) -> int:
         worker.join(0.25)
         if watch.overdue(grace):
             die(rank, f"{watch.where()}: timed out after {opts.timeout:g} s (+{grace:g} s grace) {watch.doing()}; "
-                      "the blocking call ignored its timeout", 1)
+                      "the blocking call ignored its timeout" + end_stopped_peers(procs, rank), 1)
     return result[0] if result else 1

@@ -151,13 +151,15 @@ def torchrun_results(plan_files):
     jobs[(name, "delay")] = (r, i, f"rank={r},instr={i},action=delay,seconds=4")
     r, i = pick("1f1b-p2", "hang")  # asleep far past the timeout: only the timeout can end the job
     jobs[("1f1b-p2", "hang")] = (r, i, f"rank={r},instr={i},action=delay,seconds=120")
+    r, i = pick("1f1b-p2", "stop")  # SIGSTOP: the stopped rank cannot answer torchrun's SIGTERM
+    jobs[("1f1b-p2", "stop")] = (r, i, f"rank={r},instr={i},action=stop")
 
     def run(key):
         name, action = key
         r, i, fault = jobs[key]
         extra = ("--check-reference",) if action == "delay" else ()
         return key, (r, i, torchrun(PLANS[name].spec.pp, plan_files[name], fault, *extra,
-                                    timeout=5 if action == "hang" else TIMEOUT))
+                                    timeout=5 if action in ("hang", "stop") else TIMEOUT))
 
     with ThreadPoolExecutor(2) as pool:
         return dict(pool.map(run, list(jobs)))
@@ -195,6 +197,24 @@ def test_a_hung_rank_ends_by_the_timeout(torchrun_results):
           + ", ".join(f"rank {k} {v[0][0]:.1f} s" for k, v in sorted(got.items())))
     for k, v in sorted(got.items()):
         print(f"    {v[0][1][:200]}")
+
+
+def test_a_stopped_rank_ends_within_the_timeout(torchrun_results):
+    """Rank r stops itself with SIGSTOP (Ctrl-Z, a debugger): it cannot act on torchrun's SIGTERM,
+    and torchrun used to wait 30 s more before killing it (55 s in all with --timeout 20, issue
+    15.10). Its peer times out after --timeout 5, ends the stopped same-host rank and says so."""
+    r, i, res = torchrun_results[("1f1b-p2", "stop")]
+    text = "\n".join(ln for _, ln in res["lines"])
+    t_stop = next(t for t, ln in res["lines"] if "injected stop" in ln)
+    got = rank_lines(res)
+    peer = 1 - r
+    assert res["rc"] != 0 and list(got) == [peer], text[-3000:]
+    t_end, msg = got[peer][0]
+    assert re.search(rf"timed out after 5 s waiting on rank {r} for .*; rank {r} \(pid \d+\) was stopped \(SIGSTOP "
+                     rf"or a debugger\) and could not answer the launcher's SIGTERM: ended with SIGKILL", msg), msg
+    assert res["wall"] - t_stop <= 5 + 30, text[-3000:]
+    print(f"torchrun 1f1b-p2 stop at rank {r} #{i}: exit {res['rc']}; {t_end - t_stop:.1f} s from the stop to rank "
+          f"{peer}'s line, {res['wall'] - t_stop:.1f} s to the end of the job")
 
 
 # ---------------------------------------------------------------- in-process (--local)
