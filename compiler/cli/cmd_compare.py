@@ -9,7 +9,8 @@ from passes.costs import load_profile
 
 from ..search import Candidate, Problem, SearchResult, Space, candidate_spec, evaluate, rank_rows, search
 from .cmd_compile import add_model_args, model_from_args
-from .common import add_parser, emit_json, human_bytes, positive_int
+from .. import schedules
+from .common import add_parser, emit_json, families_arg, human_bytes, nonneg_float, positive_int
 from .tables import family_table
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20,
@@ -30,11 +31,12 @@ def parse_bytes(text: str, flag: str = "--memory-budget") -> float:
     return float(mt.group(1)) * _UNITS[mt.group(2).lower()]
 
 
-def best_per_family(problem: Problem, space: Space) -> tuple[list[dict], SearchResult]:
+def best_per_family(problem: Problem, space: Space, time_limit: float | None = None) -> tuple[list[dict], SearchResult]:
     """tune's search over one layout (p, tp, cp, dp, m fixed): each family's best plan over the same
-    n, v, partitions and exchange as tune. A family with no plan under the budget is shown by its
+    n, v, partitions and exchange as tune (stopped after `time_limit` seconds, when given: the rows
+    are then marked not proven). A family with no plan under the budget is shown by its
     least-memory candidate, simulated and marked oom, with the reason."""
-    res = search(problem, space, top_k=1, keep_plan=False)
+    res = search(problem, space, top_k=1, keep_plan=False, time_limit=time_limit)
     rows = []
     for f in res.families:
         if f.row is not None:
@@ -69,13 +71,15 @@ def run(args) -> int:
         raise SpecError(f"--tp {args.tp} must divide the model's {model.heads} attention heads")
     gpus = args.pp * args.tp * args.cp * args.dp
     problem = Problem(model, seq, gpus, budget, args.microbatches * args.dp, profile)
-    space = Space(tp=(args.tp,), cp=(args.cp,), pp=(args.pp,))
-    table, res = best_per_family(problem, space)
+    kw = {"families": families_arg(args.schedules)} if args.schedules is not None else {}
+    space = Space(tp=(args.tp,), cp=(args.cp,), pp=(args.pp,), **kw)
+    table, res = best_per_family(problem, space, args.time_limit or None)
     tried = res.counts["candidates"]
     if args.json:
         emit_json({"model": model.name, "seq_len": seq, "pp": args.pp, "microbatches": args.microbatches,
                    "tp": args.tp, "cp": args.cp, "dp": args.dp, "device_profile": profile.name,
                    "memory_budget_bytes": budget, "configurations_tried": tried, "counts": res.counts,
+                   "proven": res.proven,
                    "space": {"slices": list(space.slices), "virtual_stages": list(space.virtual_stages)},
                    "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in table]})
         return 0
@@ -90,6 +94,9 @@ def run(args) -> int:
     over = [r for r in table if r["oom"] and "step_s" in r]
     if over:
         print(f"OOM rows: the family's least-memory plan, simulated; it needs more than {human_bytes(budget)}")
+    if not res.proven:
+        print(f"NOT PROVEN: the search stopped at --time-limit {args.time_limit:g} s with {res.unexplored} candidates "
+              f"unexplored; a row marked not proven may not be its family's best (--time-limit 0 finishes the proof)")
     return 0
 
 
@@ -117,5 +124,8 @@ def register(sub) -> None:
     p.add_argument("--memory-budget", help="memory per GPU with a unit, e.g. 80GiB or 85.9GB (default: the device "
                    "profile's)")
     p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
+    p.add_argument("--schedules", help=f"comma-separated families to compare (default all: {','.join(schedules.FAMILIES)})")
+    p.add_argument("--time-limit", type=nonneg_float, default=120.0,
+                   help="seconds before the search stops; rows not proven are marked (default 120, as tune; 0 = none)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)

@@ -13,7 +13,7 @@ from .. import schedules
 from ..search import N_CHOICES, TP_CHOICES, CP_CHOICES, V_CHOICES, Problem, Space, default_global_batch, search
 from .cmd_compare import parse_bytes
 from .cmd_compile import add_model_args, model_from_args
-from .common import (BYTE_UNITS, add_parser, check_output_path, emit_json, fit_unit, human_bytes, nonneg_float,
+from .common import (BYTE_UNITS, add_parser, families_arg, check_output_path, emit_json, fit_unit, human_bytes, nonneg_float,
                      positive_int)
 from .tables import family_table, plan_table
 
@@ -65,11 +65,7 @@ def int_list(flag: str, text: str | None, allowed=None) -> tuple[int, ...] | Non
 def space_from_args(args) -> Space:
     kw = {}
     if args.schedules is not None:
-        names = [s.strip() for s in args.schedules.split(",")]
-        for nm in names:
-            if nm not in schedules.FAMILIES:
-                raise SpecError(f"--schedules {args.schedules!r}: {nm!r} is unknown; allowed: {', '.join(schedules.FAMILIES)}")
-        kw["families"] = tuple(f for f in schedules.FAMILIES if f in names)
+        kw["families"] = families_arg(args.schedules)
     for flag, name in (("--tp", "tp"), ("--cp", "cp"), ("--pp", "pp"), ("--slices", "slices"),
                        ("--virtual-stages", "virtual_stages")):
         val = int_list(flag, getattr(args, name))

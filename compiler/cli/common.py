@@ -9,6 +9,8 @@ import sys
 from ir import Plan, PlanFormatError, SpecError, load
 from ir.options import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: F401 (the commands' option types)
 
+from .. import schedules
+
 
 def add_parser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
@@ -112,3 +114,13 @@ def add_render_args(p, output_help: str) -> None:
                    "compiled for, else h100)")
     p.add_argument("--unit-costs", action="store_true", help="F=1, B=2, communication free")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def families_arg(text: str) -> tuple[str, ...]:
+    """--schedules 'a,b' -> the named families in the family table's order; SpecError naming an
+    unknown one and what is allowed."""
+    names = [s.strip() for s in text.split(",")]
+    for nm in names:
+        if nm not in schedules.FAMILIES:
+            raise SpecError(f"--schedules {text!r}: {nm!r} is unknown; allowed: {', '.join(schedules.FAMILIES)}")
+    return tuple(f for f in schedules.FAMILIES if f in names)
