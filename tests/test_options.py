@@ -71,6 +71,8 @@ BAD = {
         ("--pp", "0", "argument --pp: 0"), ("--microbatches", "0", "argument --microbatches: 0"),
         ("--tp", "0", "argument --tp: 0"), ("--cp", "-4", "argument --cp: -4"), ("--dp", "x", "argument --dp: 'x'"),
         ("--memory-budget", "lots", "--memory-budget 'lots'"), ("--device-profile", "tpu9", "tpu9"),
+        ("--schedules", "zigzag", "--schedules 'zigzag'"),
+        ("--time-limit", "-1", "argument --time-limit: -1 is not allowed"),
     ],
     "tune": MODEL + [
         ("--gpus", "0", "argument --gpus: 0"), ("--memory-budget", "0GiB", "--memory-budget '0GiB'"),
