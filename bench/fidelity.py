@@ -33,6 +33,9 @@ CASES = {
     "looped-bfs": (["--microbatches", "2", "--virtual-stages", "2", "--slices", "2"], 1024),
     "seq1f1b": (["--microbatches", "2", "--slices", "4"], 4096),
     "slimpipe": (["--microbatches", "2", "--slices", "4"], 4096),
+    "zb-h1": (["--microbatches", "4"], 2048),
+    "zb-v": (["--microbatches", "4"], 1024),
+    "interleaved-zb": (["--microbatches", "4", "--virtual-stages", "2"], 1024),
 }
 LOADED = 2.5  # 1-minute load average above which a run counts as disturbed (2 cores)
 
