@@ -130,3 +130,13 @@ def test_a_search_stopped_by_the_time_limit_says_not_proven(capsys):
     code, out, _ = run(capsys, "tune", "--model", "tiny", "--seq-len", "256", "--gpus", "8", "--memory-budget",
                        "3MiB", "--slices", "2,4", "--virtual-stages", "1,2", "--time-limit", "1e-9")
     assert "NOT PROVEN" in out and "unexplored (time limit)" in out and "provably slower" in out
+
+
+def test_no_virtual_stages_on_one_rank(capsys):
+    """At p = 1 every chunk sits on the one rank: v > 1 is the same units cut finer, so tune does not
+    offer it (its 8B answer once read 'p=1 ... v=8')."""
+    code, out, _ = run(capsys, "tune", "--model", "tiny", "--gpus", "2", "--pp", "1", "--tp", "1,2", "--cp", "1",
+                       "--slices", "2", "--virtual-stages", "1,2,4", "--memory-budget", "80GiB", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["top"] and all(r["pp"] == 1 and r["virtual_stages"] == 1 for r in d["top"])
+    assert list(d["infeasible_reasons"]) == ["v > 1 at p = 1 (one rank holds every chunk: nothing to interleave)"]
