@@ -13,6 +13,10 @@ Declared space, for G GPUs, global batch B sequences, a model with L layers and 
                repeat 1f1b / gpipe); {1, 2, 3, 4, 5, 6, 8, 10} for seq1f1b, slimpipe; p*v <= L
     partition  uniform (S divisible by n*cp); seq1f1b with n > 1 also flops (Seq1F1B's equal-FLOPs split)
     exchange   slimpipe: on and off (the KV exchange); off for the other families
+    layers     uniform (the first layers mod (p*v) stages take one more); also balanced (the split that
+               minimises the slowest stage under the cost model, LM head and loss included) wherever
+               it differs from uniform: where balanced_layers keeps the uniform split, the two are one
+               plan and only `uniform` is a candidate
 plus each family's own rules (Family.validate). Default B: 4M tokens per step, Llama 2/3's batch
 (B = 2^22 // S sequences, at least 1, at most G, rounded down to a power of two). The plan size
 grows with m*n*v and exact simulation is linear in it, which is why n and v stop at 32 and 10.
@@ -32,7 +36,9 @@ Search, in two stages:
    Stop when every candidate left has a time bound above the K-th best (so none of them can enter
    the top K: the answer is that of simulating everything), or at the time limit (then the result
    says how many stayed unexplored and their best bound).
-Ranking: step times within TIE (0.5%) of the fastest are a tie and go to less peak memory, so the
+Ranking: step times within TIE (0.5%) of the fastest are a tie and go to less peak memory (a
+balanced layer split within 0.5% of the uniform one loses to it when it needs more memory, which it
+usually does: it moves layers toward rank 0, which holds the most units in flight), so the
 threshold in stage 2 is max(K-th best, fastest * (1 + TIE)): every plan in the tie is simulated.
 Then each family gets its own top-1 branch and bound over its candidates (reusing every evaluation),
 so the result names every family's best plan or why it has none (rules, memory bound, memory model).
@@ -54,7 +60,7 @@ from passes.partition import flops_partition
 from passes.simulate import simulate_step, simulate_timed
 
 from . import compile_plan, schedule_plan, schedules
-from .layout import build_spec, plain_or_looping, split_layers, uniform_slices
+from .layout import LAYER_SPLITS, build_spec, layer_split, plain_or_looping, split_layers, uniform_slices
 from .schedules.closed_forms import closed_form_bubble, closed_form_peak_units
 
 TP_CHOICES = (1, 2, 4, 8)
@@ -90,6 +96,7 @@ class Space:
     pp: tuple[int, ...] | None = None
     slices: tuple[int, ...] = N_CHOICES
     virtual_stages: tuple[int, ...] = V_CHOICES
+    layer_splits: tuple[str, ...] = LAYER_SPLITS
 
 
 def default_global_batch(seq_len: int, gpus: int) -> int:
@@ -110,15 +117,17 @@ class Candidate:
     virtual_stages: int
     partition: str
     exchange: bool
+    layer_split: str = "uniform"
 
     def label(self) -> str:
         return (f"{self.schedule} p={self.pp} tp={self.tp} cp={self.cp} dp={self.dp} m={self.microbatches} "
-                f"n={self.slices} v={self.virtual_stages} {self.partition}" + (" exchange" if self.exchange else ""))
+                f"n={self.slices} v={self.virtual_stages} {self.partition}" + (" exchange" if self.exchange else "")
+                + (" balanced" if self.layer_split == "balanced" else ""))
 
     def fields(self) -> dict:
         return {"schedule": self.schedule, "pp": self.pp, "tp": self.tp, "cp": self.cp, "dp": self.dp,
                 "microbatches": self.microbatches, "slices": self.slices, "virtual_stages": self.virtual_stages,
-                "partition": self.partition, "exchange": self.exchange}
+                "partition": self.partition, "exchange": self.exchange, "layer_split": self.layer_split}
 
 
 def _divisors(x: int) -> list[int]:
@@ -153,7 +162,13 @@ def enumerate_space(problem: Problem, space: Space):
                 for fam in space.families:
                     for n, v, part, ex in family_choices(fam, space):
                         c = Candidate(fam, tp, cp, p, dp, m, n, v, part, ex)
-                        yield c, why or _rule(problem, c)
+                        bad = why or _rule(problem, c)
+                        if "uniform" in space.layer_splits:
+                            yield c, bad
+                        if "balanced" in space.layer_splits and (
+                                "uniform" not in space.layer_splits
+                                or (bad is None and balanced_split(problem, c) is not None)):
+                            yield Candidate(fam, tp, cp, p, dp, m, n, v, part, ex, "balanced"), bad
 
 
 def _rule(problem: Problem, c: Candidate) -> str | None:
@@ -177,6 +192,26 @@ def _rule(problem: Problem, c: Candidate) -> str | None:
     return None
 
 
+@lru_cache(maxsize=None)
+def _balanced(model, seq_len: int, n: int, partition: str, tp: int, cp: int, stages: int,
+              prof: DeviceProfile) -> tuple[int, ...] | None:
+    split = layer_split("balanced", model, stages, slice_lens(model, seq_len, n, partition), prof, tp, cp)
+    return None if split == split_layers(model.layers, stages) else split
+
+
+def balanced_split(problem: Problem, c: Candidate) -> tuple[int, ...] | None:
+    """The balanced layer split of a rule-feasible candidate's stages (what build_spec computes for
+    it), or None where it is the uniform split."""
+    return _balanced(problem.model, problem.seq_len, c.slices, c.partition, c.tp, c.cp, c.pp * c.virtual_stages,
+                     problem.profile)
+
+
+def candidate_layers(problem: Problem, c: Candidate) -> tuple[int, ...]:
+    """Decoder layers per stage of a candidate."""
+    uni = split_layers(problem.model.layers, c.pp * c.virtual_stages)
+    return (balanced_split(problem, c) or uni) if c.layer_split == "balanced" else uni
+
+
 def rule_reason(family: str, err: Exception) -> str:
     """A rule message as a reason shared by many candidates: standalone numbers become N, digits
     inside names ('interleaved-1f1b') stay."""
@@ -190,13 +225,13 @@ class _Shape:
     __slots__ = ("schedule", "pp", "microbatches", "slices", "virtual_stages", "tp", "cp", "dp", "model",
                  "stage_layers", "placement", "num_stages")
 
-    def __init__(self, c: Candidate, model=None):
+    def __init__(self, c: Candidate, model=None, stage_layers=None):
         self.schedule, self.pp, self.microbatches = c.schedule, c.pp, c.microbatches
         self.slices, self.virtual_stages, self.tp, self.cp, self.dp = c.slices, c.virtual_stages, c.tp, c.cp, c.dp
         self.model = model
         if model is not None:
             self.num_stages = c.pp * c.virtual_stages
-            self.stage_layers = split_layers(model.layers, self.num_stages)
+            self.stage_layers = stage_layers or split_layers(model.layers, self.num_stages)
             self.placement = plain_or_looping(c.pp, c.virtual_stages)
 
 
@@ -262,7 +297,7 @@ class Bounds:
 
 def bounds(problem: Problem, c: Candidate) -> Bounds:
     model, prof, b = problem.model, problem.profile, problem.dtype_bytes
-    sh = _Shape(c, model)
+    sh = _Shape(c, model, candidate_layers(problem, c))
     p, v, m, tp = c.pp, c.virtual_stages, c.microbatches, c.tp
     last = sh.num_stages - 1
     L = sh.stage_layers
@@ -306,7 +341,8 @@ def bounds(problem: Problem, c: Candidate) -> Bounds:
 # ---------------------------------------------------------------- exact evaluation (shared with compare)
 
 def candidate_spec(problem: Problem, c: Candidate) -> PlanSpec:
-    extra = dict(tp=c.tp, cp=c.cp, dp=c.dp, exchange=c.exchange)
+    extra = dict(tp=c.tp, cp=c.cp, dp=c.dp, exchange=c.exchange, layer_split_kind=c.layer_split,
+                 profile=problem.profile)
     if c.partition == "flops":
         extra.update(partition="flops", slice_lens=slice_lens(problem.model, problem.seq_len, c.slices, "flops"))
     return build_spec(c.schedule, problem.model, pp=c.pp, microbatches=c.microbatches, slices=c.slices,
@@ -432,7 +468,8 @@ def _gib(b: float) -> str:
 
 def _label(r: dict) -> str:
     return (f"{r['schedule']} p={r['pp']} tp={r['tp']} cp={r['cp']} dp={r['dp']} m={r['microbatches']} "
-            f"n={r['slices']} v={r['virtual_stages']} {r['partition']}" + (" exchange" if r["exchange"] else ""))
+            f"n={r['slices']} v={r['virtual_stages']} {r['partition']}" + (" exchange" if r["exchange"] else "")
+            + (" balanced" if r.get("layer_split") == "balanced" else ""))
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:

@@ -77,3 +77,54 @@ def test_cli_layer_split(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--layer-split 'even'" in err[0] and "uniform, balanced" in err[0]
     assert not (tmp_path / "q.json").exists()
+
+
+def _tune(capsys, *argv):
+    code = main(["tune", "--model", "llama-7b", "--vocab", "128256", "--tp", "1", "--cp", "1", "--schedules", "1f1b",
+                 *argv])
+    return code, capsys.readouterr().out
+
+
+def test_tune_picks_balanced_and_says_so(tmp_path, capsys):
+    """llama-7b, 128256-token vocabulary, 4K, 1f1b p=8 m=8: both splits are candidates, balanced is
+    17% faster and tune picks it, in its JSON, its table and the written plan's spec."""
+    out = tmp_path / "best.json"
+    code, text = _tune(capsys, "--seq-len", "4096", "--gpus", "8", "--pp", "8", "--global-batch", "8", "--json",
+                       "-o", str(out))
+    assert code == 0
+    d = json.loads(text)
+    assert d["space"]["layer_splits"] == ["uniform", "balanced"]
+    assert [(r["layer_split"], round(r["step_s"], 4)) for r in d["top"]] == [("balanced", 0.5315), ("uniform", 0.6434)]
+    assert d["families"][0]["best"]["layer_split"] == "balanced"
+    spec = json.loads(out.read_text())["spec"]
+    assert spec["layer_split"] == "balanced" and spec["stage_layers"] == [5, 5, 4, 4, 4, 4, 4, 2]
+    code, text = _tune(capsys, "--seq-len", "4096", "--gpus", "8", "--pp", "8", "--global-batch", "8", "-o", str(out))
+    head, first = [x for x in text.splitlines() if x.startswith(" # ") or x.startswith(" 1 ")]
+    assert "layers" in head and first.split()[-1] == "balanced", first
+    assert "layer split balanced" in text
+    # narrowed to uniform: the uniform plan, no balanced candidate
+    code, text = _tune(capsys, "--seq-len", "4096", "--gpus", "8", "--pp", "8", "--global-batch", "8", "--json",
+                       "--layer-split", "uniform")
+    assert [r["layer_split"] for r in json.loads(text)["top"]] == ["uniform"]
+
+
+@pytest.mark.parametrize("seq,pick", [(4096, "balanced"), (256, "uniform")])
+def test_tune_layer_split_tie_goes_to_less_memory(seq, pick, capsys):
+    """m=1: a micro-batch crosses every stage once, so the step is the sum of all stages' work
+    whatever the split: uniform and balanced tie (within 0.5%) and the plan needing less memory
+    wins (tune's one tie rule). At 4K the last rank's logits make it the fullest and balanced,
+    which gives it fewer layers, needs less; at 256 tokens rank 0 is the fullest and uniform does."""
+    code, text = _tune(capsys, "--seq-len", str(seq), "--gpus", "8", "--pp", "8", "--global-batch", "1", "--json")
+    rows = {r["layer_split"]: r for r in json.loads(text)["top"]}
+    assert code == 0 and set(rows) == {"uniform", "balanced"}
+    u, b = rows["uniform"], rows["balanced"]
+    assert b["step_s"] == pytest.approx(u["step_s"], rel=1e-6)
+    assert json.loads(text)["top"][0]["layer_split"] == pick
+    other = "uniform" if pick == "balanced" else "balanced"
+    assert rows[pick]["peak_memory_bytes"] < rows[other]["peak_memory_bytes"]
+
+
+def test_tune_rejects_an_unknown_layer_split(capsys):
+    code = main(["tune", "--model", "tiny", "--gpus", "8", "--layer-split", "uniform,even"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "'even'" in err[0] and "uniform, balanced" in err[0]

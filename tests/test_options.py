@@ -79,7 +79,7 @@ BAD = {
         ("--global-batch", "0", "argument --global-batch: 0"), ("--device-profile", "tpu9", "tpu9"),
         ("--schedules", "zigzag", "--schedules 'zigzag'"), ("--tp", "0", "--tp '0'"), ("--cp", "a", "--cp 'a'"),
         ("--pp", "-1", "--pp '-1'"), ("--slices", "0", "--slices '0'"), ("--virtual-stages", "0", "--virtual-stages '0'"),
-        ("--top", "0", "argument --top: 0"), ("--time-limit", "-1", "argument --time-limit: -1 is not allowed"),
+        ("--layer-split", "zigzag", "--layer-split 'zigzag'"), ("--top", "0", "argument --top: 0"), ("--time-limit", "-1", "argument --time-limit: -1 is not allowed"),
         ("--output", "/nonexistent/dir/b.json", "does not exist"), ("--plot", OUT + ".txt", "--plot"),
     ],
     "import": MODEL + [("plan", MISSING, MISSING), ("--output", "/nonexistent/dir/p.json", "does not exist")],

@@ -1,5 +1,5 @@
-"""slimpipe tune: search schedule family, p (with tp, cp, dp filling the GPUs), m, n, v, partition and
-exchange for the plan with the highest simulated throughput that fits a memory budget."""
+"""slimpipe tune: search schedule family, p (with tp, cp, dp filling the GPUs), m, n, v, partition,
+exchange and layer split for the plan with the highest simulated throughput that fits a memory budget."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ from ir import SpecError, save
 from passes.costs import GIB, load_profile
 
 from .. import schedules
+from ..layout import LAYER_SPLITS
 from ..search import N_CHOICES, TP_CHOICES, CP_CHOICES, V_CHOICES, Problem, Space, default_global_batch, search
 from .cmd_compare import parse_bytes
 from .cmd_compile import add_model_args, model_from_args
@@ -37,10 +38,12 @@ SPACE_HELP = f"""search space (each part can be narrowed with the flags below):
              {_names(lambda f: f.search_virtual == "above_one")}); p*v <= layers
   partition  uniform (seq divisible by n*cp); also flops for {_names(lambda f: "flops" in f.partitions)}
   exchange   on and off for {_names(lambda f: f.default_exchange)}
+  layers     uniform; also balanced (stages balanced by the cost model, LM head included) where it differs
 Candidates over the budget by a sound memory bound are pruned; the rest are simulated in order of an
 estimate until no candidate left can beat the top K (a sound time bound), or until --time-limit
 (then the answer is marked NOT PROVEN). Step times within 0.5% of the fastest are a tie: less memory
-wins. The best plan of every family is shown too, or why the family has none.
+wins (a balanced layer split not more than 0.5% faster than uniform loses to it where it needs more
+memory). The best plan of every family is shown too, or why the family has none.
 
 example:
   """
@@ -66,6 +69,13 @@ def space_from_args(args) -> Space:
     kw = {}
     if args.schedules is not None:
         kw["families"] = families_arg(args.schedules)
+    if args.layer_split is not None:
+        kinds = [s.strip() for s in args.layer_split.split(",")]
+        for k in kinds:
+            if k not in LAYER_SPLITS:
+                raise SpecError(f"--layer-split {args.layer_split!r}: {k!r} is unknown; allowed: a comma-separated "
+                                f"list of {', '.join(LAYER_SPLITS)}")
+        kw["layer_splits"] = tuple(k for k in LAYER_SPLITS if k in kinds)
     for flag, name in (("--tp", "tp"), ("--cp", "cp"), ("--pp", "pp"), ("--slices", "slices"),
                        ("--virtual-stages", "virtual_stages")):
         val = int_list(flag, getattr(args, name))
@@ -216,7 +226,7 @@ def run(args) -> int:
                    "memory_budget_bytes": budget, "device_profile": profile.name,
                    "space": {"families": list(space.families), "tp": list(space.tp), "cp": list(space.cp),
                              "pp": list(space.pp) if space.pp else "divisors", "slices": list(space.slices),
-                             "virtual_stages": list(space.virtual_stages)},
+                             "virtual_stages": list(space.virtual_stages), "layer_splits": list(space.layer_splits)},
                    "counts": c, "infeasible_reasons": res.infeasible_reasons, "stopped": res.stopped,
                    "proven": res.proven, "tie_tolerance": res.tie,
                    "unexplored": res.unexplored, "unexplored_best_bound_s": res.unexplored_best_bound_s,
@@ -252,7 +262,9 @@ def run(args) -> int:
         print(f"proven: no plan of the space is faster than #1 by more than {res.tie:.1%} (every candidate not "
               f"simulated breaks a rule, is over budget or is provably slower than the top {args.top})")
     if args.output:
-        print(f"wrote {args.output} (#1)" if res.best_plan is not None else f"not written: {args.output} (no plan fits)")
+        split = res.best_plan.spec.layer_split if res.best_plan is not None else None
+        print(f"wrote {args.output} (#1, layer split {split})" if res.best_plan is not None
+              else f"not written: {args.output} (no plan fits)")
     if args.plot:
         print(f"wrote {args.plot}")
     return 0 if res.top else 1
@@ -276,6 +288,8 @@ def register(sub) -> None:
     p.add_argument("--pp", help="comma-separated pipeline sizes (default: every divisor)")
     p.add_argument("--slices", help=f"comma-separated n for {_names(_SLICED).replace(', ', '/')} (default 2,4,8,16,32)")
     p.add_argument("--virtual-stages", help="comma-separated v (default 1,2,3,4,5,6,8,10)")
+    p.add_argument("--layer-split", help="comma-separated layer splits (default uniform,balanced: balanced where it "
+                   "differs from uniform)")
     p.add_argument("--top", type=positive_int, default=5, help="plans to list (default 5)")
     p.add_argument("--time-limit", type=nonneg_float, default=120.0,
                    help="seconds before the search stops and reports what is left (default 120; 0 = none)")

@@ -1,4 +1,4 @@
-"""The plan tables tune and compare print: one row per plan (its partition and exchange included),
+"""The plan tables tune and compare print: one row per plan (its partition, exchange and layer split included),
 and the best plan of every family with the reason a family has none."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from .common import BYTE_UNITS, TIME_UNITS, fit_unit
 
 def head(step: str, mem: str) -> str:
     return (f"{'schedule':<17}{'p':>3}{'tp':>3}{'cp':>3}{'dp':>4}{'m':>4}{'n':>4}{'v':>3} {'partition':<10}{'exch':>4}"
-            f"{step:>10}{'bubble':>8}{mem:>10}{'tokens/s':>12}{'MFU':>7}")
+            f"{step:>10}{'bubble':>8}{mem:>10}{'tokens/s':>12}{'MFU':>7} {'layers':<8}")
 
 
 def _units(rows: list[dict]):
@@ -20,7 +20,7 @@ def _row(r: dict, ts: float, ms: float) -> str:
     return (f"{r['schedule']:<17}{r['pp']:>3}{r['tp']:>3}{r['cp']:>3}{r['dp']:>4}{r['microbatches']:>4}"
             f"{r['slices']:>4}{r['virtual_stages']:>3} {r['partition']:<10}{'on' if r['exchange'] else 'off':>4}"
             f"{r['step_s'] / ts:>10.3f}{r['bubble_fraction']:>8.1%}{r['peak_memory_bytes'] / ms:>10.2f}"
-            f"{r['tokens_per_s']:>12.4g}{r['mfu']:>7.1%}")
+            f"{r['tokens_per_s']:>12.4g}{r['mfu']:>7.1%} {r.get('layer_split', 'uniform'):<8}")
 
 
 def plan_table(rows: list[dict], numbered: bool = True) -> list[str]:
@@ -28,9 +28,9 @@ def plan_table(rows: list[dict], numbered: bool = True) -> list[str]:
     if not rows:
         return []
     tu, ts, mu, ms = _units(rows)
-    lines = [(" # " if numbered else "") + head(f"step {tu}", f"peak {mu}")]
+    lines = [(" # " if numbered else "") + head(f"step {tu}", f"peak {mu}").rstrip()]
     for i, r in enumerate(rows, 1):
-        lines.append((f"{i:>2} " if numbered else "") + _row(r, ts, ms))
+        lines.append(((f"{i:>2} " if numbered else "") + _row(r, ts, ms)).rstrip())
     return lines
 
 
