@@ -27,6 +27,7 @@ KV*_HELP: on the owner rank); the spec's placement maps (rank, chunk) to a globa
 from __future__ import annotations
 
 import re
+from operator import itemgetter
 from typing import NamedTuple
 
 from .errors import PlanFormatError
@@ -66,17 +67,24 @@ def B(mb: int, s: int, c: int) -> Instr:
     return Instr(Kind.B, mb, s, c)
 
 
-# kind -> str.format pattern over the Instr tuple, e.g. 'F mb{1} s{2} c{3}'
-_FORMAT = {k: " ".join([k.replace("{", "{{").replace("}", "}}")] + [f"{name}{{{_SLOT[name]}}}" for name in fields])
+def _slots_of(slots):
+    if len(slots) > 1:
+        return itemgetter(*slots)
+    return lambda ins: tuple(ins[i] for i in slots)  # itemgetter of one slot returns the item, not a tuple
+
+
+# kind -> (%-pattern, the Instr slots it prints), e.g. ('F mb%s s%s c%s', slots 1, 2, 3): millions of
+# instructions are written per plan, and %-formatting a tuple is the cheapest way to do it
+_FORMAT = {k: (" ".join([k.replace("%", "%%")] + [f"{name}%s" for name in fields]), _slots_of([_SLOT[f] for f in fields]))
            for k, fields in _FIELDS.items()}
 
 
 def to_text(ins: Instr) -> str:
     """Canonical text form, e.g. 'SEND_ACT mb3 s2 c1 to2 t17'; the kind table says which fields."""
-    fmt = _FORMAT.get(ins.kind)
+    fmt = _FORMAT.get(ins[0])
     if fmt is None:
-        raise PlanFormatError(f"unknown instruction kind {_clip(ins.kind)}; allowed: {allowed_kinds()}")
-    return fmt.format(*ins)
+        raise PlanFormatError(f"unknown instruction kind {_clip(ins[0])}; allowed: {allowed_kinds()}")
+    return fmt[0] % fmt[1](ins)
 
 
 _MAX_DIGITS = 18  # far above any real index; keeps int() fast and inside Python's digit limit
@@ -112,17 +120,19 @@ _CANONICAL = {
     "recv": re.compile(rf"({_alt(RECVS)}) mb{_NUM} s{_NUM} c{_NUM} from{_NUM} t{_NUM}"),
 }
 _COMPUTE_RE, _SEND_RE, _RECV_RE = _CANONICAL.values()
+# the three as one pattern (groups 0-3 a compute unit, 4-9 a send, 10-15 a receive): one match per instruction
+_CANONICAL_RE = re.compile("|".join(r.pattern for r in _CANONICAL.values()))
 
 
-def parse(text: str) -> Instr:
+def parse(text: str, _match=_CANONICAL_RE.fullmatch, _int=int) -> Instr:
     """Parse the text form (any token order); raises PlanFormatError naming the bad token."""
-    mt = (_COMPUTE_RE.fullmatch(text) or _SEND_RE.fullmatch(text) or _RECV_RE.fullmatch(text)) \
-        if type(text) is str else None
+    mt = _match(text) if type(text) is str else None
     if mt is not None:
         g = mt.groups()
-        if len(g) == 4:
-            return Instr(g[0], int(g[1]), int(g[2]), int(g[3]))
-        return Instr(g[0], int(g[1]), int(g[2]), int(g[3]), int(g[4]), int(g[5]))
+        if g[0] is not None:
+            return _make((g[0], _int(g[1]), _int(g[2]), _int(g[3]), -1, -1, 0, 0))
+        i = 4 if g[4] is not None else 10
+        return _make((g[i], _int(g[i + 1]), _int(g[i + 2]), _int(g[i + 3]), _int(g[i + 4]), _int(g[i + 5]), 0, 0))
     if not isinstance(text, str):
         raise PlanFormatError(f"instruction {_clip(text)} is not a string like 'F mb0 s0 c0'")
     parts = text.split()

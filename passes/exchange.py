@@ -445,7 +445,7 @@ def redistribute(plan: Plan, profile=_DEFAULT) -> Plan:
     and the unit-cost pairing has it by construction (paired units start together in the
     unit-cost replay); the exchange rules are checked on the chosen plan (validate_kv: the
     rest of the plan is the input's, untouched)."""
-    if any(ins.kind in KV for s in plan.ranks for ins in s):
+    if not all(KV.isdisjoint(map(itemgetter(0), s)) for s in plan.ranks):  # any KV instruction (C-level scan)
         raise ValueError("plan already has KV exchanges; redistribute runs once on a plan without them")
     from .validate import validate_kv as validate
 

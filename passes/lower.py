@@ -34,25 +34,34 @@ def lower_comm(plan: Plan) -> Plan:
     spec = plan.spec
     owner = spec.stage_rank()
     last = spec.num_stages - 1
+    n_slices, n_stages = spec.slices, spec.num_stages  # p2p_tag's arithmetic, inlined in the loop below
+    # per kind: None (passes through) or (receive kind, send kind, step, direction) from the kind table
+    how = {}
+    for k, row in KINDS.items():
+        if row.role == "compute" and (row.receives is not None or row.sends is not None):
+            step, direction = (1, ACT) if row.phase == "forward" else (-1, GRAD)
+            how[k] = (row.receives, row.sends, step, direction)
     out = []
     for r, stream in enumerate(plan.ranks):
         stages = spec.placement[r]
         ops: list[Instr] = []
         add = ops.append
         for ins in stream:
-            row = KINDS[ins.kind]  # the kind table says what a compute unit receives and sends
-            if row.role != "compute" or (row.receives is None and row.sends is None):
+            h = how.get(ins[0])
+            if h is None:
+                if ins[0] not in KINDS:
+                    raise KeyError(ins[0])
                 add(ins)
                 continue
-            mb, j, c = ins.mb, ins.slice, ins.chunk
+            receives, sends, step, direction = h
+            mb, j, c = ins[1], ins[2], ins[3]
             s = stages[c]
-            step, direction = (1, ACT) if row.phase == "forward" else (-1, GRAD)
             src, dst = s - step, s + step  # the stage its input comes from, the one its output goes to
-            if row.receives is not None and 0 <= src <= last and owner[src] != r:
-                add(Instr(row.receives, mb, j, c, owner[src], p2p_tag(spec, mb, j, min(s, src), direction)))
+            if receives is not None and 0 <= src <= last and owner[src] != r:
+                add(Instr(receives, mb, j, c, owner[src], ((mb * n_slices + j) * n_stages + min(s, src)) * 2 + direction))
             add(ins)
-            if row.sends is not None and 0 <= dst <= last and owner[dst] != r:
-                add(Instr(row.sends, mb, j, c, owner[dst], p2p_tag(spec, mb, j, min(s, dst), direction)))
+            if sends is not None and 0 <= dst <= last and owner[dst] != r:
+                add(Instr(sends, mb, j, c, owner[dst], ((mb * n_slices + j) * n_stages + min(s, dst)) * 2 + direction))
         out.append(ops)
     return order_receives(plan.with_ranks(out, lowered=True))
 

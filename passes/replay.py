@@ -128,6 +128,9 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
     # queued blocks one after another as they arrive (free_at: when its queue is empty) while it
     # goes on meeting owners; its next other instruction waits for the queue to drain
     free_at = [0.0] * p
+    # the common cases without a call per instruction: the kind table's unit costs, free messages
+    unit_costs = UNIT_COST if cost is unit_cost else None
+    no_delay = p2p_delay is _zero
     progress = True
     while progress:
         progress = False
@@ -141,13 +144,14 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
             b = busy[r]
             start = i
             moved = False
+            free = free_at[r]  # changes only at this rank's own helper instructions
             while i < n:
                 ins = stream[i]
-                k = ins.kind
-                if free_at[r] > t and k not in _KV_HELPER:
-                    t = free_at[r]
+                k = ins[0]
+                if free > t and k not in _KV_HELPER:
+                    t = free
                 if k in _COMPUTE:
-                    d = cost(r, ins)
+                    d = unit_costs[k] if unit_costs is not None else cost(r, ins)
                     if timeline is not None:
                         timeline.append((r, i, t, t + d))
                     t += d
@@ -190,7 +194,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                     i = j
                     continue
                 elif k in _RECV:
-                    q = posted.get((ins.peer, r, ins.tag))
+                    q = posted.get((ins[4], r, ins[5]))
                     if not q:
                         break
                     a = q.popleft()
@@ -198,11 +202,11 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                         t = a
                     t += comm_cost
                 elif k in _SEND:
-                    key = (r, ins.peer, ins.tag)
+                    key = (r, ins[4], ins[5])
                     q = posted.get(key)
                     if q is None:
                         q = posted[key] = deque()
-                    arrive = t + p2p_delay(r, ins.peer, ins)
+                    arrive = t if no_delay else t + p2p_delay(r, ins[4], ins)
                     q.append(arrive)
                     if comm is not None:
                         comm.append((r, i, t, arrive))
@@ -232,7 +236,7 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                     if k in _KV_HELPER:
                         d = help_cost(r, ins)
                         t0 = max(t, free_at[r])
-                        free_at[r] = t0 + d
+                        free_at[r] = free = t0 + d
                         b += d
                         if helps is not None:
                             helps.append((r, i, t0, t0 + d))
@@ -436,7 +440,7 @@ def start_times(plan: Plan, weights: list[dict[str, float]]):
             start = i
             while i < n:
                 ins = stream[i]
-                k = ins.kind
+                k = ins[0]
                 d = dur.get(k)
                 if d is not None:
                     add((r, i, (a, b, c)[:K]))
@@ -444,7 +448,7 @@ def start_times(plan: Plan, weights: list[dict[str, float]]):
                     b += d[1]
                     c += d[2]
                 elif k in recv_kinds:
-                    q = posted.get((ins.peer, r, ins.tag))
+                    q = posted.get((ins[4], r, ins[5]))
                     if not q:
                         break
                     x, y, z = q.popleft()
@@ -455,7 +459,7 @@ def start_times(plan: Plan, weights: list[dict[str, float]]):
                     if z > c:
                         c = z
                 elif k in send_kinds:
-                    key = (r, ins.peer, ins.tag)
+                    key = (r, ins[4], ins[5])
                     q = posted.get(key)
                     if q is None:
                         q = posted[key] = deque()

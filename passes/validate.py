@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import add, gt, itemgetter, lt
 
 from ir import COMPUTE, KINDS, KV, KV_FWD, KV_OWNER, KV_SERVER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, allowed_kinds, to_text
 from ir.gcpause import gc_paused
@@ -38,6 +39,11 @@ from ir.instr import _clip
 from ir.limits import tag_limit, wire_stride
 
 MAX_PROBLEMS = 20
+_PEER = itemgetter(4)
+_KIND, _MB_SLICE, _CHUNK = itemgetter(0), itemgetter(1, 2), itemgetter(3)
+_MATCH_GET = MATCH.get
+# a send's neighbour stage: the next stage for an activation, the previous for a gradient
+_STEP = {k: (1 if k == Kind.SEND_ACT else -1) for k in SENDS}
 _INDEXED = tuple(COMPUTE | P2P)
 # phase -> the compute kinds of that phase (forward: F; backward: B, I; weight: W)
 _PHASES = {ph: sorted(k for k in COMPUTE if KINDS[k].phase == ph) for ph in sorted({KINDS[k].phase for k in COMPUTE})}
@@ -114,10 +120,11 @@ def validate(plan: Plan, max_problems: int = MAX_PROBLEMS, step: bool | None = N
         if problems:
             return problems
         pos = _coverage_and_order(plan, bad)
-        _p2p(plan, pos, bad)
-        _kv(plan, bad)
+        tags = _p2p(plan, pos, bad)
+        kv_at = _kv_positions(plan)
+        _kv(plan, bad, kv_at)
         _optimizer(plan, bad, step)
-        _order(plan, bad)
+        _order(plan, bad, tags, kv_at)
         _reduce_grad(plan, bad)
     except _TooMany:
         pass
@@ -277,6 +284,35 @@ def _by_tag(plan: Plan, kinds, sender: bool):
     return first, repeats
 
 
+def _by_tag_both(plan: Plan):
+    """_by_tag for the sends and for the receives, in one pass over the streams."""
+    p = len(plan.ranks)
+    s_first = [[{} for _ in range(p)] for _ in range(p)]
+    r_first = [[{} for _ in range(p)] for _ in range(p)]
+    s_rep: dict[tuple, list] = {}
+    r_rep: dict[tuple, list] = {}
+    sends, recvs = SENDS, RECVS
+    for r, stream in enumerate(plan.ranks):
+        mine = s_first[r]
+        for i, ins in enumerate(stream):
+            k = ins[0]
+            if k in sends:
+                d = mine[ins[4]]
+                t = ins[5]
+                if t in d:
+                    s_rep.setdefault((r, ins[4], t), [d[t]]).append(i)
+                else:
+                    d[t] = i
+            elif k in recvs:
+                d = r_first[ins[4]][r]
+                t = ins[5]
+                if t in d:
+                    r_rep.setdefault((ins[4], r, t), [d[t]]).append(i)
+                else:
+                    d[t] = i
+    return s_first, s_rep, r_first, r_rep
+
+
 def _dependencies() -> list[tuple[str, str, int, str, str]]:
     """(consumer phase, the receive kind feeding it, +-1 to the neighbour stage it comes from, the
     phase producing it there, what it is), from the kind table's receives/sends columns."""
@@ -304,8 +340,7 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
     ranks = plan.ranks
     p = len(ranks)
     SEND_ACT = Kind.SEND_ACT
-    sends, send_rep = _by_tag(plan, SENDS, True)
-    recvs, recv_rep = _by_tag(plan, RECVS, False)
+    sends, send_rep, recvs, recv_rep = _by_tag_both(plan)
     via = [[-1] * len(s) for s in ranks]  # via[dst][recv index] = index of its matched send on the peer
     for src in range(p):
         src_stream, src_place = ranks[src], placement[src]
@@ -314,6 +349,28 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
             if not sd and not rd:
                 continue
             dst_stream, dst_place, dst_via = ranks[dst], placement[dst], via[dst]
+            if not send_rep and not recv_rep:  # every (src, dst, tag) once: the same checks, without lists
+                if _pairs_match(src_stream, dst_stream, src_place, dst_place, sd, rd, dst_via):
+                    continue
+                for tag, si in sd.items():
+                    ri = rd.get(tag)
+                    if ri is None:
+                        bad("match", f"{_at(src, si, src_stream[si])} has no matching receive on rank {dst}", src, si)
+                        continue
+                    s_ins, r_ins = src_stream[si], dst_stream[ri]
+                    s_stage = src_place[s_ins[3]]
+                    want = s_stage + 1 if s_ins[0] == SEND_ACT else s_stage - 1
+                    if (MATCH[s_ins[0]] != r_ins[0] or s_ins[1] != r_ins[1] or s_ins[2] != r_ins[2]
+                            or dst_place[r_ins[3]] != want):
+                        bad("match", f"{_at(src, si, s_ins)} is matched by tag with {_at(dst, ri, r_ins)}, "
+                                     f"which expects other data (kind, micro-batch, slice or stage differ)", src, si)
+                    else:
+                        dst_via[ri] = si
+                if not rd.keys() <= sd.keys():
+                    for tag, ri in rd.items():
+                        if tag not in sd:
+                            bad("match", f"{_at(dst, ri, dst_stream[ri])} has no matching send on rank {src}", dst, ri)
+                continue
             # tags in program order of the first send, then receives without a send
             for tag in [*sd, *(t for t in rd if t not in sd)]:
                 key = (src, dst, tag)
@@ -345,6 +402,8 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
                 q = owner[nb]
                 dq = chunk_of[nb] - c  # unit id offset from this chunk to the neighbour's chunk on q
                 units, recv_at, produced = tab[need], tab[recv_kind], pos[q][send_after]
+                if _dependencies_hold(stream, units[c::v], recv_at[c::v], produced[c + dq::v], r_via, q):
+                    continue  # nothing to report for this chunk and dependency (the loop below would agree)
                 for mb in m_range:
                     for j in n_range:
                         uid = (mb * n + j) * v + c
@@ -366,6 +425,41 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
                         if si < pu:
                             bad("dependency", f"{_at(q_, si, ranks[q_][si])} sends before {_at(q_, pu, ranks[q_][pu])} produces the {what} "
                                               f"that {_at(r, ri, stream[ri])} receives", q_, si)
+    return sends, send_rep, recvs, recv_rep
+
+
+def _pairs_match(src_stream, dst_stream, src_place, dst_place, sd, rd, dst_via) -> bool:
+    """True when the sends of one rank pair (sd: tag -> index) and its receives (rd) are the same
+    tags and each send's receive expects its data (kind, micro-batch, slice, neighbour stage):
+    then _p2p's loop reports nothing for the pair; records dst_via as that loop would. C-level
+    passes over the columns; False sends the pair to the loop."""
+    if len(sd) != len(rd) or sd.keys() != rd.keys():
+        return False
+    sis = list(sd.values())
+    ris = list(map(rd.__getitem__, sd))
+    S = list(map(src_stream.__getitem__, sis))
+    R = list(map(dst_stream.__getitem__, ris))
+    s_kind = list(map(_KIND, S))
+    if (list(map(_MATCH_GET, s_kind)) != list(map(_KIND, R)) or list(map(_MB_SLICE, S)) != list(map(_MB_SLICE, R))
+            or list(map(add, map(src_place.__getitem__, map(_CHUNK, S)), map(_STEP.__getitem__, s_kind)))
+            != list(map(dst_place.__getitem__, map(_CHUNK, R)))):
+        return False
+    for ri, si in zip(ris, sis):
+        dst_via[ri] = si
+    return True
+
+
+def _dependencies_hold(stream, units, recv_at, produced, via, q) -> bool:
+    """True when every unit of one chunk (units[k]: its position; recv_at[k]: its receive's;
+    produced[k]: where rank q produces what it receives) exists, receives from rank q before it
+    runs, and that receive's matched send comes after the producing unit: then _p2p's loop over
+    these units reports nothing. C-level passes over the columns; False sends it to the loop."""
+    if not units or min(units) < 0 or min(recv_at) < 0 or any(map(gt, recv_at, units)):
+        return not units
+    sent = list(map(via.__getitem__, recv_at))
+    if min(sent) < 0 or any(map(lt, sent, produced)):
+        return False
+    return all(map(q.__eq__, map(_PEER, map(stream.__getitem__, recv_at))))
 
 
 # what the optimizer step must follow: every compute kind that leaves a weight gradient (the fused
@@ -409,10 +503,12 @@ def _kv(plan: Plan, bad, positions=None) -> None:
     ranks = plan.ranks
     ends: dict[tuple, list] = {}
     compute = COMPUTE
+    if positions is None:
+        positions = _kv_positions(plan)
     for r, stream in enumerate(ranks):
         n = len(stream)
         shipped: dict[int, list[tuple[int, int, int]]] = {}  # next unit -> (lo, hi, index) shipped before it
-        for i in (positions[r] if positions is not None else _kv_positions(plan)[r]):
+        for i in positions[r]:
             ins = stream[i]
             k = ins.kind
             j = i + 1
@@ -457,11 +553,14 @@ def _kv(plan: Plan, bad, positions=None) -> None:
                 bad("kv", f"{_at(pa, pi, ranks[pa][pi])} has no owner instruction on rank {o}", pa, pi)
 
 
-def _order(plan: Plan, bad) -> None:
+def _order(plan: Plan, bad, tags=None, kv_at=None) -> None:
     """Rule p2p-order: the k-th receive of each ordered pair (src, dst) pairs with src's k-th
     send to dst (same tag, hence same data once the tag matching holds); likewise the k-th
     partner instruction of an (owner, partner) pair with the owner's k-th exchange. Reported
-    once per pair, at the first position where the two sequences part."""
+    once per pair, at the first position where the two sequences part. `tags` (_p2p's tag
+    tables) and `kv_at` (_kv_positions) let a plan that keeps the rule pass without a new scan."""
+    if tags is not None and kv_at is not None and _order_holds(plan, tags, kv_at):
+        return
     ranks = plan.ranks
     role = {k: (True, k in KV) for k in SENDS | KV_OWNER}
     role.update({k: (False, k in KV) for k in RECVS | KV_SERVER})  # partners and helpers
@@ -498,6 +597,40 @@ def _order(plan: Plan, bad) -> None:
                                  f"{_nth(n_)} {sent} rank {dst} is {_at(src, si, a)}: messages between two ranks match "
                                  f"in posting order (NCCL ignores tags), so it would get other data", dst, ri)
                 break
+
+
+def _order_holds(plan: Plan, tags, kv_at) -> bool:
+    """True when _order would report nothing: per rank pair, the receives' tags and the sends'
+    agree on their common prefix in program order (each tag once per pair: _p2p's tables then
+    list them in program order), and the same for the KV exchanges of owner and partner."""
+    sends, send_rep, recvs, recv_rep = tags
+    if send_rep or recv_rep:
+        return False
+    p = len(plan.ranks)
+    for src in range(p):
+        for dst in range(p):
+            sd, rd = sends[src][dst], recvs[src][dst]
+            if sd and rd:
+                k = min(len(sd), len(rd))
+                if list(sd)[:k] != list(rd)[:k]:
+                    return False
+    own: dict[tuple, list] = {}
+    serve: dict[tuple, list] = {}
+    owner_kinds = KV_OWNER
+    for r, stream in enumerate(plan.ranks):
+        for i in kv_at[r]:
+            ins = stream[i]
+            if ins[0] in owner_kinds:
+                own.setdefault((r, ins[4]), []).append(ins[5])
+            else:
+                serve.setdefault((ins[4], r), []).append(ins[5])
+    for key, a in own.items():
+        b = serve.get(key)
+        if b:
+            k = min(len(a), len(b))
+            if a[:k] != b[:k]:
+                return False
+    return True
 
 
 def _nth(k: int) -> str:
