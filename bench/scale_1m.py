@@ -1,32 +1,119 @@
-"""Scale: compile + check + unit-simulate slimpipe p=32 m=32 n=64 v=4 (over a million
-instructions), then ir.save + ir.load of the plan. Prints JSON, writes bench/results/scale_1m.json.
+"""Scale: issue 16's plan, slimpipe p=32 m=32 n=64 v=4 with the KV exchange (tiny model with 128
+layers, 256 tokens: 1.6M instructions), through the command line as a user runs it:
 
-    PYTHONPATH=. python bench/scale_1m.py
+    slimpipe compile --schedule slimpipe --pp 32 --microbatches 32 --slices 64 --virtual-stages 4
+                     --model tiny --layers 128 --seq-len 256 -o plan.json     (exchange on by default)
+    slimpipe check plan.json
+    slimpipe simulate plan.json --unit-costs
+
+Each command is a fresh process (`python -m compiler.cli`, what the `slimpipe` script runs); the
+three are run --repeats times and each one's fastest wall time, its CPU time (user + sys) and its
+peak resident memory (per process, from os.wait4) are recorded with the load average, since this
+machine is shared. Then the same phases in-process (compile, check, unit simulation, ir.save,
+ir.load). Prints JSON, writes bench/results/scale_1m.json.
+
+    PYTHONPATH=. python bench/scale_1m.py [--repeats 3]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import ir  # noqa: E402
 from bench.machine import machine  # noqa: E402
 from compiler import build_spec, compile_plan, resolve_model  # noqa: E402
 from passes import check, simulate_units  # noqa: E402
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scale_1m.json")
+OUT = os.path.join(ROOT, "bench", "results", "scale_1m.json")
+P, M, N, V = 32, 32, 64, 4
+SEQ = N * 4
 
 
-def main() -> None:
-    p, m, n, v = 32, 32, 64, 4
-    model = resolve_model("tiny", {"layers": p * v})
+def cli_commands(plan: str) -> list[tuple[str, list[str]]]:
+    shape = ["--schedule", "slimpipe", "--pp", str(P), "--microbatches", str(M), "--slices", str(N),
+             "--virtual-stages", str(V), "--model", "tiny", "--layers", str(P * V), "--seq-len", str(SEQ)]
+    return [("compile", ["compile", *shape, "-o", plan]), ("check", ["check", plan]),
+            ("simulate_unit", ["simulate", plan, "--unit-costs", "--json"])]
+
+
+def communicate_no_reap(proc: subprocess.Popen) -> tuple[bytes, bytes]:
+    """Read both pipes to the end without waiting for the process (os.wait4 reaps it)."""
+    import threading
+
+    chunks = {"out": b"", "err": b""}
+
+    def pump(name, stream):
+        chunks[name] = stream.read()
+
+    ts = [threading.Thread(target=pump, args=("out", proc.stdout)), threading.Thread(target=pump, args=("err", proc.stderr))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return chunks["out"], chunks["err"]
+
+
+def run_cli(args: list[str]) -> dict:
+    """One `slimpipe ARGS` process: wall seconds, CPU seconds, peak RSS bytes, its stdout."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    out, err = communicate_no_reap(proc)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"slimpipe {' '.join(args)} exited {proc.returncode}: {err.decode()[-500:]}")
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "max_rss_bytes": ru.ru_maxrss * 1024,
+            "stdout": out.decode()}
+
+
+def cli_path(repeats: int) -> dict:
+    runs = []
+    with tempfile.TemporaryDirectory() as d:
+        plan = os.path.join(d, "plan.json")
+        for _ in range(repeats):
+            rep = {"load_avg_before": os.getloadavg()}
+            for name, args in cli_commands(plan):
+                rep[name] = run_cli(args)
+            rep["load_avg_after"] = os.getloadavg()
+            runs.append(rep)
+        size = os.path.getsize(plan)
+        instructions = sum(len(r) for r in json.loads(open(plan).read())["ranks"])
+    names = [n for n, _ in cli_commands("x")]
+    sim = json.loads(runs[-1]["simulate_unit"]["stdout"])
+    best = {n: {"wall_s": round(min(r[n]["wall_s"] for r in runs), 3),
+                "cpu_s": round(min(r[n]["cpu_s"] for r in runs), 3),
+                "max_rss_bytes": max(r[n]["max_rss_bytes"] for r in runs)} for n in names}
+    totals = [sum(r[n]["wall_s"] for n in names) for r in runs]
+    return {
+        "commands": [" ".join(["slimpipe", *a]).replace(plan, "plan.json") for _, a in cli_commands(plan)],
+        "repeats": repeats, "instructions": instructions, "plan_bytes": size, "exchanges_in_plan": None,
+        "best": best,
+        "total_wall_s_min_run": round(min(totals), 3),
+        "total_wall_s_sum_of_min": round(sum(best[n]["wall_s"] for n in names), 3),
+        "total_cpu_s_sum_of_min": round(sum(best[n]["cpu_s"] for n in names), 3),
+        "max_rss_bytes": max(b["max_rss_bytes"] for b in best.values()),
+        "runs": [{n: {k: round(v, 3) for k, v in r[n].items() if k != "stdout"} for n in names}
+                 | {"load_avg_before": r["load_avg_before"], "load_avg_after": r["load_avg_after"]} for r in runs],
+        "bubble_fraction": sim["bubble_fraction"],
+    }
+
+
+def in_process() -> dict:
+    model = resolve_model("tiny", {"layers": P * V})
     phases = {}
     t = time.perf_counter()
-    spec = build_spec("slimpipe", model, pp=p, microbatches=m, slices=n, virtual_stages=v, seq_len=n * 4)
+    spec = build_spec("slimpipe", model, pp=P, microbatches=M, slices=N, virtual_stages=V, seq_len=SEQ, exchange=True)
     plan = compile_plan(spec)
     phases["compile_s"] = time.perf_counter() - t
     count = plan.num_instructions()
@@ -42,22 +129,27 @@ def main() -> None:
         t = time.perf_counter()
         ir.save(plan, path)
         phases["save_s"] = time.perf_counter() - t
-        size = os.path.getsize(path)
         t = time.perf_counter()
         back = ir.load(path)
         phases["load_s"] = time.perf_counter() - t
     assert back.ranks == plan.ranks
-    expect = (p - 1) / (v * m * n + p - 1)
-    res = {
-        "benchmark": "scale_1m", "schedule": "slimpipe", "pp": p, "microbatches": m, "slices": n, "virtual_stages": v,
-        "instructions": count, **{k: round(x, 4) for k, x in phases.items()},
-        "compile_check_simulate_s": round(phases["compile_s"] + phases["check_s"] + phases["simulate_s"], 4),
-        "instr_per_s_compile_check_simulate": round(count / (phases["compile_s"] + phases["check_s"] + phases["simulate_s"])),
-        "plan_bytes": size,
-        "bubble_fraction": sim["bubble_fraction"], "bubble_closed_form": expect,
-        "rank0_peak_units": sim["ranks"][0]["peak_units"], "rank0_peak_closed_form": min(n * v + 2 * (p - 1), m * n * v),
-        "machine": machine(), "load_avg_at_end": os.getloadavg(),
-    }
+    return {"instructions": count, "exchanges": plan.meta.get("exchanges", 0),
+            **{k: round(x, 3) for k, x in phases.items()},
+            "bubble_fraction": sim["bubble_fraction"], "rank0_peak_units": sim["ranks"][0]["peak_units"],
+            "rank0_peak_closed_form": min(N * V + 2 * (P - 1), M * N * V)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the three commands (default 3)")
+    args = ap.parse_args()
+    cli = cli_path(args.repeats)
+    inproc = in_process()
+    cli["exchanges_in_plan"] = inproc["exchanges"]
+    res = {"benchmark": "scale_1m", "schedule": "slimpipe", "pp": P, "microbatches": M, "slices": N, "virtual_stages": V,
+           "model": "tiny, 128 layers", "seq_len": SEQ, "exchange": True,
+           "targets": {"total_wall_s": 10.0, "max_rss_bytes": 4 * 2 ** 30},
+           "cli": cli, "in_process_s": inproc, "machine": machine(), "load_avg_at_end": os.getloadavg()}
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     ir.atomic_write(OUT, json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))

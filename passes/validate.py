@@ -152,15 +152,29 @@ def validate_kv(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
     return problems
 
 
+# kinds whose fields are (mb, s, c): 1; + a peer and a tag: 2; + lo, hi: 3 (_fields' inline checks)
+_SHAPES = {("mb", "s", "c"): 1, ("mb", "s", "c", "to", "t"): 2, ("mb", "s", "c", "from", "t"): 2,
+           ("mb", "s", "c", "to", "lo", "hi", "t"): 3, ("mb", "s", "c", "from", "lo", "hi", "t"): 3}
+_SHAPE = {k: _SHAPES[row.fields] for k, row in KINDS.items() if row.fields in _SHAPES}
+
+
 def _fields(plan: Plan, bad, positions=None) -> None:
     """Fields in range; with `positions` (per rank, the indices of KV instructions) those only."""
     spec = plan.spec
     p, m, n, v = spec.pp, spec.microbatches, spec.slices, spec.virtual_stages
     tags = tag_limit(spec)
     offsets = [spec.slice_offsets(mb) for mb in range(m)]
+    shape = _SHAPE
     for r, stream in enumerate(plan.ranks):
         for i in (range(len(stream)) if positions is None else positions[r]):
             ins = stream[i]
+            # the common shapes, checked inline; anything else (or out of range) takes the general
+            # checks below, which name the problem
+            sh = shape.get(ins[0])
+            if sh is not None and 0 <= ins[1] < m and 0 <= ins[2] < n and 0 <= ins[3] < v and (
+                    sh == 1 or (ins[4] != r and 0 <= ins[4] < p and 0 <= ins[5] < tags and (
+                        sh == 2 or 0 <= ins[6] < ins[7] <= offsets[ins[1]][ins[2]]))):
+                continue
             row = KINDS.get(ins.kind)
             if row is None:
                 bad("kind", f"{_at(r, i, ins)}: unknown instruction kind; allowed: {allowed_kinds()}", r, i)
