@@ -124,15 +124,15 @@ _COMPUTE_RE, _SEND_RE, _RECV_RE = _CANONICAL.values()
 _CANONICAL_RE = re.compile("|".join(r.pattern for r in _CANONICAL.values()))
 
 
-def parse(text: str, _match=_CANONICAL_RE.fullmatch, _int=int) -> Instr:
+def parse(text: str, _match=_CANONICAL_RE.fullmatch, _int=int, _new=tuple.__new__) -> Instr:
     """Parse the text form (any token order); raises PlanFormatError naming the bad token."""
     mt = _match(text) if type(text) is str else None
     if mt is not None:
         g = mt.groups()
-        if g[0] is not None:
-            return _make((g[0], _int(g[1]), _int(g[2]), _int(g[3]), -1, -1, 0, 0))
+        if g[0] is not None:  # tuple.__new__: Instr(...) and Instr._make are Python-level calls
+            return _new(Instr, (g[0], _int(g[1]), _int(g[2]), _int(g[3]), -1, -1, 0, 0))
         i = 4 if g[4] is not None else 10
-        return _make((g[i], _int(g[i + 1]), _int(g[i + 2]), _int(g[i + 3]), _int(g[i + 4]), _int(g[i + 5]), 0, 0))
+        return _new(Instr, (g[i], _int(g[i + 1]), _int(g[i + 2]), _int(g[i + 3]), _int(g[i + 4]), _int(g[i + 5]), 0, 0))
     if not isinstance(text, str):
         raise PlanFormatError(f"instruction {_clip(text)} is not a string like 'F mb0 s0 c0'")
     parts = text.split()

@@ -75,7 +75,7 @@ def from_dict(d: Any) -> Plan:
         if not isinstance(stream, list):
             raise PlanFormatError(f"rank {r}: instructions must be a list of strings like 'F mb0 s0 c0'", r)
         try:
-            out.append(tuple(parse(t) for t in stream))
+            out.append(tuple(map(parse, stream)))
         except PlanFormatError as e:
             i = next(i for i, t in enumerate(stream) if _unparsable(t))
             raise PlanFormatError(f"rank {r} #{i}: {e}", r, i) from None

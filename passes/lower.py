@@ -41,6 +41,7 @@ def lower_comm(plan: Plan) -> Plan:
         if row.role == "compute" and (row.receives is not None or row.sends is not None):
             step, direction = (1, ACT) if row.phase == "forward" else (-1, GRAD)
             how[k] = (row.receives, row.sends, step, direction)
+    new = tuple.__new__  # an Instr without the Python-level Instr.__new__ (all eight fields given)
     out = []
     for r, stream in enumerate(plan.ranks):
         stages = spec.placement[r]
@@ -58,10 +59,10 @@ def lower_comm(plan: Plan) -> Plan:
             s = stages[c]
             src, dst = s - step, s + step  # the stage its input comes from, the one its output goes to
             if receives is not None and 0 <= src <= last and owner[src] != r:
-                add(Instr(receives, mb, j, c, owner[src], ((mb * n_slices + j) * n_stages + min(s, src)) * 2 + direction))
+                add(new(Instr, (receives, mb, j, c, owner[src], ((mb * n_slices + j) * n_stages + min(s, src)) * 2 + direction, 0, 0)))
             add(ins)
             if sends is not None and 0 <= dst <= last and owner[dst] != r:
-                add(Instr(sends, mb, j, c, owner[dst], ((mb * n_slices + j) * n_stages + min(s, dst)) * 2 + direction))
+                add(new(Instr, (sends, mb, j, c, owner[dst], ((mb * n_slices + j) * n_stages + min(s, dst)) * 2 + direction, 0, 0)))
         out.append(ops)
     return order_receives(plan.with_ranks(out, lowered=True))
 
