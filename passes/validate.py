@@ -489,7 +489,7 @@ def _optimizer(plan: Plan, bad, step: bool | None) -> None:
     `step`: True, the plan is a training step (every rank needs its OPT); None, it is one when
     some rank has an OPT; False, the rule is skipped."""
     opt = _OPTIMIZER
-    found = [[i for i, ins in enumerate(stream) if ins.kind in opt] for stream in plan.ranks]
+    found = [_positions(stream, opt) for stream in plan.ranks]
     if step is False or (step is None and not any(found)):
         return
     for r, stream in enumerate(plan.ranks):
@@ -508,9 +508,24 @@ def _optimizer(plan: Plan, bad, step: bool | None) -> None:
                              f"must follow every backward of the step, or it misses their gradients", r, o)
 
 
+def _positions(stream, kinds) -> list[int]:
+    """Indices of the instructions of `kinds` in a stream, ascending (list.index scans in C)."""
+    col = list(map(_KIND, stream))
+    out = []
+    for k in kinds:
+        i = -1
+        try:
+            while True:
+                i = col.index(k, i + 1)
+                out.append(i)
+        except ValueError:
+            pass
+    out.sort()
+    return out
+
+
 def _kv_positions(plan: Plan) -> list[list[int]]:
-    kv = KV
-    return [[i for i, ins in enumerate(stream) if ins.kind in kv] for stream in plan.ranks]
+    return [_positions(stream, KV) for stream in plan.ranks]
 
 
 def _kv(plan: Plan, bad, positions=None) -> None:
@@ -658,6 +673,8 @@ def _reduce_grad(plan: Plan, bad) -> None:
     come after every unit that adds to them (rule "reduce-grad"), once per chunk, before OPT."""
     wgrad = _GRADIENTS
     for r, stream in enumerate(plan.ranks):
+        if Kind.REDUCE_GRAD not in map(_KIND, stream):
+            continue  # nothing is reduced on this rank: nothing below can be reported
         seen: dict[int, int] = {}
         opt_at = None
         for i, ins in enumerate(stream):
