@@ -668,12 +668,17 @@ def _nth(k: int) -> str:
     return f"{n}{suffix}"
 
 
+def _reduces(stream) -> bool:
+    """Whether a stream has a REDUCE_GRAD (a C-level scan)."""
+    return Kind.REDUCE_GRAD in map(_KIND, stream)
+
+
 def _reduce_grad(plan: Plan, bad) -> None:
     """REDUCE_GRAD c averages chunk c's weight gradients over the replicas when it runs: it must
     come after every unit that adds to them (rule "reduce-grad"), once per chunk, before OPT."""
     wgrad = _GRADIENTS
     for r, stream in enumerate(plan.ranks):
-        if Kind.REDUCE_GRAD not in map(_KIND, stream):
+        if not _reduces(stream):
             continue  # nothing is reduced on this rank: nothing below can be reported
         seen: dict[int, int] = {}
         opt_at = None
