@@ -230,22 +230,29 @@ def main(argv=None) -> int:
         return 130
 
 
-def entry(argv=None) -> None:
-    """The process entry point (`python -m executor`): run main, then end the process. Under
-    torchrun the process ends with os._exit once its output is flushed: the run is over (process
-    groups destroyed, files written and closed), and a normal exit would run torch's C++ static
-    destructors, which about 1 run in 20-40 on a loaded machine destroy a still-joinable thread and
-    abort ('terminate called without an active exception', SIGABRT after 'reference check ok';
-    faulthandler shows no Python frame left: the interpreter had finished). Issue 15.5."""
-    code = main(argv)
-    if os.environ.get("WORLD_SIZE") is None:
-        sys.exit(code)
+def exit_process(code: int):
+    """End a torchrun worker process at once, once its output is flushed: torch's C++ static
+    destructors at a normal exit() destroy a thread still joinable about 1 run in 20-40 on a loaded
+    machine and abort ('terminate called without an active exception', SIGABRT after 'reference
+    check ok'; faulthandler shows no Python frame left: the interpreter had finished). Call it
+    only when the run is over: process groups destroyed, files written and closed. Issue 15.5."""
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()
         except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
             pass
     os._exit(code)
+
+
+def entry(argv=None) -> None:
+    """The process entry point (`python -m executor`): run main, then end the process. A
+    successful run under torchrun ends with exit_process; a failing one exits normally (it fails
+    either way, and the normal exit leaves its peers the moment they need to print their own line
+    before torchrun stops them)."""
+    code = main(argv)
+    if code == 0 and os.environ.get("WORLD_SIZE") is not None:
+        exit_process(code)
+    sys.exit(code)
 
 
 def _main(argv=None) -> int:

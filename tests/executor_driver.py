@@ -11,6 +11,7 @@ import os
 import sys
 
 import ir
+from executor.cli import exit_process
 from executor.cli import options as executor_options
 from executor.runner import run_rank
 from executor.transport import init_dist
@@ -37,3 +38,4 @@ def main(paths):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_process(0)  # as the executor does (issue 15.5: a normal exit can abort in torch's C++ teardown)

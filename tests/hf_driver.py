@@ -12,6 +12,7 @@ import sys
 import torch
 
 import ir
+from executor.cli import exit_process
 from executor.cli import options as executor_options
 from executor.runner import run_rank
 from executor.transport import init_dist
@@ -32,3 +33,4 @@ def main(jobs):
 
 if __name__ == "__main__":
     main(json.loads(sys.argv[1]))
+    exit_process(0)  # as the executor does (issue 15.5: a normal exit can abort in torch's C++ teardown)

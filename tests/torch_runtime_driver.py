@@ -21,6 +21,7 @@ from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
 import ir
 from executor import model as M
 from executor.attention import pick_backend
+from executor.cli import exit_process
 from executor.interpreter import Rank
 from executor.transport import DistTransport
 
@@ -114,3 +115,4 @@ def main(items):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_process(0)  # as the executor does (issue 15.5: a normal exit can abort in torch's C++ teardown)
