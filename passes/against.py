@@ -7,12 +7,12 @@ the plan with the measured unit durations), per-rank busy time, and per instruct
 (kind, slice) the residual measured - predicted, largest first."""
 from __future__ import annotations
 
-from ir import Kind, Plan, SpecError, read_user_json
+from ir import COMPUTE, Plan, SpecError, read_user_json
 
 from .replay import replay
 from .simulate import bubble_fraction, simulate_timed, strip_exchanges
 
-_UNIT = (Kind.F, Kind.B)
+_UNIT = COMPUTE  # F, B and the split backward's I and W (the kind table's compute role)
 
 
 def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict]:
@@ -63,7 +63,7 @@ def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict]:
 
 
 def _bubbles(plan: Plan, dur: dict, step_s: float) -> dict:
-    """Measured bubble and its split: ideal (mean F and B, no communication), imbalance (the
+    """Measured bubble and its split: ideal (the mean of each compute kind, no communication), imbalance (the
     measured unit durations, no communication), comm (the rest), clamped like simulate_timed's."""
     p = len(plan.ranks)
     busy = [sum(dur[(r, i)] for i, ins in enumerate(s) if ins.kind in _UNIT) for r, s in enumerate(plan.ranks)]

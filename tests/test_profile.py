@@ -192,6 +192,27 @@ def test_against_a_hand_made_trace(tmp_path, capsys):
     assert out["cpu_replay_error"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_against_a_split_backward_plan(tmp_path, capsys):
+    """zb-h1 (I and W units): the measured busy time and the per-kind residuals count I and W too
+    (--against stopped with KeyError 'I' before)."""
+    plan = compile_plan(spec("zb-h1", 2, 2, seq_len=256))
+    prof = load_profile(write(tmp_path, measured_profile()))
+    sim = simulate_timed(plan, prof, 4, record=True)
+    pred = {(r, i): t1 - t0 for r, i, t0, t1 in sim["_replay"].timeline}
+    dur = {(r, i): pred.get((r, i), 0.0) + (0.01 if ins.kind == Kind.W else 0.0)
+           for r, s in enumerate(plan.ranks) for i, ins in enumerate(s)}
+    tr = write(tmp_path, hand_trace(plan, dur), "measured.json")
+    save(plan, str(tmp_path / "plan.json"))
+    assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
+                 "--against", tr, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    kinds = {k["kind"]: k for k in out["kinds"]}
+    assert kinds["W"]["residual_s"] == pytest.approx(0.04) and kinds["I"]["residual_s"] == pytest.approx(0.0, abs=1e-12)
+    busy = [sum(dur[(r, i)] for i, ins in enumerate(s) if ins.kind in (Kind.F, Kind.I, Kind.W))
+            for r, s in enumerate(plan.ranks)]
+    assert out["measured"]["busy_s"] == pytest.approx(busy)
+
+
 def test_against_refuses_a_trace_of_another_plan(tmp_path, capsys):
     plan = compile_plan(spec("gpipe", 2, 2))
     other = compile_plan(spec("gpipe", 2, 3))
