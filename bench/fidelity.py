@@ -5,8 +5,9 @@ at p=2 and p=4 (tiny model, seq 1024-4096, fp32, gloo) compile, run under torchr
 each run (the machine is shared: a loaded run is flagged and rerun once).
 
     PYTHONPATH=$PWD python bench/fidelity.py [--profile bench/results/cpu_profile.json] [--reprofile]
-    PYTHONPATH=$PWD python bench/fidelity.py --only slimpipe-p4
-Writes bench/results/fidelity.json and prints the table.
+    PYTHONPATH=$PWD python bench/fidelity.py --only slimpipe-p4      # replaces that row in the file
+    PYTHONPATH=$PWD python bench/fidelity.py --table                 # the README table
+Writes bench/results/fidelity.json and prints one line per case.
 """
 from __future__ import annotations
 
@@ -119,7 +120,11 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     ap.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a quiet machine before each run")
     ap.add_argument("--max-load", type=float, default=LOADED, help="load average above which a run is rerun once")
+    ap.add_argument("--table", action="store_true", help="print the README table of the recorded --out file and stop")
     a = ap.parse_args()
+    if a.table:
+        print(table(a.out))
+        return 0
     if a.reprofile or not os.path.exists(a.profile):
         l0 = load()
         r = sh([sys.executable, "-m", "compiler.cli", "profile", "--model", "tiny", "-o", a.profile, "--json"])
@@ -157,10 +162,33 @@ def main() -> int:
            "profile": os.path.relpath(a.profile, ROOT), "profile_name": prof["name"],
            "profile_processors": prof["measured"]["processors"], "rows": rows,
            "within_all": all(r.get("within") for r in rows)}
-    if not only:
-        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    if only and os.path.exists(a.out):  # rerun cases replace their rows in the recorded file
+        old = json.loads(Path(a.out).read_text())
+        new = {(r["family"], r["p"]): r for r in rows}
+        kept = [new.pop((r["family"], r["p"]), r) for r in old["rows"]]
+        out["rows"] = kept + list(new.values())
+        out["within_all"] = all(r.get("within") for r in out["rows"])
+        out["rerun"] = sorted(only) + [f"at {out['date']}"]
+        out["date"] = old["date"]
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}))
     return 0
+
+
+def table(path: str) -> str:
+    """The README table of a recorded fidelity.json."""
+    d = json.loads(Path(path).read_text())
+    lines = ["| family | p | case | predicted step | measured step (wall) | error | units' CPU replayed | error | "
+             "bubble predicted / measured | points | load |", "|" + "---|" * 11]
+    for r in sorted(d["rows"], key=lambda r: (r["p"], list(CASES).index(r["family"]))):
+        if "error" in r:
+            lines.append(f"| {r['family']} | {r['p']} | {r.get('args', '')} | error | | | | | | | |")
+            continue
+        lines.append(f"| {r['family']} | {r['p']} | {r['args']} | {r['predicted_step_s']:.3f} s | "
+                     f"{r['measured_step_s']:.3f} s | {r['step_error']:+.0%} | {r['cpu_replay_step_s']:.3f} s | "
+                     f"{r['cpu_replay_error']:+.1%} | {r['predicted_bubble']:.1%} / {r['measured_bubble']:.1%} | "
+                     f"{r['bubble_points']:+.1f} | {r['load_before']:g}-{r['load_after']:g} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
