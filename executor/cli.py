@@ -245,14 +245,15 @@ def exit_process(code: int):
 
 
 def entry(argv=None) -> None:
-    """The process entry point (`python -m executor`): run main, then end the process. A
-    successful run under torchrun ends with exit_process; a failing one exits normally (it fails
-    either way, and the normal exit leaves its peers the moment they need to print their own line
-    before torchrun stops them)."""
+    """The process entry point (`python -m executor`): run main, then end the process with
+    exit_process, except for a failing run under torchrun, which exits normally (it fails either
+    way, and the normal exit leaves its peers the moment they need to print their own line before
+    torchrun stops them). An in-process run (--local) that was interrupted (Ctrl-C) aborted at exit
+    the same way (CI, 1 of 783 tests)."""
     code = main(argv)
-    if code == 0 and os.environ.get("WORLD_SIZE") is not None:
-        exit_process(code)
-    sys.exit(code)
+    if code != 0 and os.environ.get("WORLD_SIZE") is not None:
+        sys.exit(code)
+    exit_process(code)
 
 
 def _main(argv=None) -> int:

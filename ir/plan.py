@@ -58,6 +58,12 @@ def from_dict(d: Any) -> Plan:
     if not isinstance(d, dict):
         raise PlanFormatError(f"plan must be a JSON object, got {type(d).__name__}")
     extra = set(d) - {"schema_version", "spec", "meta", "ranks"}
+    if "traceEvents" in d:
+        raise PlanFormatError("this is a trace (Chrome trace events, as the executor's --trace writes), not a plan; "
+                              "give the plan.json that `slimpipe compile` wrote (the trace goes to simulate --against)")
+    if "peak_flops" in d and "p2p_bandwidth" in d:
+        raise PlanFormatError("this is a device profile (as `slimpipe profile` writes), not a plan; give the plan.json "
+                              "that `slimpipe compile` wrote (the profile goes to --device-profile)")
     if extra:
         raise PlanFormatError(f"plan has unknown field(s) {_clip(sorted(extra))}; allowed: schema_version, spec, meta, ranks")
     ver = d.get("schema_version")

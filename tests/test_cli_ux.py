@@ -119,3 +119,19 @@ def test_executor_says_what_it_ignores_and_its_dtype(capsys):
     assert ignored_parallelism(compile_plan(build_spec("1f1b", resolve_model("tiny"), pp=2, microbatches=2, seq_len=128))) == ""
     helptext = build_parser().format_help()
     assert "default fp32" in helptext and "--version" in helptext
+
+
+def test_a_trace_or_a_profile_given_as_a_plan_is_named(tmp_path, capsys):
+    """A new user passed the executor's trace and the device profile where a plan goes: the one
+    line says what the file is and where it belongs, not only which fields are unknown."""
+    import json as _json
+
+    from compiler.cli import main as cli
+
+    trace, prof = tmp_path / "measured.json", tmp_path / "cpu.json"
+    trace.write_text(_json.dumps({"traceEvents": [], "displayTimeUnit": "ms"}))
+    prof.write_text(_json.dumps({"name": "x", "peak_flops": 1.0, "p2p_bandwidth": 1.0, "measured": {}}))
+    assert cli(["check", str(trace)]) == 2
+    assert "this is a trace (Chrome trace events, as the executor's --trace writes), not a plan" in capsys.readouterr().err
+    assert cli(["simulate", str(prof)]) == 2
+    assert "this is a device profile (as `slimpipe profile` writes), not a plan" in capsys.readouterr().err

@@ -119,6 +119,16 @@ def test_compare_names_unknown_families_and_an_unproven_search(capsys):
     assert code == 0 and d["proven"] is False and [r["schedule"] for r in d["rows"]] == ["seq1f1b", "zb-v"]
     code, out, _ = run(capsys, "compare", "--pp", "2", "--schedules", "seq1f1b", "--time-limit", "1e-9")
     assert "NOT PROVEN: the search stopped at --time-limit 1e-09 s" in out
+    # a family whose search the limit stopped before one plan fitted is not called OOM (a new user
+    # dropped zb-v on such a row, which fits once the search finishes); finished, the row is OOM
+    args = ["compare", "--model", "llama-7b", "--layers", "8", "--seq-len", "32768", "--pp", "4", "--memory-budget",
+            "20GiB", "--schedules", "zb-h1,slimpipe"]
+    code, out, _ = run(capsys, *args, "--time-limit", "1e-9")
+    line = next(x for x in out.splitlines() if x.strip().startswith("zb-h1 "))
+    assert "NOT PROVEN: the time limit stopped its search with" in line and "OOM" not in line, line
+    code, out, _ = run(capsys, *args, "--time-limit", "0")
+    line = next(x for x in out.splitlines() if x.strip().startswith("zb-h1 "))
+    assert "OOM: its least-memory plan; all 5 that obey the rules are over budget" in line, line
 
 
 def test_a_search_stopped_by_the_time_limit_says_not_proven(capsys):

@@ -44,8 +44,14 @@ def best_per_family(problem: Problem, space: Space, time_limit: float | None = N
             continue
         fc = f.counts
         over = fc["pruned_memory_bound"] + fc["oom_exact"]
-        short = (f"its least-memory plan; all {over} that obey the rules are over budget" if over and f.least_memory
-                 else f.why)
+        left = fc["unexplored"] + fc["pruned_time_bound"]
+        if not f.proven and left:  # the time limit stopped it: its other candidates may fit
+            short = (f"the time limit stopped its search with {left} candidates not simulated; the least-memory "
+                     f"plan of those it reached is shown, over budget (--time-limit 0 finishes the search)")
+        elif over and f.least_memory:
+            short = f"its least-memory plan; all {over} that obey the rules are over budget"
+        else:
+            short = f.why
         row = {"schedule": f.family, "oom": True, "proven": f.proven, "why_none": short}
         lm = f.least_memory
         if lm is None:
@@ -109,6 +115,7 @@ class _Fam:
         self.proven = r["proven"]
         self.why = r["why_none"]
         self.oom = r["oom"]
+        self.oom_label = "OOM" if r["proven"] else "NOT PROVEN"  # an unfinished search may still find one under budget
 
 
 def register(sub) -> None:

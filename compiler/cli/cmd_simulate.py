@@ -67,7 +67,9 @@ def _against(args, plan, profile, dtype) -> int:
         return 0
     p, m = out["predicted"], out["measured"]
     pb, mb = p["bubble_breakdown"], m["bubble_breakdown"]
-    print(f"{plan.spec.schedule} on {out['device_profile']} vs {args.against} (step {out['step']}):")
+    # out["step"] is the trace's 0-based step index; the executor prints steps from 1
+    print(f"{plan.spec.schedule} on {out['device_profile']} vs {args.against} (step {out['step'] + 1} as the executor "
+          f"numbers them, the median of the measured steps; step 1 is the warm-up):")
     print(f"  step      predicted {human_time(p['step_s'])}, measured {human_time(m['step_s'])} ({out['step_error']:+.1%})")
     print(f"  bubble    predicted {p['bubble_fraction']:.1%} (ideal {pb['ideal']:.1%}, imbalance {pb['imbalance']:.1%}, "
           f"comm {pb['comm']:.1%}), measured {m['bubble_fraction']:.1%} (ideal {mb['ideal']:.1%}, imbalance "

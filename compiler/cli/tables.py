@@ -45,7 +45,7 @@ def family_table(families, pick: dict | None) -> list[str]:
     lines = ["   " + head(f"step {tu}", f"peak {mu}") + "  vs the pick"]
     for f in families:
         if f.row and getattr(f, "oom", False):  # compare shows a family's least-memory plan even over budget
-            lines.append("   " + _row(f.row, ts, ms) + "  OOM: " + (f.why or "over the budget"))
+            lines.append("   " + _row(f.row, ts, ms) + f"  {getattr(f, 'oom_label', 'OOM')}: " + (f.why or "over the budget"))
         elif f.row:
             r = f.row
             if pick is None or r is pick or r.get("_cand") == pick.get("_cand"):
