@@ -184,7 +184,7 @@ def _rule(problem: Problem, c: Candidate) -> str | None:
     if c.partition == "flops" and S < 2 * c.slices * c.cp:
         return "seq_len too short for a flops partition into n slices"
     if c.pp == 1 and c.virtual_stages > 1:  # the same units in the same order, only cut finer
-        return "v > 1 at p = 1 (one rank holds every chunk: nothing to interleave)"
+        return "v > 1 at p = 1 (one rank holds every chunk, nothing to interleave)"
     try:
         schedules.get(c.schedule).validate(_Shape(c))
     except SpecError as e:

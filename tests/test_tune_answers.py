@@ -149,4 +149,4 @@ def test_no_virtual_stages_on_one_rank(capsys):
                        "--slices", "2", "--virtual-stages", "1,2,4", "--memory-budget", "80GiB", "--json")
     d = json.loads(out)
     assert code == 0 and d["top"] and all(r["pp"] == 1 and r["virtual_stages"] == 1 for r in d["top"])
-    assert list(d["infeasible_reasons"]) == ["v > 1 at p = 1 (one rank holds every chunk: nothing to interleave)"]
+    assert list(d["infeasible_reasons"]) == ["v > 1 at p = 1 (one rank holds every chunk, nothing to interleave)"]
