@@ -5,11 +5,6 @@ import resource
 import statistics
 
 
-def storage_key(t):
-    s = t.untyped_storage()
-    return s.data_ptr(), s.nbytes()
-
-
 class ActivationTracker:
     """Live activation bytes, deduplicated by storage and grouped by owner (a unit, an
     accumulator): an owner's tensors count until release(owner). Parameters are excluded.
@@ -26,7 +21,8 @@ class ActivationTracker:
         self.peak = 0
 
     def add(self, owner, t) -> None:
-        ptr, nbytes = storage_key(t)
+        storage = t.untyped_storage()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
         if ptr in self.exclude or nbytes == 0:
             return
         mine = self.owned.setdefault(owner, set())
@@ -35,7 +31,7 @@ class ActivationTracker:
         mine.add(ptr)
         ref = self.refs.get(ptr)
         if ref is None:
-            self.refs[ptr] = [nbytes, 1, t.untyped_storage()]
+            self.refs[ptr] = [nbytes, 1, storage]
             self.live += nbytes
             if self.live > self.peak:
                 self.peak = self.live
