@@ -363,6 +363,19 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
             if not sd and not rd:
                 continue
             dst_stream, dst_place, dst_via = ranks[dst], placement[dst], via[dst]
+
+            def pair(si, ri):  # called within this (src, dst) iteration only
+                """Send si matched by tag with receive ri: the same data, or rule "match"."""
+                s_ins, r_ins = src_stream[si], dst_stream[ri]
+                s_stage = src_place[s_ins[3]]
+                want = s_stage + 1 if s_ins[0] == SEND_ACT else s_stage - 1
+                if (MATCH[s_ins[0]] != r_ins[0] or s_ins[1] != r_ins[1] or s_ins[2] != r_ins[2]
+                        or dst_place[r_ins[3]] != want):
+                    bad("match", f"{_at(src, si, s_ins)} is matched by tag with {_at(dst, ri, r_ins)}, "
+                                 f"which expects other data (kind, micro-batch, slice or stage differ)", src, si)
+                else:
+                    dst_via[ri] = si
+
             if not send_rep and not recv_rep:  # every (src, dst, tag) once: the same checks, without lists
                 if _pairs_match(src_stream, dst_stream, src_place, dst_place, sd, rd, dst_via):
                     continue
@@ -371,15 +384,7 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
                     if ri is None:
                         bad("match", f"{_at(src, si, src_stream[si])} has no matching receive on rank {dst}", src, si)
                         continue
-                    s_ins, r_ins = src_stream[si], dst_stream[ri]
-                    s_stage = src_place[s_ins[3]]
-                    want = s_stage + 1 if s_ins[0] == SEND_ACT else s_stage - 1
-                    if (MATCH[s_ins[0]] != r_ins[0] or s_ins[1] != r_ins[1] or s_ins[2] != r_ins[2]
-                            or dst_place[r_ins[3]] != want):
-                        bad("match", f"{_at(src, si, s_ins)} is matched by tag with {_at(dst, ri, r_ins)}, "
-                                     f"which expects other data (kind, micro-batch, slice or stage differ)", src, si)
-                    else:
-                        dst_via[ri] = si
+                    pair(si, ri)
                 if not rd.keys() <= sd.keys():
                     for tag, ri in rd.items():
                         if tag not in sd:
@@ -391,15 +396,7 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
                 ss = send_rep.get(key) or ([sd[tag]] if tag in sd else [])
                 rr = recv_rep.get(key) or ([rd[tag]] if tag in rd else [])
                 for si, ri in zip(ss, rr):
-                    s_ins, r_ins = src_stream[si], dst_stream[ri]
-                    s_stage = src_place[s_ins[3]]
-                    want = s_stage + 1 if s_ins[0] == SEND_ACT else s_stage - 1
-                    if (MATCH[s_ins[0]] != r_ins[0] or s_ins[1] != r_ins[1] or s_ins[2] != r_ins[2]
-                            or dst_place[r_ins[3]] != want):
-                        bad("match", f"{_at(src, si, s_ins)} is matched by tag with {_at(dst, ri, r_ins)}, "
-                                     f"which expects other data (kind, micro-batch, slice or stage differ)", src, si)
-                    else:
-                        dst_via[ri] = si
+                    pair(si, ri)
                 for si in ss[len(rr):]:
                     bad("match", f"{_at(src, si, src_stream[si])} has no matching receive on rank {dst}", src, si)
                 for ri in rr[len(ss):]:
