@@ -154,20 +154,26 @@ def hand_trace(plan, durations, steps=2, gap=0.0, cpu=None):
     return {"traceEvents": ev}
 
 
-def test_against_a_hand_made_trace(tmp_path, capsys):
-    plan = compile_plan(spec("gpipe", 2, 2, seq_len=256))
+def against_slower(tmp_path, capsys, family, slower):
+    """The plan of `family` (p=2, m=2), simulated with a measured profile, against a hand-made trace
+    where every unit takes its predicted time and every `slower` unit 0.01 s more: (plan, the
+    predicted and the measured durations, the trace path, simulate --against --json's output)."""
+    plan = compile_plan(spec(family, 2, 2, seq_len=256))
     prof = load_profile(write(tmp_path, measured_profile()))
     sim = simulate_timed(plan, prof, 4, record=True)
     pred = {(r, i): t1 - t0 for r, i, t0, t1 in sim["_replay"].timeline}
-    # measured: every F takes its predicted time, every B 0.01 s longer, nothing else takes time
-    dur = {(r, i): pred.get((r, i), 0.0) + (0.01 if ins.kind == Kind.B else 0.0)
+    dur = {(r, i): pred.get((r, i), 0.0) + (0.01 if ins.kind == slower else 0.0)
            for r, s in enumerate(plan.ranks) for i, ins in enumerate(s)}
     tr = write(tmp_path, hand_trace(plan, dur), "measured.json")
-
     save(plan, str(tmp_path / "plan.json"))
     assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
                  "--against", tr, "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    return plan, pred, dur, tr, json.loads(capsys.readouterr().out)
+
+
+def test_against_a_hand_made_trace(tmp_path, capsys):
+    # measured: every F takes its predicted time, every B 0.01 s longer, nothing else takes time
+    plan, pred, dur, tr, out = against_slower(tmp_path, capsys, "gpipe", Kind.B)
     assert out["step"] == 1
     kinds = {k["kind"]: k for k in out["kinds"]}
     assert out["kinds"][0]["kind"] == "B" and kinds["B"]["residual_s"] == pytest.approx(0.04)
@@ -195,17 +201,7 @@ def test_against_a_hand_made_trace(tmp_path, capsys):
 def test_against_a_split_backward_plan(tmp_path, capsys):
     """zb-h1 (I and W units): the measured busy time and the per-kind residuals count I and W too
     (--against stopped with KeyError 'I' before)."""
-    plan = compile_plan(spec("zb-h1", 2, 2, seq_len=256))
-    prof = load_profile(write(tmp_path, measured_profile()))
-    sim = simulate_timed(plan, prof, 4, record=True)
-    pred = {(r, i): t1 - t0 for r, i, t0, t1 in sim["_replay"].timeline}
-    dur = {(r, i): pred.get((r, i), 0.0) + (0.01 if ins.kind == Kind.W else 0.0)
-           for r, s in enumerate(plan.ranks) for i, ins in enumerate(s)}
-    tr = write(tmp_path, hand_trace(plan, dur), "measured.json")
-    save(plan, str(tmp_path / "plan.json"))
-    assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
-                 "--against", tr, "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    plan, _, dur, _, out = against_slower(tmp_path, capsys, "zb-h1", Kind.W)
     kinds = {k["kind"]: k for k in out["kinds"]}
     assert kinds["W"]["residual_s"] == pytest.approx(0.04) and kinds["I"]["residual_s"] == pytest.approx(0.0, abs=1e-12)
     busy = [sum(dur[(r, i)] for i, ins in enumerate(s) if ins.kind in (Kind.F, Kind.I, Kind.W))
