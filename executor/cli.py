@@ -252,11 +252,44 @@ def entry(argv=None) -> None:
     the same way (CI, 1 of 783 tests)."""
     code = main(argv)
     if code != 0 and os.environ.get("WORLD_SIZE") is not None:
+        if code == 2 and not _GROUP_STARTED:
+            wait_for_peers_to_refuse(int(os.environ["WORLD_SIZE"]))
         sys.exit(code)
     exit_process(code)
 
 
+_GROUP_STARTED = False  # set once this rank goes on to join the process group (runner.run_dist)
+
+
+def wait_for_peers_to_refuse(world: int, limit_s: float = 10.0) -> None:
+    """A rank that refused its inputs under torchrun (before any process group) waits until every
+    rank has refused, so that each prints its own line: the first to exit makes torchrun SIGTERM
+    the rest, and a rank still reading a checkpoint then said nothing (CI, 1 run of many). Counts
+    on torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE=True, at MASTER_ADDR:MASTER_PORT); a
+    launch without that agent, or a peer that does not refuse (it waits in init_process_group),
+    costs at most limit_s seconds. Shape: world = WORLD_SIZE ranks; units: seconds."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or world <= 1:
+        return
+    import time
+    from datetime import timedelta
+
+    try:
+        from torch.distributed import TCPStore
+
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                         is_master=False, timeout=timedelta(seconds=limit_s))
+        key = "slimpipe/refused/" + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        end = time.monotonic() + limit_s
+        n = store.add(key, 1)
+        while n < world and time.monotonic() < end:
+            time.sleep(0.05)
+            n = store.add(key, 0)
+    except (RuntimeError, OSError, KeyError, ValueError):  # no store to count on: exit as before
+        return
+
+
 def _main(argv=None) -> int:
+    global _GROUP_STARTED
     opts = build_parser().parse_args(argv)
     if opts.trace:
         d = os.path.dirname(os.path.abspath(opts.trace))
@@ -309,6 +342,7 @@ def _main(argv=None) -> int:
         bad = replicas_mismatch(plan.spec, int(world))
         if bad:
             return _fail(bad)
+        _GROUP_STARTED = True
         return runner.run_dist(plan, opts)
     except ir.SlimpipeError as e:  # e.g. errors.BackendUnavailable (exit 2)
         return _fail(str(e), e.exit_code)
