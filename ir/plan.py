@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import PlanFormatError, SpecError
-from .instr import Instr, _clip, parse, to_text
+from .instr import Instr, _clip, parse, parse_stream, to_text
 from .spec import PlanSpec
 from .gcpause import gc_paused
 
@@ -81,7 +81,7 @@ def from_dict(d: Any) -> Plan:
         if not isinstance(stream, list):
             raise PlanFormatError(f"rank {r}: instructions must be a list of strings like 'F mb0 s0 c0'", r)
         try:
-            out.append(tuple(map(parse, stream)))
+            out.append(parse_stream(stream))
         except PlanFormatError as e:
             i = next(i for i, t in enumerate(stream) if _unparsable(t))
             raise PlanFormatError(f"rank {r} #{i}: {e}", r, i) from None

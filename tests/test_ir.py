@@ -13,14 +13,14 @@ NUM = st.integers(0, 10**6)
 
 
 @st.composite
-def instrs(draw):
+def instrs(draw, num=NUM):
     """Any instruction of any kind in ir.KINDS, with exactly the fields its table row carries."""
     kind = draw(st.sampled_from(sorted(ir.ALL_KINDS)))
     fields = ir.KINDS[kind].fields
-    val = {f: (draw(NUM) if f in fields else -1) for f in ("mb", "s", "c", "to", "t")}
-    peer = draw(NUM) if ("to" in fields or "from" in fields) else -1
-    x = draw(NUM) if "x" in fields else 0
-    return Instr(kind, val["mb"], val["s"], val["c"], peer, val["t"], x)
+    val = {f: (draw(num) if f in fields else -1) for f in ("mb", "s", "c", "to", "t")}
+    peer = draw(num) if ("to" in fields or "from" in fields) else -1
+    lo, hi = (draw(num), draw(num)) if "lo" in fields else (0, 0)
+    return Instr(kind, val["mb"], val["s"], val["c"], peer, val["t"], lo, hi)
 
 
 @given(instrs())
@@ -30,6 +30,28 @@ def test_text_round_trip(ins):
 
 def test_text_any_token_order():
     assert ir.parse("SEND_ACT t17 to2 c1 s2 mb3") == Instr(Kind.SEND_ACT, 3, 2, 1, 2, 17)
+
+
+# what a hand-edited or hostile plan line may look like beside the canonical form
+_EDITS = [lambda t: t, lambda t: t, lambda t: t.replace(" ", "  ", 1), lambda t: " ".join(t.split()[:1] + t.split()[:0:-1]),
+          lambda t: t.replace("mb", "mb0", 1), lambda t: t.replace("c", "c\u00b2", 1), lambda t: t + "\nOPT",
+          lambda t: t + " ", lambda t: "J" + t, lambda t: t.replace("s", "s99999999999999999999", 1), lambda t: 7,
+          lambda t: t.replace("mb", "mb1234567", 1)]
+
+
+def _outcome(fn, texts):
+    try:
+        return fn(texts)
+    except PlanFormatError as e:
+        return str(e)
+
+
+@given(st.lists(st.tuples(instrs(st.integers(0, 40) | st.integers(2040, 2050) | NUM), st.integers(0, len(_EDITS) - 1)), max_size=12), st.booleans())
+def test_parse_stream_is_parse_line_by_line(items, canonical):
+    """ir.parse_stream (a plan file's rank at once) gives what parse gives line by line: the same
+    instructions, or the same error, whatever the lines look like."""
+    texts = [ir.to_text(i) if canonical else _EDITS[e](ir.to_text(i)) for i, e in items]
+    assert _outcome(ir.parse_stream, texts) == _outcome(lambda ts: tuple(map(ir.parse, ts)), texts)
 
 
 @pytest.mark.parametrize("text,needle", [
