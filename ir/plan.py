@@ -104,8 +104,17 @@ def dumps(plan: Plan) -> str:
     d = to_dict(plan)
     ranks = d.pop("ranks")
     head = json.dumps(d, indent=1)
-    body = ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in ranks)
+    body = ",\n".join("  " + _texts_json(r) for r in ranks)
     return head[:-2] + ',\n "ranks": [\n' + body + "\n ]\n}\n"
+
+
+def _texts_json(texts: list[str]) -> str:
+    """json.dumps(texts, separators=(",", ":")): joined directly when no text needs escaping
+    (printable ASCII without quotes or backslashes, as every canonical text is)."""
+    out = '["' + '","'.join(texts) + '"]' if texts else "[]"
+    if out.isascii() and out.isprintable() and "\\" not in out and out.count('"') == 2 * len(texts):
+        return out
+    return json.dumps(texts, separators=(",", ":"))
 
 
 def loads(text: str) -> Plan:
