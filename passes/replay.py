@@ -106,6 +106,9 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
     duration, `p2p_delay(src, dst, send)` a message's flight time, `kv_delay(owner, partner,
     owner_instr)` the time a KV rendezvous adds to both ranks, `help_cost(rank, help_instr)` the
     time a helper (KV*_HELP) then spends computing the block it serves (its own busy time)."""
+    if (cost is unit_cost and p2p_delay is _zero and kv_delay is _zero and help_cost is _zero and not record
+            and p2p == "buffered" and comm_cost == 0):
+        return _replay_units(plan)
     ranks = plan.ranks
     p = len(ranks)
     pos = [0] * p
@@ -255,6 +258,103 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
     res = Replay(clock, busy, timeline=timeline, comm=comm, helps=helps)
     at = [wait_at[r] if run_end[r] >= 0 else pos[r] for r in range(p)]
     stuck = [Stuck(r, at[r], ranks[r][at[r]], ranks[r][at[r]].peer) for r in range(p) if pos[r] < len(ranks[r])]
+    if stuck:
+        res.stuck = stuck
+        res.cycle = wait_cycle(stuck)
+    return res
+
+
+# _replay_units: what each kind does (0 receive, 1 send, 2 KV owner, 3 KV partner or helper, 4 nothing)
+_ACTION = {k: (0 if k in _RECV else 1 if k in _SEND else 2 if k in _KV_OWNER else 3 if k in _KV_PARTNER or k in _KV_HELPER
+               else 4) for k in KINDS if k not in _COMPUTE}
+_UNIT = {k: UNIT_COST[k] for k in _COMPUTE}
+
+
+def _replay_units(plan: Plan) -> Replay:
+    """replay(plan) with its defaults (the kind table's unit costs, buffered sends, nothing
+    recorded), the run `check` and `simulate --unit-costs` make: the same loop with what those
+    defaults make constant taken out (no delays; a helper serves in no time, so it never waits for
+    its queue), and a message's arrival kept as a number (a queue only where one (src, dst, tag)
+    is sent again before it is received)."""
+    ranks = plan.ranks
+    p = len(ranks)
+    pos = [0] * p
+    clock = [0.0] * p
+    busy = [0.0] * p
+    posted: dict = {}  # (src, dst, tag) -> arrival time, or a deque of them while several are in flight
+    waiting: dict[tuple[int, int, int], tuple[int, float]] = {}
+    release: dict[tuple[tuple[int, int, int], int], float] = {}
+    costs = _UNIT
+    action = _ACTION
+    progress = True
+    while progress:
+        progress = False
+        for r in range(p):
+            stream = ranks[r]
+            n = len(stream)
+            i = pos[r]
+            if i >= n:
+                continue
+            t = clock[r]
+            b = busy[r]
+            start = i
+            while i < n:
+                ins = stream[i]
+                k = ins[0]
+                d = costs.get(k)
+                if d is not None:
+                    t += d
+                    b += d
+                    i += 1
+                    continue
+                a = action.get(k)
+                if a == 0:  # a receive
+                    key = (ins[4], r, ins[5])
+                    x = posted.pop(key, None)
+                    if x is None:
+                        break
+                    if type(x) is deque:
+                        q = x
+                        x = q.popleft()
+                        if q:
+                            posted[key] = q
+                    if x > t:
+                        t = x
+                elif a == 1:  # a send
+                    key = (r, ins[4], ins[5])
+                    x = posted.get(key)
+                    if x is None:
+                        posted[key] = t
+                    elif type(x) is deque:
+                        x.append(t)
+                    else:
+                        posted[key] = deque((x, t))
+                elif a == 2 or a == 3:  # a KV rendezvous
+                    key = (r, ins[4], ins[5]) if a == 2 else (ins[4], r, ins[5])
+                    rel = release.pop((key, r), None)
+                    if rel is not None:
+                        t = rel
+                    else:
+                        w = waiting.get(key)
+                        if w is None:
+                            waiting[key] = (r, t)
+                            break
+                        if w[0] == r:
+                            break
+                        del waiting[key]
+                        if w[1] > t:
+                            t = w[1]
+                        release[(key, w[0])] = t
+                elif a is None:
+                    raise _unknown(r, i, ins)
+                i += 1
+            if i != start:
+                progress = True
+            pos[r] = i
+            clock[r] = t
+            busy[r] = b
+    res = Replay(clock, busy)
+    stuck = [Stuck(r, pos[r], ranks[r][pos[r]], ranks[r][pos[r]].peer) for r in range(p) if pos[r] < len(ranks[r])]
     if stuck:
         res.stuck = stuck
         res.cycle = wait_cycle(stuck)
