@@ -523,7 +523,7 @@ def start_times(plan: Plan, weights: list[dict[str, float]]):
     p = len(ranks)
     pos = [0] * p
     clock = [(0.0, 0.0, 0.0)] * p
-    posted: dict[tuple[int, int, int], deque] = {}
+    posted: dict = {}  # (src, dst, tag) -> the sender's clocks, or a deque of them while several are in flight
     out = []
     add = out.append
     recv_kinds, send_kinds = _RECV, _SEND
@@ -548,10 +548,16 @@ def start_times(plan: Plan, weights: list[dict[str, float]]):
                     b += d[1]
                     c += d[2]
                 elif k in recv_kinds:
-                    q = posted.get((ins[4], r, ins[5]))
-                    if not q:
+                    key = (ins[4], r, ins[5])
+                    x = posted.pop(key, None)
+                    if x is None:
                         break
-                    x, y, z = q.popleft()
+                    if type(x) is deque:  # several in flight under one (src, dst, tag): the first
+                        q = x
+                        x = q.popleft()
+                        if q:
+                            posted[key] = q
+                    x, y, z = x
                     if x > a:
                         a = x
                     if y > b:
@@ -560,10 +566,13 @@ def start_times(plan: Plan, weights: list[dict[str, float]]):
                         c = z
                 elif k in send_kinds:
                     key = (r, ins[4], ins[5])
-                    q = posted.get(key)
-                    if q is None:
-                        q = posted[key] = deque()
-                    q.append((a, b, c))
+                    x = posted.get(key)
+                    if x is None:
+                        posted[key] = (a, b, c)
+                    elif type(x) is deque:
+                        x.append((a, b, c))
+                    else:
+                        posted[key] = deque((x, (a, b, c)))
                 elif k not in KINDS:
                     raise _unknown(r, i, ins)
                 elif ROLE[k] != "optimizer":

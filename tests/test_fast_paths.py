@@ -121,3 +121,33 @@ def test_unknown_kind_raises_in_both():
             fn(bad)
         msgs.append(str(e.value))
     assert msgs[0] == msgs[1]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(FAMILIES), st.integers(2, 4), st.integers(1, 4), st.sampled_from([1, 2, 4]), st.integers(1, 2),
+       st.booleans(), st.integers(0, 2**32 - 1))
+def test_start_times_are_the_replays(fam, p, m, n, v, resend, seed):
+    """start_times (the exchange pass's replay under several unit costs at once) gives each
+    compute unit the start that replay gives it under each weighting, also where one
+    (src, dst, tag) carries two messages."""
+    from passes.exchange import ALT_WEIGHTS, UNIT_WEIGHTS
+    from passes.replay import start_times
+
+    plan = compiled(fam, p, m, n, v, False)
+    ranks = [[ins for ins in s if ins.kind != Kind.OPT] for s in plan.ranks]
+    if resend:
+        rng = random.Random(seed)
+        sends = [(r, k) for r, s in enumerate(ranks) for k, ins in enumerate(s) if ins.kind in SENDS]
+        if sends:
+            r, k = rng.choice(sends)
+            ins = ranks[r][k]
+            peer = ranks[ins.peer]
+            ri = next(x for x, o in enumerate(peer) if o.kind in RECVS and (o.peer, o.tag) == (r, ins.tag))
+            ranks[r].insert(k + 1, ins)
+            peer.insert(ri + 1, peer[ri])
+    plan = Plan(plan.spec, tuple(map(tuple, ranks)), plan.meta)
+    weights = [UNIT_WEIGHTS, ALT_WEIGHTS]
+    got = start_times(plan, weights)
+    for w, weight in enumerate(weights):
+        res = replay(plan, lambda r, ins: weight[ir.KINDS[ins.kind].cost], record=True)
+        assert {(r, i): t[w] for r, i, t in got} == {(r, i): t0 for r, i, t0, _t1 in res.timeline}
