@@ -1,26 +1,25 @@
 """Unit-cost simulation (forward 1, backward 2, communication free) and in-flight peaks."""
 from __future__ import annotations
 
+from itertools import accumulate
+from operator import itemgetter
+
 from ir import COMPUTE, KINDS, KV, Plan, PlanInvalidError
 
 from .replay import replay
+
+_KIND = itemgetter(0)
+
+
+# a kind's change to the units in flight (ir.KINDS memory): +1 save, -1 free / free_rest, else 0
+_IN_FLIGHT = {k: (1 if row.memory == "save" else -1 if row.memory in ("free", "free_rest") else 0) for k, row in KINDS.items()}
 
 
 def peak_units(stream) -> int:
     """Most forward units on the rank whose backward has not finished (program order): units
     whose kind saves state (ir.KINDS memory "save") minus those that released it ("free"; with a
-    split backward "free_rest": a unit is in flight until its W)."""
-    cur = peak = 0
-    effect = {k: row.memory for k, row in KINDS.items()}
-    for ins in stream:
-        e = effect[ins.kind]
-        if e == "save":
-            cur += 1
-            if cur > peak:
-                peak = cur
-        elif e == "free" or e == "free_rest":
-            cur -= 1
-    return peak
+    split backward "free_rest": a unit is in flight until its W). A running sum at C level."""
+    return max(accumulate(map(_IN_FLIGHT.__getitem__, map(_KIND, stream)), initial=0))
 
 
 def bubble_fraction(busy: list[float], makespan: float) -> float:
