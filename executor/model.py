@@ -330,34 +330,66 @@ def layer_forward(P: dict, i: int, cfg, x, cos, sin, attend, wg=None):
 
 
 class HeadCrossEntropy(torch.autograd.Function):
-    """sum over tokens of cross_entropy(float(h @ w.t()), labels) / denom. Saves h, the labels and
-    the fp32 log-sum-exp of each token's logits (4 bytes per token); backward recomputes the logits
-    (one more LM-head matmul) instead of keeping [tokens, vocab] fp32 log-probabilities."""
+    """sum over tokens of cross_entropy(float(h @ w.t()), labels) / denom, for h [b, s, H], w [V, H],
+    labels [b, s] (int64); returns a 0-d fp32 loss.
+
+    Fused (fuse=True; the executor's last stage when the unit's backward is one B): the forward also computes the loss's gradients,
+    dh = g @ w and dW = g^T h with g = (softmax(logits) - onehot(labels)) / denom, adds dW to the
+    weight's .grad at once and saves only dh ([b, s, H], as many bytes as h): the logits are made
+    once, where keeping h and recomputing them in backward cost one more LM-head matmul (the head's
+    forward + backward took 1.32-1.34x as long, bench/results/head_fused.json). It takes the loss's own gradient to be 1, which
+    is what the executor's last stage seeds (Stage.backward); backward refuses any other (on CPU).
+    Otherwise: saves h, the labels and the fp32 log-sum-exp (4 bytes per token) and backward
+    recomputes the logits; with `wg` (the unit runs I then W) it leaves (w, h, g) to the
+    WeightGradStore for W."""
 
     @staticmethod
-    def forward(ctx, h, w, labels, denom, wg=None):
-        ctx.wg, ctx.weight = wg, w
+    def forward(ctx, h, w, labels, denom, wg=None, fuse=False):
+        if fuse and wg is not None:
+            raise ValueError("the fused loss head computes dW in the forward: not with a split backward (wg)")
+        ctx.wg, ctx.weight, ctx.denom, ctx.fused = wg, w, denom, fuse
         logits = (h @ w.t()).float()
         lse = torch.logsumexp(logits, -1)
         picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        del logits
-        ctx.save_for_backward(h, w, labels, lse)
-        ctx.denom = denom
-        return ((lse - picked).sum() / denom).to(torch.float32)
+        loss = ((lse - picked).sum() / denom).to(torch.float32)
+        if not ctx.fused:
+            del logits
+            ctx.save_for_backward(h, w, labels, lse)
+            return loss
+        with torch.autocast(h.device.type, enabled=False):  # the gradient as backward (outside autocast) makes it
+            g = _softmax_grad(logits, lse, labels, 1.0 / denom).to(h.dtype)
+            del logits
+            dh = g @ w.to(h.dtype) if ctx.needs_input_grad[0] else None
+            if ctx.needs_input_grad[1]:
+                dw = (g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1])).to(w.dtype)
+                if w.grad is None:
+                    w.grad = dw
+                else:
+                    w.grad.add_(dw)
+        ctx.save_for_backward(dh)
+        return loss
 
     @staticmethod
     def backward(ctx, dloss):
+        if ctx.fused:
+            if dloss.device.type == "cpu" and float(dloss) != 1.0:
+                raise RuntimeError(f"the fused loss head takes the loss's gradient to be 1, got {float(dloss)}")
+            (dh,) = ctx.saved_tensors
+            return dh, None, None, None, None, None
         h, w, labels, lse = ctx.saved_tensors
-        g = (h @ w.t()).float()
-        g.sub_(lse.unsqueeze(-1)).exp_()  # softmax
-        g.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(lse, -1.0).unsqueeze(-1))
-        g.mul_(dloss / ctx.denom)
-        g = g.to(h.dtype)
+        g = _softmax_grad((h @ w.t()).float(), lse, labels, dloss / ctx.denom).to(h.dtype)
         dh = g @ w if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:
             dw = _weight_grad(ctx.wg, ctx.weight, h, g)
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
+
+
+def _softmax_grad(logits, lse, labels, scale):
+    """(softmax(logits) - onehot(labels)) * scale, in place in the fp32 logits [b, s, V]."""
+    g = logits.sub_(lse.unsqueeze(-1)).exp_()
+    g.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(lse, -1.0).unsqueeze(-1))
+    return g.mul_(scale)
 
 
 def head_weight(P: dict):
@@ -366,10 +398,11 @@ def head_weight(P: dict):
     return P["embed"] if w is None else w
 
 
-def head_loss(P: dict, x, labels, denom: float, eps: float = EPS, wg=None):
+def head_loss(P: dict, x, labels, denom: float, eps: float = EPS, wg=None, fuse: bool = False):
     """Final norm, LM head and the summed token cross-entropy divided by `denom` (`wg`: the unit's
-    WeightGradStore, see Linear)."""
-    return HeadCrossEntropy.apply(rmsnorm(x, P["norm"], eps), head_weight(P), labels, denom, wg)
+    WeightGradStore, see Linear; `fuse`: the loss is the root of its backward, seeded with 1, so
+    the head's gradients are made in the forward, see HeadCrossEntropy)."""
+    return HeadCrossEntropy.apply(rmsnorm(x, P["norm"], eps), head_weight(P), labels, denom, wg, fuse)
 
 
 def head_loss_reference(P: dict, x, labels, denom: float, eps: float = EPS, wg=None):

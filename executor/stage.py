@@ -284,7 +284,8 @@ class Stage:
             if self.is_last:
                 tok = self.batches.tokens(mb)
                 denom = spec.micro_batch_size * spec.seq_len * spec.microbatches
-                x = M.head_loss(P, x, tok[:, 1 + off:1 + off + ln], denom, cfg.rms_eps, u.wg)
+                # backward seeds the loss with 1 (Stage.backward): a unit with one B fuses the head
+                x = M.head_loss(P, x, tok[:, 1 + off:1 + off + ln], denom, cfg.rms_eps, u.wg, fuse=u.wg is None)
                 loss = float(x.detach())
         u.y = x
         if self.next_local is not None:

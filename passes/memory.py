@@ -50,11 +50,12 @@ logits (last stage, transient while one unit runs): fp32 logits and their gradie
                 4 (h + g). Biases save nothing (the matmuls keep only their inputs).
                 RoPE saves only its cos/sin tables, once per unit: + 2 d b per token (not per
                 layer). Last stage, per token: the final norm 2H b + 4 (input, rstd; its output
-                is the LM head's saved input) and the loss head's fp32 log-sum-exp, 4 bytes
-                (executor.model.HeadCrossEntropy recomputes the logits in backward instead of
-                keeping [tokens, V] fp32 log-probabilities), held from the unit's F to its B
-                (reported as "logits"; the transient logits/gradient are not saved tensors and
-                are not counted). Left out: the int64 token ids that the embedding and the loss
+                is the LM head's input, saved by a split unit; a fused one saves the head's
+                input gradient instead, as many bytes, see executor.model.HeadCrossEntropy) and,
+                for a unit whose backward is split (I, W), the loss head's fp32 log-sum-exp, 4
+                bytes (its I recomputes the logits instead of keeping [tokens, V] fp32
+                log-probabilities), held from the unit's F to its I (reported as "logits"; the
+                transient logits/gradient are not saved tensors and are not counted). Left out: the int64 token ids that the embedding and the loss
                 save (8 bytes per token of the micro-batch, shared by its slices).
                 Measured (bench/memory_vs_executor.py, tests/test_executor_model.py): before the
                 custom Functions the executor kept (9H + 4F) b + 4h + 8 per layer and token and
@@ -64,7 +65,7 @@ logits (last stage, transient while one unit runs): fp32 logits and their gradie
 """
 from __future__ import annotations
 
-from ir import KINDS, Plan
+from ir import KINDS, Kind, Plan
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits", "weight_grad_inputs")
 SAVES = ("fused", "executor")
@@ -131,7 +132,8 @@ def per_token_layer(model, dtype_bytes: int = 2, saves: str = "fused") -> tuple[
 def per_token_unit(model, last: bool, dtype_bytes: int = 2, saves: str = "fused") -> tuple[float, float]:
     """(activation, held logits) bytes per token of a unit that do not scale with its layers:
     the final norm / LM head inputs on the last stage, RoPE tables and the loss head's saved fp32
-    log-sum-exp for saves="executor". Before dividing by tp."""
+    log-sum-exp for saves="executor" (kept by a unit whose backward is split; activation_peak
+    counts it for those only). Before dividing by tp."""
     _check_saves(saves)
     H, d = model.hidden, model.head_dim
     if saves == "executor":
@@ -186,6 +188,8 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
     w_held: dict[tuple[int, int, int], float] = {}
     peak, peak_bd = base, dict(static, activations=0.0, kv_cache=0.0, kv_grads=0.0, logits=0.0, weight_grad_inputs=0.0)
     timeline = []
+    # units whose backward is split (I, W): the executor's loss head keeps its lse for I (fused otherwise)
+    split = {(ins.mb, ins.slice, ins.chunk) for ins in plan.ranks[rank] if ins.kind == Kind.I} if held_logits else ()
     for ins in plan.ranks[rank]:
         effect = KINDS[ins.kind].memory  # the kind table: "save" keeps the unit's state, "free" releases it
         if effect is None:
@@ -199,7 +203,7 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
         if effect == "save":
             a = L * tok * act_tl / tp + unit_act * tok / tp
             v = L * tok * kv_tl / tp
-            lg = unit_lg * tok / tp
+            lg = unit_lg * tok / tp if key in split else 0.0
             held[key] = (a, v, lg)
             act += a
             kv += v

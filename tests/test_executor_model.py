@@ -152,3 +152,35 @@ def test_layer_saves_six_h_two_f():
     model = CFG
     act, kv = per_token_layer(model, 4, "executor")
     assert per_token - cos_sin == act + kv
+
+
+def test_fused_head_gives_autograd_gradients_with_the_logits_made_once():
+    """The fused head (the executor's last stage, one B per unit) makes dh and dW in its forward:
+    the same gradients as plain autograd, dW added to .grad already there; it saves only dh."""
+    torch.manual_seed(3)
+    V, H = 50, 24
+    x0, norm0, head0 = randn(2, 11, H), 1 + 0.1 * randn(H), randn(V, H, scale=0.3)
+    labels = torch.randint(V, (2, 11))
+    got = [t.clone().requires_grad_(True) for t in (x0, norm0, head0)]
+    want = [t.clone().requires_grad_(True) for t in (x0, norm0, head0)]
+    got[2].grad = torch.ones(V, H)  # an earlier micro-batch's gradient: added to, not replaced
+    want[2].grad = torch.ones(V, H)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        loss = M.head_loss({"norm": got[1], "lm_head": got[2]}, got[0], labels, 37.0, fuse=True)
+    assert got[2].grad.sub(1).abs().max() > 1e-3  # dW is there before backward
+    ref = M.head_loss_reference({"norm": want[1], "lm_head": want[2]}, want[0], labels, 37.0)
+    assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-6 * abs(float(ref.detach()))
+    loss.backward()
+    ref.backward()
+    for a, b in zip(got, want):
+        assert rel(a.grad, b.grad) < 1e-5, rel(a.grad, b.grad)
+    # the final norm saves x, rstd and w; the head saves dh alone (no [tokens, V] tensor, no h, no lse)
+    assert (2, 11, H) in saved and (2, 11) not in saved and all(V not in s for s in saved), saved
+
+
+def test_fused_head_refuses_a_loss_gradient_other_than_one():
+    x = randn(1, 5, 8).requires_grad_(True)
+    loss = M.head_loss({"norm": torch.ones(8), "lm_head": randn(16, 8)}, x, torch.randint(16, (1, 5)), 5.0, fuse=True)
+    with pytest.raises(RuntimeError, match="takes the loss's gradient to be 1, got 2.0"):
+        loss.backward(torch.tensor(2.0))
