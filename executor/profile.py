@@ -168,18 +168,18 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
 
     # head (final norm + LM head + loss) and the embedding gather
     Ph = {n: M.init_param(cfg, n, 0, device, dtype) for n in ("norm", "lm_head", "embed")}
-    head, embed = [], []
+    head, head_split, embed = [], [], []
     for s in tokens:
         r = reps_for(s, scale)
         x0 = rnd(1, s, cfg.hidden)
         labels = torch.randint(cfg.vocab, (1, s), generator=g).to(device)
 
-        def hfwd(x0=x0, labels=labels):  # with the autograd graph, as the executor runs it
-            return M.head_loss(Ph, x0.detach().requires_grad_(True), labels, float(s))
+        def hfwd(x0=x0, labels=labels, fuse=True):  # with the autograd graph, as the executor runs it
+            return M.head_loss(Ph, x0.detach().requires_grad_(True), labels, float(s), fuse=fuse)
 
-        def hboth(x0=x0, labels=labels):
+        def hboth(x0=x0, labels=labels, fuse=True):
             x = x0.detach().requires_grad_(True)
-            y = M.head_loss(Ph, x, labels, float(s))
+            y = M.head_loss(Ph, x, labels, float(s), fuse=fuse)
             t0 = CLOCK[0]()
             y.backward()
             sync()
@@ -195,9 +195,11 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
             sync()
             return CLOCK[0]() - t0
 
-        tf = timeit(hfwd, r, sync)
-        hboth()
-        head.append([s, tf, min(hboth() for _ in range(r))])
+        # a unit with one B fuses the head (its gradients made in the forward); a split unit does not
+        for rows, fuse in ((head, True), (head_split, False)):
+            tf = timeit(lambda fuse=fuse: hfwd(fuse=fuse), r, sync)
+            hboth(fuse=fuse)
+            rows.append([s, tf, min(hboth(fuse=fuse) for _ in range(r))])
         ef = timeit(efwd, r, sync)
         eboth()
         embed.append([s, ef, min(eboth() for _ in range(r))])
@@ -205,7 +207,7 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
             p_.grad = None
         prog.step(f"head, {s} tokens")
     return {"matmul": matmul, "attention": attention, "elementwise": elementwise, "layer": layer, "unit": unit,
-            "head": head,
+            "head": head, "head_split": head_split,
             "embedding": embed, "attention_backend": be.name}
 
 
@@ -396,7 +398,7 @@ def build(cfg: ModelConfig, device_type: str = "cpu", dtype: str = "fp32", scale
             "torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1),
             "matmul": comp["matmul"], "attention": comp["attention"], "elementwise": comp["elementwise"],
             "layer": comp["layer"], "unit": comp["unit"],
-            "head": comp["head"], "embedding": comp["embedding"], "p2p": p2p,
+            "head": comp["head"], "head_split": comp["head_split"], "embedding": comp["embedding"], "p2p": p2p,
         },
     }
 

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
-from ir import KINDS, Instr, Plan, PlanSpec, SpecError, read_user_json
+from ir import KINDS, Instr, Kind, Plan, PlanSpec, SpecError, read_user_json
 
 GIB = 1 << 30
 
@@ -41,7 +41,9 @@ class Measured:
 
     matmul [[FLOPs, s]] per call; attention [["fwd"|"bwd", causal 0/1, queries, keys, s]] per call
     (full calls include the log-sum-exp merge); elementwise, head, embedding [[tokens, fwd s, bwd s]]
-    (elementwise: a whole layer beyond its matmuls and attention); p2p [[bytes, one-way s]];
+    (elementwise: a whole layer beyond its matmuls and attention; head: final norm, LM head and loss
+    as a unit with one B runs them, the gradients made in the forward; head_split, optional: as a
+    unit whose backward is split runs them, the logits made again in I); p2p [[bytes, one-way s]];
     processors: ranks that can compute at once (CPU cores; 0 = a device per rank)."""
 
     processors: int
@@ -52,6 +54,7 @@ class Measured:
     embedding: tuple
     p2p: tuple
     unit: tuple = ()           # [[tokens, fwd s, bwd s]] a unit's fixed cost beyond its layers (optional)
+    head_split: tuple = ()     # [[tokens, fwd s, bwd s]] the head of a split unit (optional; else head)
     meta: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -59,7 +62,8 @@ class Measured:
         return {"format": MEASURED_FORMAT, **self.meta, "processors": self.processors, **out}
 
 
-CURVES = {"matmul": 2, "attention": 5, "elementwise": 3, "head": 3, "embedding": 3, "p2p": 2, "unit": 3}
+CURVES = {"matmul": 2, "attention": 5, "elementwise": 3, "head": 3, "embedding": 3, "p2p": 2, "unit": 3,
+          "head_split": 3}
 REQUIRED = ("matmul", "attention", "elementwise", "head", "embedding", "p2p")
 
 
@@ -310,8 +314,12 @@ class CostModel:
 
     dtype_bytes sizes activations on the wire (2 = bf16)."""
 
-    def __init__(self, spec: PlanSpec, profile: DeviceProfile, dtype_bytes: int = 2):
+    def __init__(self, spec: PlanSpec, profile: DeviceProfile, dtype_bytes: int = 2, plan: Plan | None = None):
         self.spec, self.prof, self.bytes = spec, profile, dtype_bytes
+        # (rank, mb, slice, chunk) of the units whose backward is split (I, W): with a measured profile
+        # their forward and I time the loss head as the executor runs a split unit (head_split)
+        self.split = frozenset((r, ins.mb, ins.slice, ins.chunk) for r, st in enumerate(plan.ranks) for ins in st
+                               if ins.kind == Kind.I) if plan is not None else frozenset()
         self.stage_of = [list(ch) for ch in spec.placement]
         self.last = spec.num_stages - 1
         self.offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
@@ -327,15 +335,16 @@ class CostModel:
         t_attn += extra_s
         return t_mm + max(t_attn, ring) + t_tp
 
-    def _measured_time(self, stage: int, s: int, prefix_lens: tuple, backward) -> float:
+    def _measured_time(self, stage: int, s: int, prefix_lens: tuple, backward, split: bool = False) -> float:
         """Seconds of a unit from a measured profile: per layer the seven projections (backward: input
         and weight gradient of each) on the matmul curve, the causal attention over the slice itself
         and one full call per earlier slice on the attention curve, the elementwise rest; plus LM head
         and loss on the last stage, the embedding on the first, the unit's fixed cost. tp/cp divide the tokens.
-        Split backward: W is the projections' weight-gradient half, I the fused backward less W."""
+        Split backward: W is the projections' weight-gradient half, I the fused backward less W;
+        `split` (a split unit's forward; always for I and W) takes the head from head_split."""
         cls = cost_class(backward)
         if cls in ("backward_input", "backward_weight"):
-            full = self._measured_time(stage, s, prefix_lens, "backward")
+            full = self._measured_time(stage, s, prefix_lens, "backward", True)
             w = self._measured_projections(s) * self.spec.stage_layers[stage]
             return w if cls == "backward_weight" else max(full - w, 0.0)
         backward = cls == "backward"
@@ -355,7 +364,7 @@ class CostModel:
         per_layer = mm + attn + curve_at(m.elementwise, tok, col)
         t = per_layer * spec.stage_layers[stage]
         if stage == self.last:
-            t += curve_at(m.head, tok, col)
+            t += curve_at(m.head_split if split and m.head_split else m.head, tok, col)
         if stage == 0:
             t += curve_at(m.embedding, tok, col)
         if m.unit:
@@ -386,7 +395,8 @@ class CostModel:
         s = self.spec.slice_lens[ins.mb][ins.slice]
         if self.prof.measured is not None:
             lens = self.spec.slice_lens[ins.mb][:ins.slice]
-            return max(self._measured_unit(stage, s, lens, KINDS[ins.kind].cost) + extra_s, 0.0)
+            split = (rank, ins.mb, ins.slice, ins.chunk) in self.split
+            return max(self._measured_unit(stage, s, lens, KINDS[ins.kind].cost, split) + extra_s, 0.0)
         return self._unit(stage, s, self.offsets[ins.mb][ins.slice], KINDS[ins.kind].cost, extra_s)
 
     def p2p_time(self, src: int, dst: int, ins: Instr) -> float:

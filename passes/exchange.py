@@ -402,7 +402,7 @@ def cost_pairings(plan: Plan, profile="h100", dtype_bytes: int = 2) -> list[list
     whose timed replay deadlocks are left out."""
     from .costs import CostModel, load_profile
 
-    cm = CostModel(plan.spec, load_profile(profile), dtype_bytes)
+    cm = CostModel(plan.spec, load_profile(profile), dtype_bytes, plan=plan)
     unit, levelled = _candidates(plan, cm)
     return [exs for _m, exs, _plan in _ranked(plan, cm, levelled + [unit, []])]
 
@@ -453,7 +453,7 @@ def redistribute(plan: Plan, profile=_DEFAULT) -> Plan:
         return _with_exchanges(plan, _as_ex(plan, pairings(plan)))
     from .costs import CostModel, load_profile
 
-    cm = CostModel(plan.spec, load_profile(profile))
+    cm = CostModel(plan.spec, load_profile(profile), plan=plan)
     unit, levelled = _candidates(plan, cm)
     if not levelled:
         out = _with_exchanges(plan, unit)

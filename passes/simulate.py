@@ -67,7 +67,7 @@ def simulate_step(plan: Plan, profile=None, dtype_bytes: int = 2) -> dict:
     and no memory report, for searches that already know the plan's peak memory."""
     from .costs import CostModel, load_profile, timed_replay
 
-    cm = CostModel(plan.spec, profile if profile is not None else load_profile(None), dtype_bytes)
+    cm = CostModel(plan.spec, profile if profile is not None else load_profile(None), dtype_bytes, plan=plan)
     res, _table = timed_replay(plan, cm)
     if res.deadlocked:
         raise PlanInvalidError(res.deadlock_message())
@@ -93,7 +93,7 @@ def simulate_timed(plan: Plan, profile=None, dtype_bytes: int = 2, record: bool 
 
     prof = profile if profile is not None else load_profile(None)
     spec = plan.spec
-    cm = CostModel(spec, prof, dtype_bytes)
+    cm = CostModel(spec, prof, dtype_bytes, plan=plan)
     res, table = timed_replay(plan, cm, record=record)
 
     def cost(r, ins):

@@ -15,7 +15,7 @@ def _replayed(plan: Plan, profile=None, unit_costs: bool = False):
     else:
         from .costs import CostModel, load_profile, timed_replay
 
-        res, _ = timed_replay(plan, CostModel(plan.spec, profile or load_profile(None)), record=True)
+        res, _ = timed_replay(plan, CostModel(plan.spec, profile or load_profile(None), plan=plan), record=True)
     if res.deadlocked:
         raise PlanInvalidError(res.deadlock_message())
     return res

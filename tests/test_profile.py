@@ -85,6 +85,18 @@ def test_unit_time_from_curves():
     cm = CostModel(plan.spec, profile_from_dict(d), 4)
     assert cm.unit_time(1, Fi(0, 1, 0)) == pytest.approx(f1 + 1e-3)
     assert cm.unit_time(1, Instr(Kind.B, 0, 1, 0)) == pytest.approx(b1 + 2e-3)
+    # a split unit (I, W) runs the loss head unfused: with head_split its F and I take the head from it
+    d = measured_profile()
+    d["measured"]["head_split"] = [[t, 1 * t * ELEM, 8 * t * ELEM] for t in (64, 4096)]
+    zb = compile_plan(build_spec("zb-h1", resolve_model("tiny"), pp=2, microbatches=2, seq_len=128))
+    cm, fused = CostModel(zb.spec, profile_from_dict(d), 4, plan=zb), CostModel(zb.spec, profile_from_dict(d), 4)
+    f_last = 4 * (mm + s * s * ATT + s * ELEM)  # 128 tokens, one slice: causal attention only
+    assert cm.unit_time(1, Fi(0, 0, 0)) == pytest.approx(f_last + 1 * s * ELEM)
+    assert fused.unit_time(1, Fi(0, 0, 0)) == pytest.approx(f_last + 3 * s * ELEM)  # no plan: a unit with one B
+    w = 4 * mm  # the projections' weight-gradient half
+    b_split = 4 * (2 * mm + 2 * s * s * ATT + 2 * s * ELEM) + 8 * s * ELEM
+    assert cm.unit_time(1, Instr(Kind.I, 0, 0, 0)) == pytest.approx(b_split - w)
+    assert cm.unit_time(1, Instr(Kind.W, 0, 0, 0)) == pytest.approx(w)
 
 
 def test_processor_sharing_closed_forms():
