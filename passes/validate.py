@@ -116,16 +116,22 @@ def validate(plan: Plan, max_problems: int = MAX_PROBLEMS, step: bool | None = N
     if problems:
         return problems
     try:
-        _fields(plan, bad)
+        if _FUSED:
+            scan = _scan(plan)
+            _fields(plan, bad, positions=scan.others)  # what the scan did not pass (it passes nothing _fields reports)
+        else:
+            _fields(plan, bad)
         if problems:
             return problems
-        pos = _coverage_and_order(plan, bad)
-        tags = _p2p(plan, pos, bad)
-        kv_at = _kv_positions(plan)
+        if not _FUSED:
+            scan = _scan_loops(plan)
+        pos = _coverage_and_order(plan, bad, scan)
+        tags = _p2p(plan, pos, bad, scan.tags)
+        kv_at = scan.kv_at
         _kv(plan, bad, kv_at)
-        _optimizer(plan, bad, step)
+        _optimizer(plan, bad, step, scan.opt_at)
         _order(plan, bad, tags, kv_at)
-        _reduce_grad(plan, bad)
+        _reduce_grad(plan, bad, scan.reduces)
     except _TooMany:
         pass
     return problems
@@ -158,8 +164,133 @@ _SHAPES = {("mb", "s", "c"): 1, ("mb", "s", "c", "to", "t"): 2, ("mb", "s", "c",
 _SHAPE = {k: _SHAPES[row.fields] for k, row in KINDS.items() if row.fields in _SHAPES}
 
 
+@dataclass
+class _Scan:
+    """What validate needs from one pass over each stream (_scan)."""
+
+    others: list[list[int]]   # per rank: instructions the pass did not find in range (_fields looks at these)
+    tabs: list[dict]          # per rank: {compute or p2p kind: [index of that kind's instruction per unit id, or -1]}
+    repeats: list[tuple[int, int, int]]  # (rank, index, index of the first) of a unit's kind met again
+    tags: tuple               # _by_tag_both's tables
+    kv_at: list[list[int]]    # per rank: the indices of KV instructions (_kv_positions)
+    opt_at: list[list[int]]   # per rank: the indices of optimizer steps
+    reduces: list[bool]       # per rank: whether it has a REDUCE_GRAD
+
+
+# _scan's kind codes: 1 a compute unit (fields mb s c), 2 a send, 4 a receive (+ peer, tag), 3 a KV
+# exchange (+ lo, hi); the rest (no code) go to _fields' general checks
+_CODE = {k: {1: 1, 2: 2 if k in SENDS else 4, 3: 3}[sh] for k, sh in _SHAPE.items()}
+# _scan relies on the kind table's shapes: compute kinds carry (mb, s, c), p2p kinds (mb, s, c, peer,
+# t), KV kinds (mb, s, c, peer, lo, hi, t); otherwise validate takes the separate loops (_scan_loops)
+_FUSED = (all(_SHAPE.get(k) == 1 for k in COMPUTE) and all(_SHAPE.get(k) == 2 for k in P2P)
+          and all(_SHAPE.get(k) == 3 for k in KV) and set(_INDEXED) == COMPUTE | P2P)
+
+
+def _scan(plan: Plan) -> _Scan:
+    """One pass over each stream: _fields' inline range checks, _coverage_and_order's unit index,
+    _by_tag_both's tag tables, the KV, optimizer and REDUCE_GRAD positions. An instruction out of
+    range (or of a kind without inline checks) goes to `others` and into no table: _fields then
+    reports it and validate stops there (every instruction of a code that fails these checks is
+    reported by _fields' general checks), so the tables are only used when they are complete."""
+    spec = plan.spec
+    ranks = plan.ranks
+    p, m, n, v = spec.pp, spec.microbatches, spec.slices, spec.virtual_stages
+    tag_lim = tag_limit(spec)
+    offsets = [spec.slice_offsets(mb) for mb in range(m)]
+    nu = m * n * v
+    code_of = _CODE.get
+    opt_kinds, reduce_kind = _OPTIMIZER, Kind.REDUCE_GRAD
+    s_first = [[{} for _ in range(p)] for _ in range(p)]
+    r_first = [[{} for _ in range(p)] for _ in range(p)]
+    s_rep: dict[tuple, list] = {}
+    r_rep: dict[tuple, list] = {}
+    out = _Scan([], [], [], (s_first, s_rep, r_first, r_rep), [], [], [])
+    repeats = out.repeats
+    for r, stream in enumerate(ranks):
+        tab = {k: [-1] * nu for k in _INDEXED}
+        others: list[int] = []
+        kv_at: list[int] = []
+        opt_at: list[int] = []
+        reduces = False
+        mine = s_first[r]
+        for i, ins in enumerate(stream):
+            k = ins[0]
+            code = code_of(k)
+            if code is None:
+                others.append(i)
+                if k in opt_kinds:
+                    opt_at.append(i)
+                elif k == reduce_kind:
+                    reduces = True
+                continue
+            mb, s, c = ins[1], ins[2], ins[3]
+            if not (0 <= mb < m and 0 <= s < n and 0 <= c < v):
+                others.append(i)
+                continue
+            if code != 1:
+                q, t = ins[4], ins[5]
+                if q == r or not (0 <= q < p and 0 <= t < tag_lim):
+                    others.append(i)
+                    continue
+                if code == 3:
+                    if 0 <= ins[6] < ins[7] <= offsets[mb][s]:
+                        kv_at.append(i)
+                    else:
+                        others.append(i)
+                    continue
+                if code == 2:
+                    d = mine[q]
+                    if t in d:
+                        s_rep.setdefault((r, q, t), [d[t]]).append(i)
+                    else:
+                        d[t] = i
+                else:
+                    d = r_first[q][r]
+                    if t in d:
+                        r_rep.setdefault((q, r, t), [d[t]]).append(i)
+                    else:
+                        d[t] = i
+            arr = tab[k]
+            u = (mb * n + s) * v + c
+            first = arr[u]
+            if first >= 0:
+                repeats.append((r, i, first))
+            else:
+                arr[u] = i
+        out.others.append(others)
+        out.tabs.append(tab)
+        out.kv_at.append(kv_at)
+        out.opt_at.append(opt_at)
+        out.reduces.append(reduces)
+    return out
+
+
+def _scan_loops(plan: Plan) -> _Scan:
+    """What _scan finds, one loop per rule, on a plan whose fields are all in range (the
+    reference tests/test_validate_fast holds _scan to; validate's path when _FUSED is off)."""
+    spec = plan.spec
+    n, v = spec.slices, spec.virtual_stages
+    nu = spec.microbatches * n * v
+    tabs, repeats = [], []
+    for r, stream in enumerate(plan.ranks):
+        tab = {k: [-1] * nu for k in _INDEXED}
+        get = tab.get
+        for i, ins in enumerate(stream):
+            arr = get(ins[0])
+            if arr is None:
+                continue
+            u = (ins[1] * n + ins[2]) * v + ins[3]
+            if arr[u] >= 0:
+                repeats.append((r, i, arr[u]))
+            else:
+                arr[u] = i
+        tabs.append(tab)
+    return _Scan([list(range(len(st))) for st in plan.ranks], tabs, repeats, _by_tag_both(plan), _kv_positions(plan),
+                 [_positions(st, _OPTIMIZER) for st in plan.ranks], [_reduces(st) for st in plan.ranks])
+
+
 def _fields(plan: Plan, bad, positions=None) -> None:
-    """Fields in range; with `positions` (per rank, the indices of KV instructions) those only."""
+    """Fields in range; with `positions` (per rank, a list of indices) those only."""
     spec = plan.spec
     p, m, n, v = spec.pp, spec.microbatches, spec.slices, spec.virtual_stages
     tags = tag_limit(spec)
@@ -198,29 +329,20 @@ def _fields(plan: Plan, bad, positions=None) -> None:
                                  f"(tokens of the earlier slices of the owner's unit)", r, i)
 
 
-def _coverage_and_order(plan: Plan, bad) -> list[dict[str, list[int]]]:
+def _coverage_and_order(plan: Plan, bad, scan: _Scan) -> list[dict[str, list[int]]]:
     """Per rank: {kind: position of that kind's instruction for each unit id (-1: none)} for
-    compute units and p2p instructions; unit id = (mb * n + slice) * v + chunk."""
+    compute units and p2p instructions (the scan's tables, with the phases added); unit id =
+    (mb * n + slice) * v + chunk."""
     spec = plan.spec
     m, n, v = spec.microbatches, spec.slices, spec.virtual_stages
     owner = spec.stage_rank()
     chunk_of = spec.stage_chunk()
     last = spec.num_stages - 1
     B = Kind.B
-    nu = m * n * v
+    for r, i, first in scan.repeats:
+        bad("unique", f"{_at(r, i, plan.ranks[r][i])} repeats #{first}", r, i)
     out = []
-    for r, stream in enumerate(plan.ranks):
-        tab = {k: [-1] * nu for k in _INDEXED}
-        get = tab.get
-        for i, ins in enumerate(stream):
-            arr = get(ins[0])
-            if arr is None:
-                continue
-            u = (ins[1] * n + ins[2]) * v + ins[3]
-            if arr[u] >= 0:
-                bad("unique", f"{_at(r, i, ins)} repeats #{arr[u]}", r, i)
-            else:
-                arr[u] = i
+    for tab in scan.tabs:
         # per phase of the kind table: the position of the unit's forward (F), its input-gradient
         # backward (B, or I of a split backward) and its weight gradient (W)
         for phase, kinds in _PHASES.items():
@@ -344,7 +466,7 @@ def _dependencies() -> list[tuple[str, str, int, str, str]]:
 _DEPENDENCIES = _dependencies()
 
 
-def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
+def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad, tags=None) -> None:
     spec = plan.spec
     n, v = spec.slices, spec.virtual_stages
     owner = spec.stage_rank()
@@ -354,7 +476,7 @@ def _p2p(plan: Plan, pos: list[dict[str, list[int]]], bad) -> None:
     ranks = plan.ranks
     p = len(ranks)
     SEND_ACT = Kind.SEND_ACT
-    sends, send_rep, recvs, recv_rep = _by_tag_both(plan)
+    sends, send_rep, recvs, recv_rep = _by_tag_both(plan) if tags is None else tags
     via = [[-1] * len(s) for s in ranks]  # via[dst][recv index] = index of its matched send on the peer
     for src in range(p):
         src_stream, src_place = ranks[src], placement[src]
@@ -479,14 +601,15 @@ _OPTIMIZER = frozenset(k for k, row in KINDS.items() if row.role == "optimizer")
 _GRADIENTS = frozenset(k for k, row in KINDS.items() if row.role == "compute" and row.cost in ("backward", "backward_weight"))
 
 
-def _optimizer(plan: Plan, bad, step: bool | None) -> None:
+def _optimizer(plan: Plan, bad, step: bool | None, found=None) -> None:
     """Rule "optimizer": each rank holding parameters (every rank holds at least one stage)
     runs exactly one optimizer step, after the last instruction that leaves a weight gradient;
     an earlier one would update the parameters without the gradients that follow it.
     `step`: True, the plan is a training step (every rank needs its OPT); None, it is one when
     some rank has an OPT; False, the rule is skipped."""
     opt = _OPTIMIZER
-    found = [_positions(stream, opt) for stream in plan.ranks]
+    if found is None:
+        found = [_positions(stream, opt) for stream in plan.ranks]
     if step is False or (step is None and not any(found)):
         return
     for r, stream in enumerate(plan.ranks):
@@ -670,12 +793,12 @@ def _reduces(stream) -> bool:
     return Kind.REDUCE_GRAD in map(_KIND, stream)
 
 
-def _reduce_grad(plan: Plan, bad) -> None:
+def _reduce_grad(plan: Plan, bad, reduces=None) -> None:
     """REDUCE_GRAD c averages chunk c's weight gradients over the replicas when it runs: it must
     come after every unit that adds to them (rule "reduce-grad"), once per chunk, before OPT."""
     wgrad = _GRADIENTS
     for r, stream in enumerate(plan.ranks):
-        if not _reduces(stream):
+        if not (_reduces(stream) if reduces is None else reduces[r]):
             continue  # nothing is reduced on this rank: nothing below can be reported
         seen: dict[int, int] = {}
         opt_at = None

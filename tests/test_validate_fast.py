@@ -31,7 +31,7 @@ def _mutate(plan, rng):
     r = rng.randrange(len(ranks))
     s = ranks[r]
     i = rng.randrange(len(s))
-    what = rng.choice(["swap", "drop", "tag", "peer", "mb", "dup", "lo"])
+    what = rng.choice(["swap", "drop", "tag", "peer", "mb", "dup", "lo", "hi"])
     ins = s[i]
     if what == "swap" and i + 1 < len(s):
         s[i], s[i + 1] = s[i + 1], s[i]
@@ -47,6 +47,8 @@ def _mutate(plan, rng):
         s[i] = ins._replace(mb=rng.choice([0, ins.mb + 1]))
     elif what == "lo" and ins.hi > 0:
         s[i] = ins._replace(lo=ins.hi)
+    elif what == "hi" and ins.hi > 0:  # the whole prefix of the owner's unit: the largest range allowed
+        s[i] = ins._replace(hi=plan.spec.slice_offsets(ins.mb)[ins.slice])
     else:
         s[i] = Instr(ins.kind, ins.mb, ins.slice, ins.chunk, ins.peer, ins.tag, ins.lo, ins.hi)
     return plan.with_ranks(ranks)
@@ -61,6 +63,7 @@ def slow(monkeypatch):
         monkeypatch.setattr(V, "_order_holds", lambda *a: False)
         monkeypatch.setattr(V, "_reduces", lambda stream: True)
         monkeypatch.setattr(V, "_SHAPE", {})
+        monkeypatch.setattr(V, "_FUSED", False)  # one loop per rule instead of validate's one pass per stream
     return off
 
 
@@ -70,6 +73,12 @@ def test_fast_paths_report_exactly_what_the_loops_report(slow):
     for plan in _plans():
         cases.append(plan)
         cases.extend(_mutate(plan, rng) for _ in range(60))
+        kv = [(r, i) for r, stream in enumerate(plan.ranks) for i, ins in enumerate(stream) if ins.hi > 0]
+        for r, i in rng.sample(kv, min(len(kv), 6)):  # an exchange that ships the owner's whole prefix
+            ins = plan.ranks[r][i]
+            s = list(plan.ranks[r])
+            s[i] = ins._replace(hi=plan.spec.slice_offsets(ins.mb)[ins.slice])
+            cases.append(plan.with_ranks([s if q == r else plan.ranks[q] for q in range(len(plan.ranks))]))
         for r, stream in enumerate(plan.ranks):  # a gradient reduction moved before the backwards
             at = [i for i, ins in enumerate(stream) if ins.kind == "REDUCE_GRAD"]
             if at:
