@@ -40,7 +40,7 @@ from ir.limits import tag_limit, wire_stride
 
 MAX_PROBLEMS = 20
 _PEER = itemgetter(4)
-_KIND, _MB_SLICE, _CHUNK = itemgetter(0), itemgetter(1, 2), itemgetter(3)
+_KIND, _MB, _SLICE, _CHUNK = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
 _MATCH_GET = MATCH.get
 # a send's neighbour stage: the next stage for an activation, the previous for a gradient
 _STEP = {k: (1 if k == Kind.SEND_ACT else -1) for k in SENDS}
@@ -565,15 +565,21 @@ def _pairs_match(src_stream, dst_stream, src_place, dst_place, sd, rd, dst_via) 
     """True when the sends of one rank pair (sd: tag -> index) and its receives (rd) are the same
     tags and each send's receive expects its data (kind, micro-batch, slice, neighbour stage):
     then _p2p's loop reports nothing for the pair; records dst_via as that loop would. C-level
-    passes over the columns; False sends the pair to the loop."""
-    if len(sd) != len(rd) or sd.keys() != rd.keys():
+    passes over the columns (one column at a time: no tuple per instruction); False sends the
+    pair to the loop."""
+    if len(sd) != len(rd):
         return False
-    sis = list(sd.values())
-    ris = list(map(rd.__getitem__, sd))
+    if list(sd) == list(rd):  # the same tags in the same order (the p2p-order rule's common case)
+        sis, ris = list(sd.values()), list(rd.values())
+    elif sd.keys() == rd.keys():
+        sis, ris = list(sd.values()), list(map(rd.__getitem__, sd))
+    else:
+        return False
     S = list(map(src_stream.__getitem__, sis))
     R = list(map(dst_stream.__getitem__, ris))
     s_kind = list(map(_KIND, S))
-    if (list(map(_MATCH_GET, s_kind)) != list(map(_KIND, R)) or list(map(_MB_SLICE, S)) != list(map(_MB_SLICE, R))
+    if (list(map(_MATCH_GET, s_kind)) != list(map(_KIND, R)) or list(map(_MB, S)) != list(map(_MB, R))
+            or list(map(_SLICE, S)) != list(map(_SLICE, R))
             or list(map(add, map(src_place.__getitem__, map(_CHUNK, S)), map(_STEP.__getitem__, s_kind)))
             != list(map(dst_place.__getitem__, map(_CHUNK, R)))):
         return False
