@@ -88,7 +88,10 @@ def cli_path(repeats: int) -> dict:
             rep["load_avg_after"] = os.getloadavg()
             runs.append(rep)
         size = os.path.getsize(plan)
-        instructions = sum(len(r) for r in json.loads(open(plan).read())["ranks"])
+        doc = json.loads(open(plan).read())
+        # a rank is a list of texts, or (schema_version 2) a compact object with one kind character per instruction
+        instructions = sum(len(r["kinds"]) if isinstance(r, dict) else len(r) for r in doc["ranks"])
+        schema_version = doc["schema_version"]
     names = [n for n, _ in cli_commands("x")]
     sim = json.loads(runs[-1]["simulate_unit"]["stdout"])
     best = {n: {"wall_s": round(min(r[n]["wall_s"] for r in runs), 3),
@@ -97,7 +100,8 @@ def cli_path(repeats: int) -> dict:
     totals = [sum(r[n]["wall_s"] for n in names) for r in runs]
     return {
         "commands": [" ".join(["slimpipe", *a]).replace(plan, "plan.json") for _, a in cli_commands(plan)],
-        "repeats": repeats, "instructions": instructions, "plan_bytes": size, "exchanges_in_plan": None,
+        "repeats": repeats, "instructions": instructions, "plan_bytes": size, "plan_schema_version": schema_version,
+        "exchanges_in_plan": None,
         "best": best,
         "total_wall_s_min_run": round(min(totals), 3),
         "total_wall_s_sum_of_min": round(sum(best[n]["wall_s"] for n in names), 3),

@@ -227,3 +227,111 @@ def _cut(stream, small, _new=tuple.__new__, _int=int, _parse=parse) -> tuple[Ins
         else:
             add(_parse(s))
     return tuple(out)
+
+
+# ---------------------------------------------------------------- the compact form of a stream
+# A large plan's rank is written as {"codes": {char: kind}, "kinds": one char per instruction,
+# "fields": "<I or Q>:<base64>"}: the numbers each instruction's kind carries (the kind table's
+# fields, in Instr order: mb, slice, chunk, peer, tag, lo, hi), one array of little-endian unsigned
+# 32-bit (I) or 64-bit (Q) integers for the rank. It says exactly what the text form says (known
+# kinds, the fields the kind carries, numbers of at most 18 digits) and loads without a parse per
+# instruction.
+_KIND0 = itemgetter(0)
+_call = getattr(__import__("operator"), "call", None) or (lambda fn, arg: fn(arg))  # operator.call: Python >= 3.11
+_COMPACT_SLOTS = {k: sorted({_SLOT[f] for f in fields}) for k, fields in _FIELDS.items()}
+_COMPACT_CODES = dict(zip(_FIELDS, "FBIWsrSRkKhpPHOGabcdefgijlmnoqtuvwxyz"))  # the writer's codes, in kind-table order
+_MAX_VALUE = 10 ** _MAX_DIGITS - 1
+_WIDTHS = {"I": 4, "Q": 8}
+
+
+def _compact_getter(slots):
+    if not slots:
+        return lambda ins: ()
+    if len(slots) == 1:
+        return lambda ins, i=slots[0]: (ins[i],)
+    return itemgetter(*slots)
+
+
+_COMPACT_GET = {k: _compact_getter(s) for k, s in _COMPACT_SLOTS.items()}
+
+
+def to_compact(stream) -> dict | None:
+    """A stream's compact form (see above), or None where it has none (an unknown kind, a field
+    the text form could not write: negative, over 18 digits, not an int)."""
+    import array
+    import base64
+    import sys
+    from itertools import chain
+
+    try:
+        kinds = list(map(_KIND0, stream))
+        chars = "".join(map(_COMPACT_CODES.__getitem__, kinds))
+        values = list(chain.from_iterable(map(_call, map(_COMPACT_GET.__getitem__, kinds), stream)))
+    except (KeyError, TypeError, IndexError):
+        return None
+    for code, width in _WIDTHS.items():
+        try:
+            arr = array.array(code, values)
+        except (OverflowError, TypeError):
+            continue
+        if arr.itemsize == width and (code == "I" or not values or max(values) <= _MAX_VALUE):
+            break
+    else:
+        return None
+    if sys.byteorder == "big":
+        arr.byteswap()
+    present = set(chars)
+    return {"codes": {c: k for k, c in _COMPACT_CODES.items() if c in present}, "kinds": chars,
+            "fields": f"{code}:{base64.b64encode(arr.tobytes()).decode('ascii')}"}
+
+
+def from_compact(obj) -> tuple[Instr, ...]:
+    """The stream a compact form describes; PlanFormatError naming what is wrong with it."""
+    import array
+    import base64
+    import binascii
+    import sys
+    from itertools import repeat
+
+    if not isinstance(obj, dict) or set(obj) != {"codes", "kinds", "fields"}:
+        raise PlanFormatError("a compact instruction stream is an object with exactly 'codes', 'kinds' and 'fields'")
+    codes, chars, fields = obj["codes"], obj["kinds"], obj["fields"]
+    if not isinstance(codes, dict) or not all(len(c) == 1 for c in codes):
+        raise PlanFormatError("compact stream: 'codes' must map single characters to instruction kinds")
+    for c, k in codes.items():
+        if not isinstance(k, str) or k not in _FIELDS:
+            raise PlanFormatError(f"compact stream: code {_clip(c)} names unknown kind {_clip(k)}; allowed: {allowed_kinds()}")
+    if not isinstance(chars, str):
+        raise PlanFormatError("compact stream: 'kinds' must be a string of the codes' characters")
+    stray = set(chars) - codes.keys()
+    if stray:
+        raise PlanFormatError(f"compact stream: 'kinds' has {_clip(min(stray))}, which 'codes' does not name")
+    code = fields[:1] if isinstance(fields, str) and fields[1:2] == ":" else None
+    if code not in _WIDTHS:
+        raise PlanFormatError("compact stream: 'fields' must be 'I:<base64>' (unsigned 32-bit) or 'Q:<base64>' (64-bit)")
+    arr = array.array(code)
+    if arr.itemsize != _WIDTHS[code]:
+        raise PlanFormatError(f"compact stream: this platform has no {8 * _WIDTHS[code]}-bit array type {code!r}")
+    try:
+        raw = base64.b64decode(fields[2:], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise PlanFormatError(f"compact stream: 'fields' is not base64 ({e})") from None
+    if len(raw) % arr.itemsize:
+        raise PlanFormatError("compact stream: 'fields' does not hold whole numbers")
+    arr.frombytes(raw)
+    if sys.byteorder == "big":
+        arr.byteswap()
+    width = {c: len(_COMPACT_SLOTS[k]) for c, k in codes.items()}
+    need = sum(map(width.__getitem__, chars))
+    if len(arr) != need:
+        raise PlanFormatError(f"compact stream: its kinds carry {need} numbers, 'fields' holds {len(arr)}")
+    values = arr.tolist()
+    if code == "Q" and values and max(values) > _MAX_VALUE:
+        raise PlanFormatError(f"compact stream: a field above {_MAX_VALUE} (the text form's 18 digits)")
+    # one zip per kind, all drawing on one iterator over the numbers: next() of a kind's zip takes
+    # that kind's fields in order and fills the others with Instr's defaults
+    it = iter(values)
+    default = (-1, -1, -1, -1, -1, 0, 0)
+    rows = {c: zip(repeat(k), *(it if s in _COMPACT_SLOTS[k] else repeat(default[s - 1]) for s in range(1, 8)))
+            for c, k in codes.items()}
+    return tuple(map(tuple.__new__, repeat(Instr), map(next, map(rows.__getitem__, chars))))

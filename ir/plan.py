@@ -10,11 +10,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import PlanFormatError, SpecError
-from .instr import Instr, _clip, parse, parse_stream, to_text
+from .instr import Instr, _clip, from_compact, parse, parse_stream, to_compact, to_text
 from .spec import PlanSpec
 from .gcpause import gc_paused
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # a plan whose ranks are lists of instruction texts (the form people read and write)
+# schema_version 2: a rank may also be in the compact form (ir.instr.to_compact), which `dumps`
+# writes for plans of COMPACT_MIN instructions or more: they load several times faster
+COMPACT_SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (SCHEMA_VERSION, COMPACT_SCHEMA_VERSION)
+COMPACT_MIN = 100_000
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,9 @@ def from_dict(d: Any) -> Plan:
     if extra:
         raise PlanFormatError(f"plan has unknown field(s) {_clip(sorted(extra))}; allowed: schema_version, spec, meta, ranks")
     ver = d.get("schema_version")
-    if type(ver) is not int or ver != SCHEMA_VERSION:  # not true or 1.0, which compare equal to 1
-        raise PlanFormatError(f"plan schema_version {_clip(ver)} is not supported; this slimpipe reads schema_version {SCHEMA_VERSION}")
+    if type(ver) is not int or ver not in SCHEMA_VERSIONS:  # not true or 1.0, which compare equal to 1
+        raise PlanFormatError(f"plan schema_version {_clip(ver)} is not supported; this slimpipe reads schema_version "
+                              f"{' and '.join(map(str, SCHEMA_VERSIONS))}")
     try:
         spec = PlanSpec.model_validate(d.get("spec"))
     except ValidationError as e:
@@ -78,8 +84,15 @@ def from_dict(d: Any) -> Plan:
         raise PlanFormatError(f"plan 'ranks' must be a list of {spec.pp} instruction lists (one per rank of pp={spec.pp})")
     out = []
     for r, stream in enumerate(ranks):
+        if isinstance(stream, dict) and ver == COMPACT_SCHEMA_VERSION:
+            try:
+                out.append(from_compact(stream))
+            except PlanFormatError as e:
+                raise PlanFormatError(f"rank {r}: {e}", r) from None
+            continue
         if not isinstance(stream, list):
-            raise PlanFormatError(f"rank {r}: instructions must be a list of strings like 'F mb0 s0 c0'", r)
+            compact = " (or, with schema_version 2, a compact stream object)" if ver == COMPACT_SCHEMA_VERSION else ""
+            raise PlanFormatError(f"rank {r}: instructions must be a list of strings like 'F mb0 s0 c0'{compact}", r)
         try:
             out.append(parse_stream(stream))
         except PlanFormatError as e:
@@ -99,12 +112,22 @@ def _unparsable(text) -> bool:
     return False
 
 
-def dumps(plan: Plan) -> str:
-    """Compact JSON: one line per rank stream keeps large plans small and diffs readable."""
-    d = to_dict(plan)
-    ranks = d.pop("ranks")
+def dumps(plan: Plan, compact: bool | None = None) -> str:
+    """JSON with one line per rank stream (small, diffs readable). `compact`: write the ranks in
+    the compact form (schema_version 2) instead of texts; None = for plans of COMPACT_MIN
+    instructions or more (a plan with a field the text form could not write stays text)."""
+    if compact is None:
+        compact = plan.num_instructions() >= COMPACT_MIN
+    forms = [to_compact(r) for r in plan.ranks] if compact else None
+    if forms is not None and all(f is not None for f in forms):
+        d = {**to_dict(plan.with_ranks(())), "schema_version": COMPACT_SCHEMA_VERSION}
+        del d["ranks"]
+        lines = [json.dumps(f, separators=(",", ":")) for f in forms]
+    else:
+        d = to_dict(plan)
+        lines = [_texts_json(r) for r in d.pop("ranks")]
     head = json.dumps(d, indent=1)
-    body = ",\n".join("  " + _texts_json(r) for r in ranks)
+    body = ",\n".join("  " + line for line in lines)
     return head[:-2] + ',\n "ranks": [\n' + body + "\n ]\n}\n"
 
 

@@ -287,7 +287,7 @@ def test_schema_version_and_rank_count(base, data):
     p = base["spec"]["pp"]
     kind = data.draw(st.sampled_from(["version", "no-version", "empty", "fewer", "more", "pp"]), label="kind")
     if kind == "version":
-        base["schema_version"] = v = data.draw(st.sampled_from([0, 2, -1, 10**20, "1", 1.0, True, None, [1], {}, math.nan]), label="v")
+        base["schema_version"] = v = data.draw(st.sampled_from([0, 3, -1, 10**20, "1", 1.0, 2.0, True, None, [1], {}, math.nan]), label="v")
         run_hostile(_dump(base), f"schema_version {v!r}", r"schema_version")
     elif kind == "no-version":
         del base["schema_version"]
@@ -411,13 +411,70 @@ def test_bad_instruction_text(base, data):
     run_hostile(_dump(base), f"instruction {bad!r}", r"instruction|rank \d+|\[\w+\]|deadlock|breaks a rule")
 
 
+def _compact_mutants():
+    """(name, mutate(plan dict with compact ranks), what the message must name): each one makes
+    the plan unusable (exit 2) or invalid (exit 1)."""
+    import array
+    import base64
+
+    def refields(c, fn, code="I"):
+        arr = array.array(c["fields"][0], base64.b64decode(c["fields"][2:]))
+        out = array.array(code, fn(list(arr)))
+        c["fields"] = code + ":" + base64.b64encode(out.tobytes()).decode()
+
+    def first_number(vals):
+        vals[0] = 2**32 - 1
+        return vals
+
+    return [
+        ("codes not an object", lambda c: c.update(codes=["F"]), r"codes"),
+        ("code of two chars", lambda c: c["codes"].update(FF="F"), r"codes"),
+        ("unknown kind", lambda c: c["codes"].update(Z="JUMP"), r"unknown kind 'JUMP'"),
+        ("kind not a string", lambda c: c["codes"].update(Z=3), r"unknown kind 3"),
+        ("kinds not a string", lambda c: c.update(kinds=list(c["kinds"])), r"kinds"),
+        ("stray kind char", lambda c: c.update(kinds=c["kinds"] + "?"), r"kinds"),
+        ("a kind char dropped", lambda c: c.update(kinds=c["kinds"][1:]), r"numbers|lacks|rule|optimizer"),
+        ("fields not a string", lambda c: c.update(fields=[1, 2]), r"fields"),
+        ("fields typecode", lambda c: c.update(fields="i:" + c["fields"][2:]), r"fields"),
+        ("fields not base64", lambda c: c.update(fields="I:@@@@"), r"base64"),
+        ("fields cut", lambda c: c.update(fields="I:" + base64.b64encode(base64.b64decode(c["fields"][2:])[:-2]).decode()),
+         r"whole numbers"),
+        ("one number more", lambda c: refields(c, lambda v: v + [0]), r"numbers"),
+        ("a number past 18 digits", lambda c: refields(c, lambda v: [10**18] + v[1:], "Q"), r"18 digits"),
+        ("a number out of range", lambda c: refields(c, first_number), r"range|needs|peer|tag"),
+        ("extra key", lambda c: c.update(extra=1), r"exactly"),
+        ("missing key", lambda c: c.pop("codes"), r"exactly"),
+    ]
+
+
+COMPACT_MUTANTS = _compact_mutants()
+
+
+@HOSTILE
+@given(base=base_st, data=st.data())
+def test_compact_streams(base, data):
+    """A plan in the compact form (schema_version 2) with one rank's codes, kinds or fields broken."""
+    d = json.loads(ir.dumps(ir.from_dict(base), compact=True))
+    assert d["schema_version"] == 2 and all(isinstance(r, dict) for r in d["ranks"])
+    r = data.draw(st.integers(0, len(d["ranks"]) - 1), label="rank")
+    name, mutate, expect = data.draw(st.sampled_from(COMPACT_MUTANTS), label="mutant")
+    mutate(d["ranks"][r])
+    run_hostile(_dump(d), f"compact rank {r}: {name}", expect)
+
+
+def test_compact_rank_needs_schema_version_2():
+    d = json.loads(ir.dumps(ir.from_dict(BASES[0]), compact=True))
+    d["schema_version"] = 1
+    run_hostile(_dump(d), "compact rank under schema_version 1", r"list of strings")
+
+
 # ---------------------------------------------------------------- through a real process
 def _subprocess_cases() -> list[tuple[str, bytes]]:
     b = BASES[0]
     cases = [("truncated", ir.dumps(ir.from_dict(b))[:200].encode()), ("empty", b""), ("deep", b"[" * 100_000),
              ("huge int", b'{"schema_version": ' + b"9" * 5000 + b"}"), ("not utf-8", b"\xff\xfe\x00{")]
     for name, mut in [
-        ("schema", lambda d: d.update(schema_version=2)),
+        ("schema", lambda d: d.update(schema_version=3)),
         ("pp float", lambda d: d["spec"].update(pp=2.0)),
         ("bool int", lambda d: d["spec"].update(slices=True)),
         ("nan", lambda d: d["spec"].update(seq_len=math.nan)),

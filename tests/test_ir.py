@@ -79,6 +79,37 @@ def test_plan_json_round_trip_is_exact(tmp_path, schedule, v, n):
     assert json.loads(path.read_text())["schema_version"] == ir.SCHEMA_VERSION
 
 
+@pytest.mark.parametrize("schedule,v,n,extra", [("slimpipe", 2, 4, {"exchange": True}), ("seq1f1b", 1, 2, {"dp": 2}),
+                                                 ("slimpipe", 1, 4, {"split_backward": True}), ("zb-v", 2, 1, {})])
+def test_compact_form_round_trip_is_exact(tmp_path, schedule, v, n, extra):
+    """The compact form (schema_version 2: kinds as one character each, the fields they carry as one
+    base64 array per rank) loads back to the same plan; a plan below ir.COMPACT_MIN instructions is
+    written as texts (schema_version 1), one at or above it compactly, and either loads."""
+    plan = compile_plan(build_spec(schedule, resolve_model("tiny", {"layers": 8}), pp=2, microbatches=2, slices=n,
+                                   virtual_stages=v, seq_len=64, **extra))
+    text, compact = ir.dumps(plan), ir.dumps(plan, compact=True)
+    assert json.loads(text)["schema_version"] == 1 and isinstance(json.loads(text)["ranks"][0], list)
+    d = json.loads(compact)
+    assert d["schema_version"] == ir.COMPACT_SCHEMA_VERSION and set(d["ranks"][0]) == {"codes", "kinds", "fields"}
+    assert len(d["ranks"][0]["kinds"]) == len(plan.ranks[0])
+    for back in (ir.loads(text), ir.loads(compact)):
+        assert back.spec == plan.spec and back.ranks == plan.ranks and back.meta == plan.meta
+    many = plan.with_ranks([r * (ir.COMPACT_MIN // plan.num_instructions() + 1) for r in plan.ranks])
+    assert json.loads(ir.dumps(many))["schema_version"] == 2 and ir.loads(ir.dumps(many)).ranks == many.ranks
+
+
+def test_compact_form_only_for_what_text_can_say():
+    """A field the text form cannot write (negative, over 18 digits) keeps the plan in texts,
+    where parse then refuses it as it always did."""
+    plan = compile_plan(build_spec("1f1b", resolve_model("tiny"), pp=2, microbatches=2, seq_len=16))
+    for bad in (Instr(Kind.F, -1, 0, 0), Instr(Kind.F, 10**18, 0, 0)):
+        odd = plan.with_ranks([(bad,) + plan.ranks[0], plan.ranks[1]])
+        d = json.loads(ir.dumps(odd, compact=True))
+        assert d["schema_version"] == 1 and d["ranks"][0][0] == ir.to_text(bad)
+        with pytest.raises(PlanFormatError):
+            ir.loads(ir.dumps(odd, compact=True))
+
+
 def test_golden_1f1b_plan():
     """1F1B p=2 m=2: the exact streams (warm-up 1 forward on rank 0, none on rank 1)."""
     plan = compile_plan(build_spec("1f1b", resolve_model("tiny"), pp=2, microbatches=2, seq_len=16))
