@@ -150,10 +150,13 @@ ALL_KINDS = frozenset(KINDS)
 MATCH: dict[str, str] = {k: row.match for k, row in KINDS.items() if row.match}
 
 
+_KV_KINDS = {(row.phase, row.side): k for k, row in reversed(KINDS.items()) if row.role == "kv"}  # the first row wins
+
+
 def kv_kind(phase: str, side: str) -> str:
     """The KV-exchange kind serving a compute unit of `phase` (forward/backward), on `side`
     (owner/partner/helper)."""
-    return next(k for k, row in KINDS.items() if row.role == "kv" and row.phase == phase and row.side == side)
+    return _KV_KINDS[(phase, side)]
 
 
 def allowed_kinds() -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from operator import itemgetter
 
 from ir import KINDS, Instr, Kind, Plan, PlanSpec, SpecError, read_user_json
 
@@ -318,8 +319,9 @@ class CostModel:
         self.spec, self.prof, self.bytes = spec, profile, dtype_bytes
         # (rank, mb, slice, chunk) of the units whose backward is split (I, W): with a measured profile
         # their forward and I time the loss head as the executor runs a split unit (head_split)
-        self.split = frozenset((r, ins.mb, ins.slice, ins.chunk) for r, st in enumerate(plan.ranks) for ins in st
-                               if ins.kind == Kind.I) if plan is not None else frozenset()
+        self.split = frozenset((r, ins.mb, ins.slice, ins.chunk) for r, st in enumerate(plan.ranks)
+                               if Kind.I in map(itemgetter(0), st) for ins in st if ins.kind == Kind.I) \
+            if plan is not None else frozenset()
         self.stage_of = [list(ch) for ch in spec.placement]
         self.last = spec.num_stages - 1
         self.offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]

@@ -385,7 +385,7 @@ def _candidates(plan: Plan, cm) -> tuple[list[Ex], list[list[Ex]]]:
     times = start_times(plan, weights)
     if times is None:
         return [], []
-    unit = _as_ex(plan, pairings(plan, [(r, i, t[:2]) for r, i, t in times]))
+    unit = _as_ex(plan, pairings(plan, [(r, i, t[:2]) for r, i, t in times] if level else times))
     levelled = []
     if level:
         steps = [(r, i, int(t[2])) for r, i, t in times]

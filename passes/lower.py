@@ -59,10 +59,10 @@ def lower_comm(plan: Plan) -> Plan:
             s = stages[c]
             src, dst = s - step, s + step  # the stage its input comes from, the one its output goes to
             if receives is not None and 0 <= src <= last and owner[src] != r:
-                add(new(Instr, (receives, mb, j, c, owner[src], ((mb * n_slices + j) * n_stages + min(s, src)) * 2 + direction, 0, 0)))
+                add(new(Instr, (receives, mb, j, c, owner[src], ((mb * n_slices + j) * n_stages + (s if s < src else src)) * 2 + direction, 0, 0)))
             add(ins)
             if sends is not None and 0 <= dst <= last and owner[dst] != r:
-                add(new(Instr, (sends, mb, j, c, owner[dst], ((mb * n_slices + j) * n_stages + min(s, dst)) * 2 + direction, 0, 0)))
+                add(new(Instr, (sends, mb, j, c, owner[dst], ((mb * n_slices + j) * n_stages + (s if s < dst else dst)) * 2 + direction, 0, 0)))
         out.append(ops)
     return order_receives(plan.with_ranks(out, lowered=True))
 

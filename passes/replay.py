@@ -518,6 +518,7 @@ def start_times(plan: Plan, weights: list[dict[str, float]]):
     if not 1 <= K <= 3:
         raise ValueError("start_times takes one to three weightings")
     pad = (0.0,) * (3 - K)
+    two = K == 2
     dur = {k: tuple(w[KINDS[k].cost] for w in weights) + pad for k in COMPUTE}
     ranks = plan.ranks
     p = len(ranks)
@@ -543,7 +544,7 @@ def start_times(plan: Plan, weights: list[dict[str, float]]):
                 k = ins[0]
                 d = dur.get(k)
                 if d is not None:
-                    add((r, i, (a, b, c)[:K]))
+                    add((r, i, (a, b) if two else (a, b, c)[:K]))
                     a += d[0]
                     b += d[1]
                     c += d[2]
