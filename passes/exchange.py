@@ -35,7 +35,6 @@ exchange rules are checked (validate_kv).
 from __future__ import annotations
 
 import bisect
-from itertools import groupby
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -47,6 +46,7 @@ from .replay import start_times
 # unit durations by cost class (ir.KINDS column `cost`) of the replays that define "together":
 # the table's unit costs, backward/forward = 9/4 (I + W = B), and one step per unit (lockstep)
 UNIT_WEIGHTS = {KINDS[k].cost: UNIT_COST[k] for k in COMPUTE}
+_ATTENTION = frozenset(k for k in COMPUTE if KINDS[k].attention)
 ALT_WEIGHTS = {"forward": 4.0, "backward": 9.0, "backward_input": 5.0, "backward_weight": 4.0}
 STEP_WEIGHTS = {c: 1.0 for c in UNIT_WEIGHTS}
 
@@ -82,18 +82,25 @@ def pairings(plan: Plan, times=None) -> list[tuple[int, int, int, int, int]]:
         return []
     offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
     ranks = plan.ranks
-    # one sort brings the units that start together (same kind) next to each other, by cache length
+    # the units that start together (same kind), each group by cache length, groups in time order
     # (units that run no attention, a split backward's W, have nothing to exchange)
-    rows = [(t0, t1, u.kind, offsets[u.mb][u.slice], r, i) for r, i, (t0, t1) in starts for u in (ranks[r][i],)
-            if KINDS[u.kind].attention]
-    rows.sort()
+    attention = _ATTENTION
+    groups: dict[tuple, list] = {}
+    for r, i, (t0, t1) in starts:
+        u = ranks[r][i]
+        k = u[0]
+        if k in attention:
+            key = (t0, t1, k)
+            row = (offsets[u[1]][u[2]], r, i)
+            grp = groups.get(key)
+            if grp is None:
+                groups[key] = [row]
+            else:
+                grp.append(row)
     out = []
     thr = spec.exchange_threshold
-    for _key, grp in groupby(rows, itemgetter(0, 1, 2)):
-        keyed = list(grp)
-        if len(keyed) < 2:
-            continue
-        keyed = [row[3:] for row in keyed]
+    for key in sorted(key for key, grp in groups.items() if len(grp) > 1):
+        keyed = sorted(groups[key])
         k = len(keyed)
         for a in range(k // 2):
             short, long_ = keyed[a], keyed[k - 1 - a]
