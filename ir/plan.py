@@ -112,6 +112,7 @@ def _unparsable(text) -> bool:
     return False
 
 
+@gc_paused
 def dumps(plan: Plan, compact: bool | None = None) -> str:
     """JSON with one line per rank stream (small, diffs readable). `compact`: write the ranks in
     the compact form (schema_version 2) instead of texts; None = for plans of COMPACT_MIN
