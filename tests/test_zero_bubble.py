@@ -209,3 +209,17 @@ def test_interleaved_zb_fewer_microbatches_than_ranks_is_torchs_makespan(p, m, v
     t, o = simulate_units(theirs), simulate_units(ours)
     assert o["makespan"] == t["makespan"] == makespan
     assert [r["peak_units"] for r in o["ranks"]] == [r["peak_units"] for r in t["ranks"]] == [m * v] * p
+
+
+@pytest.mark.parametrize("limit, stuck_at", [(0, 0), (1, 4)])
+def test_greedy_order_stops_where_every_rank_waits(limit, stuck_at):
+    """Limits no order can meet end the list scheduler at the unit time where no rank runs or can
+    start anything (it used to run on to a guard of 4 x units x p steps, which made tune spend
+    minutes on one large interleaved-zb candidate while its --time-limit had passed): limit 0 lets
+    no forward start at all; limit 1 lets slice 0 of micro-batch 0 through the 4 stages (ending at
+    time 4), where the last stage's I of slice 0 waits for slice 1's, which no rank may start."""
+    from compiler.schedules.zero_bubble import greedy_order
+
+    spec = build_spec("zb-h1", resolve_model("tiny"), pp=4, microbatches=8, slices=2, seq_len=64)
+    with pytest.raises(SpecError, match=rf"every rank waits on another from unit time {stuck_at}\)"):
+        greedy_order(spec, [limit] * 4, [limit] * 4)

@@ -82,6 +82,7 @@ def greedy_order(spec: PlanSpec, limit_i: list[int], limit_w: list[int], split: 
     t = 0
     guard = 0
     while any(left):
+        moved = False
         for r in range(p):
             if free_at[r] > t or not left[r]:
                 continue
@@ -107,6 +108,7 @@ def greedy_order(spec: PlanSpec, limit_i: list[int], limit_w: list[int], split: 
                 chosen = ("W",) + pending_w[r].popleft()
             if chosen is None:
                 continue
+            moved = True
             what, c, mb, j = chosen
             s = stages[r][c]
             if what == "F":
@@ -133,10 +135,13 @@ def greedy_order(spec: PlanSpec, limit_i: list[int], limit_w: list[int], split: 
                 free_at[r] = t + 1
                 n_w[r] -= 1
             left[r] -= 1
+        # nothing started and nothing running: no unit can end, so no rank will ever move
+        stuck = not moved and all(free_at[r] <= t for r in range(p))
         t += 1
         guard += 1
-        if guard > 4 * total * p + 16:  # every rank waits on another: the limits cannot be met
-            raise SpecError(f"{spec.schedule}: no order fits the in-flight limits for p={p} m={m} n={n} v={v}")
+        if stuck or guard > 4 * total * p + 16:  # every rank waits on another: the limits cannot be met
+            raise SpecError(f"{spec.schedule}: no order fits the in-flight limits for p={p} m={m} n={n} v={v} "
+                            f"(every rank waits on another from unit time {t - 1})")
     del owner, chunk_of
     return out
 
