@@ -43,15 +43,25 @@ def lower_comm(plan: Plan) -> Plan:
             how[k] = (row.receives, row.sends, step, direction)
     new = tuple.__new__  # an Instr without the Python-level Instr.__new__ (all eight fields given)
     out = []
+    # what order_receives looks for, noted while the messages are made: per (src, dst) the send
+    # tags in src's order, the receive tags and positions in dst's order
+    send_tags: dict[tuple[int, int], list[int]] = {}
+    recv_tags: dict[tuple[int, int], list[int]] = {}
+    recv_at: dict[tuple[int, int], list[int]] = {}
+    p2p = SENDS | RECVS
+    given = False  # the input has messages of its own: order_receives scans for itself
     for r, stream in enumerate(plan.ranks):
         stages = spec.placement[r]
         ops: list[Instr] = []
         add = ops.append
+        mine: dict[int, list[int]] = {}  # peer -> tags sent to it
+        theirs: dict[int, tuple[list[int], list[int]]] = {}  # peer -> (tags received from it, positions)
         for ins in stream:
             h = how.get(ins[0])
             if h is None:
                 if ins[0] not in KINDS:
                     raise KeyError(ins[0])
+                given = given or ins[0] in p2p
                 add(ins)
                 continue
             receives, sends, step, direction = h
@@ -59,41 +69,66 @@ def lower_comm(plan: Plan) -> Plan:
             s = stages[c]
             src, dst = s - step, s + step  # the stage its input comes from, the one its output goes to
             if receives is not None and 0 <= src <= last and owner[src] != r:
-                add(new(Instr, (receives, mb, j, c, owner[src], ((mb * n_slices + j) * n_stages + (s if s < src else src)) * 2 + direction, 0, 0)))
+                q = owner[src]
+                tag = ((mb * n_slices + j) * n_stages + (s if s < src else src)) * 2 + direction
+                seen = theirs.get(q)
+                if seen is None:
+                    seen = theirs[q] = ([], [])
+                seen[0].append(tag)
+                seen[1].append(len(ops))
+                add(new(Instr, (receives, mb, j, c, q, tag, 0, 0)))
             add(ins)
             if sends is not None and 0 <= dst <= last and owner[dst] != r:
-                add(new(Instr, (sends, mb, j, c, owner[dst], ((mb * n_slices + j) * n_stages + (s if s < dst else dst)) * 2 + direction, 0, 0)))
+                q = owner[dst]
+                tag = ((mb * n_slices + j) * n_stages + (s if s < dst else dst)) * 2 + direction
+                tags = mine.get(q)
+                if tags is None:
+                    tags = mine[q] = []
+                tags.append(tag)
+                add(new(Instr, (sends, mb, j, c, q, tag, 0, 0)))
         out.append(ops)
-    return order_receives(plan.with_ranks(out, lowered=True))
+        for q, tags in mine.items():
+            send_tags[(r, q)] = tags
+        for q, (tags, at) in theirs.items():
+            recv_tags[(q, r)] = tags
+            recv_at[(q, r)] = at
+    lowered = plan.with_ranks(out, lowered=True)
+    return order_receives(lowered) if given else order_receives(lowered, (send_tags, recv_tags, recv_at))
 
 
 @gc_paused
-def order_receives(plan: Plan) -> Plan:
+def order_receives(plan: Plan, tables=None) -> Plan:
     """Reorder each rank's p2p receives so that, per source rank, they come in the order of that
-    rank's sends to it (matched by tag). Receives only move earlier; nothing else moves."""
+    rank's sends to it (matched by tag). Receives only move earlier; nothing else moves.
+    `tables`: (send tags, receive tags, receive positions) per (src, dst) in program order, as
+    lower_comm notes them; None = scan the plan for them."""
     ranks = plan.ranks
-    send_tags: dict[tuple[int, int], list[int]] = {}  # (src, dst) -> tags in src's program order
-    recv_at: dict[tuple[int, int], list[int]] = {}  # (src, dst) -> positions of dst's receives from src
-    for r, stream in enumerate(ranks):
-        for i, ins in enumerate(stream):
-            k = ins[0]
-            if k in SENDS:
-                key = (r, ins[4])
-                tags = send_tags.get(key)
-                if tags is None:
-                    tags = send_tags[key] = []
-                tags.append(ins[5])
-            elif k in RECVS:
-                key = (ins[4], r)
-                at = recv_at.get(key)
-                if at is None:
-                    at = recv_at[key] = []
-                at.append(i)
+    if tables is None:
+        send_tags: dict[tuple[int, int], list[int]] = {}  # (src, dst) -> tags in src's program order
+        recv_at: dict[tuple[int, int], list[int]] = {}  # (src, dst) -> positions of dst's receives from src
+        for r, stream in enumerate(ranks):
+            for i, ins in enumerate(stream):
+                k = ins[0]
+                if k in SENDS:
+                    key = (r, ins[4])
+                    tags = send_tags.get(key)
+                    if tags is None:
+                        tags = send_tags[key] = []
+                    tags.append(ins[5])
+                elif k in RECVS:
+                    key = (ins[4], r)
+                    at = recv_at.get(key)
+                    if at is None:
+                        at = recv_at[key] = []
+                    at.append(i)
+        recv_tags = {key: [ranks[key[1]][i][5] for i in at] for key, at in recv_at.items()}
+    else:
+        send_tags, recv_tags, recv_at = tables
     moved_by_rank: dict[int, dict[int, tuple]] = {}
     for (src, dst), at in recv_at.items():
         stream = ranks[dst]
         tags = send_tags.get((src, dst), [])
-        if [stream[i][5] for i in at] == tags:
+        if recv_tags[(src, dst)] == tags:
             continue  # already in send order (the common case)
         order = {t: k for k, t in reversed(list(enumerate(tags)))}  # first send of each tag
         chain = sorted((order[stream[i][5]], i) for i in at if stream[i][5] in order)  # unmatched: left alone

@@ -151,3 +151,26 @@ def test_start_times_are_the_replays(fam, p, m, n, v, resend, seed):
     for w, weight in enumerate(weights):
         res = replay(plan, lambda r, ins: weight[ir.KINDS[ins.kind].cost], record=True)
         assert {(r, i): t[w] for r, i, t in got} == {(r, i): t0 for r, i, t0, _t1 in res.timeline}
+
+
+@pytest.mark.parametrize("fam,p,m,n,v", [("zb-v", 2, 4, 1, 2), ("zb-v", 3, 4, 2, 2), ("seq1f1b", 2, 3, 4, 2),
+                                         ("interleaved-zb", 3, 8, 1, 3), ("slimpipe", 4, 4, 8, 2), ("1f1b", 3, 5, 1, 1)])
+def test_order_receives_with_the_lowering_tables(fam, p, m, n, v, monkeypatch):
+    """lower_comm hands order_receives the send/receive tags it noted while making the messages;
+    order_receives gives the plan its own scan gives (plans where receives move and where none do)."""
+    from compiler import schedule_plan
+    from passes import lower
+
+    seen = []
+    real = lower.order_receives
+
+    def both(plan, tables=None):
+        out = real(plan, tables)
+        assert tables is not None and out == real(plan)
+        seen.append(out is not plan)
+        return out
+
+    monkeypatch.setattr(lower, "order_receives", both)
+    model = TINY.model_copy(update={"layers": max(p * v, 8)})
+    lower.lower_comm(schedule_plan(build_spec(fam, model, pp=p, microbatches=m, slices=n, virtual_stages=v, seq_len=16 * n)))
+    assert seen == [fam in ("zb-v", "seq1f1b", "interleaved-zb")]
