@@ -349,7 +349,7 @@ def _coverage_and_order(plan: Plan, bad, scan: _Scan) -> list[dict[str, list[int
             if len(kinds) == 1:
                 tab[phase] = tab[kinds[0]]
             else:
-                tab[phase] = [max(xs) for xs in zip(*(tab[k] for k in kinds))]
+                tab[phase] = list(map(max, *(tab[k] for k in kinds)))
         out.append(tab)
     for r, tab in enumerate(out):
         stages = spec.placement[r]
