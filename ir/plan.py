@@ -170,8 +170,9 @@ def atomic_write(path: str, data: str | bytes) -> None:
         raise
 
 
-def save(plan: Plan, path: str) -> None:
-    atomic_write(path, dumps(plan))
+def save(plan: Plan, path: str, compact: bool | None = None) -> None:
+    """Write the plan (dumps: the compact form for large plans unless `compact` says otherwise)."""
+    atomic_write(path, dumps(plan, compact))
 
 
 def read_user_json(path: str, flag: str, hint: str):

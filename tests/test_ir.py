@@ -96,6 +96,9 @@ def test_compact_form_round_trip_is_exact(tmp_path, schedule, v, n, extra):
         assert back.spec == plan.spec and back.ranks == plan.ranks and back.meta == plan.meta
     many = plan.with_ranks([r * (ir.COMPACT_MIN // plan.num_instructions() + 1) for r in plan.ranks])
     assert json.loads(ir.dumps(many))["schema_version"] == 2 and ir.loads(ir.dumps(many)).ranks == many.ranks
+    ir.save(many, str(tmp_path / "text.json"), compact=False)  # a large plan as texts, to edit by hand
+    assert json.loads((tmp_path / "text.json").read_text())["schema_version"] == 1
+    assert ir.load(str(tmp_path / "text.json")).ranks == many.ranks
 
 
 def test_compact_form_only_for_what_text_can_say():
