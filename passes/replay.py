@@ -18,6 +18,7 @@ costing 1 the makespan is the step count of torch's `_simulate_comms_compute`.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -484,7 +485,9 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
         for r in list(computing):
             left[r] -= dt * rate
             busy[r] += dt
-            if left[r] <= eps * max(1.0, dt):
+            # done: what is left is below eps, or too small to move the clock at time t (at
+            # T = 17668 s a float step is 3.6e-12 s: an absolute eps alone left dt = 0 forever)
+            if left[r] <= max(eps * max(1.0, dt), 4 * math.ulp(t) * rate):
                 computing.discard(r)
                 if r in helping:  # a helper's block: its instruction was passed at the rendezvous
                     j = helping.pop(r)

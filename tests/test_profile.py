@@ -253,3 +253,36 @@ def test_stage_unit_measures_through_the_executors_stage():
     fwd, bwd = _stage_unit(cfg, torch.device("cpu"), torch.float32, pick_backend("auto", torch.device("cpu")), 32, 1, 1,
                            lambda: None, lambda *shape: torch.randn(*shape))
     assert fwd > 0 and bwd > 0
+
+
+def test_processor_sharing_ends_at_large_clocks():
+    """Units of hours on a clock of hours: when a unit's remaining work was below the float step at
+    the current time, the shared replay's clock stopped moving (dt = 0) and it looped forever (a new
+    user's `compile --device-profile cpu.json` of llama-7b at 32K). The same plan at 1/1000 of the
+    costs gives the same schedule, so the makespans scale exactly up to rounding."""
+    import threading
+
+    plan = compile_plan(spec("gpipe", 3, 4))
+    flat = plan.with_ranks([tuple(i for i in s if i.kind in (Kind.F, Kind.B)) for s in plan.ranks])
+    # costs found by a random search that made the old loop stick (seed 0, trial 727)
+    hours = {"0 F mb0 s0 c0": 9651.615917317193, "1 F mb0 s0 c0": 10693.334942803254,
+             "2 F mb0 s0 c0": 7164.7331948488245, "2 F mb1 s0 c0": 12658.820577028711,
+             "0 F mb1 s0 c0": 10523.233206324609, "1 F mb1 s0 c0": 8415.114439971623,
+             "1 F mb2 s0 c0": 14984.982347563966, "2 F mb2 s0 c0": 5185.528349237852,
+             "0 F mb2 s0 c0": 13937.11728925591, "2 F mb3 s0 c0": 12359.329369014338,
+             "1 F mb3 s0 c0": 5216.77752676688, "0 F mb3 s0 c0": 6268.3521928446935,
+             "2 B mb0 s0 c0": 14145.273731850975, "1 B mb0 s0 c0": 14142.703070386675,
+             "0 B mb0 s0 c0": 13070.00965447121, "2 B mb1 s0 c0": 14546.391905504952,
+             "0 B mb1 s0 c0": 8866.80128180053}
+    out = {}
+
+    def run(scale, key):
+        out[key] = replay_shared(flat, lambda r, i: hours.get(f"{r} {i}", 10000.0) * scale, 2)
+
+    th = threading.Thread(target=run, args=(1.0, "hours"), daemon=True)
+    th.start()
+    th.join(30)
+    assert "hours" in out, "replay_shared did not finish"
+    run(1e-3, "seconds")
+    assert out["hours"].makespan == pytest.approx(1e3 * out["seconds"].makespan, rel=1e-9)
+    assert out["hours"].busy == pytest.approx([1e3 * b for b in out["seconds"].busy], rel=1e-9)
