@@ -3,6 +3,7 @@ every user error becomes one line on stderr and exit code 2 (1 for an invalid pl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ir import SlimpipeError
@@ -58,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimpipe {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return 0
+        # the reader left (`slimpipe check plan.json | head -1`): the output, and with it the verdict,
+        # did not reach it; exit as a process ended by SIGPIPE does (128 + 13), never 0, so that
+        # `set -o pipefail` does not pass a plan whose verdict was cut off
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except OSError:
+            pass
+        return 141
 
 
 if __name__ == "__main__":
