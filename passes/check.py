@@ -50,6 +50,13 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None) -> Report
     return Report(problems)
 
 
+def rendezvous_cycle(plan: Plan) -> str | None:
+    """The wait cycle a valid, deadlock-free plan has when sends block until their receive is posted
+    (NCCL for large messages; check(p2p="rendezvous")), as one line, or None when it has none."""
+    bad = [pr for pr in check(plan, p2p="rendezvous").problems if pr.rule == "deadlock"]
+    return str(bad[0]) if bad else None
+
+
 def require_valid(plan: Plan, doing: str, path: str = "plan.json", deadlock: bool = True) -> None:
     """Refuse a plan that breaks a rule (and, with `deadlock`, one that cannot finish) before
     acting on it: PlanInvalidError with one line, e.g. 'plan breaks a rule, not run: [order] ...'.

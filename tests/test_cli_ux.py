@@ -159,3 +159,22 @@ def test_a_reader_that_leaves_never_turns_a_verdict_into_exit_0(tmp_path):
                          text=True, env=dict(os.environ, PYTHONPATH=root), timeout=120)
     os.close(w)
     assert res.returncode == 141 and "Traceback" not in res.stderr, (res.returncode, res.stderr)
+
+
+def test_tune_and_the_executor_say_when_nccl_can_hang(tmp_path, capsys):
+    """The README's torchtitan recipe: tune's pick (looped-bfs p=4 v=8 m=32) has a four-rank wait
+    cycle when sends block until their receive is posted; tune says so beside the file it writes,
+    and the executor would say it before a CUDA run. A plan without one gets no note."""
+    from compiler import build_spec, compile_plan, resolve_model
+    from executor.cli import nccl_note
+
+    out = tmp_path / "best.json"
+    code, text, _ = run(capsys, "tune", "--model", "llama-7b", "--seq-len", "8192", "--gpus", "32", "--memory-budget",
+                     "80GiB", "--schedules", "1f1b,interleaved-1f1b,gpipe,looped-bfs", "--time-limit", "60",
+                     "-o", str(out))
+    assert code == 0
+    note = [ln for ln in text.splitlines() if ln.startswith("note: #1")]
+    assert len(note) == 1 and "wait cycle rank 0 -> rank 1 -> rank 2 -> rank 3 -> rank 0" in note[0], text
+    assert "wait cycle rank 0 -> rank 1 -> rank 2 -> rank 3 -> rank 0" in nccl_note(ir.load(str(out)))
+    plain = compile_plan(build_spec("1f1b", resolve_model("tiny"), pp=4, microbatches=8, seq_len=64))
+    assert nccl_note(plain) is None

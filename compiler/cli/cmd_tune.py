@@ -7,6 +7,7 @@ import sys
 import time
 
 from ir import SpecError, save
+from passes import rendezvous_cycle
 from passes.costs import GIB, load_profile
 
 from .. import schedules
@@ -265,6 +266,11 @@ def run(args) -> int:
         split = res.best_plan.spec.layer_split if res.best_plan is not None else None
         print(f"wrote {args.output} (#1, layer split {split})" if res.best_plan is not None
               else f"not written: {args.output} (no plan fits)")
+        if res.best_plan is not None:
+            cycle = rendezvous_cycle(res.best_plan)
+            if cycle:
+                print(f"note: #1 runs on gloo, but when sends block until their receive is posted (NCCL, large "
+                      f"messages) it can hang: {cycle}; see `slimpipe check {args.output} --p2p rendezvous`")
     if args.plot:
         print(f"wrote {args.plot}")
     return 0 if res.top else 1
