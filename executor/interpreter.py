@@ -17,7 +17,7 @@ from time import thread_time
 
 import torch
 
-from ir import Instr, Kind
+from ir import Instr, Kind, split_units
 
 from .attention import default_scale
 from .data import StepBatches
@@ -75,9 +75,9 @@ class Rank:
         for st in self.stages:
             st.next_local = by_index.get(st.index + 1)
             st.prev_local = by_index.get(st.index - 1)
-        for ins in self.stream:  # units whose backward is split: their forward keeps a WeightGradStore
-            if ins.kind == Kind.I and 0 <= ins.chunk < len(self.stages):
-                self.stages[ins.chunk].split_units.add((ins.mb, ins.slice))
+        for mb, s, c in split_units(self.stream):  # their forward keeps a WeightGradStore
+            if 0 <= c < len(self.stages):
+                self.stages[c].split_units.add((mb, s))
         self.holds_last = any(st.is_last for st in self.stages)
         self.report: dict = {}
 

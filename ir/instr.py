@@ -79,6 +79,15 @@ _FORMAT = {k: (" ".join([k.replace("%", "%%")] + [f"{name}%s" for name in fields
            for k, fields in _FIELDS.items()}
 
 
+def split_units(stream) -> frozenset:
+    """(mb, slice, chunk) of the units of one rank's stream whose backward is split (they have an
+    I; their W follows): what the executor's stages, the cost model and the memory model treat
+    apart. A C-level scan first: most streams have no I."""
+    if Kind.I not in map(itemgetter(0), stream):
+        return frozenset()
+    return frozenset((ins.mb, ins.slice, ins.chunk) for ins in stream if ins.kind == Kind.I)
+
+
 def to_text(ins: Instr) -> str:
     """Canonical text form, e.g. 'SEND_ACT mb3 s2 c1 to2 t17'; the kind table says which fields."""
     fmt = _FORMAT.get(ins[0])

@@ -26,9 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from operator import itemgetter
 
-from ir import KINDS, Instr, Kind, Plan, PlanSpec, SpecError, read_user_json
+from ir import KINDS, Instr, Plan, PlanSpec, SpecError, read_user_json, split_units
 
 GIB = 1 << 30
 
@@ -319,8 +318,7 @@ class CostModel:
         self.spec, self.prof, self.bytes = spec, profile, dtype_bytes
         # (rank, mb, slice, chunk) of the units whose backward is split (I, W): with a measured profile
         # their forward and I time the loss head as the executor runs a split unit (head_split)
-        self.split = frozenset((r, ins.mb, ins.slice, ins.chunk) for r, st in enumerate(plan.ranks)
-                               if Kind.I in map(itemgetter(0), st) for ins in st if ins.kind == Kind.I) \
+        self.split = frozenset((r, *u) for r, st in enumerate(plan.ranks) for u in split_units(st)) \
             if plan is not None else frozenset()
         self.stage_of = [list(ch) for ch in spec.placement]
         self.last = spec.num_stages - 1

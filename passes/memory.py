@@ -65,7 +65,7 @@ logits (last stage, transient while one unit runs): fp32 logits and their gradie
 """
 from __future__ import annotations
 
-from ir import KINDS, Kind, Plan
+from ir import KINDS, Plan, split_units
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits", "weight_grad_inputs")
 SAVES = ("fused", "executor")
@@ -189,7 +189,7 @@ def rank_memory(plan: Plan, rank: int, dtype_bytes: int = 2, saves: str = "fused
     peak, peak_bd = base, dict(static, activations=0.0, kv_cache=0.0, kv_grads=0.0, logits=0.0, weight_grad_inputs=0.0)
     timeline = []
     # units whose backward is split (I, W): the executor's loss head keeps its lse for I (fused otherwise)
-    split = {(ins.mb, ins.slice, ins.chunk) for ins in plan.ranks[rank] if ins.kind == Kind.I} if held_logits else ()
+    split = split_units(plan.ranks[rank]) if held_logits else ()
     for ins in plan.ranks[rank]:
         effect = KINDS[ins.kind].memory  # the kind table: "save" keeps the unit's state, "free" releases it
         if effect is None:
