@@ -218,9 +218,9 @@ def check_files(opts, plan) -> str:
 
 
 def nccl_note(plan) -> str | None:
-    """What to say before a CUDA (NCCL) run of a plan that has a wait cycle when sends block until
-    their receive is posted, as NCCL's large messages do (`slimpipe check --p2p rendezvous`); None
-    when it has none. A note, not a refusal: small messages go eagerly and such plans may finish."""
+    """What to say before a CUDA (NCCL) run of a checked plan that has a wait cycle when sends block
+    until their receive is posted, as NCCL's large messages do (`slimpipe check --p2p rendezvous`);
+    None when it has none. A note, not a refusal: small messages go eagerly and such plans may finish."""
     from passes import rendezvous_cycle
 
     cycle = rendezvous_cycle(plan)
@@ -332,8 +332,10 @@ def _main(argv=None) -> int:
         opts.device = "cuda" if torch.cuda.is_available() else "cpu"
     if opts.device == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda but no CUDA device is available")
-    note = nccl_note(plan) if opts.device == "cuda" and not opts.no_check else None
-    if note and os.environ.get("RANK", "0") == "0":
+    # rank 0 speaks for all: the others need not replay the plan again
+    note = nccl_note(plan) if opts.device == "cuda" and not opts.no_check and os.environ.get("RANK", "0") == "0" \
+        else None
+    if note:
         write_line(f"executor: note: {note}")
     p = plan.spec.pp
     world = os.environ.get("WORLD_SIZE")

@@ -39,22 +39,36 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None) -> Report
     if all(pr.rule == "p2p-order" for pr in problems):
         res = replay(plan)
         if res.deadlocked:
-            first = next(s for s in res.stuck if s.rank == res.cycle[0]) if res.cycle else res.stuck[0]
-            problems.append(Problem("deadlock", res.deadlock_message(), first.rank, first.index))
+            problems.append(_deadlock(res, res.deadlock_message()))
         elif p2p == "rendezvous":
-            res = replay(plan, p2p="rendezvous", batch_runs=plan.meta.get("p2p_batching", "runs") != "single")
-            if res.deadlocked:
-                first = next(s for s in res.stuck if s.rank == res.cycle[0]) if res.cycle else res.stuck[0]
-                msg = res.deadlock_message().replace("deadlock:", "deadlock when sends block until their receive is posted:", 1)
-                problems.append(Problem("deadlock", msg, first.rank, first.index))
+            problem = _rendezvous_problem(plan)
+            if problem is not None:
+                problems.append(problem)
     return Report(problems)
 
 
+def _deadlock(res, msg: str) -> Problem:
+    """The deadlock of a replay that stopped, at the first rank of its wait cycle."""
+    first = next(s for s in res.stuck if s.rank == res.cycle[0]) if res.cycle else res.stuck[0]
+    return Problem("deadlock", msg, first.rank, first.index)
+
+
+def _rendezvous_problem(plan: Plan) -> Problem | None:
+    """The deadlock of the replay with sends that block until their receive is posted, or None."""
+    res = replay(plan, p2p="rendezvous", batch_runs=plan.meta.get("p2p_batching", "runs") != "single")
+    if not res.deadlocked:
+        return None
+    return _deadlock(res, res.deadlock_message().replace(
+        "deadlock:", "deadlock when sends block until their receive is posted:", 1))
+
+
 def rendezvous_cycle(plan: Plan) -> str | None:
-    """The wait cycle a valid, deadlock-free plan has when sends block until their receive is posted
-    (NCCL for large messages; check(p2p="rendezvous")), as one line, or None when it has none."""
-    bad = [pr for pr in check(plan, p2p="rendezvous").problems if pr.rule == "deadlock"]
-    return str(bad[0]) if bad else None
+    """The wait cycle a plan already proved valid and deadlock-free (check) has when sends block
+    until their receive is posted (NCCL for large messages; check(p2p="rendezvous")), as one line,
+    or None when it has none. Only the rendezvous replay runs: the rules and the buffered proof
+    are not made again."""
+    problem = _rendezvous_problem(plan)
+    return None if problem is None else str(problem)
 
 
 def require_valid(plan: Plan, doing: str, path: str = "plan.json", deadlock: bool = True) -> None:
