@@ -47,7 +47,10 @@ def test_clipped_adamw_steps_match_torch_reference(tmp_path):
         opt.zero_grad()
         M.reference_loss(sp, P, step).backward()
         norm = float(torch.nn.utils.clip_grad_norm_(P.values(), clip))
-        assert norm > clip and abs(rows[step]["grad_norm"] - norm) / norm < 1e-5
+        # step 0 agrees to ~1e-7; later steps carry AdamW's first update, lr * g / (|g| + eps), which
+        # turns fp32 rounding differences of near-zero gradients into whole steps of lr: changing only
+        # how the loss head rounds its softmax moved both sides' step-1 norm by 1e-5, so 5e-5 there
+        assert norm > clip and abs(rows[step]["grad_norm"] - norm) / norm < (1e-6 if step == 0 else 5e-5)
         lr_s = lr_at(step, lr, 2, "cosine", 4)
         assert rows[step]["lr"] == lr_s
         opt.param_groups[0]["lr"] = lr_s
