@@ -186,6 +186,7 @@ class Rank:
         Kind.REDUCE_GRAD: reduce_grad,
     }
     COMM = frozenset({Kind.SEND_ACT, Kind.SEND_GRAD, Kind.RECV_ACT, Kind.RECV_GRAD})
+    EARLY_AFTER = frozenset({Kind.F, Kind.B, Kind.I, Kind.W})  # compute units: post_early before them
 
     # ------------------------------------------------------------------ communication
     def comm_run(self, start: int, end: int):
@@ -193,6 +194,7 @@ class Rank:
         Timing (--trace): the run's instructions share the posting time evenly, in program order;
         a receive's event then lasts until its data is there."""
         ops, recv_at = [], []
+        early, self.early = self.early, {}
         t_post = time.monotonic()
         for i in range(start, end):
             ins = self.stream[i]
@@ -204,10 +206,11 @@ class Rank:
                 ops.append(("send", ins.peer, self.wire(ins.tag, -1), [stage.output(ins.mb, ins.slice)]))
             elif k == Kind.SEND_GRAD:
                 ops.append(("send", ins.peer, self.wire(ins.tag, -1), [stage.take_input_grad(ins.mb, ins.slice)]))
-            else:
-                ops.append(("recv", ins.peer, self.wire(ins.tag, -1), self.act_spec(ins.mb, ins.slice)))
+            elif i not in early:
+                ops.append(self.recv_op(ins))
                 recv_at.append(i)
-        pend = dict(zip(recv_at, self.tp.batch(ops)))  # a peer already gone: PeerLost, reported by run_step
+        pend = dict(zip(recv_at, self.tp.batch(ops))) if ops else {}  # a peer already gone: PeerLost, reported by run_step
+        pend.update(early)
         share = (time.monotonic() - t_post) / (end - start)
         cursor = t_post
         for i in range(start, end):  # program order; a receive's event lasts until its data is there
@@ -224,6 +227,26 @@ class Rank:
                 done = cursor + share
             self.events.append([i, cursor, done, None])
             cursor = done
+
+    def recv_op(self, ins):
+        return ("recv", ins.peer, self.wire(ins.tag, -1), self.act_spec(ins.mb, ins.slice))
+
+    def post_early(self, i: int) -> None:
+        """Before compute instruction i: post the receives of the comm run right after it (gloo, tags).
+        gloo moves a message when both sides have posted it; a receive posted after its send makes the
+        sender's gloo thread wake up and push the data while that rank computes, which took 2.9 ms
+        (median; up to 23 ms) per message at p=4 on two cores, against 0.1 ms for a receive already
+        waiting. Receives stay posted in program order (the per-peer watchers rely on it); sends still
+        go when their data exists. One receive buffer per peer run is allocated a unit early."""
+        stream, n, comm = self.stream, len(self.stream), self.COMM
+        j = i + 1
+        recvs = []
+        while j < n and stream[j].kind in comm:
+            if stream[j].kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+                recvs.append(j)
+            j += 1
+        if recvs:
+            self.early = dict(zip(recvs, self.tp.batch([self.recv_op(stream[x]) for x in recvs])))
 
     # ------------------------------------------------------------------ step
     def sync_tied(self):
@@ -303,6 +326,8 @@ class Rank:
     def _run_stream(self):
         stream, n, H, comm = self.stream, len(self.stream), self.HANDLERS, self.COMM
         inject, serve, events = self.inject, self.kv.serve, self.events
+        early = self.tp.kind == "dist" and getattr(self.tp, "watch", False) and self.tp.match == "tag"
+        self.early = {}
         i = 0
         while i < n:
             k = stream[i].kind
@@ -315,6 +340,8 @@ class Rank:
                 continue
             self.pc = i
             inject(i, self.step, self.here)
+            if early and k in self.EARLY_AFTER:
+                self.post_early(i)
             t0, c0 = time.monotonic(), thread_time()
             H[k](self, stream[i])
             serve()
