@@ -290,9 +290,10 @@ def _p2p_worker(rank: int, port: int, device_type: str, sizes, reps: int, out_pa
     for n in sizes:
         t = torch.zeros(n // 4, dtype=torch.float32, device=device)
         spec = [(t.shape, t.dtype)]
-        times = []
+        times, cpu = [], 0.0
         for i in range(reps + 1):
             dist.barrier()
+            c0 = time.process_time()  # every thread of the process: gloo's, the watchers', this one
             t0 = time.perf_counter()
             if rank == 0:
                 tp.send(1, 2 * i, [t])
@@ -311,7 +312,8 @@ def _p2p_worker(rank: int, port: int, device_type: str, sizes, reps: int, out_pa
                 torch.cuda.synchronize(device)
             if i:
                 times.append((time.perf_counter() - t0) / 2)
-        res.append([n, min(times)])
+                cpu += time.process_time() - c0
+        res.append([n, min(times), cpu / (2 * reps)])  # and processor seconds per send or receive
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(res, f)
@@ -331,6 +333,39 @@ def measure_p2p(device_type: str, sizes, reps: int) -> list:
         mp.spawn(_p2p_worker, args=(port, device_type, list(sizes), reps, out), nprocs=2, join=True)
         with open(out) as f:
             return json.load(f)
+
+
+def measure_timeslice(procs: int, seconds: float = 1.0) -> float:
+    """Median seconds the OS lets a thread run before it is switched out while procs + 1 CPU-bound
+    processes share procs processors (each spins on the clock; a jump over 0.2 ms is a switch).
+    4 ms on the 2-core machine this project is built on; 0 when procs is 0 (a device per rank)."""
+    if procs <= 0:
+        return 0.0
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_spin, args=(q, seconds)) for _ in range(procs + 1)]
+    for p in ps:
+        p.start()
+    runs = [r for _ in ps for r in q.get()]
+    for p in ps:
+        p.join()
+    runs.sort()
+    return runs[len(runs) // 2] if runs else 0.0
+
+
+def _spin(q, seconds: float) -> None:
+    last = start = time.perf_counter()
+    end = start + seconds
+    runs = []
+    while last < end:
+        now = time.perf_counter()
+        if now - last > 2e-4:  # switched out: one run is over
+            runs.append(last - start)
+            start = now
+        last = now
+    q.put(runs)
 
 
 def fit_p2p(curve) -> tuple[float, float]:
@@ -378,7 +413,9 @@ def build(cfg: ModelConfig, device_type: str = "cpu", dtype: str = "fp32", scale
     prog = Progress(4 * len(tokens) + 2, quiet)
     t0 = time.monotonic()
     comp = measure_compute(cfg, device, dt, tokens, scale, prog)
-    p2p = measure_p2p(device.type, P2P_BYTES, max(5, int(30 * scale)))
+    rows = measure_p2p(device.type, P2P_BYTES, max(5, int(30 * scale)))
+    p2p, p2p_cpu = [[n, t] for n, t, _ in rows], [[n, c] for n, _, c in rows]
+    slice_s = measure_timeslice(processors(device.type))
     prog.step("point to point")
     bw, lat = fit_p2p(p2p)
     peak = max(fl / t for fl, t in comp["matmul"])
@@ -399,6 +436,7 @@ def build(cfg: ModelConfig, device_type: str = "cpu", dtype: str = "fp32", scale
             "matmul": comp["matmul"], "attention": comp["attention"], "elementwise": comp["elementwise"],
             "layer": comp["layer"], "unit": comp["unit"],
             "head": comp["head"], "head_split": comp["head_split"], "embedding": comp["embedding"], "p2p": p2p,
+            "p2p_cpu": p2p_cpu, "timeslice_s": slice_s,
         },
     }
 

@@ -95,7 +95,8 @@ def _cpu_replay(plan: Plan, cpu: dict, profile, dtype_bytes: int) -> float:
     prof = profile if profile is not None else load_profile(None)
     cm = CostModel(plan.spec, prof, dtype_bytes, plan=plan)
     index = {(r, ins): i for r, s in enumerate(plan.ranks) for i, ins in enumerate(s)}
-    res = replay_engine(plan, prof)(plan, lambda r, ins: cpu[(r, index[(r, ins)])], cm.p2p_time, cm.kv_time)
+    res = replay_engine(plan, prof, cm.msg_cost())(plan, lambda r, ins: cpu[(r, index[(r, ins)])], cm.p2p_time,
+                                                   cm.kv_time)
     return res.makespan
 
 

@@ -44,7 +44,10 @@ class Measured:
     (elementwise: a whole layer beyond its matmuls and attention; head: final norm, LM head and loss
     as a unit with one B runs them, the gradients made in the forward; head_split, optional: as a
     unit whose backward is split runs them, the logits made again in I); p2p [[bytes, one-way s]];
-    processors: ranks that can compute at once (CPU cores; 0 = a device per rank)."""
+    p2p_cpu, optional: [[bytes, processor s]] that a send or a receive costs its rank (every thread of
+    its process: packing, gloo's threads, the watcher, the wait); processors: ranks that can compute
+    at once (CPU cores; 0 = a device per rank); meta["timeslice_s"], optional: how long the OS lets a
+    thread run while others wait for a processor (measured with processors + 1 spinning processes)."""
 
     processors: int
     matmul: tuple
@@ -55,7 +58,14 @@ class Measured:
     p2p: tuple
     unit: tuple = ()           # [[tokens, fwd s, bwd s]] a unit's fixed cost beyond its layers (optional)
     head_split: tuple = ()     # [[tokens, fwd s, bwd s]] the head of a split unit (optional; else head)
+    p2p_cpu: tuple = ()        # [[bytes, s]] processor time of a send or receive on its rank (optional)
     meta: dict = field(default_factory=dict)
+
+    @property
+    def timeslice(self) -> float:
+        """Seconds the OS runs a thread while others wait (0: not measured; ranks share fairly)."""
+        v = self.meta.get("timeslice_s", 0.0)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else 0.0
 
     def to_json(self) -> dict:
         out = {k: [list(r) for r in getattr(self, k)] for k in CURVES if k in REQUIRED or getattr(self, k)}
@@ -63,7 +73,7 @@ class Measured:
 
 
 CURVES = {"matmul": 2, "attention": 5, "elementwise": 3, "head": 3, "embedding": 3, "p2p": 2, "unit": 3,
-          "head_split": 3}
+          "head_split": 3, "p2p_cpu": 2}
 REQUIRED = ("matmul", "attention", "elementwise", "head", "embedding", "p2p")
 
 
@@ -406,6 +416,21 @@ class CostModel:
         nbytes = s * spec.micro_batch_size * spec.model.hidden * self.bytes / (spec.tp * spec.cp)
         return nbytes / self.prof.p2p_bandwidth + self.prof.p2p_latency
 
+    def msg_time(self, rank: int, ins: Instr) -> float:
+        """Processor seconds a send or receive of one slice's activation or gradient takes its rank
+        (the measured profile's p2p_cpu at the message's bytes; 0 without one)."""
+        m = self.prof.measured
+        if m is None or not m.p2p_cpu:
+            return 0.0
+        spec = self.spec
+        nbytes = spec.slice_lens[ins.mb][ins.slice] * spec.micro_batch_size * spec.model.hidden * self.bytes / (spec.tp * spec.cp)
+        return curve_at(m.p2p_cpu, nbytes)
+
+    def msg_cost(self):
+        """msg_time for the replays, or None when the profile has no p2p_cpu (the replay's fast path)."""
+        m = self.prof.measured
+        return self.msg_time if m is not None and m.p2p_cpu else None
+
     def kv_shift(self, rank: int, ins: Instr) -> float:
         """Attention seconds (per GPU) the exchange `ins` moves from the owner's unit to the
         partner (or helper): a non-causal block of the slice's queries over the shipped tokens
@@ -490,16 +515,21 @@ def shared_processors(prof: DeviceProfile, pp: int) -> int:
     return m.processors if m is not None and 0 < m.processors < pp else 0
 
 
-def replay_engine(plan: Plan, prof: DeviceProfile):
-    """replay, or replay_shared bound to the profile's processor count: same signature."""
+def replay_engine(plan: Plan, prof: DeviceProfile, msg_cost=None):
+    """replay, or replay_shared bound to the profile's processor count and timeslice: same
+    signature. msg_cost: processor time per send / receive (CostModel.msg_cost())."""
     from .replay import replay, replay_shared
 
     n = shared_processors(prof, len(plan.ranks))
     if not n:
-        return replay
+        if msg_cost is None:
+            return replay
+        return lambda plan, cost, p2p=None, kv=None, record=False, help_cost=None: replay(
+            plan, cost, *(() if p2p is None else (p2p, kv)), record=record, msg_cost=msg_cost,
+            **({} if help_cost is None else {"help_cost": help_cost}))
     return lambda plan, cost, p2p=None, kv=None, record=False, help_cost=None: replay_shared(
-        plan, cost, n, *(() if p2p is None else (p2p, kv)), record=record,
-        **({} if help_cost is None else {"help_cost": help_cost}))
+        plan, cost, n, *(() if p2p is None else (p2p, kv)), record=record, timeslice=prof.measured.timeslice,
+        msg_cost=msg_cost, **({} if help_cost is None else {"help_cost": help_cost}))
 
 
 def timed_replay(plan: Plan, cm: CostModel, record: bool = False):
@@ -511,9 +541,10 @@ def timed_replay(plan: Plan, cm: CostModel, record: bool = False):
     cost = lambda r, ins: table[(r, ins.kind, ins.mb, ins.slice, ins.chunk)]  # noqa: E731
     shared = shared_processors(cm.prof, len(plan.ranks))
     res = replay(plan, cost, cm.p2p_time, cm.kv_time, record=record and not shared,
-                 help_cost=cm.help_time)  # and the deadlock proof
+                 help_cost=cm.help_time, msg_cost=cm.msg_cost())  # and the deadlock proof
     if shared and not res.deadlocked:
-        res = replay_engine(plan, cm.prof)(plan, cost, cm.p2p_time, cm.kv_time, record=record, help_cost=cm.help_time)
+        res = replay_engine(plan, cm.prof, cm.msg_cost())(plan, cost, cm.p2p_time, cm.kv_time, record=record,
+                                                         help_cost=cm.help_time)
     return res, table
 
 

@@ -102,13 +102,17 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
            p2p_delay: Callable[[int, int, Instr], float] = _zero,
            kv_delay: Callable[[int, int, Instr], float] = _zero,
            record: bool = False, p2p: str = "buffered", batch_runs: bool = True,
-           comm_cost: float = 0.0, help_cost: Callable[[int, Instr], float] = _zero) -> Replay:
+           comm_cost: float = 0.0, help_cost: Callable[[int, Instr], float] = _zero,
+           msg_cost: Callable[[int, Instr], float] | None = None) -> Replay:
     """Run every rank's stream on virtual clocks. `cost(rank, ins)` is a compute unit's
     duration, `p2p_delay(src, dst, send)` a message's flight time, `kv_delay(owner, partner,
     owner_instr)` the time a KV rendezvous adds to both ranks, `help_cost(rank, help_instr)` the
-    time a helper (KV*_HELP) then spends computing the block it serves (its own busy time)."""
+    time a helper (KV*_HELP) then spends computing the block it serves (its own busy time),
+    `msg_cost(rank, send_or_recv)` (buffered p2p) the time a send or receive occupies its rank on
+    top of comm_cost: a send's before its data leaves is not modelled, a receive's after its data
+    is there (measured CPU work per message: passes.costs.CostModel.msg_time)."""
     if (cost is unit_cost and p2p_delay is _zero and kv_delay is _zero and help_cost is _zero and not record
-            and p2p == "buffered" and comm_cost == 0):
+            and p2p == "buffered" and comm_cost == 0 and msg_cost is None):
         return _replay_units(plan)
     ranks = plan.ranks
     p = len(ranks)
@@ -205,6 +209,8 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                     if a > t:
                         t = a
                     t += comm_cost
+                    if msg_cost is not None:
+                        t += msg_cost(r, ins)
                 elif k in _SEND:
                     key = (r, ins[4], ins[5])
                     q = posted.get(key)
@@ -215,6 +221,8 @@ def replay(plan: Plan, cost: Callable[[int, Instr], float] = unit_cost,
                     if comm is not None:
                         comm.append((r, i, t, arrive))
                     t += comm_cost
+                    if msg_cost is not None:
+                        t += msg_cost(r, ins)
                 elif k in _KV_OWNER or k in _KV_PARTNER or k in _KV_HELPER:
                     key = (r, ins.peer, ins.tag) if k in _KV_OWNER else (ins.peer, r, ins.tag)
                     rel = release.pop((key, r), None)
@@ -378,11 +386,21 @@ def wait_cycle(stuck: list[Stuck]) -> list[int] | None:
 def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: int,
                   p2p_delay: Callable[[int, int, Instr], float] = _zero,
                   kv_delay: Callable[[int, int, Instr], float] = _zero,
-                  record: bool = False, help_cost: Callable[[int, Instr], float] = _zero) -> Replay:
-    """replay() for ranks that share `processors` processors (more CPU ranks than cores): while k
-    ranks compute at once, each runs at min(1, processors / k) of its speed (the OS shares the
-    cores fairly). A global event loop; `busy` is wall time in compute units, as a measured trace
-    sees it. A plan that deadlocks here deadlocks in replay() too (use that for the message).
+                  record: bool = False, help_cost: Callable[[int, Instr], float] = _zero,
+                  timeslice: float = 0.0, msg_cost: Callable[[int, Instr], float] | None = None) -> Replay:
+    """replay() for ranks that share `processors` processors (more CPU ranks than cores). With
+    timeslice 0, while k ranks compute at once each runs at min(1, processors / k) of its speed (a
+    fair share). With timeslice > 0 (seconds) the OS is modelled as it runs threads: a rank that
+    can compute takes a free processor, or joins a first-come queue; one that computes keeps its
+    processor for a timeslice while others queue, then goes to the back; a send or receive hands
+    its processor on (the rank's threads sleep and wake around a message), an unbroken run of units
+    keeps it. A unit shorter than the slice then runs at full speed while its peers wait for a
+    processor, which a fair share hides
+    (on the 2-core machine this project is built on, 4 ranks: bubbles 24% predicted with a fair
+    share, 50% measured; bench/fidelity.py). `busy` is wall time in compute units from the moment a
+    unit first got a processor, as a measured trace sees it. `msg_cost(rank, send_or_recv)`:
+    processor time a send or receive takes on its rank (a receive's once its data is there), not
+    counted busy. A plan that deadlocks here deadlocks in replay() too (use that for the message).
     A helper (KV*_HELP) computes its block right after its rendezvous, as work of its own."""
     ranks = plan.ranks
     p = len(ranks)
@@ -402,24 +420,40 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
     helps = [] if record else None
     T = 0.0
     eps = 1e-12
+    runq: deque = deque()      # timeslice > 0: ranks that can compute, waiting for a processor
+    running: dict = {}         # timeslice > 0: rank -> end of its slice on a processor
+    overhead = [0.0] * p       # processor time still owed for this rank's sends and receives
+    in_overhead: set[int] = set()
+
+    def compute(r: int, seconds: float) -> None:
+        left[r] = seconds
+        computing.add(r)
+        if timeslice and r not in running:  # a rank that holds a processor goes on with its slice
+            started[r] = None
+            runq.append(r)
+        else:
+            started[r] = T
 
     def advance(r: int) -> None:
         """Move rank r through instructions at time T until it computes, waits or ends."""
         stream = ranks[r]
+        if overhead[r] > 0 and r not in computing and until[r] is None:
+            in_overhead.add(r)
+            compute(r, overhead[r])
+            overhead[r] = 0.0
+            return
         if owed[r] is not None and r not in computing and until[r] is None:
-            helping[r], left[r] = owed[r]
+            i, seconds = owed[r]
             owed[r] = None
-            started[r] = T
-            computing.add(r)
+            helping[r] = i
+            compute(r, seconds)
             return
         while pos[r] < len(stream) and r not in computing and until[r] is None:
             i = pos[r]
             ins = stream[i]
             k = ins.kind
             if k in _COMPUTE:
-                left[r] = cost(r, ins)
-                started[r] = T
-                computing.add(r)
+                compute(r, cost(r, ins))
                 return
             if k in _RECV:
                 q = posted.get((ins.peer, r, ins.tag))
@@ -427,14 +461,25 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
                     return
                 a = q.popleft()
                 pos[r] += 1
+                running.pop(r, None)  # a message hands the processor on (the rank's threads sleep and wake)
                 if a > T + eps:
                     until[r] = a
+                if msg_cost is not None:
+                    overhead[r] += msg_cost(r, ins)
+                    if until[r] is None:
+                        advance(r)
+                        return
             elif k in _SEND:
                 arrive = T + p2p_delay(r, ins.peer, ins)
                 posted.setdefault((r, ins.peer, ins.tag), deque()).append(arrive)
                 if comm is not None:
                     comm.append((r, i, T, arrive))
                 pos[r] += 1
+                running.pop(r, None)
+                if msg_cost is not None:
+                    overhead[r] += msg_cost(r, ins)
+                    advance(r)
+                    return
             elif k in _KV_OWNER or k in _KV_PARTNER or k in _KV_HELPER:
                 key = (r, ins.peer, ins.tag) if k in _KV_OWNER else (ins.peer, r, ins.tag)
                 if k in _KV_HELPER:
@@ -474,21 +519,40 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
                 if done_at[r] is None and pos[r] >= len(ranks[r]) and r not in computing and until[r] is None \
                         and owed[r] is None:
                     done_at[r] = T
-        k = len(computing)
-        rate = min(1.0, processors / k) if k else 1.0
-        t_next = min((left[r] / rate for r in computing), default=float("inf")) + T
+        if timeslice:
+            for r in [r for r in running if r not in computing]:  # it waits or has ended: frees its processor
+                del running[r]
+            while runq and len(running) < processors:
+                r = runq.popleft()
+                running[r] = T + timeslice
+                if started[r] is None:
+                    started[r] = T
+            t_next = min((T + left[r] for r in running), default=float("inf"))
+            if runq:
+                t_next = min(t_next, min(running.values()))
+            rate = 1.0
+        else:
+            k = len(computing)
+            rate = min(1.0, processors / k) if k else 1.0
+            t_next = min((left[r] / rate for r in computing), default=float("inf")) + T
         t_wait = min((u for u in until if u is not None), default=float("inf"))
         t = min(t_next, t_wait)
         if t == float("inf"):
             break
         dt = t - T
         for r in list(computing):
+            if r not in in_overhead and started[r] is not None:
+                busy[r] += dt
+            if timeslice and r not in running:
+                continue
             left[r] -= dt * rate
-            busy[r] += dt
             # done: what is left is below eps, or too small to move the clock at time t (at
             # T = 17668 s a float step is 3.6e-12 s: an absolute eps alone left dt = 0 forever)
             if left[r] <= max(eps * max(1.0, dt), 4 * math.ulp(t) * rate):
-                computing.discard(r)
+                computing.discard(r)  # a rank keeps its processor (and slice) until it has to wait
+                if r in in_overhead:
+                    in_overhead.discard(r)
+                    continue
                 if r in helping:  # a helper's block: its instruction was passed at the rendezvous
                     j = helping.pop(r)
                     if helps is not None:
@@ -497,6 +561,9 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
                 if timeline is not None:
                     timeline.append((r, pos[r], started[r], t))
                 pos[r] += 1
+            elif timeslice and runq and running[r] <= t + eps:  # its slice is over and others wait
+                del running[r]
+                runq.append(r)
         T = t
         for r in range(p):
             if until[r] is not None and until[r] <= T + eps:

@@ -114,6 +114,61 @@ def test_processor_sharing_closed_forms():
     assert (a.makespan, a.busy) == (b.makespan, b.busy)
 
 
+def test_timeslice_closed_forms():
+    """Two ranks with two units of 1 s each on one processor. A slice longer than a unit: rank 0
+    runs both units while rank 1 waits for the processor (busy = wall of each unit once it got the
+    processor), makespan 4. A slice of 0.5 s: they take turns, every unit is stretched by the other."""
+    plan = compile_plan(spec("gpipe", 2, 2))
+    flat = plan.with_ranks([tuple(i for i in s if i.kind in (Kind.F, Kind.B)) for s in plan.ranks])
+    two = [(r, ins) for r, s in enumerate(flat.ranks) for ins in s]
+    assert len(two) == 8  # F, F, B, B on each rank
+    cost = lambda r, i: 0.5  # noqa: E731
+    run = replay_shared(flat, cost, 1, timeslice=10.0, record=True)
+    assert run.makespan == 4.0
+    # first come first served: rank 0 holds the processor through all four of its units
+    assert [(r, t0, t1) for r, _i, t0, t1 in sorted(run.timeline, key=lambda e: e[2])][:4] == [
+        (0, 0.0, 0.5), (0, 0.5, 1.0), (0, 1.0, 1.5), (0, 1.5, 2.0)]
+    assert run.busy == [2.0, 2.0]
+    turns = replay_shared(flat, cost, 1, timeslice=0.25, record=True)
+    assert turns.makespan == 4.0 and turns.busy == [3.75, 3.75]
+    # with processors to spare the slice changes nothing
+    assert replay_shared(flat, cost, 2, timeslice=0.25).makespan == replay(flat, cost).makespan == 2.0
+
+
+def test_message_cost_closed_forms():
+    """Each send and receive occupies its rank for msg_cost (its data leaves when it is posted): 1F1B
+    p=2 m=1, F = B = 1 s: rank 0's activation leaves at 1; rank 1 pays 0.1 for its receive, runs F
+    and B (1.1 to 3.1) and sends; rank 0 pays 0.1 for that receive and runs B: 3.2 to 4.2."""
+    plan = compile_plan(spec("1f1b", 2, 1))
+    one = lambda r, i: 1.0  # noqa: E731
+    msg = lambda r, i: 0.1  # noqa: E731
+    assert replay(plan, one).makespan == 4.0
+    assert replay(plan, one, msg_cost=msg).makespan == pytest.approx(4.2)
+    res = replay_shared(plan, one, 2, msg_cost=msg, timeslice=10.0)
+    assert res.makespan == pytest.approx(4.2) and res.busy == [2.0, 2.0]  # message time is not busy
+    # on one processor the message work queues too: rank 1's receive waits for rank 0's send (1.1),
+    # and rank 0's receive for rank 1's send (3.3): 0.2 later
+    assert replay_shared(plan, one, 1, msg_cost=msg, timeslice=10.0).makespan == pytest.approx(4.4)
+
+
+def test_profile_message_cpu_and_timeslice_reach_the_model(tmp_path):
+    """p2p_cpu prices every send and receive, timeslice_s switches processor sharing to turns;
+    a profile without them (older files) predicts what it did."""
+    plan = compile_plan(spec("1f1b", 4, 4, seq_len=256))
+    d = measured_profile(2)
+    base = simulate_timed(plan, load_profile(write(tmp_path, d)), 4)["step_s"]
+    d["measured"]["p2p_cpu"] = [[1024, 1e-3], [1 << 20, 1e-3]]
+    prof = load_profile(write(tmp_path, d, "cpu.json"))
+    cm = CostModel(plan.spec, prof, 4, plan=plan)
+    send = next(i for i in plan.ranks[0] if i.kind == Kind.SEND_ACT)
+    assert cm.msg_time(0, send) == 1e-3 and prof.measured.timeslice == 0.0
+    priced = simulate_timed(plan, prof, 4)["step_s"]
+    assert priced > base + 6 * 1e-3  # the critical path crosses at least 6 sends and receives
+    d["measured"]["timeslice_s"] = 0.004
+    sliced = simulate_timed(plan, load_profile(write(tmp_path, d, "slice.json")), 4)
+    assert sliced["step_s"] != priced
+
+
 def test_simulate_uses_the_profiles_processors(tmp_path):
     plan = compile_plan(spec("1f1b", 4, 4, seq_len=256))
     alone = simulate_timed(plan, load_profile(write(tmp_path, measured_profile(0))), 4)
