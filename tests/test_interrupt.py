@@ -26,8 +26,10 @@ def plan_file(tmp_path_factory):
 def interrupt_after(cmd: list[str], steps_seen: int) -> tuple[int, str, int]:
     """Start `cmd` in its own process group, send SIGINT to the group (a terminal's Ctrl-C) once
     `steps_seen` progress lines are out; (exit code, stderr, last step seen)."""
+    # SIGINT back to its default in the child: a shell starts background jobs with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler (pytest run as `... &` passed that on)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = 0
     try:
         for text in proc.stdout:
