@@ -1,5 +1,6 @@
 """`slimpipe profile` run twice: how far apart are the figures? For every measured point (matmul,
-attention, elementwise, head, embedding, p2p) the ratio second / first, and the headline figures.
+attention, elementwise, head, embedding, p2p, p2p_cpu) the ratio second / first, the headline figures
+and the measured timeslice.
 
     PYTHONPATH=$PWD python bench/profile_repeat.py            # profiles twice (a few minutes)
     PYTHONPATH=$PWD python bench/profile_repeat.py --files a.json b.json
@@ -38,7 +39,7 @@ def ratios(a: dict, b: dict) -> dict:
     """Per curve: spread of b/a over its points (the time columns)."""
     out = {}
     ma, mb = a["measured"], b["measured"]
-    for k in ("matmul", "attention", "layer", "elementwise", "head", "embedding", "p2p"):
+    for k in ("matmul", "attention", "layer", "elementwise", "head", "embedding", "p2p", "p2p_cpu"):
         if k not in ma or k not in mb:
             continue
         rs = []
@@ -54,6 +55,8 @@ def ratios(a: dict, b: dict) -> dict:
         out[k] = {"points": len(rs), "median_abs_dev": statistics.median(dev), "max_abs_dev": max(dev),
                   "within_10pct": sum(d <= 0.10 for d in dev) / len(dev)}
     out["headline"] = {k: b[k] / a[k] - 1 for k in HEAD}
+    if ma.get("timeslice_s") and mb.get("timeslice_s"):
+        out["headline"]["timeslice_s"] = mb["timeslice_s"] / ma["timeslice_s"] - 1
     return out
 
 

@@ -290,7 +290,7 @@ def _p2p_worker(rank: int, port: int, device_type: str, sizes, reps: int, out_pa
     for n in sizes:
         t = torch.zeros(n // 4, dtype=torch.float32, device=device)
         spec = [(t.shape, t.dtype)]
-        times, cpu = [], 0.0
+        times, cpu = [], []
         for i in range(reps + 1):
             dist.barrier()
             c0 = time.process_time()  # every thread of the process: gloo's, the watchers', this one
@@ -312,8 +312,9 @@ def _p2p_worker(rank: int, port: int, device_type: str, sizes, reps: int, out_pa
                 torch.cuda.synchronize(device)
             if i:
                 times.append((time.perf_counter() - t0) / 2)
-                cpu += time.process_time() - c0
-        res.append([n, min(times), cpu / (2 * reps)])  # and processor seconds per send or receive
+                cpu.append((time.process_time() - c0) / 2)  # a send and a receive on this rank
+        cpu.sort()
+        res.append([n, min(times), cpu[len(cpu) // 2]])  # and the median processor seconds per send or receive
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(res, f)
