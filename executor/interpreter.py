@@ -17,7 +17,7 @@ from time import thread_time
 
 import torch
 
-from ir import Instr, Kind, split_units
+from ir import RECVS, Instr, Kind, split_units
 
 from .attention import default_scale
 from .data import StepBatches
@@ -62,6 +62,9 @@ class Rank:
         attn_dtype = torch.bfloat16 if autocast else dtype  # what attention and the KV exchange carry
         self.kv = KVService(spec, attn_dtype, transport, self.wire, backend, default_scale(spec.model.head_dim))
         self.waiter = Waiter(transport, self.watch, timeout, self.here, self.kv.serve)
+        # gloo matched by tags: receives may be posted a unit early (post_early)
+        self.post_ahead = transport.kind == "dist" and getattr(transport, "watch", False) and transport.match == "tag"
+        self.early: dict = {}
         self.hf_model = hf_model
         self.params = Parameters(spec, spec.placement[rank], self.device, dtype, lr, hf_model)
         self.reducer = GradReducer(transport, replicas, self.params.chunks) if replicas > 1 else None
@@ -228,6 +231,13 @@ class Rank:
             self.events.append([i, cursor, done, None])
             cursor = done
 
+    def comm_end(self, i: int) -> int:
+        """The end (exclusive) of the run of send/recv instructions starting at i (i itself if none)."""
+        stream, n, comm = self.stream, len(self.stream), self.COMM
+        while i < n and stream[i].kind in comm:
+            i += 1
+        return i
+
     def recv_op(self, ins):
         return ("recv", ins.peer, self.wire(ins.tag, -1), self.act_spec(ins.mb, ins.slice))
 
@@ -238,13 +248,8 @@ class Rank:
         (median; up to 23 ms) per message at p=4 on two cores, against 0.1 ms for a receive already
         waiting. Receives stay posted in program order (the per-peer watchers rely on it); sends still
         go when their data exists. One receive buffer per peer run is allocated a unit early."""
-        stream, n, comm = self.stream, len(self.stream), self.COMM
-        j = i + 1
-        recvs = []
-        while j < n and stream[j].kind in comm:
-            if stream[j].kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
-                recvs.append(j)
-            j += 1
+        stream = self.stream
+        recvs = [j for j in range(i + 1, self.comm_end(i + 1)) if stream[j].kind in RECVS]
         if recvs:
             self.early = dict(zip(recvs, self.tp.batch([self.recv_op(stream[x]) for x in recvs])))
 
@@ -325,16 +330,13 @@ class Rank:
 
     def _run_stream(self):
         stream, n, H, comm = self.stream, len(self.stream), self.HANDLERS, self.COMM
-        inject, serve, events = self.inject, self.kv.serve, self.events
-        early = self.tp.kind == "dist" and getattr(self.tp, "watch", False) and self.tp.match == "tag"
+        inject, serve, events, early = self.inject, self.kv.serve, self.events, self.post_ahead
         self.early = {}
         i = 0
         while i < n:
             k = stream[i].kind
             if k in comm:
-                j = i + 1
-                while j < n and stream[j].kind in comm:
-                    j += 1
+                j = self.comm_end(i)
                 self.comm_run(i, j)
                 i = j
                 continue

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -313,8 +314,7 @@ def _p2p_worker(rank: int, port: int, device_type: str, sizes, reps: int, out_pa
             if i:
                 times.append((time.perf_counter() - t0) / 2)
                 cpu.append((time.process_time() - c0) / 2)  # a send and a receive on this rank
-        cpu.sort()
-        res.append([n, min(times), cpu[len(cpu) // 2]])  # and the median processor seconds per send or receive
+        res.append([n, min(times), statistics.median_high(cpu)])  # and the median processor s per send or receive
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(res, f)
@@ -352,8 +352,7 @@ def measure_timeslice(procs: int, seconds: float = 1.0) -> float:
     runs = [r for _ in ps for r in q.get()]
     for p in ps:
         p.join()
-    runs.sort()
-    return runs[len(runs) // 2] if runs else 0.0
+    return statistics.median_high(runs) if runs else 0.0
 
 
 def _spin(q, seconds: float) -> None:

@@ -306,10 +306,7 @@ class DistTransport:
         if queue is not None:
             self._fifo(queue).put(work, state)
         else:
-            def waiter():
-                self._finish(work, state)
-
-            th = threading.Thread(target=waiter, daemon=True)
+            th = threading.Thread(target=self._finish, args=(work, state), daemon=True)
             th.start()
             self.threads = [t for t in self.threads if t.is_alive()]
             self.threads.append(th)

@@ -409,12 +409,15 @@ class CostModel:
             return max(self._measured_unit(stage, s, lens, KINDS[ins.kind].cost, split) + extra_s, 0.0)
         return self._unit(stage, s, self.offsets[ins.mb][ins.slice], KINDS[ins.kind].cost, extra_s)
 
-    def p2p_time(self, src: int, dst: int, ins: Instr) -> float:
-        """An activation or gradient of one slice between pipeline ranks."""
+    def message_bytes(self, ins: Instr) -> float:
+        """Bytes of the activation or gradient of one slice that a send or receive `ins` carries."""
         spec = self.spec
         s = spec.slice_lens[ins.mb][ins.slice]
-        nbytes = s * spec.micro_batch_size * spec.model.hidden * self.bytes / (spec.tp * spec.cp)
-        return nbytes / self.prof.p2p_bandwidth + self.prof.p2p_latency
+        return s * spec.micro_batch_size * spec.model.hidden * self.bytes / (spec.tp * spec.cp)
+
+    def p2p_time(self, src: int, dst: int, ins: Instr) -> float:
+        """An activation or gradient of one slice between pipeline ranks."""
+        return self.message_bytes(ins) / self.prof.p2p_bandwidth + self.prof.p2p_latency
 
     def msg_time(self, rank: int, ins: Instr) -> float:
         """Processor seconds a send or receive of one slice's activation or gradient takes its rank
@@ -422,9 +425,7 @@ class CostModel:
         m = self.prof.measured
         if m is None or not m.p2p_cpu:
             return 0.0
-        spec = self.spec
-        nbytes = spec.slice_lens[ins.mb][ins.slice] * spec.micro_batch_size * spec.model.hidden * self.bytes / (spec.tp * spec.cp)
-        return curve_at(m.p2p_cpu, nbytes)
+        return curve_at(m.p2p_cpu, self.message_bytes(ins))
 
     def msg_cost(self):
         """msg_time for the replays, or None when the profile has no p2p_cpu (the replay's fast path)."""
