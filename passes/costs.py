@@ -64,8 +64,7 @@ class Measured:
     @property
     def timeslice(self) -> float:
         """Seconds the OS runs a thread while others wait (0: not measured; ranks share fairly)."""
-        v = self.meta.get("timeslice_s", 0.0)
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else 0.0
+        return float(self.meta.get("timeslice_s") or 0.0)  # checked when the profile is read (_measured)
 
     def to_json(self) -> dict:
         out = {k: [list(r) for r in getattr(self, k)] for k in CURVES if k in REQUIRED or getattr(self, k)}
@@ -176,6 +175,10 @@ def _measured(arg: str, m) -> Measured:
                                 + (" (\"fwd\"|\"bwd\", causal 0|1, queries, keys, seconds)" if k == "attention" else ""))
         curves[k] = tuple(tuple(r) for r in sorted(rows, key=lambda r: tuple(r[:2]) if k != "attention" else (0,)))
     meta = {k: v for k, v in m.items() if k not in CURVES and k not in ("format", "processors")}
+    ts = meta.get("timeslice_s")
+    if ts is not None and (not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts < 1):
+        raise SpecError(f"{where}.timeslice_s={ts!r} must be a number of seconds >= 0 and < 1 "
+                        f"(how long the OS runs a thread while others wait; 0 or absent: ranks share fairly)")
     return Measured(processors=proc, meta=meta, **curves)
 
 

@@ -57,6 +57,9 @@ def test_measured_profile_loads_and_builtins_still_do(tmp_path):
     (lambda m: m.update(matmul=[]), "matmul"),
     (lambda m: m["attention"].append(["sideways", 1, 8, 8, 0.1]), "attention"),
     (lambda m: m["p2p"].append([1, "fast"]), "p2p"),
+    (lambda m: m.update(timeslice_s=-0.004), r"timeslice_s=-0\.004"),
+    (lambda m: m.update(timeslice_s="4ms"), r"timeslice_s='4ms'"),
+    (lambda m: m.update(timeslice_s=4), r"timeslice_s=4 must be a number of seconds"),
 ])
 def test_bad_measured_block_is_one_line(tmp_path, edit, says):
     d = measured_profile()
