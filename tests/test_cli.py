@@ -36,6 +36,25 @@ def test_compile_check_simulate_show(tmp_path, capsys):
     assert code == 0 and out.splitlines()[2].startswith("rank 0 F0.0 F0.1 F0.2 F0.3 F1.0")
 
 
+@pytest.mark.parametrize("fmt, version", [("text", 1), ("compact", 2), ("auto", 1)])
+def test_plan_format_chooses_the_schema(tmp_path, capsys, fmt, version):
+    """--plan-format: texts (schema_version 1) or the compact form (2) whatever the plan's size (auto:
+    compact from ir.COMPACT_MIN instructions); both load as the same plan."""
+    out = {}
+    for name in ("default", fmt):
+        path = str(tmp_path / f"{name}.json")
+        extra = [] if name == "default" else ["--plan-format", fmt]
+        assert run(capsys, "compile", "--schedule", "interleaved-1f1b", "--pp", "2", "--virtual-stages", "2",
+                   "--microbatches", "4", "-o", path, *extra)[0] == 0
+        out[name] = path
+    assert json.load(open(out[fmt]))["schema_version"] == version
+    assert ir.load(out[fmt]) == ir.load(out["default"])
+    csv = str(tmp_path / "plan.csv")
+    assert run(capsys, "export", out[fmt], "-o", csv)[0] == 0
+    assert run(capsys, "import", csv, "-o", str(tmp_path / "back.json"), "--plan-format", fmt)[0] == 0
+    assert json.load(open(tmp_path / "back.json"))["schema_version"] == version
+
+
 def test_interleaved_microbatches_not_a_multiple_of_pp(tmp_path, capsys):
     # issue 15.6: m = 10 on p = 4 (a fixed global batch) runs in rounds of 5 micro-batches: the
     # interleaved closed form 3(v m + p - 1) = 69 unit steps, bubble 3/23, rank r warms up 5 + 2(p-r-1)

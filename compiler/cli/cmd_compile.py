@@ -1,14 +1,14 @@
 """slimpipe compile: spec -> plan.json."""
 from __future__ import annotations
 
-from ir import SpecError, save
+from ir import SpecError
 from passes.costs import load_profile
 from passes.partition import flops_partition
 
 from .. import compile_plan, schedules
 from ..layout import build_spec
 from ..models import DEFAULT_SEQ, PRESETS, resolve_model
-from .common import add_parser, check_output_path, emit_json, nonneg_int, positive_int
+from .common import add_parser, add_plan_format_arg, check_output_path, emit_json, nonneg_int, positive_int, save_plan
 
 MODEL_FLAGS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
 
@@ -128,7 +128,7 @@ def run(args) -> int:
     profile = load_profile(args.device_profile)  # validated before any work: exit 2, one line
     spec = spec_from_args(args)
     plan = compile_plan(spec, profile)
-    save(plan, args.output)
+    save_plan(plan, args.output, args.plan_format)
     summary = {"output": args.output, "schedule": spec.schedule, "pp": spec.pp, "microbatches": spec.microbatches,
                "slices": spec.slices, "virtual_stages": spec.virtual_stages, "split_backward": spec.split_backward,
                "partition": spec.partition,
@@ -154,5 +154,6 @@ def register(sub) -> None:
     add_pass_args(p)
     add_parallel_args(p)
     p.add_argument("-o", "--output", required=True, help="plan file to write (written atomically)")
+    add_plan_format_arg(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(run=run)

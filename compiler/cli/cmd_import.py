@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ir import save
 from passes import require_valid
 
 from ..torchcsv import import_csv
 from .cmd_compile import MODEL_FLAGS, add_model_args, model_from_args
-from .common import add_parser, check_output_path, report
+from .common import add_parser, add_plan_format_arg, check_output_path, report, save_plan
 
 
 def run(args) -> int:
@@ -18,7 +17,7 @@ def run(args) -> int:
     default = args.model == "tiny" and all(getattr(args, f) is None for f in MODEL_FLAGS)
     plan = import_csv(args.plan, None if default else model, seq)
     require_valid(plan, "not imported", args.plan)
-    save(plan, args.output)
+    save_plan(plan, args.output, args.plan_format)
     spec, meta = plan.spec, plan.meta["torch"]
     kept = Counter(n[3].lstrip("0123456789") or "idle" for n in meta["annotations"])
     how = ("its own communication kept in order" if meta["format"] == "compute_comms"
@@ -40,6 +39,7 @@ def register(sub) -> None:
                    "slimpipe import schedule.csv -o plan.json --model llama-7b --seq-len 4096")
     p.add_argument("plan", metavar="schedule.csv", help="CSV file: one row per rank, one action per cell (torch's _dump_csv format)")
     p.add_argument("-o", "--output", required=True, help="plan file to write (written atomically)")
+    add_plan_format_arg(p)
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(run=run)

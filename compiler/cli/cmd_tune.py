@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from ir import SpecError, save
+from ir import SpecError
 from passes import rendezvous_cycle
 from passes.costs import GIB, load_profile
 
@@ -15,7 +15,7 @@ from ..layout import LAYER_SPLITS
 from ..search import N_CHOICES, TP_CHOICES, CP_CHOICES, V_CHOICES, Problem, Space, default_global_batch, search
 from .cmd_compare import parse_bytes
 from .cmd_compile import add_model_args, model_from_args
-from .common import (BYTE_UNITS, add_parser, families_arg, check_output_path, emit_json, fit_unit, human_bytes, nonneg_float,
+from .common import (BYTE_UNITS, add_parser, add_plan_format_arg, save_plan, families_arg, check_output_path, emit_json, fit_unit, human_bytes, nonneg_float,
                      positive_int)
 from .tables import family_table, plan_table
 
@@ -218,7 +218,7 @@ def run(args) -> int:
     res = search(problem, space, top_k=args.top, time_limit=args.time_limit or None, progress=prog)
     prog.finish(res)
     if args.output and res.best_plan is not None:
-        save(res.best_plan, args.output)
+        save_plan(res.best_plan, args.output, args.plan_format)
     if args.plot:
         plot_front(res, args.plot)
     c = res.counts
@@ -301,6 +301,7 @@ def register(sub) -> None:
                    help="seconds before the search stops and reports what is left (default 120; 0 = none)")
     p.add_argument("--json", action="store_true", help="machine-readable output with the Pareto front and counts")
     p.add_argument("-o", "--output", help="write the best plan here (atomically)")
+    add_plan_format_arg(p)
     p.add_argument("--plot", help="draw the Pareto front (throughput vs peak memory): .png, .svg or .pdf; needs "
                    "slimpipe[plot]")
     p.set_defaults(run=run)

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from ir import Plan, PlanFormatError, SpecError, load
+from ir import Plan, PlanFormatError, SpecError, load, save
 from ir.options import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: F401 (the commands' option types)
 
 from .. import schedules
@@ -48,6 +48,22 @@ def check_output_path(path: str) -> None:
         raise SpecError(f"-o {path!r}: directory {d!r} does not exist; create it or choose another path")
     if os.path.isdir(path):
         raise SpecError(f"-o {path!r} is a directory; give a file path such as plan.json")
+
+
+PLAN_FORMATS = {"auto": None, "text": False, "compact": True}
+
+
+def add_plan_format_arg(p) -> None:
+    """--plan-format: how a written plan holds its instructions (ir.dumps)."""
+    p.add_argument("--plan-format", choices=PLAN_FORMATS, default="auto",
+                   help="instructions as texts (schema_version 1: any slimpipe reads it, edit by hand), compact "
+                        "(schema_version 2: smaller, loads faster) or auto: compact from 100,000 instructions "
+                        "(default auto)")
+
+
+def save_plan(plan: Plan, path: str, fmt: str = "auto") -> None:
+    """Write `plan` atomically in the --plan-format `fmt`."""
+    save(plan, path, PLAN_FORMATS[fmt])
 
 
 # ---------------------------------------------------------------- units that fit the numbers
