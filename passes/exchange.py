@@ -22,7 +22,8 @@ Two rules (`redistribute(plan, profile=...)`):
   ranks with no unit in that step, which serve as work of their own). The levelled sets (with
   and without helpers), the unit-cost pairing and no exchange at all are replayed with the cost
   model (unit times, p2p flight, KV rendezvous, helper work) and the shortest makespan wins: never
-  slower there than no exchange. With a toy model whose units take microseconds nothing levels
+  slower there than no exchange (also when no step levels: the unit-cost pairing then competes
+  with no exchange alone). With a toy model whose units take microseconds nothing levels
   (could_level) and the user, who asked for the exchange (`--no-exchange` turns it off), gets the
   unit-cost pairing, as before.
 
@@ -444,9 +445,9 @@ def redistribute(plan: Plan, profile=_DEFAULT) -> Plan:
     instructions (run it once, after communication lowering). The result passes passes.check
     whenever the input does.
 
-    Where levelling can gain (could_level), the levelled sets, the unit-cost pairing and no
-    exchange at all compete on the timed replay and the shortest wins: never slower than no
-    exchange in the cost model. Where it cannot (a toy model), the user still asked for the
+    Where levelling can gain (could_level), the levelled sets (if level_steps finds any), the
+    unit-cost pairing and no exchange at all compete on the timed replay and the shortest wins:
+    never slower than no exchange in the cost model. Where it cannot (a toy model), the user still asked for the
     exchange (--no-exchange turns it off) and gets the unit-cost pairing. Deadlock freedom: a
     timed replay that finishes proves it (whether a rank can move never depends on durations),
     and the unit-cost pairing has it by construction (paired units start together in the
@@ -462,7 +463,7 @@ def redistribute(plan: Plan, profile=_DEFAULT) -> Plan:
 
     cm = CostModel(plan.spec, load_profile(profile), plan=plan)
     unit, levelled = _candidates(plan, cm)
-    if not levelled:
+    if not levelled and not could_level(plan, cm):  # a toy model: the user asked for the exchange
         out = _with_exchanges(plan, unit)
         return out if not unit or not validate(out, 1) else _with_exchanges(plan, [])
     for _m, exs, out in _ranked(plan, cm, levelled + [unit, []]):

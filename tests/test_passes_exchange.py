@@ -155,6 +155,21 @@ def test_cost_aware_result_always_checks(plan, prof):
     assert simulate_timed(out, dev)["step_s"] <= simulate_timed(unit, dev)["step_s"] * (1 + 1e-9)
 
 
+def test_no_exchange_when_nothing_levels_and_pairing_is_slower():
+    """llama-7b 4K, slimpipe p=4 m=8 n=4 on h100: levelling finds no step to level, and the unit-cost
+    pairing (10 exchanges) times 610.2 ms against 604.1 ms without: the pass keeps none. (It kept the
+    pairing untimed, so compiling with the exchange gave a slower plan.)"""
+    L7 = resolve_model("llama-7b")
+    plan = lowered(model=L7, p=4, m=8, n=4, seq=4096, exchange=True)
+    h100 = load_profile("h100")
+    unit = redistribute(plan, None)
+    assert len(kv_instrs(unit)) == 20
+    assert simulate_timed(unit, h100)["step_s"] == pytest.approx(0.6102, abs=1e-4)
+    out = redistribute(plan, "h100")
+    assert out.spec.exchange and out.meta["exchanges"] == 0 and not kv_instrs(out)
+    assert simulate_timed(out, h100)["step_s"] == pytest.approx(0.6041, abs=1e-4)
+
+
 def test_levelled_exchanges_share_a_lockstep_step():
     plan = lowered(model=L70, p=8, m=4, n=32, seq=524288, tp=8, exchange=True)
     best = cost_pairings(plan)[0]
