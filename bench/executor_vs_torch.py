@@ -151,8 +151,6 @@ def run_theirs(cfg: dict, schedule: str, v: int, a) -> tuple[dict | None, str | 
                                  "--microbatches", str(cfg["microbatches"]), "--virtual-stages", str(v),
                                  "--seq-len", str(cfg["seq_len"]), "--steps", str(cfg["steps"]),
                                  "--warmup", str(cfg["warmup"]), "--json"] + dims_args(cfg["model"])
-    if a.bind_theirs:
-        cmd.append("--bind-cores")
     return _run(cmd, _env(ROOT, a.threads), a.timeout)
 
 
@@ -195,7 +193,7 @@ def summarise(samples: list[dict]) -> dict | None:
     out = {"step_s": step, "run_step_s": [s["step_s"] for s in samples],
            "tokens_per_s": statistics.median(s["tokens_per_s"] for s in samples),
            "loss": samples[-1].get("loss"), "peak_rss_mib": rss, "max_peak_rss_mib": max(rss)}
-    for key in ("peak_activation_bytes", "attention_backend", "init_rss_mib", "cores"):
+    for key in ("peak_activation_bytes", "attention_backend", "init_rss_mib"):
         if key in samples[-1]:
             out[key] = samples[-1][key]
     return out
@@ -275,9 +273,6 @@ def main(argv=None) -> int:
     ap.add_argument("--ours-path", type=Path, default=ROOT,
                     help="checkout whose compiler/ and executor/ are used for our side (default: this tree)")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per rank, both sides (default 1)")
-    ap.add_argument("--bind-theirs", action="store_true",
-                    help="torch's ranks keep to processors of their own too (ours do by default: the executor's "
-                         "core binding); without it torch's run as torchrun starts them")
     ap.add_argument("--repeats", type=int, help="override the alternation rounds of every config")
     ap.add_argument("--steps", type=int, help="override the timed steps of every config")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per launched job")
@@ -309,7 +304,6 @@ def main(argv=None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "threads_per_rank": a.threads,
-        "core_binding": {"ours": "executor default (each rank its own processor when they go round)", "theirs": "executor.device.core_set rule" if a.bind_theirs else "none (as torchrun starts them)"},
         "bench_commit": git_rev(ROOT),
         "ours_path": str(a.ours_path), "ours_commit": git_rev(a.ours_path),
         "ours_available": ours_unavailable(a.ours_path) is None,

@@ -165,8 +165,6 @@ def parse(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--bind-cores", action="store_true",
-                    help="keep each rank to processors of its own, by the executor's rule (executor.device.core_set)")
     a = ap.parse_args(argv)
     if a.schedule not in MULTI and a.virtual_stages != 1:
         ap.error(f"--schedule {a.schedule} runs one stage per rank; --virtual-stages must be 1")
@@ -181,10 +179,6 @@ def main(argv=None) -> int:
     a = parse(argv)
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
-    if a.bind_cores:  # before gloo starts its threads, as the executor does
-        from executor.device import bind_cores
-
-        bind_cores(threads)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != a.pp:
