@@ -92,9 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a receive finds its message: order (per rank pair in posting order, tags ignored, as NCCL "
                         "does), tag (as gloo does); auto (default): order on CUDA, tag on CPU. order on CPU emulates NCCL")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads with --local (default 1)")
-    p.add_argument("--no-bind-cores", dest="bind_cores", action="store_false",
-                   help="under torchrun on CPU, let the OS move ranks between processors (default: when the local "
-                        "ranks x threads fit the processors, each rank keeps to processors of its own)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     p.add_argument("--trace", metavar="FILE.json",
                    help="write a Chrome/Perfetto trace of what ran: one event per executed instruction per rank and "

@@ -60,8 +60,7 @@ def summarize(spec, opts, reports: list, times: list, losses: list, tokens: int,
                "peak_rss_mib": [r["peak_rss_mib"] for r in reports],
                "peak_activation_bytes": [r["peak_activation_bytes"] for r in reports],
                "attention_backend": backend, "schedule": spec.schedule, "pp": spec.pp, "dp": len(reports) // spec.pp,
-               "steps": opts.steps, "transport": transport, "device": device.type, "dtype": opts.dtype,
-               "cores": [r.get("cores") for r in reports]}
+               "steps": opts.steps, "transport": transport, "device": device.type, "dtype": opts.dtype}
     if device.type == "cuda":
         summary["cuda_max_memory_allocated"] = [r["cuda_max_memory_allocated"] for r in reports]
     if plan is not None and (opts.trace or opts.json):

@@ -26,7 +26,7 @@ from . import checkpoint
 from .collectives import gather
 from .data import make_source
 from .errors import PeerGone
-from .device import DTYPES, bind_cores, choose_backend, choose_device
+from .device import DTYPES, choose_backend, choose_device
 from .faults import Watch, cause, die, end_stopped_peers, fault_from_env, line, write_line
 from .interpreter import Rank
 from .metrics import peak_rss_mib
@@ -114,9 +114,7 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
                         raw_config(opts.hf_model) if opts.hf_model else None)
         else:
             gather(transport, watch, opts.timeout, None, what)
-    mine = {"peak_activation_bytes": max(peaks), "peak_rss_mib": peak_rss_mib(), # the processors it keeps to, read back from the OS (None: not bound)
-            "cores": sorted(os.sched_getaffinity(0)) if getattr(opts, "cores", None) else None,
-            **R.report}
+    mine = {"peak_activation_bytes": max(peaks), "peak_rss_mib": peak_rss_mib(), **R.report}
     if opts.trace or opts.json:
         mine["timed"] = timed
     if device.type == "cuda":
@@ -242,8 +240,6 @@ def run_dist(plan, opts) -> int:
     supervises: signals and overdue waits end the process with the rank's one line."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda" if opts.device == "cuda" else "cpu")
-    # before any thread starts, so that they all keep to the rank's processors
-    opts.cores = bind_cores(torch.get_num_threads()) if device.type == "cpu" and opts.bind_cores else None
     fault = fault_from_env(plan)  # malformed: exit 2 before any communication
     watch = Watch(rank)
     result: list = []

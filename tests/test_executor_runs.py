@@ -11,7 +11,6 @@ import pytest
 import ir
 from ir import KV
 from executor.cli import options as executor_options
-from executor.device import core_set
 from passes import check
 from tests.executor_plans import matrix
 from compiler import compile_plan
@@ -235,16 +234,3 @@ def test_runs_without_numpy(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["max_grad_rel_err"] < 1e-4
-    # and (same launch) each rank kept to a processor of its own, as the OS reports it back
-    cores = sorted(os.sched_getaffinity(0))
-    assert summary["cores"] == [core_set(cores, r, 2, 1) for r in range(2)]
-    assert len(cores) < 2 or summary["cores"] == [[cores[0]], [cores[1]]]
-
-
-def test_core_sets():
-    """Rank r keeps to processors r*t .. r*t+t-1 of the allowed ones; none when they do not go round."""
-    assert core_set([0, 1], 0, 2, 1) == [0] and core_set([0, 1], 1, 2, 1) == [1]
-    assert core_set([2, 3, 5, 7], 1, 2, 2) == [5, 7]
-    assert core_set([0, 1], 1, 4, 1) is None      # 4 ranks on 2 processors: the OS shares them
-    assert core_set([0, 1, 2, 3], 0, 2, 3) is None  # 2 ranks x 3 threads on 4
-    assert core_set([0, 1, 2], 2, 2, 1) is None   # not a local rank of 2
