@@ -5,7 +5,7 @@ import pytest
 
 from compiler import build_spec, compile_plan, resolve_model
 from compiler.cli import main
-from passes.simulate import simulate_timed
+from passes.simulate import simulate_timed, simulate_units, strip_exchanges
 
 KEYS = {"params", "grads", "optimizer", "activations", "kv_cache", "kv_grads", "logits", "weight_grad_inputs"}
 
@@ -44,7 +44,10 @@ def test_cli_json(tmp_path, capsys):
         assert set(r["memory_breakdown"]) == KEYS
     assert main(["simulate", plan, "--unit-costs", "--json"]) == 0
     u = json.loads(capsys.readouterr().out)
-    assert set(u) == {"makespan", "bubble_fraction", "ranks"}
+    import ir
+    ex = ir.load(plan).meta["exchanges"]
+    assert set(u) == {"makespan", "bubble_fraction", "ranks"} | ({"kv_exchanges"} if ex else set())
+    assert u.get("kv_exchanges", 0) == ex
     assert main(["simulate", plan, "--device-profile", "nope"]) == 2
     assert main(["simulate", plan, "--dtype", "int4"]) == 2
 
@@ -62,3 +65,9 @@ def test_breakdown_with_exchange_and_several_microbatches():
     assert min(bd.values()) >= 0
     assert sum(bd.values()) == pytest.approx(o["bubble_fraction"])
     assert bd["ideal"] == pytest.approx(min(7 / (4 * 32 + 7), o["bubble_fraction"]), rel=0.02)
+    # unit costs price no attention: the exchanges' rendezvous only add waits there (501 units
+    # against 405), and the figures without them are the schedule's own, (p-1)/(m n + p-1) = 7/135
+    u, bare = simulate_units(plan), simulate_units(strip_exchanges(plan))
+    assert u["makespan"] == 501 and u["kv_exchanges"] == plan.meta["exchanges"] == 1658
+    assert bare["makespan"] == 405 and "kv_exchanges" not in bare
+    assert bare["bubble_fraction"] == pytest.approx(7 / 135, abs=1e-12)

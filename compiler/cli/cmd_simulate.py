@@ -35,6 +35,10 @@ def run(args) -> int:
             print(f"makespan {out['makespan']:g} units, bubble {out['bubble_fraction']:.4%}")
             for r in out["ranks"]:
                 print(f"  rank {r['rank']}: busy {r['busy']:g}, peak units in flight {r['peak_units']}")
+            if "kv_exchanges" in out:
+                print(f"note: {out['kv_exchanges']} KV exchanges; unit costs price no attention, so their rendezvous "
+                      f"can only add waits here: simulate without --unit-costs times the attention they move (or "
+                      f"compile with --no-exchange for the unit-cost figures without them)")
         return 0
     profile = plan_profile(args.device_profile, plan)  # the device it was compiled for, unless told
     # default dtype: a measured profile's (what the executor ran when it was measured), fp32 against
