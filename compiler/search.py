@@ -49,7 +49,7 @@ import bisect
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
 
@@ -357,12 +357,12 @@ def exact_peak_memory(spec: PlanSpec, dtype_bytes: int = 2) -> float:
 
 def evaluate(spec: PlanSpec, profile: DeviceProfile, dtype_bytes: int = 2) -> tuple[dict, Plan]:
     """Compile (KV exchange costed for `profile`) and simulate one spec: a row of step time,
-    bubble, peak memory, tokens/s, MFU."""
+    bubble, peak memory, tokens/s, MFU and the KV exchanges the plan holds (the pass may keep none)."""
     plan = compile_plan(spec, profile)
     out = simulate_timed(plan, profile, dtype_bytes)
     row = {"step_s": out["step_s"], "bubble_fraction": out["bubble_fraction"],
            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in out["ranks"]),
-           "tokens_per_s": out["tokens_per_s"], "mfu": out["mfu"]}
+           "tokens_per_s": out["tokens_per_s"], "mfu": out["mfu"], "exchanges": plan.meta.get("exchanges", 0)}
     return row, plan
 
 
@@ -501,6 +501,7 @@ class _Run:
         self.memo: dict[Candidate, tuple[str, object]] = {}  # ("row", row) | ("oom", bytes) | ("rule", why)
         self.simulated: list[dict] = []
         self.rows: dict[Candidate, dict] = {}  # the simulated (fitting) candidates' rows
+        self.live_bounds: dict[Candidate, "Bounds"] = {}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -528,6 +529,17 @@ class _Run:
                 self.rule(c, why)
             if self.progress and self.counts["candidates"] % 2000 == 0:
                 self.progress({"stage": 1, "done": self.counts["candidates"], "elapsed": self.elapsed()})
+        self.live_bounds = dict(self.live)
+
+    def off_twin(self, row: dict) -> Candidate | None:
+        """The exchange-off twin of an exchange-on candidate whose plan holds no KV exchange (the
+        pass found none worth it): the same plan, so when the twin is in the search the plan is
+        ranked once, as the twin; None otherwise."""
+        c = row["_cand"]
+        if not c.exchange or row.get("exchanges") != 0:
+            return None
+        off = replace(c, exchange=False)
+        return off if off in self.live_bounds else None
 
     def _count(self, c: Candidate, cause: str) -> None:
         self.counts[cause] += 1
@@ -548,7 +560,7 @@ class _Run:
                 plan = compile_plan(spec, pr.profile)
                 fig = simulate_step(plan, pr.profile, pr.dtype_bytes)
                 row = {"step_s": fig["step_s"], "bubble_fraction": fig["bubble_fraction"], "peak_memory_bytes": mem,
-                       "tokens_per_s": fig["tokens_per_s"], "mfu": fig["mfu"]}
+                       "tokens_per_s": fig["tokens_per_s"], "mfu": fig["mfu"], "exchanges": plan.meta.get("exchanges", 0)}
                 got = ("row", {**c.fields(), **row, "_cand": c})
         except SpecError as e:
             got = ("rule", rule_reason(c.schedule, e))
@@ -597,7 +609,7 @@ class _Run:
             if self.progress:
                 self.progress({"stage": 2, "done": len(self.memo), "total": len(live), "simulated": self.counts["simulated"],
                                "best_s": steps[0] if steps else None, "elapsed": self.elapsed()})
-            if bd.time > threshold():
+            if bd.time > threshold() or c in self.memo:  # in memo: its exchange-on twin's plan stood in
                 continue
             kind, val = self.evaluate(c)
             cause = {"row": "simulated", "oom": "oom_exact", "rule": "infeasible"}[kind]
@@ -606,6 +618,15 @@ class _Run:
                 self.rule(c, val)
             elif kind == "row":
                 row = {**val, "time_bound_s": bd.time, "memory_bound_bytes": bd.memory}
+                off = self.off_twin(row)
+                if off is not None:  # the plan of its exchange-off twin: ranked once, as the twin
+                    if off in self.memo:
+                        continue
+                    obd = self.live_bounds[off]
+                    row = {**row, **off.fields(), "_cand": off, "time_bound_s": obd.time, "memory_bound_bytes": obd.memory}
+                    self.memo[off] = ("row", row)
+                    self._count(off, "simulated")
+                    c = off
                 self.rows[c] = row
                 self.simulated.append(row)
                 bisect.insort(steps, row["step_s"])

@@ -66,6 +66,34 @@ def test_search_matches_brute_force(brute):
     assert res.best_plan is not None and res.best_plan.spec.schedule == res.top[0]["schedule"]
 
 
+def test_an_exchange_the_pass_drops_is_ranked_once():
+    """llama-7b 4K on 4 GPUs, slimpipe: where the exchange pass keeps no KV exchange the exchange-on
+    candidate is its exchange-off twin's plan. Brute force simulates both (same figures); tune ranks
+    the plan once, as the twin, so its top 4 are 4 distinct plans and agree with brute force's
+    ranking of the distinct plans; an 'on' row holds exchanges."""
+    space = Space(families=("slimpipe",), tp=(1,), cp=(1, 2), slices=(4, 32), virtual_stages=(1, 2),
+                  layer_splits=("uniform",))
+    prob = Problem(resolve_model("llama-7b"), 4096, 4, 80 * GIB, 4, H100)
+    _, rows = brute_force(prob, space, top_k=4)
+    off = {r["_cand"]: r for r in rows if not r["exchange"]}
+    twins = [r for r in rows if r["exchange"] and r["exchanges"] == 0]
+    assert twins and all(r["step_s"] == off[r["_cand"].__class__(**{**r["_cand"].__dict__, "exchange": False})]["step_s"]
+                         for r in twins)
+    distinct = sorted((r for r in rows if not (r["exchange"] and r["exchanges"] == 0)),
+                      key=lambda r: (r["step_s"], r["_cand"]))
+    res = search(prob, space, top_k=4)
+    got = [r["_cand"] for r in res.top]
+    assert len(set(got)) == 4 and all(r["exchanges"] > 0 for r in res.top if r["exchange"])
+    fastest = distinct[0]["step_s"]
+    near = sorted((r for r in distinct if r["step_s"] <= fastest * 1.005),
+                  key=lambda r: (r["peak_memory_bytes"], r["step_s"], r["_cand"]))
+    rest = [r for r in distinct if r["step_s"] > fastest * 1.005]
+    assert got == [r["_cand"] for r in (near + rest)[:4]]
+    c = res.counts
+    assert c["candidates"] == c["infeasible"] + c["pruned_memory_bound"] + c["pruned_time_bound"] + c["oom_exact"] \
+        + c["simulated"]
+
+
 def test_bounds_are_sound(brute):
     _, rows = brute
     prob = small_problem()

@@ -6,7 +6,7 @@ from .common import BYTE_UNITS, TIME_UNITS, fit_unit
 
 
 def head(step: str, mem: str) -> str:
-    return (f"{'schedule':<17}{'p':>3}{'tp':>3}{'cp':>3}{'dp':>4}{'m':>4}{'n':>4}{'v':>3} {'partition':<10}{'exch':>4}"
+    return (f"{'schedule':<17}{'p':>3}{'tp':>3}{'cp':>3}{'dp':>4}{'m':>4}{'n':>4}{'v':>3} {'partition':<10}{'exch':>6}"
             f"{step:>10}{'bubble':>8}{mem:>10}{'tokens/s':>12}{'MFU':>7} {'layers':<8}")
 
 
@@ -16,9 +16,15 @@ def _units(rows: list[dict]):
     return tu, ts, mu, ms
 
 
+def _exch(r: dict) -> str:
+    """'off', or how many KV exchanges the plan holds (0: the pass found none worth it, the same
+    plan as 'off')."""
+    return "off" if not r["exchange"] else str(r.get("exchanges", "on"))
+
+
 def _row(r: dict, ts: float, ms: float) -> str:
     return (f"{r['schedule']:<17}{r['pp']:>3}{r['tp']:>3}{r['cp']:>3}{r['dp']:>4}{r['microbatches']:>4}"
-            f"{r['slices']:>4}{r['virtual_stages']:>3} {r['partition']:<10}{'on' if r['exchange'] else 'off':>4}"
+            f"{r['slices']:>4}{r['virtual_stages']:>3} {r['partition']:<10}{_exch(r):>6}"
             f"{r['step_s'] / ts:>10.3f}{r['bubble_fraction']:>8.1%}{r['peak_memory_bytes'] / ms:>10.2f}"
             f"{r['tokens_per_s']:>12.4g}{r['mfu']:>7.1%} {r.get('layer_split', 'uniform'):<8}")
 
