@@ -23,7 +23,7 @@ def schedule_plan(spec: PlanSpec) -> Plan:
 
 
 @gc_paused
-def compile_plan(spec: PlanSpec, profile=None) -> Plan:
+def compile_plan(spec: PlanSpec, profile=None, keep_pairing: bool = True) -> Plan:
     """Generate the family's compute order, lower communication, pair units for the KV exchange
     when spec.exchange is set (the CLI sets it by default for slimpipe), end each stream with OPT.
 
@@ -31,13 +31,18 @@ def compile_plan(spec: PlanSpec, profile=None) -> Plan:
     the device the plan is compiled for: the exchange pairing costs units with it, and when one is
     given (or the exchange runs) it is recorded in plan.meta["device_profile"] (its name) and, for
     a profile that is not a built-in one, plan.meta["device_profile_fields"], so that simulate,
-    trace and plot price the plan on the same device unless told otherwise."""
+    trace and plot price the plan on the same device unless told otherwise.
+
+    `keep_pairing` (passes.exchange.redistribute): where no unit is long enough to level (a toy
+    model), keep the unit-cost pairing even when the cost model has it slower than no exchange
+    (the user asked for the exchange); the CLI passes False when the exchange is only on by
+    default, so a default never makes a plan slower in the cost model."""
     for problem in spec_problems(spec):  # a plan the executor cannot run is not written
         raise SpecError(problem.message)
     prof = load_profile(profile) if spec.exchange or profile is not None else None
     plan = lower_comm(schedule_plan(spec))
     if spec.exchange:
-        plan = redistribute(plan, prof)
+        plan = redistribute(plan, prof, keep_pairing)
     if prof is not None:
         meta = {"device_profile": prof.name}
         if PROFILES.get(prof.name) != prof:

@@ -24,8 +24,9 @@ Two rules (`redistribute(plan, profile=...)`):
   model (unit times, p2p flight, KV rendezvous, helper work) and the shortest makespan wins: never
   slower there than no exchange (also when no step levels: the unit-cost pairing then competes
   with no exchange alone). With a toy model whose units take microseconds nothing levels
-  (could_level) and the user, who asked for the exchange (`--no-exchange` turns it off), gets the
-  unit-cost pairing, as before.
+  (could_level): a user who asked for the exchange (`keep_pairing`, the CLI's explicit
+  `--exchange`) gets the unit-cost pairing, as before; otherwise (the CLI's default) the pairing
+  competes with no exchange like everywhere else.
 
 Deadlock freedom: every exchange joins ranks in one step of a lockstep replay, and every rank
 lists its exchanges in one global (step, round) order, so that replay is an execution in which
@@ -437,7 +438,7 @@ def _ranked(plan: Plan, cm, cands: list[list[Ex]]):
 _DEFAULT = "h100"
 
 
-def redistribute(plan: Plan, profile=_DEFAULT) -> Plan:
+def redistribute(plan: Plan, profile=_DEFAULT, keep_pairing: bool = True) -> Plan:
     """Plan -> Plan with KV exchanges inserted before the units they serve; spec.exchange=True.
 
     `profile`: a DeviceProfile or a built-in profile name levels with the cost model (default
@@ -447,8 +448,10 @@ def redistribute(plan: Plan, profile=_DEFAULT) -> Plan:
 
     Where levelling can gain (could_level), the levelled sets (if level_steps finds any), the
     unit-cost pairing and no exchange at all compete on the timed replay and the shortest wins:
-    never slower than no exchange in the cost model. Where it cannot (a toy model), the user still asked for the
-    exchange (--no-exchange turns it off) and gets the unit-cost pairing. Deadlock freedom: a
+    never slower than no exchange in the cost model. Where it cannot (a toy model), `keep_pairing`
+    (the user asked for the exchange: the CLI's explicit --exchange) keeps the unit-cost pairing
+    whatever its timed replay says; keep_pairing=False (the CLI's default-on exchange) lets it
+    compete with no exchange there too. Deadlock freedom: a
     timed replay that finishes proves it (whether a rank can move never depends on durations),
     and the unit-cost pairing has it by construction (paired units start together in the
     unit-cost replay); the exchange rules are checked on the chosen plan (validate_kv: the
@@ -463,7 +466,7 @@ def redistribute(plan: Plan, profile=_DEFAULT) -> Plan:
 
     cm = CostModel(plan.spec, load_profile(profile), plan=plan)
     unit, levelled = _candidates(plan, cm)
-    if not levelled and not could_level(plan, cm):  # a toy model: the user asked for the exchange
+    if keep_pairing and not levelled and not could_level(plan, cm):  # a toy model: the user asked for the exchange
         out = _with_exchanges(plan, unit)
         return out if not unit or not validate(out, 1) else _with_exchanges(plan, [])
     for _m, exs, out in _ranked(plan, cm, levelled + [unit, []]):

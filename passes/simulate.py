@@ -31,8 +31,8 @@ def bubble_fraction(busy: list[float], makespan: float) -> float:
 
 def simulate_units(plan: Plan) -> dict:
     """Unit-cost replay (F 1, B 2, I 1, W 1; communication free): {"makespan", "bubble_fraction",
-    "ranks": [{"rank", "busy", "peak_units"}]}; PlanInvalidError naming the wait cycle on a deadlock.
-    A plan with KV exchanges also gets "kv_exchanges" (how many): unit costs price no attention,
+    "ranks": [{"rank", "busy", "peak_units"}], "kv_exchanges"}; PlanInvalidError naming the wait cycle on a deadlock.
+    "kv_exchanges" (how many the plan holds, 0 without): unit costs price no attention,
     so an exchange's rendezvous can only add waits here, while the attention it moves (what it is
     for) shows only under the cost model (simulate_timed); simulate_units(strip_exchanges(plan))
     gives the figures without them (a second replay: not done here, the 1.6M-instruction plan of
@@ -47,8 +47,7 @@ def simulate_units(plan: Plan) -> dict:
         "ranks": [{"rank": r, "busy": res.busy[r], "peak_units": peak_units(s)} for r, s in enumerate(plan.ranks)],
     }
     n_ex = sum(sum(map(KV_OWNER.__contains__, map(_KIND, s))) for s in plan.ranks)  # C-level scans
-    if n_ex:
-        out["kv_exchanges"] = n_ex
+    out["kv_exchanges"] = n_ex
     return out
 
 

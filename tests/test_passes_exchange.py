@@ -170,6 +170,33 @@ def test_no_exchange_when_nothing_levels_and_pairing_is_slower():
     assert simulate_timed(out, h100)["step_s"] == pytest.approx(0.6041, abs=1e-4)
 
 
+def test_a_default_exchange_on_a_toy_model_is_kept_only_when_asked_for(tmp_path, capsys):
+    """tiny, seq 256, slimpipe p=4 m=4 n=8 on h100: units of microseconds, nothing levels, and the
+    unit-cost pairing (18 exchanges) times 660.1 us against 263.1 us without. The CLI's default-on
+    exchange lets the cost model drop it (the plan was 2.5x slower by default); an explicit
+    --exchange, like compile_plan's default keep_pairing, keeps the pairing the user asked for."""
+    import json
+
+    from compiler.cli import main
+
+    base = ["compile", "--schedule", "slimpipe", "--pp", "4", "--microbatches", "4", "--slices", "8",
+            "--model", "tiny", "--seq-len", "256"]
+    default, asked = str(tmp_path / "default.json"), str(tmp_path / "asked.json")
+    assert main(base + ["-o", default]) == 0
+    assert capsys.readouterr().out.strip().endswith(
+        "644 instructions, 0 KV exchanges (none is faster on h100 in the cost model)")
+    assert main(base + ["--exchange", "-o", asked]) == 0
+    assert capsys.readouterr().out.strip().endswith("680 instructions, 18 KV exchanges")
+    steps = []
+    for path in (default, asked):
+        assert main(["simulate", path, "--json"]) == 0
+        steps.append(json.loads(capsys.readouterr().out)["step_s"])
+    assert steps == [pytest.approx(263.1e-6, abs=1e-7), pytest.approx(660.1e-6, abs=1e-7)]
+    spec = build_spec("slimpipe", resolve_model("tiny"), pp=4, microbatches=4, slices=8, seq_len=256, exchange=True)
+    assert compile_plan(spec).meta["exchanges"] == 18  # the Python API keeps the pairing (keep_pairing=True)
+    assert compile_plan(spec, keep_pairing=False).meta["exchanges"] == 0
+
+
 def test_levelled_exchanges_share_a_lockstep_step():
     plan = lowered(model=L70, p=8, m=4, n=32, seq=524288, tp=8, exchange=True)
     best = cost_pairings(plan)[0]

@@ -8,7 +8,7 @@ from passes.partition import flops_partition
 from .. import compile_plan, schedules
 from ..layout import build_spec
 from ..models import DEFAULT_SEQ, PRESETS, resolve_model
-from .common import add_parser, add_plan_format_arg, check_output_path, emit_json, nonneg_int, positive_int, save_plan
+from .common import add_parser, add_plan_format_arg, check_output_path, emit_json, exchanges_phrase, nonneg_int, positive_int, save_plan
 
 MODEL_FLAGS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
 
@@ -52,7 +52,9 @@ def add_pass_args(p) -> None:
                    help="pair concurrent units for the KV exchange (default: on for "
                         + ", ".join(f.name for f in schedules.FAMILIES.values() if f.default_exchange)
                         + ", off for the others; "
-                        "any family with --slices >= 2 may ask for it)")
+                        "any family with --slices >= 2 may ask for it). The plan keeps only exchanges that make "
+                        "it faster in the cost model of --device-profile; on a model too small to level, an "
+                        "explicit --exchange keeps the unit-cost pairing")
     g.add_argument("--no-exchange", dest="exchange", action="store_false", help="no KV exchange")
     p.add_argument("--exchange-threshold", type=nonneg_int, default=0,
                    help="cap on the slices shipped per exchange (0 = no cap; default 0)")
@@ -127,7 +129,8 @@ def run(args) -> int:
     check_output_path(args.output)
     profile = load_profile(args.device_profile)  # validated before any work: exit 2, one line
     spec = spec_from_args(args)
-    plan = compile_plan(spec, profile)
+    # an explicit --exchange keeps the pairing on a toy model; the default lets the cost model drop it
+    plan = compile_plan(spec, profile, keep_pairing=args.exchange is True)
     save_plan(plan, args.output, args.plan_format)
     summary = {"output": args.output, "schedule": spec.schedule, "pp": spec.pp, "microbatches": spec.microbatches,
                "slices": spec.slices, "virtual_stages": spec.virtual_stages, "split_backward": spec.split_backward,
@@ -142,7 +145,9 @@ def run(args) -> int:
         print(f"wrote {args.output}: {spec.schedule} p={spec.pp} m={spec.microbatches} n={spec.slices} "
               f"v={spec.virtual_stages}{', split backward' if spec.split_backward else ''}, model {spec.model.name} ({spec.model.layers} layers), seq {spec.seq_len}, "
               f"{summary['instructions']} instructions"
-              + (f", {summary['exchanges']} KV exchanges" if spec.exchange else ""))
+              + (f", {exchanges_phrase(summary['exchanges'])}" if spec.exchange else "")
+              + (f" (none is faster on {summary['device_profile']} in the cost model)"
+                 if spec.exchange and not summary["exchanges"] else ""))
     return 0
 
 

@@ -6,7 +6,7 @@ from passes import require_valid, simulate_units
 from passes.costs import load_profile
 from passes.simulate import simulate_timed
 
-from .common import add_parser, emit_json, human_bytes, human_time, load_plan, plan_profile
+from .common import add_parser, emit_json, exchanges_phrase, human_bytes, human_time, load_plan, plan_profile
 
 
 def dtype_bytes_arg(text: str) -> int:
@@ -35,8 +35,8 @@ def run(args) -> int:
             print(f"makespan {out['makespan']:g} units, bubble {out['bubble_fraction']:.4%}")
             for r in out["ranks"]:
                 print(f"  rank {r['rank']}: busy {r['busy']:g}, peak units in flight {r['peak_units']}")
-            if "kv_exchanges" in out:
-                print(f"note: {out['kv_exchanges']} KV exchanges; unit costs price no attention, so their rendezvous "
+            if out["kv_exchanges"]:
+                print(f"note: {exchanges_phrase(out['kv_exchanges'])}; unit costs price no attention, so their rendezvous "
                       f"can only add waits here: simulate without --unit-costs times the attention they move (or "
                       f"compile with --no-exchange for the unit-cost figures without them)")
         return 0

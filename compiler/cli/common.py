@@ -140,3 +140,8 @@ def families_arg(text: str) -> tuple[str, ...]:
         if nm not in schedules.FAMILIES:
             raise SpecError(f"--schedules {text!r}: {nm!r} is unknown; allowed: {', '.join(schedules.FAMILIES)}")
     return tuple(f for f in schedules.FAMILIES if f in names)
+
+
+def exchanges_phrase(k: int) -> str:
+    """'1 KV exchange', '3 KV exchanges'."""
+    return f"{k} KV exchange" + ("" if k == 1 else "s")
