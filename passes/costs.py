@@ -23,6 +23,7 @@ degree dp adds one gradient all-reduce of the rank's parameters after the pipeli
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -124,11 +125,21 @@ def load_profile(arg: "str | DeviceProfile | None") -> DeviceProfile:
     return profile_from_dict(read_user_json(arg, "--device-profile", f"{', '.join(PROFILES)} or a JSON file"), arg)
 
 
-def profile_from_dict(d, arg: str = "<dict>") -> DeviceProfile:
-    """A DeviceProfile from its JSON form (what to_json writes), checked; `arg` names it in errors."""
+def _shown(v) -> str:
+    """A value from a JSON file as the file spells it (true, null, "abc"), for error lines."""
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def profile_from_dict(d, arg: str = "<dict>", where: str | None = None) -> DeviceProfile:
+    """A DeviceProfile from its JSON form (what to_json writes), checked; `arg` is its default name,
+    `where` names it in errors (default: "--device-profile 'arg'")."""
     names = [f.name for f in fields(DeviceProfile)]
+    where = where or f"--device-profile {arg!r}"
     if not isinstance(d, dict):
-        raise SpecError(f"--device-profile {arg!r}: must be a JSON object with {', '.join(names)}")
+        raise SpecError(f"{where}: must be a JSON object with {', '.join(names)}")
     d = dict(d)
     d.setdefault("name", arg)
     names = [n for n in names if n != "measured"]
@@ -136,27 +147,28 @@ def profile_from_dict(d, arg: str = "<dict>") -> DeviceProfile:
     extra = set(d) - set(names)
     missing = [k for k in names if k not in d]
     if extra or missing:
-        raise SpecError(f"--device-profile {arg!r}: " + (f"unknown field(s) {sorted(extra)}" if extra else
+        raise SpecError(f"{where}: " + (f"unknown field(s) {sorted(extra)}" if extra else
                         f"missing {', '.join(missing)}") + f"; fields: {', '.join(names)} (and optionally measured)")
     for k in names[1:]:
         v = d[k]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and k != "p2p_latency"):
-            raise SpecError(f"--device-profile {arg!r}: {k}={v!r} must be a positive number")
+            raise SpecError(f"{where}: {k}={_shown(v)} must be a positive number")
         if k.endswith("efficiency") and v > 1:
-            raise SpecError(f"--device-profile {arg!r}: {k}={v!r} must be in (0, 1]")
+            raise SpecError(f"{where}: {k}={_shown(v)} must be in (0, 1]")
     if measured is not None:
-        d["measured"] = _measured(arg, measured)
+        d["measured"] = _measured(where, measured)
     return DeviceProfile(**d)
 
 
-def _measured(arg: str, m) -> Measured:
-    """The `measured` block of a profile file, checked: one line naming what is wrong."""
-    where = f"--device-profile {arg!r}: measured"
+def _measured(where: str, m) -> Measured:
+    """The `measured` block of a profile file, checked: one line naming what is wrong (`where`
+    names the profile)."""
+    where = f"{where}: measured"
     if not isinstance(m, dict) or m.get("format") != MEASURED_FORMAT:
         raise SpecError(f"{where} must be an object with format {MEASURED_FORMAT!r} (written by `slimpipe profile`)")
     proc = m.get("processors")
     if not isinstance(proc, int) or isinstance(proc, bool) or proc < 0:
-        raise SpecError(f"{where}.processors={proc!r} must be an integer >= 0")
+        raise SpecError(f"{where}.processors={_shown(proc)} must be an integer >= 0")
     curves = {}
     for k, width in CURVES.items():
         rows = m.get(k)
@@ -171,13 +183,13 @@ def _measured(arg: str, m) -> Measured:
             if ok and k == "attention":
                 ok = row[0] in ("fwd", "bwd") and row[1] in (0, 1) and row[2] > 0 and row[3] > 0
             if not ok:
-                raise SpecError(f"{where}.{k}: row {row!r} must be {width} numbers >= 0"
+                raise SpecError(f"{where}.{k}: row {_shown(row)} must be {width} numbers >= 0"
                                 + (" (\"fwd\"|\"bwd\", causal 0|1, queries, keys, seconds)" if k == "attention" else ""))
         curves[k] = tuple(tuple(r) for r in sorted(rows, key=lambda r: tuple(r[:2]) if k != "attention" else (0,)))
     meta = {k: v for k, v in m.items() if k not in CURVES and k not in ("format", "processors")}
-    ts = meta.get("timeslice_s")
-    if ts is not None and (not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts < 1):
-        raise SpecError(f"{where}.timeslice_s={ts!r} must be a number of seconds >= 0 and < 1 "
+    ts = meta.get("timeslice_s", 0)
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts < 1:
+        raise SpecError(f"{where}.timeslice_s={_shown(ts)} must be a number of seconds >= 0 and < 1 "
                         f"(how long the OS runs a thread while others wait; 0 or absent: ranks share fairly)")
     return Measured(processors=proc, meta=meta, **curves)
 

@@ -58,7 +58,9 @@ def test_measured_profile_loads_and_builtins_still_do(tmp_path):
     (lambda m: m["attention"].append(["sideways", 1, 8, 8, 0.1]), "attention"),
     (lambda m: m["p2p"].append([1, "fast"]), "p2p"),
     (lambda m: m.update(timeslice_s=-0.004), r"timeslice_s=-0\.004"),
-    (lambda m: m.update(timeslice_s="4ms"), r"timeslice_s='4ms'"),
+    (lambda m: m.update(timeslice_s="4ms"), r'timeslice_s="4ms"'),  # as the JSON file spells it
+    (lambda m: m.update(timeslice_s=True), r"timeslice_s=true must"),
+    (lambda m: m.update(timeslice_s=None), r"timeslice_s=null must"),  # present: a number; absent: fair share
     (lambda m: m.update(timeslice_s=4), r"timeslice_s=4 must be a number of seconds"),
 ])
 def test_bad_measured_block_is_one_line(tmp_path, edit, says):
@@ -67,6 +69,19 @@ def test_bad_measured_block_is_one_line(tmp_path, edit, says):
     with pytest.raises(SpecError, match=says) as e:
         load_profile(write(tmp_path, d))
     assert "\n" not in str(e.value)
+
+
+def test_a_bad_profile_stored_in_a_plan_is_named_as_such(tmp_path, capsys):
+    """A plan compiled for a profile file carries its fields; a hand-edited bad field there is one
+    line naming the plan's meta (not a --device-profile the user never gave), exit 2."""
+    plan = compile_plan(spec("1f1b", 2, 2, seq_len=256), load_profile(write(tmp_path, measured_profile(2))))
+    fields_ = dict(plan.meta["device_profile_fields"], peak_flops=True)
+    path = tmp_path / "plan.json"
+    save(plan.with_ranks(plan.ranks, device_profile_fields=fields_), str(path))
+    assert main(["simulate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the plan's meta.device_profile_fields: peak_flops=true must be a positive number" in err
+    assert "--device-profile '" not in err
 
 
 def test_unit_time_from_curves():

@@ -115,7 +115,8 @@ def plan_profile(arg: str | None, plan: Plan):
     rec = plan.meta.get("device_profile_fields")
     if rec is not None:
         try:
-            return profile_from_dict(rec, "plan meta.device_profile_fields")
+            return profile_from_dict(rec, plan.meta.get("device_profile", "plan"),
+                                     "the plan's meta.device_profile_fields")
         except SpecError as e:
             raise PlanFormatError(f"{e}; give --device-profile") from None
     name = plan.meta.get("device_profile")
