@@ -54,3 +54,18 @@ def nonneg_float(text: str) -> float:
     if v < 0:
         raise argparse.ArgumentTypeError(f"{text} is not allowed; give a number >= 0")
     return v
+
+
+def glue_negative_values(argv: list[str]) -> list[str]:
+    """['--memory-budget', '-1GiB'] -> ['--memory-budget=-1GiB']: argparse takes a value that starts
+    with '-' and is not a plain number ('-1GiB', '-0.5s') for an option and answers "expected one
+    argument", which does not name the value. No option of slimpipe or the executor starts with '-' and a digit, so
+    such a token after a long option is its value, and the option's own check then names it."""
+    out: list[str] = []
+    for tok in argv:
+        if (out and tok[:1] == "-" and tok[1:2].isdigit() and out[-1].startswith("--") and "=" not in out[-1]
+                and out[-1] != "--"):
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out

@@ -90,6 +90,7 @@ BAD = {
         ("--attention", "magic", "argument --attention: invalid choice: 'magic'"),
         ("--device", "tpu", "argument --device: invalid choice: 'tpu'"),
         ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"), ("--lr", "-1", "argument --lr: -1"),
+        ("--lr", "-1e-3", "argument --lr: -1e-3 is not allowed"),  # argparse alone: "expected one argument"
         ("--timeout", "nan", "argument --timeout: 'nan' is not a finite number"),
         ("--threads", "0", "argument --threads: 0"),
         ("--warmup", "-1", "argument --warmup: -1"), ("--lr-decay", "linear", "argument --lr-decay: invalid choice"),

@@ -233,6 +233,15 @@ def test_cli_rejects(flags, capsys):
     assert len(err) == 1 and "error" in err[0]
 
 
+@pytest.mark.parametrize("flag, value", [("--memory-budget", "-1GiB"), ("--time-limit", "-0.5s")])
+def test_a_negative_looking_value_is_named(flag, value, capsys):
+    """argparse takes '-1GiB' for an option ("expected one argument"); the value now reaches the
+    option's own check, whose one line names it."""
+    assert main(["tune", "--seq-len", "256", "--gpus", "4", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and value in err[0] and "expected one argument" not in err[0]
+
+
 def test_tune_offers_interleaved_plans_whose_m_is_no_multiple_of_p():
     """tune keeps m = global batch / dp: 10 sequences on p = 4 now give interleaved plans with m = 10
     (issue 15.6; before, every interleaved-1f1b candidate broke the m % p rule)."""

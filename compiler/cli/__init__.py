@@ -7,6 +7,7 @@ import os
 import sys
 
 from ir import SlimpipeError
+from ir.options import glue_negative_values
 
 from ir.version import version
 from . import (cmd_check, cmd_compare, cmd_compile, cmd_export, cmd_import, cmd_plot, cmd_profile, cmd_show, cmd_simulate,
@@ -46,7 +47,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as e:  # --help, or a value an option's type refused (one line already printed)
         return e.code
     try:
