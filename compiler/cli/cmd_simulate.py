@@ -74,15 +74,17 @@ def _against(args, plan, profile, dtype) -> int:
     # out["step"] is the trace's 0-based step index; the executor prints steps from 1
     print(f"{plan.spec.schedule} on {out['device_profile']} vs {args.against} (step {out['step'] + 1} as the executor "
           f"numbers them, the median of the measured steps; step 1 is the warm-up):")
-    print(f"  step      predicted {human_time(p['step_s'])}, measured {human_time(m['step_s'])} ({out['step_error']:+.1%})")
+    print(f"  step      predicted {human_time(p['step_s'])}, measured {human_time(m['step_s'])} "
+          f"(prediction {out['step_error']:+.1%} of measured)")
     print(f"  bubble    predicted {p['bubble_fraction']:.1%} (ideal {pb['ideal']:.1%}, imbalance {pb['imbalance']:.1%}, "
           f"comm {pb['comm']:.1%}), measured {m['bubble_fraction']:.1%} (ideal {mb['ideal']:.1%}, imbalance "
-          f"{mb['imbalance']:.1%}, comm {mb['comm']:.1%}) ({out['bubble_points']:+.1f} points)")
+          f"{mb['imbalance']:.1%}, comm {mb['comm']:.1%}) (prediction {out['bubble_points']:+.1f} points)")
     if "cpu_replay_step_s" in m:
         print(f"  units' CPU time replayed on free processors: {human_time(m['cpu_replay_step_s'])} "
               f"(prediction {out['cpu_replay_error']:+.1%}; wall time above it is other processes' share of the machine)")
     for r, (a, b) in enumerate(zip(p["busy_s"], m["busy_s"])):
-        print(f"  rank {r}    busy predicted {human_time(a)}, measured {human_time(b)} ({(a - b) / b if b else 0:+.1%})")
+        print(f"  rank {r}    busy predicted {human_time(a)}, measured {human_time(b)} "
+              f"(prediction {(a - b) / b if b else 0:+.1%})")
     print("  residual (measured - predicted), largest first:")
     for row in out["kinds"][:6]:
         print(f"    {row['kind']:<10} x{row['count']:<4} {human_time(row['residual_s']):>10}  "
