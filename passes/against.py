@@ -62,25 +62,36 @@ def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict]:
     return st, {k: v[1] - v[0] for k, v in per_step[st].items()}, spans[st], cpu
 
 
-def _bubbles(plan: Plan, dur: dict, step_s: float) -> dict:
+def _bubbles(plan: Plan, dur: dict, step_s: float, profile=None, cpu: dict | None = None) -> dict:
     """Measured bubble and its split: ideal (the mean of each compute kind, no communication), imbalance (the
-    measured unit durations, no communication), comm (the rest), clamped like simulate_timed's."""
-    p = len(plan.ranks)
+    measured unit durations, no communication), comm (the rest), clamped like simulate_timed's.
+
+    Where the profile has fewer processors than the plan has ranks (a measured CPU profile), the
+    prediction's split replays on those processors, so its `ideal` holds the idleness of taking turns
+    (4 ranks on 2 cores: at least half). The measured split then does the same with the units' CPU
+    times (their wall durations already hold the turns): both `ideal`s mean one thing. Otherwise
+    (a processor per rank, or a trace without CPU times) the measured durations replay as they are."""
     busy = [sum(dur[(r, i)] for i, ins in enumerate(s) if ins.kind in _UNIT) for r, s in enumerate(plan.ranks)]
     b = bubble_fraction(busy, step_s)
+    engine, costs = replay, dur
+    if profile is not None and cpu:
+        from .costs import replay_engine, shared_processors
+
+        units = [(r, i) for r, s in enumerate(plan.ranks) for i, ins in enumerate(s) if ins.kind in _UNIT]
+        if shared_processors(profile, len(plan.ranks)) and all(k in cpu for k in units):
+            engine, costs = replay_engine(plan, profile), cpu
     sums = {k: [0.0, 0] for k in _UNIT}
     for r, s in enumerate(plan.ranks):
         for i, ins in enumerate(s):
             if ins.kind in _UNIT:
-                sums[ins.kind][0] += dur[(r, i)]
+                sums[ins.kind][0] += costs[(r, i)]
                 sums[ins.kind][1] += 1
     mean = {k: (t / c if c else 0.0) for k, (t, c) in sums.items()}
     index = {(r, ins): i for r, s in enumerate(plan.ranks) for i, ins in enumerate(s)}
-    ideal = replay(strip_exchanges(plan), lambda r, ins: mean[ins.kind])
-    free = replay(plan, lambda r, ins: dur[(r, index[(r, ins)])])
+    ideal = engine(strip_exchanges(plan), lambda r, ins: mean[ins.kind])
+    free = engine(plan, lambda r, ins: costs.get((r, index[(r, ins)]), 0.0) if ins.kind in _UNIT else 0.0)
     b_ideal = min(bubble_fraction(ideal.busy, ideal.makespan), b)
     b_free = max(min(bubble_fraction(free.busy, free.makespan), b), b_ideal)
-    del p
     return {"step_s": step_s, "bubble_fraction": b,
             "bubble_breakdown": {"ideal": b_ideal, "imbalance": b_free - b_ideal, "comm": b - b_free},
             "busy_s": busy}
@@ -108,7 +119,9 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     pred_dur = {(r, i): t1 - t0 for r, i, t0, t1 in res.timeline}
     for r, i, t0, t1 in res.comm or ():
         pred_dur[(r, i)] = pred_dur.get((r, i), 0.0) + max(t1 - t0, 0.0)
-    meas = _bubbles(plan, dur, step_s)
+    from .costs import load_profile
+
+    meas = _bubbles(plan, dur, step_s, load_profile(profile), cpu)
     units = [(r, i) for r, st in enumerate(plan.ranks) for i, ins in enumerate(st) if ins.kind in _UNIT]
     if units and all(k in cpu for k in units):
         meas["cpu_replay_step_s"] = _cpu_replay(plan, cpu, profile, dtype_bytes)

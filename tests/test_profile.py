@@ -283,6 +283,37 @@ def test_against_a_hand_made_trace(tmp_path, capsys):
     assert out["cpu_replay_error"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_against_splits_the_bubble_like_the_prediction_on_shared_processors(tmp_path, capsys):
+    """4 ranks on a 2-processor profile: the prediction's `ideal` replays on the 2 processors (ranks
+    share them, and a unit's busy time is its stretched wall time: 1f1b p=4 m=4 reads 13/36, not
+    the closed form 3/7). With measured CPU times equal to the predicted unit costs, the measured
+    split replays them the same way and its `ideal` is the prediction's; it was the free replay of
+    the wall durations, the closed form, so the two `ideal`s of one output meant different things."""
+    from passes.costs import unit_cost_table
+
+    plan = compile_plan(spec("1f1b", 4, 4, seq_len=256))
+    prof = load_profile(write(tmp_path, measured_profile(2)))
+    table = unit_cost_table(plan, CostModel(plan.spec, prof, 4, plan=plan))
+    units = {(r, i): table[(r, ins.kind, ins.mb, ins.slice, ins.chunk)]
+             for r, s in enumerate(plan.ranks) for i, ins in enumerate(s) if ins.kind in (Kind.F, Kind.B)}
+    dur = {(r, i): units.get((r, i), 0.0) for r, s in enumerate(plan.ranks) for i in range(len(s))}
+    # wall time: each instruction, then an idle gap of 3 longest units (the turns and the waits)
+    tr = write(tmp_path, hand_trace(plan, dur, gap=3e6 * max(units.values()), cpu=units), "shared.json")
+    save(plan, str(tmp_path / "plan.json"))
+    assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
+                 "--against", tr, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ideal_p, ideal_m = out["predicted"]["bubble_breakdown"]["ideal"], out["measured"]["bubble_breakdown"]["ideal"]
+    assert ideal_p == pytest.approx(13 / 36) and ideal_p < out["measured"]["bubble_fraction"]
+    assert ideal_m == pytest.approx(ideal_p)
+    assert sum(out["measured"]["bubble_breakdown"].values()) == pytest.approx(out["measured"]["bubble_fraction"])
+    # a profile with a processor per rank keeps the free replay of the wall durations: the closed form
+    assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", write(tmp_path, measured_profile(0), "own.json"),
+                 "--against", tr, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["measured"]["bubble_breakdown"]["ideal"] == pytest.approx(3 / 7)
+
+
 def test_against_a_split_backward_plan(tmp_path, capsys):
     """zb-h1 (I and W units): the measured busy time and the per-kind residuals count I and W too
     (--against stopped with KeyError 'I' before)."""
