@@ -12,7 +12,9 @@ number, at the model's shapes and the token counts a slice can have:
 - whole units through the executor's own Stage (1 and 3 layers): a layer's time, and what it
   takes beyond its matmuls and attention (elementwise: norms, RoPE, SwiGLU, residuals, autograd
   and the framework's per-op overhead), and a unit's fixed cost beyond its layers, by tokens;
-- head (final norm, LM head, loss) and embedding, forward and backward, by token count;
+  on CPU with the caches evicted before each forward and backward (see evict_caches);
+- head (final norm, LM head, loss) and embedding, forward and backward, by token count (the head
+  with evicted caches too);
 - p2p: one-way seconds of a message between two local processes through the executor's own
   transport (gloo on CPU, NCCL on GPU), by size; bandwidth and latency fitted from it;
 - memory (RAM or GPU memory) and how many ranks can compute at once (CPU cores; 0 = a device each).
@@ -67,16 +69,18 @@ class Progress:
 CLOCK = [time.thread_time]
 
 
-def timeit(fn, reps: int, sync) -> float:
+def timeit(fn, reps: int, sync, before=None) -> float:
     """Fastest of `reps` runs of fn() after one warm-up. On CPU the clock is this thread's CPU
     time: other processes on a shared machine stretch wall time, not CPU time, so the profile
     stays the same under load (the simulator models how ranks share processors); the fastest
-    run is the one least disturbed by their cache traffic."""
+    run is the one least disturbed by their cache traffic. `before` (untimed) runs before each."""
     clock = CLOCK[0]
     fn()
     sync()
     ts = []
     for _ in range(reps):
+        if before is not None:
+            before()
         t0 = clock()
         fn()
         sync()
@@ -95,8 +99,47 @@ def matmul_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
                    (cfg.ffn, cfg.hidden), (cfg.hidden, cfg.ffn), (cfg.vocab, cfg.hidden)})
 
 
+def cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """Bytes of this machine's last-level CPU cache (sysfs `base`: the highest cache level of
+    cpu0), or 32 MiB where sysfs does not say."""
+    best = (0, 32 << 20)
+    try:
+        for d in os.listdir(base):
+            try:
+                with open(f"{base}/{d}/level") as f:
+                    level = int(f.read())
+                with open(f"{base}/{d}/size") as f:
+                    text = f.read().strip()
+            except (OSError, ValueError):
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+            digits = text[:-1] if mult != 1 else text
+            if digits.isdigit() and level > best[0]:
+                best = (level, int(digits) * mult)
+    except OSError:
+        pass
+    return best[1]
+
+
+def evict_caches(device):
+    """A callable that, on CPU, writes a buffer twice the last-level cache, so that the next unit
+    starts with cold caches; None on CUDA. Why: back to back, a small unit's weights and activations
+    stay in the caches, and the fastest of such runs priced the executor's 32-token units 20-35%
+    low (tiny model, 4 layers: 1.94 ms hot, 2.68 ms after a 64 MiB write, 2.57 ms per unit in a
+    torchrun run at p=2, where other micro-batches, slices and the other rank run in between); at
+    1024 tokens and more the difference is within the noise (their data does not stay anyway)."""
+    if device.type != "cpu":
+        return None
+    buf = torch.empty(2 * cache_bytes() // 4, dtype=torch.float32)
+
+    def evict():
+        buf.fill_(1.0)
+    return evict
+
+
 def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog: Progress) -> dict:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    evict = evict_caches(device)
     be = pick_backend("auto", device, dtype)
     sc = default_scale(cfg.head_dim)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -155,8 +198,8 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
     elementwise, layer, unit = [], [], []
     for s in tokens:
         r = reps_for(s, scale)
-        t1 = _stage_unit(cfg, device, dtype, be, s, 1, r, sync, rnd)
-        t3 = _stage_unit(cfg, device, dtype, be, s, 3, max(3, r // 2), sync, rnd)
+        t1 = _stage_unit(cfg, device, dtype, be, s, 1, r, sync, rnd, evict)
+        t3 = _stage_unit(cfg, device, dtype, be, s, 3, max(3, r // 2), sync, rnd, evict)
         tf, tb = max((t3[0] - t1[0]) / 2, 0.0), max((t3[1] - t1[1]) / 2, 0.0)
         mm_f = sum(mm_time(2.0 * s * i * o) for o, i in matmul_shapes(cfg) if o != cfg.vocab)
         mm_f += mm_time(2.0 * s * cfg.hidden * cfg.ffn)  # the layer has two (ffn, hidden) projections
@@ -181,6 +224,8 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
         def hboth(x0=x0, labels=labels, fuse=True):
             x = x0.detach().requires_grad_(True)
             y = M.head_loss(Ph, x, labels, float(s), fuse=fuse)
+            if evict is not None:
+                evict()
             t0 = CLOCK[0]()
             y.backward()
             sync()
@@ -198,7 +243,7 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
 
         # a unit with one B fuses the head (its gradients made in the forward); a split unit does not
         for rows, fuse in ((head, True), (head_split, False)):
-            tf = timeit(lambda fuse=fuse: hfwd(fuse=fuse), r, sync)
+            tf = timeit(lambda fuse=fuse: hfwd(fuse=fuse), r, sync, evict)
             hboth(fuse=fuse)
             rows.append([s, tf, min(hboth(fuse=fuse) for _ in range(r))])
         ef = timeit(efwd, r, sync)
@@ -219,9 +264,11 @@ class _NoExchange:
         return False
 
 
-def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, sync, rnd) -> tuple[float, float]:
+def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, sync, rnd,
+                evict=None) -> tuple[float, float]:
     """Fastest (forward, backward) seconds of one unit of s tokens through executor.stage.Stage: the
-    middle stage (L layers) of a one-rank, three-stage plan, so no embedding and no head."""
+    middle stage (L layers) of a one-rank, three-stage plan, so no embedding and no head. `evict`
+    (evict_caches; untimed) runs before each forward and each backward."""
     from ir import PlanSpec
 
     from .data import SyntheticBatches
@@ -241,17 +288,22 @@ def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, 
     for i in range(reps + 1):
         st.reset()
         st.acts_in[(0, 0)] = x
+        if evict is not None:
+            evict()
         c0 = clock()
         st.forward(0, 0, [])
         sync()
         c1 = clock()
         st.grads_in[(0, 0)] = dy
+        if evict is not None:
+            evict()
+        c2 = clock()
         st.backward(0, 0, [])
         sync()
-        c2 = clock()
+        c3 = clock()
         if i:
             tf.append(c1 - c0)
-            tb.append(c2 - c1)
+            tb.append(c3 - c2)
     return min(tf), min(tb)
 
 
@@ -437,6 +489,7 @@ def build(cfg: ModelConfig, device_type: str = "cpu", dtype: str = "fp32", scale
             "layer": comp["layer"], "unit": comp["unit"],
             "head": comp["head"], "head_split": comp["head_split"], "embedding": comp["embedding"], "p2p": p2p,
             "p2p_cpu": p2p_cpu, "timeslice_s": slice_s,
+            "units_cache": "evicted before each run" if device.type == "cpu" else "as left",
         },
     }
 

@@ -357,6 +357,29 @@ def test_stage_unit_measures_through_the_executors_stage():
     fwd, bwd = _stage_unit(cfg, torch.device("cpu"), torch.float32, pick_backend("auto", torch.device("cpu")), 32, 1, 1,
                            lambda: None, lambda *shape: torch.randn(*shape))
     assert fwd > 0 and bwd > 0
+    # with evict (evict_caches), it runs before each forward and each backward: warm-up + 2 runs
+    calls = []
+    _stage_unit(cfg, torch.device("cpu"), torch.float32, pick_backend("auto", torch.device("cpu")), 32, 1, 2,
+                lambda: None, lambda *shape: torch.randn(*shape), lambda: calls.append(1))
+    assert len(calls) == 2 * 3
+
+
+def test_cache_eviction_writes_twice_the_last_level_cache(tmp_path):
+    """cache_bytes reads the largest cache level sysfs lists (32 MiB where it lists none);
+    evict_caches writes twice that on CPU and nothing on CUDA."""
+    import torch
+
+    from executor.profile import cache_bytes, evict_caches
+
+    for level, size in ((1, "32K"), (2, "1024K"), (3, "16384K")):
+        d = tmp_path / f"index{level}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(size + "\n")
+    (tmp_path / "uevent").write_text("")  # not a cache folder: skipped
+    assert cache_bytes(str(tmp_path)) == 16 << 20
+    assert cache_bytes(str(tmp_path / "missing")) == 32 << 20
+    assert evict_caches(torch.device("cuda")) is None and callable(evict_caches(torch.device("cpu")))
 
 
 def test_processor_sharing_ends_at_large_clocks():
