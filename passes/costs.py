@@ -151,10 +151,12 @@ def profile_from_dict(d, arg: str = "<dict>", where: str | None = None) -> Devic
                         f"missing {', '.join(missing)}") + f"; fields: {', '.join(names)} (and optionally measured)")
     for k in names[1:]:
         v = d[k]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and k != "p2p_latency"):
-            raise SpecError(f"{where}: {k}={_shown(v)} must be a positive number")
-        if k.endswith("efficiency") and v > 1:
-            raise SpecError(f"{where}: {k}={_shown(v)} must be in (0, 1]")
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # NaN, Infinity: no
+        if k.endswith("efficiency") and not (number and 0 < v <= 1):
+            raise SpecError(f"{where}: {k}={_shown(v)} must be a number in (0, 1]")
+        if not number or v < 0 or (v == 0 and k != "p2p_latency"):
+            raise SpecError(f"{where}: {k}={_shown(v)} must be a "
+                            + ("finite number >= 0" if k == "p2p_latency" else "finite positive number"))
     if measured is not None:
         d["measured"] = _measured(where, measured)
     return DeviceProfile(**d)
@@ -179,11 +181,11 @@ def _measured(where: str, m) -> Measured:
         for row in rows:
             nums = row[1:] if k == "attention" else row
             ok = isinstance(row, list) and len(row) == width and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in nums)
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in nums)
             if ok and k == "attention":
                 ok = row[0] in ("fwd", "bwd") and row[1] in (0, 1) and row[2] > 0 and row[3] > 0
             if not ok:
-                raise SpecError(f"{where}.{k}: row {_shown(row)} must be {width} numbers >= 0"
+                raise SpecError(f"{where}.{k}: row {_shown(row)} must be {width} finite numbers >= 0"
                                 + (" (\"fwd\"|\"bwd\", causal 0|1, queries, keys, seconds)" if k == "attention" else ""))
         curves[k] = tuple(tuple(r) for r in sorted(rows, key=lambda r: tuple(r[:2]) if k != "attention" else (0,)))
     meta = {k: v for k, v in m.items() if k not in CURVES and k not in ("format", "processors")}

@@ -71,6 +71,32 @@ def test_bad_measured_block_is_one_line(tmp_path, edit, says):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("peak_flops", float("nan"), "peak_flops=NaN must be a finite positive number"),
+    ("peak_flops", float("inf"), "peak_flops=Infinity must be a finite positive number"),
+    ("p2p_bandwidth", float("nan"), "p2p_bandwidth=NaN must be"),
+    ("p2p_latency", float("inf"), "p2p_latency=Infinity must be a finite number >= 0"),
+    ("mm_efficiency", float("nan"), "mm_efficiency=NaN must be a number in (0, 1]"),
+    ("mm_efficiency", 0, "mm_efficiency=0 must be a number in (0, 1]"),
+    ("memory_bytes", float("inf"), "memory_bytes=Infinity must be"),
+])
+def test_a_profile_number_that_is_not_finite_is_one_line(tmp_path, capsys, field, value, says):
+    """JSON's NaN and Infinity (Python's json reads and writes them) made simulate print 'step nan ns'
+    and compile write a plan, exit 0 (a new user's trial)."""
+    path = write(tmp_path, {**PROFILES["h100"].to_json(), field: value})
+    with pytest.raises(SpecError) as e:
+        load_profile(path)
+    assert says in str(e.value) and "\n" not in str(e.value)
+    out = tmp_path / "plan.json"
+    assert main(["compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--device-profile", path,
+                 "-o", str(out)]) == 2
+    assert not out.exists() and says in capsys.readouterr().err
+    d = measured_profile()
+    d["measured"]["matmul"].append([1e12, float("inf")])
+    with pytest.raises(SpecError, match="matmul: row .* must be 2 finite numbers"):
+        load_profile(write(tmp_path, d, "rows.json"))
+
+
 def test_a_bad_profile_stored_in_a_plan_is_named_as_such(tmp_path, capsys):
     """A plan compiled for a profile file carries its fields; a hand-edited bad field there is one
     line naming the plan's meta (not a --device-profile the user never gave), exit 2."""
@@ -80,8 +106,24 @@ def test_a_bad_profile_stored_in_a_plan_is_named_as_such(tmp_path, capsys):
     save(plan.with_ranks(plan.ranks, device_profile_fields=fields_), str(path))
     assert main(["simulate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "the plan's meta.device_profile_fields: peak_flops=true must be a positive number" in err
+    assert "\n" not in err and "the plan's meta.device_profile_fields: peak_flops=true must be a finite positive number" in err
     assert "--device-profile '" not in err
+
+
+def test_a_plan_whose_profile_is_gone_is_not_priced_on_h100(tmp_path, capsys):
+    """A plan compiled for a profile file without its stored fields (hand-edited, or written by a
+    tool that drops meta) was simulated on h100 with no word; now one line, exit 2, and
+    --device-profile prices it."""
+    prof = write(tmp_path, measured_profile(2))
+    plan = compile_plan(spec("1f1b", 2, 2, seq_len=256), load_profile(prof))
+    meta = {k: v for k, v in plan.meta.items() if k != "device_profile_fields"}
+    path = tmp_path / "plan.json"
+    save(type(plan)(plan.spec, plan.ranks, meta, plan.schema_version), str(path))
+    assert main(["simulate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "compiled for device profile 'hand'" in err and "give --device-profile" in err
+    assert main(["simulate", str(path), "--device-profile", prof, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["device_profile"] == "hand"
 
 
 def test_unit_time_from_curves():

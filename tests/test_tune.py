@@ -233,7 +233,8 @@ def test_cli_rejects(flags, capsys):
     assert len(err) == 1 and "error" in err[0]
 
 
-@pytest.mark.parametrize("flag, value", [("--memory-budget", "-1GiB"), ("--time-limit", "-0.5s")])
+@pytest.mark.parametrize("flag, value", [("--memory-budget", "-1GiB"), ("--time-limit", "-0.5s"),
+                                         ("--memory-budget", "1e400GiB")])
 def test_a_negative_looking_value_is_named(flag, value, capsys):
     """argparse takes '-1GiB' for an option ("expected one argument"); the value now reaches the
     option's own check, whose one line names it."""

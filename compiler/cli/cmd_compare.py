@@ -2,6 +2,7 @@
 m fixed), found by tune's own search over the same n, v, partitions and exchange settings."""
 from __future__ import annotations
 
+import math
 import re
 
 from ir import SlimpipeError, SpecError
@@ -28,7 +29,11 @@ def parse_bytes(text: str, flag: str = "--memory-budget") -> float:
     if not mt or mt.group(2).lower() not in _UNITS or float(mt.group(1)) <= 0:
         raise SpecError(f"{flag} {text!r} is not a size; allowed: a positive number with a unit "
                         f"({units}), e.g. 80GiB")
-    return float(mt.group(1)) * _UNITS[mt.group(2).lower()]
+    size = float(mt.group(1)) * _UNITS[mt.group(2).lower()]
+    if not math.isfinite(size):  # '1e400GiB' overflows to inf: not a size either
+        raise SpecError(f"{flag} {text!r} is too large to be a size; allowed: a finite positive number with a "
+                        f"unit ({units}), e.g. 80GiB")
+    return size
 
 
 def best_per_family(problem: Problem, space: Space, time_limit: float | None = None) -> tuple[list[dict], SearchResult]:

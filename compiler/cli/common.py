@@ -120,7 +120,13 @@ def plan_profile(arg: str | None, plan: Plan):
         except SpecError as e:
             raise PlanFormatError(f"{e}; give --device-profile") from None
     name = plan.meta.get("device_profile")
-    return PROFILES[name] if name in PROFILES else load_profile(None)
+    if name is None:
+        return load_profile(None)
+    if name not in PROFILES:  # pricing it on h100 instead would be a silent wrong answer
+        raise PlanFormatError(f"the plan was compiled for device profile {name!r}, which is not built in, and it "
+                              f"carries no meta.device_profile_fields; give --device-profile (the profile's JSON file, "
+                              f"or one of {', '.join(PROFILES)})")
+    return PROFILES[name]
 
 
 def add_render_args(p, output_help: str) -> None:
