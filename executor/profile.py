@@ -503,13 +503,15 @@ def main(argv=None) -> int:
     ap.add_argument("--name", help="profile name (default measured-<device>)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--prog", default="executor.profile", help=argparse.SUPPRESS)  # names the caller in its lines
     a = ap.parse_args(argv)
     cfg = ModelConfig(**json.loads(a.model))
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("executor.profile: error: --device cuda but no CUDA device is available", file=sys.stderr)
+        print(f"{a.prog}: error: --device cuda but no CUDA device is available (torch {torch.__version__}); "
+              f"allowed here: --device cpu", file=sys.stderr)
         return 2
     if a.device == "cuda" and torch.cuda.device_count() < 2:
-        print("executor.profile: note: one GPU: p2p measured between two processes on the same GPU", file=sys.stderr)
+        print(f"{a.prog}: note: one GPU: p2p measured between two processes on the same GPU", file=sys.stderr)
     prof = build(cfg, a.device, a.dtype, a.scale, quiet=a.quiet, name=a.name)
     atomic_write(a.output, json.dumps(prof, indent=1))
     return 0

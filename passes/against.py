@@ -23,6 +23,12 @@ def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict]:
     if not isinstance(evs, list):
         raise SpecError(f"--against {path!r}: not a Chrome trace (no traceEvents list)")
     other = d.get("otherData") if isinstance(d.get("otherData"), dict) else {}
+    pids = {e.get("pid") for e in evs if isinstance(e, dict) and e.get("ph") == "X" and isinstance(e.get("args"), dict)
+            and "index" in e["args"]}
+    if pids and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in pids) \
+            and max(pids) + 1 != len(plan.ranks):
+        raise SpecError(f"--against {path!r}: the trace has {max(pids) + 1} ranks and the plan {len(plan.ranks)}: "
+                        f"a trace of another plan? (run the executor on this plan with --trace)")
     per_step: dict[int, dict] = {}
     for e in evs:
         if not isinstance(e, dict) or e.get("ph") != "X" or not isinstance(e.get("args"), dict) or "index" not in e["args"]:

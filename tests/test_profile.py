@@ -369,6 +369,14 @@ def test_against_a_split_backward_plan(tmp_path, capsys):
 
 def test_against_refuses_a_trace_of_another_plan(tmp_path, capsys):
     plan = compile_plan(spec("gpipe", 2, 2))
+    # another number of ranks: said in those words
+    four = compile_plan(spec("gpipe", 4, 4))
+    save(plan, str(tmp_path / "plan.json"))
+    tr = write(tmp_path, hand_trace(four, {(r, i): 0.001 for r, s in enumerate(four.ranks) for i in range(len(s))}),
+               "four.json")
+    assert main(["simulate", str(tmp_path / "plan.json"), "--against", tr]) == 2
+    err = capsys.readouterr().err
+    assert "the trace has 4 ranks and the plan 2: a trace of another plan?" in err and err.count("\n") == 1
     other = compile_plan(spec("gpipe", 2, 3))
     save(plan, str(tmp_path / "plan.json"))
     dur = {(r, i): 0.001 for r, s in enumerate(other.ranks) for i in range(len(s))}
@@ -378,11 +386,14 @@ def test_against_refuses_a_trace_of_another_plan(tmp_path, capsys):
     assert "outside the plan" in err and err.count("\n") == 1
 
 
-def test_profile_command_refuses_bad_options_in_one_line(tmp_path, capsys):
+def test_profile_command_refuses_bad_options_in_one_line(tmp_path, capfd):
     for argv, says in ((["--scale", "0"], "--scale"), (["-o", str(tmp_path / "nowhere" / "p.json")], "does not exist"),
-                       (["--model", "llama-9b"], "llama-9b")):
+                       (["--model", "llama-9b"], "llama-9b"),
+                       # the measuring subprocess refuses it, in slimpipe's name (it said executor.profile)
+                       (["--device", "cuda", "-o", str(tmp_path / "c.json")],
+                        "slimpipe profile: error: --device cuda but no CUDA device is available")):
         assert main(["profile", *argv]) == 2
-        err = capsys.readouterr().err
+        err = capfd.readouterr().err
         assert says in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
 

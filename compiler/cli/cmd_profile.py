@@ -25,7 +25,7 @@ def run(args) -> int:
         raise SpecError(f"--scale {args.scale:g} must be > 0 (1 = about a minute)")
     model, _ = model_from_args(args)
     cmd = [sys.executable, "-m", "executor.profile", "--model", model.model_dump_json(), "--device", args.device,
-           "--dtype", args.dtype, "--scale", str(args.scale), "-o", args.output]
+           "--dtype", args.dtype, "--scale", str(args.scale), "-o", args.output, "--prog", "slimpipe profile"]
     if args.name:
         cmd += ["--name", args.name]
     if args.quiet or args.json:

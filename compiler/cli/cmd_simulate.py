@@ -62,6 +62,11 @@ def run(args) -> int:
     return 0
 
 
+def _off(err: float) -> str:
+    """A prediction's relative error as words: '26.4% below measured', '3.0% above measured'."""
+    return f"{abs(err):.1%} {'below' if err < 0 else 'above'} measured" if round(abs(err), 3) else "as measured"
+
+
 def _against(args, plan, profile, dtype) -> int:
     from passes.against import against
 
@@ -75,20 +80,22 @@ def _against(args, plan, profile, dtype) -> int:
     print(f"{plan.spec.schedule} on {out['device_profile']} vs {args.against} (step {out['step'] + 1} as the executor "
           f"numbers them, the median of the measured steps; step 1 is the warm-up):")
     print(f"  step      predicted {human_time(p['step_s'])}, measured {human_time(m['step_s'])} "
-          f"(prediction {out['step_error']:+.1%} of measured)")
+          f"(prediction {_off(out['step_error'])})")
     print(f"  bubble    predicted {p['bubble_fraction']:.1%} (ideal {pb['ideal']:.1%}, imbalance {pb['imbalance']:.1%}, "
           f"comm {pb['comm']:.1%}), measured {m['bubble_fraction']:.1%} (ideal {mb['ideal']:.1%}, imbalance "
           f"{mb['imbalance']:.1%}, comm {mb['comm']:.1%}) (prediction {out['bubble_points']:+.1f} points)")
     if "cpu_replay_step_s" in m:
-        print(f"  units' CPU time replayed on free processors: {human_time(m['cpu_replay_step_s'])} "
-              f"(prediction {out['cpu_replay_error']:+.1%}; wall time above it is other processes' share of the machine)")
+        print(f"  units' CPU times replayed like the prediction (the profile's processors): "
+              f"{human_time(m['cpu_replay_step_s'])} (prediction {_off(out['cpu_replay_error']).replace('measured', 'it')}; "
+              f"measured time beyond it is not the units' own CPU work: other processes, scheduling, waits)")
     for r, (a, b) in enumerate(zip(p["busy_s"], m["busy_s"])):
         print(f"  rank {r}    busy predicted {human_time(a)}, measured {human_time(b)} "
-              f"(prediction {(a - b) / b if b else 0:+.1%})")
-    print("  residual (measured - predicted), largest first:")
+              f"(prediction {_off((a - b) / b if b else 0)})")
+    print("  residual (measured - predicted) per instruction kind, largest first:")
     for row in out["kinds"][:6]:
         print(f"    {row['kind']:<10} x{row['count']:<4} {human_time(row['residual_s']):>10}  "
               f"(predicted {human_time(row['predicted_s'])}, measured {human_time(row['measured_s'])})")
+    print("  per unit kind and slice, largest first:")
     for row in out["slices"][:6]:
         name = f"{row['kind']} slice {row['slice']}"
         print(f"    {name:<10} x{row['count']:<4} {human_time(row['residual_s']):>10}  "
