@@ -122,18 +122,20 @@ def cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
 
 
 def evict_caches(device):
-    """A callable that, on CPU, writes a buffer twice the last-level cache, so that the next unit
+    """A callable that, on CPU, reads a buffer twice the last-level cache, so that the next unit
     starts with cold caches; None on CUDA. Why: back to back, a small unit's weights and activations
     stay in the caches, and the fastest of such runs priced the executor's 32-token units 20-35%
-    low (tiny model, 4 layers: 1.94 ms hot, 2.68 ms after a 64 MiB write, 2.57 ms per unit in a
-    torchrun run at p=2, where other micro-batches, slices and the other rank run in between); at
-    1024 tokens and more the difference is within the noise (their data does not stay anyway)."""
+    low (tiny model, 4 layers, forward: 2.00-2.19 ms hot, 2.72-2.82 ms after a 64 MiB read, 2.57
+    ms per unit in a torchrun run at p=2, where other micro-batches, slices and the other rank run
+    in between); at 1024 tokens 1-2% (24.1-24.8 ms hot, 24.7-25.1 ms cold).
+    A read, not a write: written lines are dirty, and the unit then paid for writing them back
+    (0.6-1.0 ms of a 1024-token unit's fixed cost, which no real run pays)."""
     if device.type != "cpu":
         return None
-    buf = torch.empty(2 * cache_bytes() // 4, dtype=torch.float32)
+    buf = torch.ones(2 * cache_bytes() // 4, dtype=torch.float32)
 
     def evict():
-        buf.fill_(1.0)
+        buf.sum()
     return evict
 
 
