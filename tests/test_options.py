@@ -92,6 +92,7 @@ BAD = {
         ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"), ("--lr", "-1", "argument --lr: -1"),
         ("--lr", "-1e-3", "argument --lr: -1e-3 is not allowed"),  # argparse alone: "expected one argument"
         ("--timeout", "nan", "argument --timeout: 'nan' is not a finite number"),
+        ("--timeout", "10s", "argument --timeout: '10s' is not a number (write it without a unit, e.g. 10; times are in seconds)"),
         ("--threads", "0", "argument --threads: 0"),
         ("--warmup", "-1", "argument --warmup: -1"), ("--lr-decay", "linear", "argument --lr-decay: invalid choice"),
         ("--decay-steps", "0", "argument --decay-steps: 0"), ("--min-lr", "-1", "argument --min-lr: -1"),
