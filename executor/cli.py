@@ -301,7 +301,7 @@ def wait_for_peers_to_refuse(world: int, limit_s: float = 10.0) -> None:
 
 def _main(argv=None) -> int:
     global _GROUP_STARTED
-    opts = build_parser().parse_args(glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    opts = build_parser().parse_args(glue_negative_values(argv))
     if opts.trace:
         d = os.path.dirname(os.path.abspath(opts.trace))
         if not os.path.isdir(d) or os.path.isdir(opts.trace):

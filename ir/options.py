@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 
 
 def _int(text: str) -> int:
@@ -59,13 +60,14 @@ def nonneg_float(text: str) -> float:
     return v
 
 
-def glue_negative_values(argv: list[str]) -> list[str]:
+def glue_negative_values(argv: list[str] | None) -> list[str]:
     """['--memory-budget', '-1GiB'] -> ['--memory-budget=-1GiB']: argparse takes a value that starts
     with '-' and is not a plain number ('-1GiB', '-0.5s') for an option and answers "expected one
     argument", which does not name the value. No option of slimpipe or the executor starts with '-' and a digit, so
-    such a token after a long option is its value, and the option's own check then names it."""
+    such a token after a long option is its value, and the option's own check then names it.
+    argv None: this process's arguments (sys.argv[1:])."""
     out: list[str] = []
-    for tok in argv:
+    for tok in sys.argv[1:] if argv is None else argv:
         if (out and tok[:1] == "-" and tok[1:2].isdigit() and out[-1].startswith("--") and "=" not in out[-1]
                 and out[-1] != "--"):
             out[-1] = f"{out[-1]}={tok}"

@@ -73,18 +73,18 @@ def _bubbles(plan: Plan, dur: dict, step_s: float, profile=None, cpu: dict | Non
     measured unit durations, no communication), comm (the rest), clamped like simulate_timed's.
 
     Where the profile has fewer processors than the plan has ranks (a measured CPU profile), the
-    prediction's split replays on those processors, so its `ideal` holds the idleness of taking turns
-    (4 ranks on 2 cores: at least half). The measured split then does the same with the units' CPU
-    times (their wall durations already hold the turns): both `ideal`s mean one thing. Otherwise
-    (a processor per rank, or a trace without CPU times) the measured durations replay as they are."""
+    prediction's split replays on those processors, so its `ideal` holds the ranks taking turns
+    (1f1b p=4 m=4 on 2 processors: 13/36, where a processor per rank gives the closed form 3/7). The
+    measured split then does the same with the units' CPU times (`cpu`: every unit's, or None; their
+    wall durations already hold the turns): both `ideal`s mean one thing. Otherwise (a processor per
+    rank, or a trace without CPU times) the measured durations replay as they are."""
     busy = [sum(dur[(r, i)] for i, ins in enumerate(s) if ins.kind in _UNIT) for r, s in enumerate(plan.ranks)]
     b = bubble_fraction(busy, step_s)
     engine, costs = replay, dur
-    if profile is not None and cpu:
+    if profile is not None and cpu:  # cpu: every unit's CPU time, or None
         from .costs import replay_engine, shared_processors
 
-        units = [(r, i) for r, s in enumerate(plan.ranks) for i, ins in enumerate(s) if ins.kind in _UNIT]
-        if shared_processors(profile, len(plan.ranks)) and all(k in cpu for k in units):
+        if shared_processors(profile, len(plan.ranks)):
             engine, costs = replay_engine(plan, profile), cpu
     sums = {k: [0.0, 0] for k in _UNIT}
     for r, s in enumerate(plan.ranks):
@@ -127,10 +127,12 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
         pred_dur[(r, i)] = pred_dur.get((r, i), 0.0) + max(t1 - t0, 0.0)
     from .costs import load_profile
 
-    meas = _bubbles(plan, dur, step_s, load_profile(profile), cpu)
+    prof = load_profile(profile)
     units = [(r, i) for r, st in enumerate(plan.ranks) for i, ins in enumerate(st) if ins.kind in _UNIT]
-    if units and all(k in cpu for k in units):
-        meas["cpu_replay_step_s"] = _cpu_replay(plan, cpu, profile, dtype_bytes)
+    unit_cpu = cpu if units and all(k in cpu for k in units) else None  # a CPU time for every unit, or none
+    meas = _bubbles(plan, dur, step_s, prof, unit_cpu)
+    if unit_cpu:
+        meas["cpu_replay_step_s"] = _cpu_replay(plan, unit_cpu, prof, dtype_bytes)
     pred = {"step_s": sim["step_s"], "bubble_fraction": sim["bubble_fraction"],
             "bubble_breakdown": sim["bubble_breakdown"], "busy_s": [r["busy_s"] for r in sim["ranks"]]}
     kinds: dict[str, list] = {}

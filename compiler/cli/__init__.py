@@ -47,7 +47,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
+        args = parser.parse_args(glue_negative_values(argv))
     except SystemExit as e:  # --help, or a value an option's type refused (one line already printed)
         return e.code
     try:

@@ -62,9 +62,9 @@ def run(args) -> int:
     return 0
 
 
-def _off(err: float) -> str:
+def _off(err: float, than: str = "measured") -> str:
     """A prediction's relative error as words: '26.4% below measured', '3.0% above measured'."""
-    return f"{abs(err):.1%} {'below' if err < 0 else 'above'} measured" if round(abs(err), 3) else "as measured"
+    return f"{abs(err):.1%} {'below' if err < 0 else 'above'} {than}" if round(abs(err), 3) else f"as {than}"
 
 
 def _against(args, plan, profile, dtype) -> int:
@@ -86,7 +86,7 @@ def _against(args, plan, profile, dtype) -> int:
           f"{mb['imbalance']:.1%}, comm {mb['comm']:.1%}) (prediction {out['bubble_points']:+.1f} points)")
     if "cpu_replay_step_s" in m:
         print(f"  units' CPU times replayed like the prediction (the profile's processors): "
-              f"{human_time(m['cpu_replay_step_s'])} (prediction {_off(out['cpu_replay_error']).replace('measured', 'it')}; "
+              f"{human_time(m['cpu_replay_step_s'])} (prediction {_off(out['cpu_replay_error'], 'it')}; "
               f"measured time beyond it is not the units' own CPU work: other processes, scheduling, waits)")
     for r, (a, b) in enumerate(zip(p["busy_s"], m["busy_s"])):
         print(f"  rank {r}    busy predicted {human_time(a)}, measured {human_time(b)} "
