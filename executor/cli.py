@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p2p-match", choices=["auto", "order", "tag"], default="auto",
                    help="how a receive finds its message: order (per rank pair in posting order, tags ignored, as NCCL "
                         "does), tag (as gloo does); auto (default): order on CUDA, tag on CPU. order on CPU emulates NCCL")
+    p.add_argument("--p2p-wait", choices=["auto", "direct", "watcher"], default="auto",
+                   help="how a rank blocks on a gloo message: direct (its own thread waits the message), watcher (a "
+                        "thread per peer waits it and wakes the rank, which serves KV-exchange requests meanwhile); "
+                        "auto (default): direct unless the plan has KV exchanges. No effect on CUDA")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads with --local (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     p.add_argument("--trace", metavar="FILE.json",
@@ -194,6 +198,9 @@ def check_files(opts, plan) -> str:
         return f"--autocast with --dtype {opts.dtype}: autocast keeps parameters in fp32 and computes in bf16; use --dtype fp32"
     if opts.save_every and not opts.save:
         return f"--save-every {opts.save_every} needs --save DIR"
+    if opts.p2p_wait == "direct" and any(ins.kind in ir.KV for stream in plan.ranks for ins in stream):
+        return ("--p2p-wait direct: the plan has KV exchanges, whose ranks serve requests while they wait; "
+                "use --p2p-wait auto or watcher")
     if (opts.save or opts.resume) and os.environ.get("WORLD_SIZE", "1") != "1" and not _numpy():
         return ("--save/--resume under torchrun need NumPy (torch.distributed.checkpoint's object collectives): "
                 "pip install 'slimpipe[train]'")

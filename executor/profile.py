@@ -330,6 +330,14 @@ def _attn(rows, pass_, causal, q, k) -> float:
 # ---------------------------------------------------------------- point to point
 
 
+def _wait(tp, p) -> None:
+    """Wait a Pending as the executor's Waiter does: block in it where it can, else poll."""
+    if p.block is not None:
+        p.block(60.0)
+    while not p.ready():
+        tp.wait_change(tp.version(), 0.05)
+
+
 def _p2p_worker(rank: int, port: int, device_type: str, sizes, reps: int, out_path: str) -> None:
     import torch.distributed as dist
 
@@ -340,7 +348,7 @@ def _p2p_worker(rank: int, port: int, device_type: str, sizes, reps: int, out_pa
     device = torch.device("cuda", rank % torch.cuda.device_count()) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tp = init_dist(rank, 2, device, 60.0)
+    tp = init_dist(rank, 2, device, 60.0, wait="direct")  # as the executor waits in a plan without KV exchanges
     res = []
     for n in sizes:
         t = torch.zeros(n // 4, dtype=torch.float32, device=device)
@@ -355,14 +363,12 @@ def _p2p_worker(rank: int, port: int, device_type: str, sizes, reps: int, out_pa
                 p = tp.post_recv(1, 2 * i + 1, spec)
             else:
                 p = tp.post_recv(0, 2 * i, spec)
-            while not p.ready():
-                tp.wait_change(tp.version(), 0.05)
+            _wait(tp, p)
             (got,) = p.value()
             if rank == 1:
                 tp.send(0, 2 * i + 1, [got])
             for s in tp.pending_sends():
-                while not s.ready():
-                    tp.wait_change(tp.version(), 0.05)
+                _wait(tp, s)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i:

@@ -171,6 +171,16 @@ def match_mode(opts, device: str) -> str:
     return "order" if cuda else "tag"
 
 
+def wait_mode(opts, plan) -> str:
+    """--p2p-wait: "direct" (the rank's thread waits its gloo messages itself) or "watcher" (a thread
+    per peer waits and wakes the rank, which serves KV requests meanwhile); auto is direct unless the
+    plan has KV exchanges. (cli refuses direct with KV exchanges before any rank starts.)"""
+    m = getattr(opts, "p2p_wait", "auto")
+    if m != "auto":
+        return m
+    return "watcher" if has_kv(plan) else "direct"
+
+
 def has_kv(plan) -> bool:
     return any(ins.kind in KV for stream in plan.ranks for ins in stream)
 
@@ -249,7 +259,7 @@ def run_dist(plan, opts) -> int:
         try:
             watch.block("the other ranks to join (init_process_group)", "every rank", opts.timeout)
             tp = init_dist(rank, world, device, opts.timeout, match_mode(opts, device.type), kv=has_kv(plan),
-                           pp=plan.spec.pp)
+                           pp=plan.spec.pp, wait=wait_mode(opts, plan))
             procs.extend(tuple(x) for x in tp.all_gather([socket.gethostname(), os.getpid()]))
             watch.unblock()
             code, _ = run_rank(plan, rank, tp, opts, watch=watch, fault=fault)

@@ -60,10 +60,12 @@ class Pending:
     """A posted receive (or a send in flight): ready() polls, value() returns the tensors once
     ready (or raises what the transport saw); peer is the other rank, for messages."""
 
-    __slots__ = ("_poll", "_get", "peer")
+    __slots__ = ("_poll", "_get", "peer", "block")
+    # block(timeout): where set, the waiting rank may block in it (its own thread waits the message;
+    # see DistTransport._watched); it returns at completion, error or timeout, never raises
 
-    def __init__(self, poll, get, peer=None):
-        self._poll, self._get, self.peer = poll, get, peer
+    def __init__(self, poll, get, peer=None, block=None):
+        self._poll, self._get, self.peer, self.block = poll, get, peer, block
 
     def ready(self) -> bool:
         return self._poll()
@@ -74,6 +76,7 @@ class Pending:
 
 # ------------------------------------------------------------------ in-process
 MATCH_MODES = ("tag", "order")
+WAIT_MODES = ("direct", "watcher")
 CHANNELS = ("p2p", "kvq", "kvr")
 
 
@@ -267,11 +270,13 @@ class DistTransport:
     kind = "dist"
 
     def __init__(self, rank: int, world: int, device: torch.device, timeout: float, match: str = "tag",
-                 groups: dict | None = None, pp: int | None = None, dp_group=None):
+                 groups: dict | None = None, pp: int | None = None, dp_group=None, wait: str = "watcher"):
         import torch.distributed as dist
 
         if match not in MATCH_MODES:
             raise ValueError(f"match={match!r}; allowed: {', '.join(MATCH_MODES)}")
+        if wait not in WAIT_MODES:
+            raise ValueError(f"wait={wait!r}; allowed: {', '.join(WAIT_MODES)}")
         self.match = match
         self.groups = {"p2p": None, **(groups or {})}  # channel -> process group (None: the default one)
         self.dist = dist
@@ -288,6 +293,7 @@ class DistTransport:
         self.watch = device.type != "cuda"
         self.threads: list[threading.Thread] = []
         self.fifos: dict = {}  # (direction, peer) -> _Fifo (see _watched)
+        self.direct = self.watch and wait == "direct"  # see _watched
 
     def _watched(self, work, result, queue=None):
         """A Pending that becomes ready when `work` completes; result() gives the value.
@@ -299,11 +305,26 @@ class DistTransport:
         order it posts them (program order), so the head of that queue is always the receive it
         needs first, and sends are waited only at the step's end. Starting a thread per message
         cost a rank 15-18 ms per step at p=2 (96 threads, up to 4 ms each while the peer computes).
+
+        wait="direct" (a plan without KV exchanges: nothing to serve while blocked): a queued message
+        gets no watcher. Its Pending has block(timeout), in which the waiting rank's own thread
+        wait()s the Work, so gloo's completion wakes the rank itself rather than a watcher that then
+        wakes the rank: one thread hand-off per message instead of two, which matters when ranks
+        share processors (bench/p2p_wait.py). ready() is then true only once block() has returned.
         """
         if not self.watch:
             return Pending(work.is_completed, lambda: (work.wait(), result())[1])
         state = []
-        if queue is not None:
+        block = None
+        if queue is not None and self.direct:
+            def block(timeout):
+                if not state:
+                    try:  # gloo gives up at the timeout (the Waiter then names the peer)
+                        work.wait(timedelta(seconds=max(timeout, 0.001)))
+                        state.append(None)
+                    except Exception as e:  # noqa: BLE001 - surfaced by value()
+                        state.append(e)
+        elif queue is not None:
             self._fifo(queue).put(work, state)
         else:
             th = threading.Thread(target=self._finish, args=(work, state), daemon=True)
@@ -316,7 +337,7 @@ class DistTransport:
                 raise PeerLost(self.backend, state[0])
             return result()
 
-        return Pending(lambda: bool(state), get)
+        return Pending(lambda: bool(state), get, block=block)
 
     def _finish(self, work, state) -> None:
         """Wait `work` (bounded), record None or its error in `state`, wake the rank's waits."""
@@ -476,14 +497,17 @@ class _Fifo:
 
 
 def init_dist(rank: int, world: int, device: torch.device, timeout: float, match: str = "tag",
-              kv: bool = False, pp: int | None = None) -> DistTransport:
+              kv: bool = False, pp: int | None = None, wait: str = "watcher") -> DistTransport:
     """Join the torchrun job: gloo on CPU, NCCL on CUDA, every wait bounded by `timeout`. With `kv`
     (the plan has KV exchanges; every rank reads the same plan, so all agree) the KV channels get
     process groups of their own. With `pp` < world, the ranks form a 2-D device mesh (dp, pp) =
     (world / pp, pp), row-major: global rank = replica * pp + pipeline rank; gradients are reduced
-    over the mesh's dp groups."""
+    over the mesh's dp groups. `wait`: how a rank blocks on a gloo message, "direct" or "watcher"
+    (DistTransport._watched); a plan with KV exchanges needs "watcher" (ranks serve while they wait)."""
     import torch.distributed as dist
 
+    if kv and wait == "direct":
+        raise ValueError("wait='direct' with KV exchanges: their ranks serve requests while they wait; use 'watcher'")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
     groups = {}
@@ -496,4 +520,4 @@ def init_dist(rank: int, world: int, device: torch.device, timeout: float, match
 
         mesh = init_device_mesh(device.type, (world // pp, pp), mesh_dim_names=("dp", "pp"))
         dp_group = mesh.get_group("dp")
-    return DistTransport(rank, world, device, timeout, match, groups, pp, dp_group)
+    return DistTransport(rank, world, device, timeout, match, groups, pp, dp_group, wait)

@@ -30,6 +30,8 @@ def main(paths):
     # every plan of a launch has the same pp; world / pp data-parallel replicas (a (dp, pp) mesh)
     tp = init_dist(rank, world, torch.device("cpu"), 120.0, kv=kv, pp=plans[0].spec.pp)
     for path, plan in zip(paths, plans):
+        # as the executor's --p2p-wait auto: the rank blocks on its own messages unless it must serve KV requests
+        tp.direct = not any(ins.kind in ir.KV for s in plan.ranks for ins in s)
         code, summary = run_rank(plan, rank, tp, options(), out=io.StringIO())
         if rank == 0:
             print("RESULT " + json.dumps({"plan": os.path.basename(path), "code": code, **summary}), flush=True)

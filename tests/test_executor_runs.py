@@ -197,6 +197,19 @@ def test_unknown_schema_version_and_malformed_plan(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def test_direct_wait_is_refused_for_a_plan_with_kv_exchanges(tmp_path):
+    """Ranks of an exchange serve their partners' requests while they wait: --p2p-wait direct (the
+    rank blocked in one message) could deadlock them, so it is refused before any rank starts."""
+    path = str(tmp_path / "s.json")
+    ir.save(matrix(2)["slimpipe-v1-exchange"], path)
+    res = run_cli([path, "--p2p-wait", "direct", "--check-only"])
+    assert res.returncode == 2 and res.stderr == (
+        "executor: error: --p2p-wait direct: the plan has KV exchanges, whose ranks serve requests while they wait; "
+        "use --p2p-wait auto or watcher\n")
+    res = run_cli([path, "--p2p-wait", "watcher", "--check-only"])
+    assert res.returncode == 0, res.stderr
+
+
 def test_cli_json_last_line(tmp_path):
     path = str(tmp_path / "s.json")
     ir.save(matrix(2)["slimpipe-v1-exchange"], path)

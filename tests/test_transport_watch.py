@@ -1,11 +1,15 @@
 """DistTransport's completion watching on gloo: the plan's p2p messages share one watcher thread per
-(direction, peer), served in posting order; other messages get a thread each."""
+(direction, peer), served in posting order; other messages get a thread each. With wait="direct" the
+plan's messages get no thread: the waiting rank blocks in the Work itself (Pending.block)."""
 import threading
 import time
 
 import pytest
 
+from executor.errors import ExecError, PeerGone
+from executor.faults import Watch
 from executor.transport import DistTransport, PeerLost
+from executor.waiting import Waiter
 
 
 class FakeWork:
@@ -19,15 +23,15 @@ class FakeWork:
         self.done.set()
 
     def wait(self, timeout=None):
-        if not self.done.wait(5):
-            raise RuntimeError("fake work never released")
+        if not self.done.wait(5 if timeout is None else timeout.total_seconds()):
+            raise RuntimeError("[../gloo/transport/unbound_buffer.cc:81] Timed out waiting for recv operation")
         if self.error is not None:
             raise self.error
 
 
-def transport():
+def transport(direct=False):
     tp = object.__new__(DistTransport)
-    tp.watch, tp.timeout, tp.backend = True, 5.0, "gloo"
+    tp.watch, tp.timeout, tp.backend, tp.direct = True, 5.0, "gloo", direct
     tp.cond, tp.ver, tp.threads, tp.fifos = threading.Condition(), 0, [], {}
     return tp
 
@@ -89,3 +93,48 @@ def test_unqueued_messages_get_a_thread_each():
     for w in works:
         w.release()
     until(lambda: all(p.ready() for p in pend))
+
+
+def waiter(tp, timeout=5.0):
+    return Waiter(tp, Watch(1), timeout, lambda: "rank 1 #7 'RECV_ACT mb0 s0 c0'", lambda: False)
+
+
+def test_direct_messages_start_no_thread_and_the_rank_blocks_in_them():
+    tp = transport(direct=True)
+    before = threading.active_count()
+    works = [FakeWork() for _ in range(4)]
+    pend = [tp._watched(w, lambda i=i: i, ("recv" if i % 2 else "send", 0)) for i, w in enumerate(works)]
+    assert threading.active_count() == before and not tp.fifos
+    assert not any(p.ready() for p in pend)  # gloo's Work says nothing until it is waited
+    threading.Timer(0.05, works[1].release).start()
+    assert waiter(tp).wait(pend[1], "its activation", 0) == 1  # blocked in the Work, woken by its completion
+    assert pend[1].ready() and not pend[3].ready()
+    for w in works:
+        w.release()
+    assert [waiter(tp).wait(p, "a send to complete", 0) for p in pend] == [0, 1, 2, 3]
+
+
+def test_direct_wait_names_the_peer_on_timeout_and_on_a_lost_connection():
+    tp = transport(direct=True)
+    p = tp._watched(FakeWork(), lambda: 1, ("recv", 0))
+    with pytest.raises(ExecError, match=r"^rank 1 #7 'RECV_ACT mb0 s0 c0': timed out after 0\.2 s waiting on rank 0 "
+                                        r"for its activation$"):
+        waiter(tp, timeout=0.2).wait(p, "its activation", 0)
+    lost = FakeWork(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
+    lost.release()
+    p = tp._watched(lost, lambda: 1, ("recv", 0))
+    with pytest.raises(PeerGone, match=r"^rank 1 #7 'RECV_ACT mb0 s0 c0': lost the connection while waiting on "
+                                       r"rank 0 for its activation \(gloo: Connection closed by peer\)$"):
+        waiter(tp).wait(p, "its activation", 0)
+
+
+def test_unqueued_messages_are_watched_even_in_direct_mode():
+    """A data-parallel all-reduce overlaps the rank's compute: it keeps its watcher thread."""
+    tp = transport(direct=True)
+    before = threading.active_count()
+    w = FakeWork()
+    p = tp._watched(w, lambda: "sum")
+    assert threading.active_count() - before == 1 and p.block is None
+    w.release()
+    until(p.ready)
+    assert p.value() == "sum"
