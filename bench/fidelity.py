@@ -74,7 +74,7 @@ def unit_cpu(rows) -> dict:
     return out
 
 
-def run_case(name: str, p: int, profile: str, d: str, wait_s: float = 0.0) -> dict:
+def run_case(name: str, p: int, profile: str, d: str, wait_s: float = 0.0, executor_args=()) -> dict:
     flags, seq = CASES[name]
     plan, trace = f"{d}/{name}-p{p}.json", f"{d}/{name}-p{p}-measured.json"
     r = sh([sys.executable, "-m", "compiler.cli", "compile", "--schedule", name, "--pp", str(p), *flags, "--model", "tiny",
@@ -86,7 +86,7 @@ def run_case(name: str, p: int, profile: str, d: str, wait_s: float = 0.0) -> di
     t0 = time.time()
     r = sh([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p), "--master-addr", "127.0.0.1",
             "--master-port", str(free_port()), "-m", "executor", plan, "--steps", "4", "--json", "--quiet",
-            "--trace", trace], timeout=900)
+            "--trace", trace, *executor_args], timeout=900)
     l1 = load()
     if r.returncode:
         return {"family": name, "p": p, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
