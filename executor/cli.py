@@ -198,7 +198,7 @@ def check_files(opts, plan) -> str:
         return f"--autocast with --dtype {opts.dtype}: autocast keeps parameters in fp32 and computes in bf16; use --dtype fp32"
     if opts.save_every and not opts.save:
         return f"--save-every {opts.save_every} needs --save DIR"
-    if opts.p2p_wait == "direct" and any(ins.kind in ir.KV for stream in plan.ranks for ins in stream):
+    if opts.p2p_wait == "direct" and plan.has_kv_exchanges():
         return ("--p2p-wait direct: the plan has KV exchanges, whose ranks serve requests while they wait; "
                 "use --p2p-wait auto or watcher")
     if (opts.save or opts.resume) and os.environ.get("WORLD_SIZE", "1") != "1" and not _numpy():

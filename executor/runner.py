@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ir import KV, SlimpipeError
+from ir import SlimpipeError
 
 from . import checkpoint
 from .collectives import gather
@@ -171,18 +171,14 @@ def match_mode(opts, device: str) -> str:
     return "order" if cuda else "tag"
 
 
-def wait_mode(opts, plan) -> str:
+def wait_mode(opts, kv: bool) -> str:
     """--p2p-wait: "direct" (the rank's thread waits its gloo messages itself) or "watcher" (a thread
     per peer waits and wakes the rank, which serves KV requests meanwhile); auto is direct unless the
-    plan has KV exchanges. (cli refuses direct with KV exchanges before any rank starts.)"""
+    plan has KV exchanges (`kv`). (cli refuses direct with KV exchanges before any rank starts.)"""
     m = getattr(opts, "p2p_wait", "auto")
     if m != "auto":
         return m
-    return "watcher" if has_kv(plan) else "direct"
-
-
-def has_kv(plan) -> bool:
-    return any(ins.kind in KV for stream in plan.ranks for ins in stream)
+    return "watcher" if kv else "direct"
 
 
 def run_local(plan, opts) -> tuple[int, dict | None]:
@@ -258,8 +254,9 @@ def run_dist(plan, opts) -> int:
     def body():
         try:
             watch.block("the other ranks to join (init_process_group)", "every rank", opts.timeout)
-            tp = init_dist(rank, world, device, opts.timeout, match_mode(opts, device.type), kv=has_kv(plan),
-                           pp=plan.spec.pp, wait=wait_mode(opts, plan))
+            kv = plan.has_kv_exchanges()
+            tp = init_dist(rank, world, device, opts.timeout, match_mode(opts, device.type), kv=kv,
+                           pp=plan.spec.pp, wait=wait_mode(opts, kv))
             procs.extend(tuple(x) for x in tp.all_gather([socket.gethostname(), os.getpid()]))
             watch.unblock()
             code, _ = run_rank(plan, rank, tp, opts, watch=watch, fault=fault)

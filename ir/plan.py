@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import PlanFormatError, SpecError
+from .kinds import KV
 from .instr import Instr, _clip, from_compact, parse, parse_stream, to_compact, to_text
 from .spec import PlanSpec
 from .gcpause import gc_paused
@@ -37,6 +38,10 @@ class Plan:
 
     def num_instructions(self) -> int:
         return sum(len(r) for r in self.ranks)
+
+    def has_kv_exchanges(self) -> bool:
+        """Whether any rank holds a KV-exchange instruction (ir.KV: owner, partner or helper side)."""
+        return any(ins.kind in KV for stream in self.ranks for ins in stream)
 
 
 def pydantic_message(err: ValidationError, prefix: str = "") -> str:

@@ -53,7 +53,7 @@ def simulate_units(plan: Plan) -> dict:
 
 def strip_exchanges(plan: Plan) -> Plan:
     """The plan without its KV-exchange instructions (same compute and p2p order)."""
-    if not any(ins.kind in KV for s in plan.ranks for ins in s):
+    if not plan.has_kv_exchanges():
         return plan
     return plan.with_ranks([tuple(ins for ins in s if ins.kind not in KV) for s in plan.ranks])
 

@@ -26,12 +26,12 @@ def options(**kw):
 def main(paths):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     plans = [ir.load(path) for path in paths]
-    kv = any(ins.kind in ir.KV for plan in plans for s in plan.ranks for ins in s)
+    kv = any(plan.has_kv_exchanges() for plan in plans)
     # every plan of a launch has the same pp; world / pp data-parallel replicas (a (dp, pp) mesh)
     tp = init_dist(rank, world, torch.device("cpu"), 120.0, kv=kv, pp=plans[0].spec.pp)
     for path, plan in zip(paths, plans):
         # as the executor's --p2p-wait auto: the rank blocks on its own messages unless it must serve KV requests
-        tp.direct = not any(ins.kind in ir.KV for s in plan.ranks for ins in s)
+        tp.direct = not plan.has_kv_exchanges()
         code, summary = run_rank(plan, rank, tp, options(), out=io.StringIO())
         if rank == 0:
             print("RESULT " + json.dumps({"plan": os.path.basename(path), "code": code, **summary}), flush=True)
