@@ -145,6 +145,8 @@ class KVService:
 class AllServed:
     """A Pending that is ready once every agreed exchange is served (waiting on it serves them)."""
 
+    block = None  # nothing to block in: the Waiter serves until ready (transport.Pending.block)
+
     def __init__(self, svc: KVService):
         self.svc = svc
 

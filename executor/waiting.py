@@ -32,20 +32,21 @@ class Waiter:
                     raise ExecError(f"{self.where()}: stopped waiting{watch.peer_text()} for {what}: {e}") from None
                 except Exception as e:  # noqa: BLE001 - the transport lost the peer (gloo: connection closed)
                     if time.monotonic() > deadline:  # a blocking wait gave up at the deadline
-                        raise ExecError(f"{self.where()}: timed out after {self.timeout:g} s waiting"
-                                        f"{watch.peer_text()} for {what}") from None
+                        raise self.timed_out(what) from None
                     why = f"({e})" if isinstance(e, PeerLost) else f"({cause(e)})"
                     raise PeerGone(f"{self.where()}: lost the connection while waiting{watch.peer_text()} "
                                    f"for {what} {why}") from e
                 if self.serve():
                     continue
-                block = getattr(pending, "block", None)
-                if block is not None:
-                    block(deadline - time.monotonic())
+                if pending.block is not None:
+                    pending.block(deadline - time.monotonic())
                     continue
                 if time.monotonic() > deadline:
-                    raise ExecError(f"{self.where()}: timed out after {self.timeout:g} s waiting{watch.peer_text()} "
-                                    f"for {what}")
+                    raise self.timed_out(what)
                 tp.wait_change(v, 0.05)
         finally:
             watch.unblock()
+
+    def timed_out(self, what: str) -> ExecError:
+        return ExecError(f"{self.where()}: timed out after {self.timeout:g} s waiting{self.watch.peer_text()} "
+                         f"for {what}")
