@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a rank blocks on a gloo message: direct (its own thread waits the message), watcher (a "
                         "thread per peer waits it and wakes the rank, which serves KV-exchange requests meanwhile); "
                         "auto (default): direct unless the plan has KV exchanges. No effect on CUDA")
+    p.add_argument("--post-ahead", type=post_ahead, default=None, metavar="UNITS|all",
+                   help="on gloo, post each receive this many compute units before the instruction that takes it; "
+                        "all (default): at the start of the run of compute units it belongs to. A receive posted after "
+                        "its send stalls the receiver while the busy sender's gloo thread pushes the data "
+                        "(bench/post_ahead.py); a receive posted early holds its buffer from then. 0: at the receive. "
+                        "No effect on CUDA")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads with --local (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     p.add_argument("--trace", metavar="FILE.json",
@@ -127,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true",
                    help="skip the plan check before running (huge plans; a wrong plan then fails at run time)")
     return p
+
+
+def post_ahead(text: str) -> int | None:
+    """--post-ahead: an integer >= 0, or all (None: no bound)."""
+    if text == "all":
+        return None
+    try:
+        return nonneg_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give an integer >= 0 or all") from None
 
 
 def options(**overrides) -> argparse.Namespace:

@@ -44,9 +44,11 @@ class Rank:
     def __init__(self, plan, rank: int, transport, backend, *, device, dtype=torch.float32, lr=1e-3,
                  timeout=300.0, check_reference=False, watch: Watch | None = None, fault=None, fault_at=None,
                  source=None, hf_model: str | None = None, replica: int = 0, replicas: int = 1, train=None,
-                 autocast: bool = False):
+                 autocast: bool = False, post_ahead: int | None = None):
         """`rank` is the pipeline rank (0..pp-1) of data-parallel replica `replica` of `replicas`;
-        `train` (optional) carries the optimizer schedule: warmup, lr_decay, decay_steps, min_lr, clip."""
+        `train` (optional) carries the optimizer schedule: warmup, lr_decay, decay_steps, min_lr, clip;
+        `post_ahead`: on gloo, receives are posted that many compute units early (post_early; 0: at
+        the receive; None: at the start of their run of compute units)."""
         self.plan, self.spec, self.r = plan, plan.spec, rank
         self.replica, self.replicas, self.train, self.lr = replica, replicas, train, lr
         self.stream = plan.ranks[rank]
@@ -62,8 +64,21 @@ class Rank:
         attn_dtype = torch.bfloat16 if autocast else dtype  # what attention and the KV exchange carry
         self.kv = KVService(spec, attn_dtype, transport, self.wire, backend, default_scale(spec.model.head_dim))
         self.waiter = Waiter(transport, self.watch, timeout, self.here, self.kv.serve)
-        # gloo matched by tags: receives may be posted a unit early (post_early)
-        self.post_ahead = transport.kind == "dist" and getattr(transport, "watch", False) and transport.match == "tag"
+        # gloo matched by tags: receives may be posted post_ahead compute units early (post_early)
+        ahead = len(self.stream) if post_ahead is None else post_ahead
+        self.post_ahead = ahead if (transport.kind == "dist" and getattr(transport, "watch", False)
+                                    and transport.match == "tag") else 0
+        # post_early's windows: the compute units in stream order, and after each instruction the first
+        # one that is neither a compute unit nor a send/recv (the scan stops there)
+        stream, compute, comm = self.stream, self.EARLY_AFTER, self.COMM
+        self.units = [x for x, ins in enumerate(stream) if ins.kind in compute]
+        self.unit_ord = {x: o for o, x in enumerate(self.units)}
+        self.stop_after, nxt = [0] * len(stream), len(stream)
+        for x in range(len(stream) - 1, -1, -1):
+            self.stop_after[x] = nxt
+            if stream[x].kind not in compute and stream[x].kind not in comm:
+                nxt = x
+        self.posted_to = 0  # receives before this index were posted (post_early) or their run has run
         self.early: dict = {}
         self.hf_model = hf_model
         self.params = Parameters(spec, spec.placement[rank], self.device, dtype, lr, hf_model)
@@ -197,7 +212,7 @@ class Rank:
         Timing (--trace): the run's instructions share the posting time evenly, in program order;
         a receive's event then lasts until its data is there."""
         ops, recv_at = [], []
-        early, self.early = self.early, {}
+        early = {x: self.early.pop(x) for x in range(start, end) if x in self.early}
         t_post = time.monotonic()
         for i in range(start, end):
             ins = self.stream[i]
@@ -242,16 +257,29 @@ class Rank:
         return ("recv", ins.peer, self.wire(ins.tag, -1), self.act_spec(ins.mb, ins.slice))
 
     def post_early(self, i: int) -> None:
-        """Before compute instruction i: post the receives of the comm run right after it (gloo, tags).
-        gloo moves a message when both sides have posted it; a receive posted after its send makes the
-        sender's gloo thread wake up and push the data while that rank computes, which took 2.9 ms
-        (median; up to 23 ms) per message at p=4 on two cores, against 0.1 ms for a receive already
-        waiting. Receives stay posted in program order (the per-peer watchers rely on it); sends still
-        go when their data exists. One receive buffer per peer run is allocated a unit early."""
-        stream = self.stream
-        recvs = [j for j in range(i + 1, self.comm_end(i + 1)) if stream[j].kind in RECVS]
+        """Before compute instruction i: post the receives of the comm runs after the next
+        post_ahead compute units (i included) that are not posted yet. gloo moves a message when
+        both sides have posted it; a receive posted after its send makes the sender's gloo thread
+        wake up and push the data while that rank computes, and the receiver's irecv call blocks
+        until it has (2-5 ms, a timeslice, with both ranks computing on two cores; 2.9 ms median at
+        p=4), against 0.1 ms for a receive already waiting. Receives stay posted in program order
+        (the per-peer watchers rely on it): the scan stops at the first instruction that is neither
+        a compute unit nor a send/recv, and comm_run posts what was not posted. Sends still go when
+        their data exists. A receive buffer is allocated up to post_ahead units early; with all (the
+        default) every receive of a run of compute units is posted when the run starts, which left
+        0.6-2 ms per step between a rank's instructions at p=2, against 3-18 ms with one unit
+        (bench/post_ahead.py). O(receives posted) per call: posted_to marks what was posted."""
+        if not self.post_ahead:
+            return
+        stream, units = self.stream, self.units
+        o = self.unit_ord[i] + self.post_ahead - 1  # the last unit of the window
+        stop = self.stop_after[i]
+        last = units[o] if o < len(units) else len(stream)
+        target = stop if last >= stop else self.comm_end(last + 1)
+        lo, self.posted_to = max(self.posted_to, i + 1), max(self.posted_to, target)
+        recvs = [x for x in range(lo, target) if stream[x].kind in RECVS]
         if recvs:
-            self.early = dict(zip(recvs, self.tp.batch([self.recv_op(stream[x]) for x in recvs])))
+            self.early.update(zip(recvs, self.tp.batch([self.recv_op(stream[x]) for x in recvs])))
 
     # ------------------------------------------------------------------ step
     def sync_tied(self):
@@ -331,7 +359,7 @@ class Rank:
     def _run_stream(self):
         stream, n, H, comm = self.stream, len(self.stream), self.HANDLERS, self.COMM
         inject, serve, events, early = self.inject, self.kv.serve, self.events, self.post_ahead
-        self.early = {}
+        self.early, self.posted_to = {}, 0
         i = 0
         while i < n:
             k = stream[i].kind

@@ -64,7 +64,7 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
     R = Rank(plan, rank % spec.pp, transport, backend, device=device, dtype=DTYPES[opts.dtype], lr=opts.lr,
              timeout=opts.timeout, check_reference=opts.check_reference, watch=watch, fault=f, fault_at=at,
              source=source, hf_model=opts.hf_model, replica=rank // spec.pp, replicas=replicas, train=training(opts),
-             autocast=opts.autocast)
+             autocast=opts.autocast, post_ahead=getattr(opts, "post_ahead", None))
     tokens = spec.microbatches * spec.micro_batch_size * spec.seq_len * replicas
     dist_mode = transport.kind == "dist"
     first = 0

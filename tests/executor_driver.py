@@ -19,6 +19,9 @@ from executor.transport import init_dist
 import torch
 
 
+POST_AHEAD = (None, 0, 1, 2)  # --post-ahead all (the default), 0, 1, 2
+
+
 def options(**kw):
     return executor_options(check_reference=True, quiet=True, device="cpu", timeout=120.0, **kw)
 
@@ -29,12 +32,14 @@ def main(paths):
     kv = any(plan.has_kv_exchanges() for plan in plans)
     # every plan of a launch has the same pp; world / pp data-parallel replicas (a (dp, pp) mesh)
     tp = init_dist(rank, world, torch.device("cpu"), 120.0, kv=kv, pp=plans[0].spec.pp)
-    for path, plan in zip(paths, plans):
+    for i, (path, plan) in enumerate(zip(paths, plans)):
         # as the executor's --p2p-wait auto: the rank blocks on its own messages unless it must serve KV requests
         tp.direct = not plan.has_kv_exchanges()
-        code, summary = run_rank(plan, rank, tp, options(), out=io.StringIO())
+        ahead = POST_AHEAD[i % len(POST_AHEAD)]
+        code, summary = run_rank(plan, rank, tp, options(post_ahead=ahead), out=io.StringIO())
         if rank == 0:
-            print("RESULT " + json.dumps({"plan": os.path.basename(path), "code": code, **summary}), flush=True)
+            print("RESULT " + json.dumps({"plan": os.path.basename(path), "code": code, "post_ahead": ahead, **summary}),
+                  flush=True)
     tp.close()
 
 

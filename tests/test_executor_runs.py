@@ -94,6 +94,17 @@ def test_reference_check_under_torchrun(results, p, name):
     assert len(r["peak_activation_bytes"]) == p and min(r["peak_activation_bytes"]) > 0
 
 
+def test_matrix_runs_every_post_ahead(results):
+    """The driver gives the plans --post-ahead all (the default, None), 0, 1 and 2 in turn: each
+    setting passes the reference check on some plan at p=2; the exchange plans (watcher waits) get all, 0 and 2."""
+    from tests.executor_driver import POST_AHEAD
+    got = {}
+    for name, r in results(2).items():
+        got.setdefault(r["post_ahead"], []).append(name)
+    assert set(got) == set(POST_AHEAD), got
+    assert {None, 0, 2} <= {results(2)[n]["post_ahead"] for n in results(2) if "exchange" in n}
+
+
 @pytest.mark.parametrize("name", ["hand-edited-1f1b", "hand-edited-slimpipe"])
 def test_hand_edited_plan_runs_exactly(results, name):
     r = results(2)[name]

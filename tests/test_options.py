@@ -87,7 +87,8 @@ BAD = {
                ("--output", "/nonexistent/dir/s.csv", "does not exist")],
     "executor": [
         ("plan", MISSING, MISSING), ("--p2p-match", "fifo", "argument --p2p-match: invalid choice: 'fifo'"),
-        ("--p2p-wait", "spin", "argument --p2p-wait: invalid choice: 'spin'"), ("--steps", "0", "argument --steps: 0 is not allowed"),
+        ("--p2p-wait", "spin", "argument --p2p-wait: invalid choice: 'spin'"),
+        ("--post-ahead", "-1", "argument --post-ahead: '-1' is not allowed; give an integer >= 0 or all"), ("--steps", "0", "argument --steps: 0 is not allowed"),
         ("--attention", "magic", "argument --attention: invalid choice: 'magic'"),
         ("--device", "tpu", "argument --device: invalid choice: 'tpu'"),
         ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"), ("--lr", "-1", "argument --lr: -1"),
