@@ -106,7 +106,8 @@ def run_case(name: str, p: int, profile: str, d: str, wait_s: float = 0.0, execu
         "predicted_breakdown": pr["bubble_breakdown"], "measured_breakdown": me["bubble_breakdown"],
         "predicted_busy_s": pr["busy_s"], "measured_busy_s": me["busy_s"],
         "top_kind_residuals": a["kinds"][:4], "unit_cpu": unit_cpu(a["kinds"]), "waited_for_quiet_s": waited, "top_slice_residuals": a["slices"][:3],
-        "executor_step_s_median_of_4": summary["step_s"], "wall_s": round(time.time() - t0, 1),
+        "executor_step_s_median_of_4": summary["step_s"], "peak_rss_mib": summary["peak_rss_mib"],
+        "wall_s": round(time.time() - t0, 1),
         "load_before": l0, "load_after": l1,
         "within": abs(a["step_error"]) <= 0.15 and abs(a["bubble_points"]) <= 5.0,
     }
