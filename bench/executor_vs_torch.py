@@ -185,12 +185,14 @@ def run_ours(cfg: dict, schedule: str, v: int, n: int, a) -> tuple[dict | None, 
 
 
 def summarise(samples: list[dict]) -> dict | None:
-    """Median over runs of each run's median step time; per-rank max RSS over runs."""
+    """Median over runs of each run's median step time; per-rank max RSS over runs (and each run's
+    peak RSS per rank, run_peak_rss_mib: a single run can peak far above its siblings)."""
     if not samples:
         return None
     step = statistics.median(s["step_s"] for s in samples)
     rss = [max(col) for col in zip(*(s["peak_rss_mib"] for s in samples))]
     out = {"step_s": step, "run_step_s": [s["step_s"] for s in samples],
+           "run_peak_rss_mib": [s["peak_rss_mib"] for s in samples],
            "tokens_per_s": statistics.median(s["tokens_per_s"] for s in samples),
            "loss": samples[-1].get("loss"), "peak_rss_mib": rss, "max_peak_rss_mib": max(rss)}
     for key in ("peak_activation_bytes", "attention_backend", "init_rss_mib"):
