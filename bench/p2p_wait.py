@@ -11,8 +11,6 @@ Writes bench/results/p2p_wait.json and prints one line per family and p.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import statistics
 import sys
 import tempfile
@@ -21,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fidelity import CASES, RESULTS, load, run_case  # noqa: E402
+from bench.fidelity import CASES, RESULTS, load, run_case, write_record  # noqa: E402
 
 MODES = ("watcher", "direct")
 FAMILIES = [f for f in CASES if f != "slimpipe"]  # slimpipe's exchanges need the watcher (direct is refused)
@@ -61,11 +59,7 @@ def main() -> int:
                       f"direct {med['direct']['bubble']:.1%} (predicted {got['direct'][0]['predicted_bubble']:.1%}); "
                       f"error vs prediction watcher {med['watcher']['step_error']:+.1%} direct "
                       f"{med['direct']['step_error']:+.1%}", file=sys.stderr, flush=True)
-    out = {"benchmark": "p2p_wait", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "method": __doc__.split("\n\n")[0].replace("\n", " "), "rounds": a.rounds,
-           "profile": str(Path(a.profile).relative_to(ROOT)) if Path(a.profile).is_relative_to(ROOT) else a.profile,
-           "load_start_end": [l0, load()], "cases": runs}
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_record(a.out, "p2p_wait", __doc__, a.profile, l0, rounds=a.rounds, cases=runs)
     return 0
 
 

@@ -14,7 +14,6 @@ Writes bench/results/post_ahead.json and prints one line per family and p.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fidelity import CASES, RESULTS, load, run_case  # noqa: E402
+from bench.fidelity import CASES, RESULTS, load, run_case, write_record  # noqa: E402
 
 
 def gaps_ms(trace: str) -> list[float]:
@@ -83,11 +82,7 @@ def main() -> int:
                     f"{med[v]['step_error']:+.1%} bubble {med[v]['bubble_points']:+.1f} pts gaps "
                     f"{max(med[v]['gap_ms']):.1f} ms rss {max(med[v]['peak_rss_mib']):.0f}" for v in values),
                     file=sys.stderr, flush=True)
-    out = {"benchmark": "post_ahead", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "method": __doc__.split("\n\n")[0].replace("\n", " "), "rounds": a.rounds, "values": values,
-           "profile": str(Path(a.profile).relative_to(ROOT)) if Path(a.profile).is_relative_to(ROOT) else a.profile,
-           "load_start_end": [l0, load()], "cases": runs}
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_record(a.out, "post_ahead", __doc__, a.profile, l0, rounds=a.rounds, values=values, cases=runs)
     return 0
 
 
