@@ -64,6 +64,27 @@ def wait_quiet(limit_s: float) -> float:
     return round(time.time() - t0, 1)
 
 
+def alternated_runs(name: str, p: int, profile: str, d: str, option: str, settings, rounds: int):
+    """run_case for each setting of the executor `option`, `rounds` rounds, the order reversed
+    every other round (ABBA: a slow minute falls on both settings); yields (setting, row).
+    Raises RuntimeError with the failing case's line."""
+    for r in range(rounds):
+        for v in (settings if r % 2 == 0 else settings[::-1]):
+            row = run_case(name, p, profile, d, executor_args=(option, v))
+            if "error" in row:
+                raise RuntimeError(f"{name} p={p} {option} {v}: error: {row['error']}")
+            yield v, row
+
+
+def reported(measure, args) -> int:
+    """measure(args), with a failing case (RuntimeError from alternated_runs) as one line and exit 1."""
+    try:
+        return measure(args)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+
+
 def write_record(path: str, benchmark: str, doc: str, profile: str, load_start: float, **fields) -> None:
     """Write an A/B bench's JSON record (p2p_wait.py, post_ahead.py): name, date, method (the
     script docstring's first paragraph), `fields` in order (rounds, ..., cases), the profile (relative

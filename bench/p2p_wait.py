@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fidelity import CASES, RESULTS, load, run_case, write_record  # noqa: E402
+from bench.fidelity import CASES, RESULTS, alternated_runs, load, reported, write_record  # noqa: E402
 
 MODES = ("watcher", "direct")
 FAMILIES = [f for f in CASES if f != "slimpipe"]  # slimpipe's exchanges need the watcher (direct is refused)
@@ -31,22 +31,20 @@ def main() -> int:
     ap.add_argument("--pp", default="2,4")
     ap.add_argument("--profile", default=str(RESULTS / "cpu_profile.json"))
     ap.add_argument("--out", default=str(RESULTS / "p2p_wait.json"))
-    a = ap.parse_args()
+    return reported(measure, ap.parse_args())
+
+
+def measure(a) -> int:
     runs = {}
     l0 = load()
     with tempfile.TemporaryDirectory() as d:
         for p in map(int, a.pp.split(",")):
             for name in FAMILIES:
                 got = {m: [] for m in MODES}
-                for r in range(a.rounds):
-                    for m in (MODES if r % 2 == 0 else MODES[::-1]):
-                        row = run_case(name, p, a.profile, d, executor_args=("--p2p-wait", m))
-                        if "error" in row:
-                            print(f"{name} p={p} {m}: error: {row['error']}", file=sys.stderr)
-                            return 1
-                        got[m].append({k: row[k] for k in ("measured_step_s", "measured_bubble", "predicted_step_s",
-                                                           "predicted_bubble", "step_error", "bubble_points",
-                                                           "load_before", "load_after")})
+                for m, row in alternated_runs(name, p, a.profile, d, "--p2p-wait", MODES, a.rounds):
+                    got[m].append({k: row[k] for k in ("measured_step_s", "measured_bubble", "predicted_step_s",
+                                                       "predicted_bubble", "step_error", "bubble_points",
+                                                       "load_before", "load_after")})
                 med = {m: {"step_s": statistics.median(x["measured_step_s"] for x in got[m]),
                            "bubble": statistics.median(x["measured_bubble"] for x in got[m]),
                            "bubble_points": statistics.median(x["bubble_points"] for x in got[m]),

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fidelity import CASES, RESULTS, load, run_case, write_record  # noqa: E402
+from bench.fidelity import CASES, RESULTS, alternated_runs, load, reported, write_record  # noqa: E402
 
 
 def gaps_ms(trace: str) -> list[float]:
@@ -49,7 +49,10 @@ def main() -> int:
     ap.add_argument("--families", default=",".join(CASES))
     ap.add_argument("--profile", default=str(RESULTS / "cpu_profile.json"))
     ap.add_argument("--out", default=str(RESULTS / "post_ahead.json"))
-    a = ap.parse_args()
+    return reported(measure, ap.parse_args())
+
+
+def measure(a) -> int:
     values = a.values.split(",")  # each an integer or all
     runs = {}
     l0 = load()
@@ -57,17 +60,12 @@ def main() -> int:
         for p in map(int, a.pp.split(",")):
             for name in a.families.split(","):
                 got = {v: [] for v in values}
-                for r in range(a.rounds):
-                    for v in (values if r % 2 == 0 else values[::-1]):
-                        row = run_case(name, p, a.profile, d, executor_args=("--post-ahead", v))
-                        if "error" in row:
-                            print(f"{name} p={p} --post-ahead {v}: error: {row['error']}", file=sys.stderr)
-                            return 1
-                        x = {k: row[k] for k in ("measured_step_s", "measured_bubble", "predicted_step_s",
-                                                 "predicted_bubble", "step_error", "bubble_points", "peak_rss_mib",
-                                                 "load_before", "load_after")}
-                        x["gap_ms"] = gaps_ms(f"{d}/{name}-p{p}-measured.json")
-                        got[v].append(x)
+                for v, row in alternated_runs(name, p, a.profile, d, "--post-ahead", values, a.rounds):
+                    x = {k: row[k] for k in ("measured_step_s", "measured_bubble", "predicted_step_s",
+                                             "predicted_bubble", "step_error", "bubble_points", "peak_rss_mib",
+                                             "load_before", "load_after")}
+                    x["gap_ms"] = gaps_ms(f"{d}/{name}-p{p}-measured.json")
+                    got[v].append(x)
                 med = {v: {"step_s": statistics.median(x["measured_step_s"] for x in got[v]),
                            "bubble": statistics.median(x["measured_bubble"] for x in got[v]),
                            "step_error": statistics.median(x["step_error"] for x in got[v]),
