@@ -96,11 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "thread per peer waits it and wakes the rank, which serves KV-exchange requests meanwhile); "
                         "auto (default): direct unless the plan has KV exchanges. No effect on CUDA")
     p.add_argument("--post-ahead", type=post_ahead, default=None, metavar="UNITS|all",
-                   help="on gloo, post each receive this many compute units before the instruction that takes it; "
-                        "all (default): at the start of the run of compute units it belongs to. A receive posted after "
-                        "its send stalls the receiver while the busy sender's gloo thread pushes the data "
-                        "(bench/post_ahead.py); a receive posted early holds its buffer from then. 0: at the receive. "
-                        "No effect on CUDA")
+                   help="on gloo under torchrun, post each receive this many compute units before the instruction "
+                        "that takes it; all (default): when the run of compute units and sends/receives it belongs "
+                        "to starts (an OPT or a KV-exchange instruction ends a run). A receive posted after its send "
+                        "stalls the receiver while the busy sender's gloo thread pushes the data "
+                        "(bench/results/post_ahead.json); a receive posted early holds its buffer from then. 0: at "
+                        "the receive. No effect with --local, --p2p-match order or on CUDA")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads with --local (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     p.add_argument("--trace", metavar="FILE.json",
