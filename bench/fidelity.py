@@ -85,16 +85,16 @@ def reported(measure, args) -> int:
         return 1
 
 
-def write_record(path: str, benchmark: str, doc: str, profile: str, load_start: float, **fields) -> None:
+def write_record(path: str, benchmark: str, doc: str, profile: str, load_start: float, cases: dict,
+                 **fields) -> None:
     """Write an A/B bench's JSON record (p2p_wait.py, post_ahead.py): name, date, method (the
-    script docstring's first paragraph), `fields` in order (rounds, ..., cases), the profile (relative
-    to the repository when inside it) and the load average at the start and end."""
+    script docstring's first paragraph), `fields` in order (rounds, ...), the profile (relative to
+    the repository when inside it), the load average at the start and end, then `cases`."""
     prof = Path(profile)
     out = {"benchmark": benchmark, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "method": doc.split("\n\n")[0].replace("\n", " "), **fields,
            "profile": str(prof.relative_to(ROOT)) if prof.is_relative_to(ROOT) else profile,
-           "load_start_end": [load_start, load()]}
-    out["cases"] = out.pop("cases")
+           "load_start_end": [load_start, load()], "cases": cases}
     Path(path).write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,7 +18,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from bench.fidelity import RESULTS, free_port  # noqa: E402
+
 CASES = [("late", "busy"), ("late", "sleep"), ("early", "busy")]  # (receive posted, sender meanwhile)
 N, MESSAGES = 256 * 1024, 30
 
@@ -58,12 +60,6 @@ def worker(order: str, sender: str) -> None:
     if rank == 1:
         print(json.dumps({"post_ms": [round(x * 1e3, 3) for x in post], "wait_ms": [round(x * 1e3, 3) for x in wait]}))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

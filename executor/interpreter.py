@@ -267,8 +267,9 @@ class Rank:
         a compute unit nor a send/recv, and comm_run posts what was not posted. Sends still go when
         their data exists. A receive buffer is allocated up to post_ahead units early; with all (the
         default) every receive of a run of compute units is posted when the run starts, which left
-        0.6-2 ms per step between a rank's instructions at p=2, against 3-18 ms with one unit
-        (bench/post_ahead.py). O(receives posted) per call: posted_to marks what was posted."""
+        0.5-4.7 ms per step between a rank's instructions on fidelity's cases, against 0.8-27 ms with
+        one unit (bench/results/post_ahead.json; slimpipe 7-9 ms either way). O(receives posted) per
+        call: posted_to marks what was posted."""
         if not self.post_ahead:
             return
         stream, units = self.stream, self.units

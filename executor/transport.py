@@ -318,12 +318,8 @@ class DistTransport:
         block = None
         if queue is not None and self.direct:
             def block(timeout):
-                if not state:
-                    try:  # gloo gives up at the timeout (the Waiter then names the peer)
-                        work.wait(timedelta(seconds=max(timeout, 0.001)))
-                        state.append(None)
-                    except Exception as e:  # noqa: BLE001 - surfaced by value()
-                        state.append(e)
+                if not state:  # gloo gives up at the timeout (the Waiter then names the peer)
+                    _settle(work, state, max(timeout, 0.001))
         elif queue is not None:
             self._fifo(queue).put(work, state)
         else:
@@ -341,12 +337,8 @@ class DistTransport:
 
     def _finish(self, work, state) -> None:
         """Wait `work` (bounded), record None or its error in `state`, wake the rank's waits."""
-        try:
-            # later than the interpreter's own deadline, so its timeout (naming the peer) wins
-            work.wait(timedelta(seconds=self.timeout * 1.1 + 5))
-            state.append(None)
-        except Exception as e:  # noqa: BLE001 - surfaced by value()
-            state.append(e)
+        # later than the interpreter's own deadline, so its timeout (naming the peer) wins
+        _settle(work, state, self.timeout * 1.1 + 5)
         with self.cond:
             self.ver += 1
             self.cond.notify_all()
@@ -466,6 +458,16 @@ class DistTransport:
         outs = [torch.empty_like(buf, device=self.device) for _ in range(self.world)]
         self.dist.all_gather(outs, buf.to(self.device))
         return [json.loads(bytes(o[:n].cpu().tolist())) for o, n in zip(outs, lengths)]
+
+
+def _settle(work, state: list, seconds: float) -> None:
+    """Wait a gloo Work for at most `seconds`; append None, or the error it raised (surfaced by the
+    Pending's value()), to `state`. The watcher threads (_finish) and a direct wait (block) share it."""
+    try:
+        work.wait(timedelta(seconds=seconds))
+        state.append(None)
+    except Exception as e:  # noqa: BLE001 - surfaced by value()
+        state.append(e)
 
 
 class _Fifo:

@@ -37,7 +37,6 @@ def posts(plan, rank, ahead):
     tp.batch = lambda ops: [object()] * len(ops)
     backend = pick_backend("sdpa", torch.device("cpu"), torch.float32, plan.spec.model.head_dim)
     R = Rank(plan, rank, tp, backend, device="cpu", post_ahead=ahead)
-    R.posted_to = 0
     for i, ins in enumerate(R.stream):
         if ins.kind in COMPUTE:
             before = set(R.early)
