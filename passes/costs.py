@@ -481,23 +481,42 @@ class CostModel:
         return f * (BWD_ATTN if bwd else 1.0) / (self.prof.peak_flops * self.prof.attn_efficiency)
 
     def help_time(self, rank: int, ins: Instr) -> float:
-        """Seconds a helper (KV*_HELP on `rank`) computes the block it serves: its own work."""
-        return self.kv_shift(rank, ins)
+        """Seconds a helper (KV*_HELP on `rank`) spends on the block it serves: its own work, the
+        attention call and the messages (kv_cpu)."""
+        return self.kv_shift(rank, ins) + self.kv_cpu(rank, ins)
 
-    def kv_bytes(self, ins: Instr) -> float:
-        """Bytes per layer both ways: forward ships q + K/V of the shipped tokens, returns out + lse;
-        backward ships q, out, dout, lse + K/V, returns dq + dK/dV."""
+    def kv_messages(self, ins: Instr) -> tuple[float, float]:
+        """(request, reply) bytes per layer of the exchange `ins`: forward ships q + K/V of the
+        shipped tokens and returns out + lse (fp32); backward ships q, out, lse, dout + K/V and
+        returns dq + dK/dV. Per GPU: tp and cp divide them."""
         spec = self.spec
         m = spec.model
         s = spec.slice_lens[ins.mb][ins.slice] * spec.micro_batch_size
         X = (ins.hi - ins.lo) * spec.micro_batch_size
         kvd = 2 * m.kv_heads * m.head_dim
-        b = self.bytes
+        b, div = self.bytes, spec.tp * spec.cp
         if KINDS[ins.kind].phase == "forward":
-            total = (s * m.q_dim + X * kvd) * b + s * m.q_dim * b + s * m.heads * 4
+            req, rep = (s * m.q_dim + X * kvd) * b, s * m.q_dim * b + s * m.heads * 4
         else:
-            total = (3 * s * m.q_dim + X * kvd) * b + s * m.heads * 4 + (s * m.q_dim + X * kvd) * b
-        return total / (spec.tp * spec.cp)
+            req, rep = (3 * s * m.q_dim + X * kvd) * b + s * m.heads * 4, (s * m.q_dim + X * kvd) * b
+        return req / div, rep / div
+
+    def kv_bytes(self, ins: Instr) -> float:
+        """Bytes per layer both ways (kv_messages' request + reply)."""
+        return sum(self.kv_messages(ins))
+
+    def kv_cpu(self, rank: int, ins: Instr) -> float:
+        """Processor seconds the messages of the exchange `ins` take `rank` (either side: the
+        owner sends each layer's request and receives its reply, the partner or helper the
+        reverse): per layer of the owner's stage, the measured profile's p2p_cpu (seconds per send
+        or receive, by bytes) at the request's and at the reply's bytes. 0 without p2p_cpu (the
+        built-in profiles: on a GPU the copies run on the device's engines, beside the compute)."""
+        m = self.prof.measured
+        if m is None or not m.p2p_cpu:
+            return 0.0
+        owner = rank if KINDS[ins.kind].side == "owner" else ins.peer
+        L = self.spec.stage_layers[self.stage_of[owner][ins.chunk]]
+        return L * sum(curve_at(m.p2p_cpu, n) for n in self.kv_messages(ins))
 
     def kv_time(self, owner: int, partner: int, ins: Instr) -> float:
         """Rendezvous cost: the transfers are pipelined with the layers' compute, so one layer's
@@ -568,7 +587,8 @@ def timed_replay(plan: Plan, cm: CostModel, record: bool = False):
 
 def unit_cost_table(plan: Plan, cm: CostModel) -> dict[tuple, float]:
     """(rank, kind, mb, slice, chunk) -> seconds, with KV exchanges moving attention work from
-    each owner's unit to its partner's unit (a helper's work is its own: costs.help_time)."""
+    each owner's unit to its partner's unit and adding their messages' processor time to both
+    (kv_cpu; a helper's work is its own: costs.help_time)."""
     out = {}
     for r, stream in enumerate(plan.ranks):
         shift = 0.0
@@ -577,9 +597,9 @@ def unit_cost_table(plan: Plan, cm: CostModel) -> dict[tuple, float]:
             row = KINDS[k]
             if row.role == "kv":
                 if row.side == "owner":
-                    shift -= cm.kv_shift(r, ins)
+                    shift += cm.kv_cpu(r, ins) - cm.kv_shift(r, ins)
                 elif row.side == "partner":  # a helper's work is its own (help_time), not a unit's
-                    shift += cm.kv_shift(r, ins)
+                    shift += cm.kv_shift(r, ins) + cm.kv_cpu(r, ins)
             elif row.role == "compute":
                 out[(r, k, ins.mb, ins.slice, ins.chunk)] = cm.unit_time(r, ins, shift)
                 shift = 0.0

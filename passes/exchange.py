@@ -212,7 +212,8 @@ def level_steps(plan: Plan, cm, helpers: bool = True, tokens: bool = True, steps
     (longest first) ship disjoint ranges of their prefix, from its start, to receivers (emptiest
     first): a receiver with a unit serves alongside it (KV*_RECV), an idle rank as a helper
     (KV*_HELP). Ranges are in tokens (a multiple of _quantum) or, without `tokens`, whole slices.
-    A piece is kept only where it moves more than `min_gain` times its rendezvous time, and a
+    A piece is kept only where the attention it moves, less its messages' processor time
+    (CostModel.kv_cpu), exceeds `min_gain` times its rendezvous time, and a
     step's exchanges only where its longest rank gets shorter, rendezvous included. The step's
     exchanges are put in rounds (_in_rounds) so that rendezvous do not queue behind each other."""
     spec = plan.spec
@@ -313,7 +314,8 @@ def level_steps(plan: Plan, cm, helpers: bool = True, tokens: bool = True, steps
                 ins = Instr(kind, u.mb, u.slice, u.chunk, qr, 0, cursor, max(end, cursor + 1))
                 moved = per_tok[o] * (end - cursor)
                 kvt = cm.kv_time(o, qr, ins)
-                if end <= cursor or moved <= min_gain * kvt:
+                msg = cm.kv_cpu(o, ins)  # the messages' processor time, on each side
+                if end <= cursor or moved - msg <= min_gain * kvt:
                     if small_need:
                         break  # this owner is done; the receiver stays for the next one
                     ri += 1  # too little room left here: the next receiver
@@ -325,13 +327,13 @@ def level_steps(plan: Plan, cm, helpers: bool = True, tokens: bool = True, steps
                     si = at[qr]
                 step_ex.append(Ex(k, seq, o, oi, qr, si, cursor, end, helper))
                 seq += 1
-                shifted[o] += cm.kv_shift(o, ins)
+                shifted[o] += cm.kv_shift(o, ins) - msg
                 new[o] += kvt
                 served = ins._replace(kind=kv_kind(phase, "helper" if helper else "partner"), peer=o)
                 if helper:
                     new[qr] += kvt + cm.help_time(qr, served)
                 else:
-                    shifted[qr] = shifted.get(qr, 0.0) - cm.kv_shift(qr, served)
+                    shifted[qr] = shifted.get(qr, 0.0) - cm.kv_shift(qr, served) - cm.kv_cpu(qr, served)
                     new[qr] += kvt
                 cursor = end
                 need -= moved

@@ -8,9 +8,9 @@ from compiler import compile_plan
 from compiler.cli import main
 from executor.cli import options
 from executor.runner import run_local
-from ir import Instr, Kind, SpecError, save
+from ir import KV, KV_FWD, KV_HELPER, Instr, Kind, SpecError, save
 from ir import F as Fi
-from passes.costs import PROFILES, CostModel, load_profile, profile_from_dict
+from passes.costs import PROFILES, CostModel, load_profile, profile_from_dict, unit_cost_table
 from passes.replay import replay, replay_shared
 from passes.simulate import simulate_timed
 
@@ -227,6 +227,39 @@ def test_profile_message_cpu_and_timeslice_reach_the_model(tmp_path):
     d["measured"]["timeslice_s"] = 0.004
     sliced = simulate_timed(plan, load_profile(write(tmp_path, d, "slice.json")), 4)
     assert sliced["step_s"] != priced
+
+
+def test_exchange_messages_cost_both_sides():
+    """kv_cpu: per layer, p2p_cpu at the request's and at the reply's bytes on the owner and on the
+    partner (tiny: q_dim = 64, K+V = 64 values per token, fp32, 4 layers per stage at p=2); with
+    1 ms per message the exchange pass keeps none at seq 1024 (its pieces save less than that) and
+    two without message cost."""
+    d = measured_profile(0)
+    free = profile_from_dict(d)
+    d["measured"]["p2p_cpu"] = [[1024, 1e-3], [1 << 24, 1e-3]]
+    priced = profile_from_dict(d)
+    plan = compile_plan(spec("slimpipe", 2, 2, n=4, seq_len=4096, exchange=True), profile=priced, keep_pairing=False)
+    kv = [(r, i) for r, st in enumerate(plan.ranks) for i in st if i.kind in KV]
+    assert kv
+    a, b = CostModel(plan.spec, free, 4, plan=plan), CostModel(plan.spec, priced, 4, plan=plan)
+    for r, i in kv:
+        s, x = plan.spec.slice_lens[i.mb][i.slice], i.hi - i.lo
+        req, rep = b.kv_messages(i)
+        if i.kind in KV_FWD:
+            assert (req, rep) == ((s * 64 + x * 64) * 4, s * 64 * 4 + s * 4 * 4)
+        else:
+            assert (req, rep) == ((3 * s * 64 + x * 64) * 4 + s * 4 * 4, (s * 64 + x * 64) * 4)
+        assert a.kv_cpu(r, i) == 0.0 and b.kv_cpu(r, i) == pytest.approx(4 * 2e-3)
+    ta, tb = unit_cost_table(plan, a), unit_cost_table(plan, b)
+    served_by_units = sum(1 for _r, i in kv if i.kind not in KV_HELPER)
+    assert sum(tb.values()) - sum(ta.values()) == pytest.approx(served_by_units * 8e-3)
+    for r, i in kv:
+        if i.kind in KV_HELPER:
+            assert b.help_time(r, i) - a.help_time(r, i) == pytest.approx(8e-3)
+    count = lambda prof: sum(1 for st in compile_plan(  # noqa: E731
+        spec("slimpipe", 2, 2, n=4, seq_len=1024, exchange=True), profile=prof, keep_pairing=False).ranks
+        for i in st if i.kind in KV)
+    assert (count(free), count(priced)) == (2, 0)
 
 
 def test_simulate_uses_the_profiles_processors(tmp_path):
