@@ -137,20 +137,24 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
             "bubble_breakdown": sim["bubble_breakdown"], "busy_s": [r["busy_s"] for r in sim["ranks"]]}
     kinds: dict[str, list] = {}
     slices: dict[tuple, list] = {}
+    costs = sim["_table"]  # a unit's processor seconds (no sharing): what measured_cpu_s compares with
     for r, s in enumerate(plan.ranks):
         for i, ins in enumerate(s):
-            pm = [pred_dur.get((r, i), 0.0), dur[(r, i)], 1, cpu.get((r, i), 0.0), (r, i) in cpu]
+            unit = ins.kind in _UNIT
+            pc = costs[(r, ins.kind, ins.mb, ins.slice, ins.chunk)] if unit else 0.0
+            pm = [pred_dur.get((r, i), 0.0), dur[(r, i)], 1, cpu.get((r, i), 0.0), (r, i) in cpu, pc]
             for key, table in ((ins.kind, kinds), ((ins.kind, ins.slice), slices)):
-                if table is slices and ins.kind not in _UNIT:
+                if table is slices and not unit:
                     continue
-                a = table.setdefault(key, [0.0, 0.0, 0, 0.0, 0])
-                for j in range(5):
+                a = table.setdefault(key, [0.0, 0.0, 0, 0.0, 0, 0.0])
+                for j in range(6):
                     a[j] += pm[j]
 
     def rows(table, named):
         out = [{**named(k), "count": c, "predicted_s": ps, "measured_s": ms, "residual_s": ms - ps,
+                **({"predicted_cpu_s": pc} if named(k)["kind"] in _UNIT else {}),
                 **({"measured_cpu_s": cs} if nc == c else {})}
-               for k, (ps, ms, c, cs, nc) in table.items()]
+               for k, (ps, ms, c, cs, nc, pc) in table.items()]
         return sorted(out, key=lambda x: -abs(x["residual_s"]))
 
     return {
@@ -164,6 +168,8 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
         "slices": rows(slices, lambda k: {"kind": k[0], "slice": k[1]}),
         "note": "predicted durations: compute units as simulated (shared processors included); sends and KV "
                 "exchanges their simulated flight or rendezvous time; receives and OPT are not costed (0). "
+                "predicted_cpu_s: the units' own processor seconds (the cost model's, no sharing). "
                 "Measured: receives last until their data is there; measured_cpu_s is the rank thread's CPU time "
-                "(what the instructions cost when other processes do not take the processors).",
+                "(what the instructions cost when other processes do not take the processors): compare it "
+                "with predicted_cpu_s.",
     }

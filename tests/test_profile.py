@@ -382,6 +382,15 @@ def test_against_splits_the_bubble_like_the_prediction_on_shared_processors(tmp_
     assert ideal_p == pytest.approx(13 / 36) and ideal_p < out["measured"]["bubble_fraction"]
     assert ideal_m == pytest.approx(ideal_p)
     assert sum(out["measured"]["bubble_breakdown"].values()) == pytest.approx(out["measured"]["bubble_fraction"])
+    # per kind, the units' own CPU: the cost model's seconds (no sharing) next to the measured CPU
+    # times, here the same figures; the simulated durations are the turns' stretched wall times
+    for row in out["kinds"]:
+        if row["kind"] in ("F", "B"):
+            own = sum(t for (r, i), t in units.items() if plan.ranks[r][i].kind == row["kind"])
+            assert row["predicted_cpu_s"] == pytest.approx(own) == pytest.approx(row["measured_cpu_s"])
+            assert row["predicted_s"] > 1.2 * own
+        else:
+            assert "predicted_cpu_s" not in row
     # a profile with a processor per rank keeps the free replay of the wall durations: the closed form
     assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", write(tmp_path, measured_profile(0), "own.json"),
                  "--against", tr, "--json"]) == 0

@@ -93,8 +93,10 @@ def _against(args, plan, profile, dtype) -> int:
               f"(prediction {_off((a - b) / b if b else 0)})")
     print("  residual (measured - predicted) per instruction kind, largest first:")
     for row in out["kinds"][:6]:
+        cpu = (f"; the units' own CPU: predicted {human_time(row['predicted_cpu_s'])}, measured "
+               f"{human_time(row['measured_cpu_s'])}" if "measured_cpu_s" in row and "predicted_cpu_s" in row else "")
         print(f"    {row['kind']:<10} x{row['count']:<4} {human_time(row['residual_s']):>10}  "
-              f"(predicted {human_time(row['predicted_s'])}, measured {human_time(row['measured_s'])})")
+              f"(predicted {human_time(row['predicted_s'])}, measured {human_time(row['measured_s'])}{cpu})")
     print("  per unit kind and slice, largest first:")
     for row in out["slices"][:6]:
         name = f"{row['kind']} slice {row['slice']}"
