@@ -101,12 +101,14 @@ def write_record(path: str, benchmark: str, doc: str, profile: str, load_start: 
 
 
 def unit_cpu(rows) -> dict:
-    """F and B: predicted seconds vs the rank threads' measured CPU seconds (load-independent)."""
+    """Compute units by kind: the cost model's processor seconds (predicted_cpu_s, no sharing) vs the
+    rank threads' measured CPU seconds (load-independent). Before, this compared the simulated
+    durations, which at p=4 on 2 cores are stretched by the turns: +20-80% that were not the units'."""
     out = {}
     for k in rows:
-        if k["kind"] in ("F", "B") and "measured_cpu_s" in k:
-            out[k["kind"]] = {"predicted_s": k["predicted_s"], "measured_cpu_s": k["measured_cpu_s"],
-                              "error": (k["predicted_s"] - k["measured_cpu_s"]) / k["measured_cpu_s"]}
+        if "measured_cpu_s" in k and "predicted_cpu_s" in k:
+            out[k["kind"]] = {"predicted_cpu_s": k["predicted_cpu_s"], "measured_cpu_s": k["measured_cpu_s"],
+                              "error": (k["predicted_cpu_s"] - k["measured_cpu_s"]) / k["measured_cpu_s"]}
     return out
 
 
@@ -163,6 +165,21 @@ def median_run(rows: list) -> dict:
     return row
 
 
+def profile(path: str, scale: float) -> dict | None:
+    """`slimpipe profile --model tiny --scale SCALE -o PATH`; its JSON summary (None: it failed, said on stderr)."""
+    l0 = load()
+    r = sh([sys.executable, "-m", "compiler.cli", "profile", "--model", "tiny", "--scale", str(scale), "-o", path,
+            "--json"])
+    if r.returncode:
+        print(r.stderr, file=sys.stderr)
+        return None
+    summary = json.loads(r.stdout)
+    print(f"profiled (scale {scale:g}, load {l0} -> {load()}): matmul {summary['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
+          f"attention {summary['attention_flops'] / 1e9:.1f} GFLOP/s, {summary['seconds']:.0f} s", file=sys.stderr)
+    return {k: summary[k] for k in ("matmul_peak_flops", "attention_flops", "p2p_bandwidth", "p2p_latency", "seconds")} | {
+        "scale": scale}
+
+
 def runs_note(row) -> str:
     """' (runs: a / b / c s)' of a median_run row, else ''."""
     runs = row.get("runs_measured_step_s")
@@ -186,18 +203,16 @@ def main() -> int:
     ap.add_argument("--max-load", type=float, default=LOADED, help="with --runs 1: load average above which a run is rerun once")
     ap.add_argument("--runs", type=int, default=3, help="torchrun jobs per case; the row is the one with the median "
                     "measured step, the others' steps and errors are listed beside it (default 3)")
+    ap.add_argument("--profile-each", type=float, default=0.0, metavar="SCALE",
+                    help="profile the machine again before each case (`slimpipe profile --scale SCALE`, 0.25: about "
+                    "20 s) and price that case with it: the VM's speed drifts by 10-30%% between minutes (0: off)")
     ap.add_argument("--table", action="store_true", help="print the README table of the recorded --out file and stop")
     a = ap.parse_args()
     if a.table:
         print(table(a.out))
         return 0
-    if a.reprofile or not os.path.exists(a.profile):
-        l0 = load()
-        r = sh([sys.executable, "-m", "compiler.cli", "profile", "--model", "tiny", "-o", a.profile, "--json"])
-        if r.returncode:
-            print(r.stderr, file=sys.stderr)
-            return 1
-        print(f"profiled (load {l0} -> {load()}): {r.stdout.strip()}", file=sys.stderr)
+    if (a.reprofile or not os.path.exists(a.profile)) and profile(a.profile, 1.0) is None:
+        return 1
     only = set(a.only.split(",")) if a.only else None
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -205,15 +220,23 @@ def main() -> int:
             for name in CASES:
                 if only and f"{name}-p{p}" not in only:
                     continue
+                prof_path, fresh = a.profile, None
+                if a.profile_each:
+                    prof_path = f"{d}/{name}-p{p}-profile.json"
+                    fresh = profile(prof_path, a.profile_each)
+                    if fresh is None:
+                        return 1
                 if a.runs > 1:
-                    row = median_run([run_case(name, p, a.profile, d, a.wait) for _ in range(a.runs)])
+                    row = median_run([run_case(name, p, prof_path, d, a.wait) for _ in range(a.runs)])
                 else:
-                    row = run_case(name, p, a.profile, d, a.wait)
+                    row = run_case(name, p, prof_path, d, a.wait)
                     if "error" not in row and max(row["load_before"], row["load_after"]) > a.max_load:
-                        again = run_case(name, p, a.profile, d, a.wait)  # disturbed: once more, keep the calmer run
+                        again = run_case(name, p, prof_path, d, a.wait)  # disturbed: once more, keep the calmer run
                         if "error" not in again and max(again["load_before"], again["load_after"]) < max(
                                 row["load_before"], row["load_after"]):
                             row = again
+                if fresh is not None:
+                    row["profile"] = fresh
                 rows.append(row)
                 if "error" in row:
                     print(f"{name:<17} p={p}  error: {row['error']}", file=sys.stderr)
@@ -228,7 +251,7 @@ def main() -> int:
                           file=sys.stderr, flush=True)
     prof = json.loads(Path(a.profile).read_text())
     out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine_cores": os.cpu_count(),
-           "machine_cpu": cpu_model(), "runs_per_case": a.runs,
+           "machine_cpu": cpu_model(), "runs_per_case": a.runs, "profile_each_scale": a.profile_each,
            "profile": os.path.relpath(a.profile, ROOT), "profile_name": prof["name"],
            "profile_processors": prof["measured"]["processors"], "rows": rows,
            "within_all": all(r.get("within") for r in rows)}
