@@ -271,14 +271,15 @@ def main() -> int:
 def table(path: str) -> str:
     """The README table of a recorded fidelity.json."""
     d = json.loads(Path(path).read_text())
-    lines = ["| family | p | case | predicted step | measured step (wall) | error | units' CPU replayed | error | "
-             "bubble predicted / measured | points | load |", "|" + "---|" * 11]
+    lines = ["| family | p | case | predicted step | measured step (wall) | the runs' steps | error | units' CPU replayed | "
+             "error | bubble predicted / measured | points | load |", "|" + "---|" * 12]
     for r in sorted(d["rows"], key=lambda r: (r["p"], list(CASES).index(r["family"]))):
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['p']} | {r.get('args', '')} | error | | | | | | | |")
+            lines.append(f"| {r['family']} | {r['p']} | {r.get('args', '')} | error | | | | | | | | |")
             continue
+        runs = " / ".join(format(x, ".3f") for x in r.get("runs_measured_step_s", [r["measured_step_s"]]))
         lines.append(f"| {r['family']} | {r['p']} | {r['args']} | {r['predicted_step_s']:.3f} s | "
-                     f"{r['measured_step_s']:.3f} s | {r['step_error']:+.0%} | {r['cpu_replay_step_s']:.3f} s | "
+                     f"{r['measured_step_s']:.3f} s | {runs} | {r['step_error']:+.0%} | {r['cpu_replay_step_s']:.3f} s | "
                      f"{r['cpu_replay_error']:+.1%} | {r['predicted_bubble']:.1%} / {r['measured_bubble']:.1%} | "
                      f"{r['bubble_points']:+.1f} | {r['load_before']:g}-{r['load_after']:g} |")
     return "\n".join(lines)
