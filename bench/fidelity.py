@@ -1,5 +1,6 @@
-"""Predicted vs measured on this machine: profile it once (`slimpipe profile`), then for every family
-at p=2 and p=4 (tiny model, seq 1024-4096, fp32, gloo) compile, run under torchrun with --trace
+"""Predicted vs measured on this machine: profile it (`slimpipe profile`; once, or before each case
+with --profile-each), then for every family at p=2 and p=4 (tiny model, seq 1024-4096, fp32, gloo)
+compile, run under torchrun with --trace
 (4 steps: one warm-up, the median of the other 3 measured) and compare with
 `slimpipe simulate --device-profile PROFILE --against TRACE`. Each case runs --runs times (3, fresh
 torchrun jobs: this VM's step time spreads 10-25% from one job to the next) and its row is the
@@ -26,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine  # noqa: E402
 
 # family -> (compile flags, seq len); p is added. Sequences 1024-4096, micro-batches so that
 # every family's constraints hold at p=2 and p=4.
@@ -186,13 +190,6 @@ def runs_note(row) -> str:
     return f" (runs: {' / '.join(format(x, '.3f') for x in runs)} s)" if runs else ""
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "?"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default=str(RESULTS / "cpu_profile.json"))
@@ -205,7 +202,7 @@ def main() -> int:
                     "measured step, the others' steps and errors are listed beside it (default 3)")
     ap.add_argument("--profile-each", type=float, default=0.0, metavar="SCALE",
                     help="profile the machine again before each case (`slimpipe profile --scale SCALE`, 0.25: about "
-                    "20 s) and price that case with it: the VM's speed drifts by 10-30%% between minutes (0: off)")
+                    "36 s here) and price that case with it: the VM's speed drifts by 10-40%% between minutes (0: off)")
     ap.add_argument("--table", action="store_true", help="print the README table of the recorded --out file and stop")
     a = ap.parse_args()
     if a.table:
@@ -251,7 +248,7 @@ def main() -> int:
                           file=sys.stderr, flush=True)
     prof = json.loads(Path(a.profile).read_text())
     out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine_cores": os.cpu_count(),
-           "machine_cpu": cpu_model(), "runs_per_case": a.runs, "profile_each_scale": a.profile_each,
+           "machine_cpu": machine()["cpu"], "runs_per_case": a.runs, "profile_each_scale": a.profile_each,
            "profile": os.path.relpath(a.profile, ROOT), "profile_name": prof["name"],
            "profile_processors": prof["measured"]["processors"], "rows": rows,
            "within_all": all(r.get("within") for r in rows)}

@@ -460,8 +460,7 @@ class CostModel:
         m = spec.model
         row = KINDS[ins.kind]
         is_owner = row.side == "owner"
-        owner = rank if is_owner else ins.peer
-        L = spec.stage_layers[self.stage_of[owner][ins.chunk]]
+        L = self.kv_layers(rank, ins)
         bwd = row.phase == "backward"
         if self.prof.measured is not None:
             mp, b, div = self.prof.measured, spec.micro_batch_size, spec.tp * spec.cp
@@ -514,9 +513,13 @@ class CostModel:
         m = self.prof.measured
         if m is None or not m.p2p_cpu:
             return 0.0
+        return self.kv_layers(rank, ins) * sum(curve_at(m.p2p_cpu, n) for n in self.kv_messages(ins))
+
+    def kv_layers(self, rank: int, ins: Instr) -> int:
+        """Layers of the owner's stage of the exchange `ins` run on `rank` (the owner for KV*_SEND,
+        its peer otherwise): the exchange repeats per layer."""
         owner = rank if KINDS[ins.kind].side == "owner" else ins.peer
-        L = self.spec.stage_layers[self.stage_of[owner][ins.chunk]]
-        return L * sum(curve_at(m.p2p_cpu, n) for n in self.kv_messages(ins))
+        return self.spec.stage_layers[self.stage_of[owner][ins.chunk]]
 
     def kv_time(self, owner: int, partner: int, ins: Instr) -> float:
         """Rendezvous cost: the transfers are pipelined with the layers' compute, so one layer's

@@ -333,7 +333,7 @@ def level_steps(plan: Plan, cm, helpers: bool = True, tokens: bool = True, steps
                 if helper:
                     new[qr] += kvt + cm.help_time(qr, served)
                 else:
-                    shifted[qr] = shifted.get(qr, 0.0) - cm.kv_shift(qr, served) - cm.kv_cpu(qr, served)
+                    shifted[qr] = shifted.get(qr, 0.0) - cm.kv_shift(qr, served) - msg
                     new[qr] += kvt
                 cursor = end
                 need -= moved
