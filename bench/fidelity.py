@@ -205,6 +205,10 @@ def main() -> int:
                     "36 s here) and price that case with it: the VM's speed drifts by 10-40%% between minutes (0: off)")
     ap.add_argument("--table", action="store_true", help="print the README table of the recorded --out file and stop")
     a = ap.parse_args()
+    if a.runs < 1:
+        ap.error(f"--runs {a.runs} is not allowed; give an integer >= 1")
+    if a.profile_each < 0:
+        ap.error(f"--profile-each {a.profile_each:g} is not allowed; give a scale > 0, or 0 for off")
     if a.table:
         print(table(a.out))
         return 0
