@@ -251,6 +251,8 @@ def run_config(cfg: dict, a, log) -> dict:
     cache: dict = {}
     if cfg["pairs"]:
         for ours_s, theirs_s in PAIRS:
+            if a.only and ours_s not in a.only:
+                continue
             v = cfg["virtual_stages"] if ours_s in MULTI else 1
             out["pairs"].append(compare(cfg, ours_s, v, 1, theirs_s, v, a, log, cache))
     against = cfg["against"]
@@ -263,6 +265,8 @@ def run_config(cfg: dict, a, log) -> dict:
     v_against = cfg["virtual_stages"] if against in ("Interleaved1F1B", "LoopedBFS") else 1
     out["torch_best" if cfg["against"] == "best" else "torch_against"] = against
     for ours_s in cfg["extras"]:
+        if a.only and ours_s not in a.only:
+            continue
         n = cfg["slices"] if ours_s in ("seq1f1b", "slimpipe") else 1
         out["extras"].append(compare(cfg, ours_s, 1, n, against, v_against, a, log, cache))
     return out
@@ -277,6 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per rank, both sides (default 1)")
     ap.add_argument("--repeats", type=int, help="override the alternation rounds of every config")
     ap.add_argument("--steps", type=int, help="override the timed steps of every config")
+    ap.add_argument("--schedules", help="comma list of our schedules to run (default: every pair and extra of "
+                    "each config); e.g. gpipe to repeat one comparison")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per launched job")
     ap.add_argument("-o", "--output", type=Path, help="results file (default bench/results/executor_vs_torch[_quick].json)")
     a = ap.parse_args(argv)
@@ -285,6 +291,10 @@ def main(argv=None) -> int:
     bad = [g for g in names if g not in GROUPS]
     if bad:
         ap.error(f"unknown group(s) {bad}; allowed: {', '.join(GROUPS)}")
+    known = [o for o, _ in PAIRS] + ["seq1f1b", "slimpipe"]
+    a.only = [x for x in a.schedules.split(",") if x] if a.schedules else None
+    if a.only is not None and (not a.only or any(x not in known for x in a.only)):
+        ap.error(f"--schedules {a.schedules!r}: allowed a comma list of {', '.join(known)}")
     out_path = a.output or HERE / "results" / ("executor_vs_torch_quick.json" if a.quick else "executor_vs_torch.json")
 
     def log(msg):
@@ -310,6 +320,7 @@ def main(argv=None) -> int:
         "ours_path": str(a.ours_path), "ours_commit": git_rev(a.ours_path),
         "ours_available": ours_unavailable(a.ours_path) is None,
         "groups": names,
+        "schedules": a.only,
         "method": ("each side is a fresh torchrun job per run; runs alternate ours/theirs; step_s = median over "
                    "runs of each run's median step time (torch side excludes its warm-up steps, ours runs the "
                    "same total number of steps); peak RSS = ru_maxrss per rank, max over runs; ratio = ours/theirs"),
