@@ -46,7 +46,8 @@ class Measured:
     as a unit with one B runs them, the gradients made in the forward; head_split, optional: as a
     unit whose backward is split runs them, the logits made again in I); p2p [[bytes, one-way s]];
     p2p_cpu, optional: [[bytes, processor s]] that a send or a receive costs its rank (every thread of
-    its process: packing, gloo's threads, the watcher, the wait); processors: ranks that can compute
+    its process: packing, gloo's threads, the watcher, the wait); weight, optional: [[tokens, s]] a
+    split unit's W per decoder layer (its seven dW matmuls and .grad sums, caches cold); processors: ranks that can compute
     at once (CPU cores; 0 = a device per rank); meta["timeslice_s"], optional: how long the OS lets a
     thread run while others wait for a processor (measured with processors + 1 spinning processes)."""
 
@@ -60,6 +61,7 @@ class Measured:
     unit: tuple = ()           # [[tokens, fwd s, bwd s]] a unit's fixed cost beyond its layers (optional)
     head_split: tuple = ()     # [[tokens, fwd s, bwd s]] the head of a split unit (optional; else head)
     p2p_cpu: tuple = ()        # [[bytes, s]] processor time of a send or receive on its rank (optional)
+    weight: tuple = ()         # [[tokens, s]] a split unit's W per layer (optional; else the matmul curve)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -73,7 +75,7 @@ class Measured:
 
 
 CURVES = {"matmul": 2, "attention": 5, "elementwise": 3, "head": 3, "embedding": 3, "p2p": 2, "unit": 3,
-          "head_split": 3, "p2p_cpu": 2}
+          "head_split": 3, "p2p_cpu": 2, "weight": 2}
 REQUIRED = ("matmul", "attention", "elementwise", "head", "embedding", "p2p")
 
 
@@ -367,13 +369,15 @@ class CostModel:
         and weight gradient of each) on the matmul curve, the causal attention over the slice itself
         and one full call per earlier slice on the attention curve, the elementwise rest; plus LM head
         and loss on the last stage, the embedding on the first, the unit's fixed cost. tp/cp divide the tokens.
-        Split backward: W is the projections' weight-gradient half, I the fused backward less W;
+        Split backward: W is the weight-gradient half of the projections (and of the LM head on the
+        last stage, see _measured_weight), I the fused backward less its dW matmuls;
         `split` (a split unit's forward; always for I and W) takes the head from head_split."""
         cls = cost_class(backward)
         if cls in ("backward_input", "backward_weight"):
+            if cls == "backward_weight":
+                return self._measured_weight(stage, s)
             full = self._measured_time(stage, s, prefix_lens, "backward", True)
-            w = self._measured_projections(s) * self.spec.stage_layers[stage]
-            return w if cls == "backward_weight" else max(full - w, 0.0)
+            return max(full - self._measured_weight(stage, s, hot=True), 0.0)
         backward = cls == "backward"
         spec, m = self.spec, self.prof.measured
         cfg = spec.model
@@ -397,6 +401,23 @@ class CostModel:
         if m.unit:
             t += curve_at(m.unit, tok, col)
         return t
+
+    def _measured_weight(self, stage: int, s: int, hot: bool = False) -> float:
+        """Seconds of a split unit's W on `stage` from a measured profile: the weight gradients of each
+        layer's seven projections (the `weight` curve when the profile has one, else their dW
+        matmuls on the matmul curve) and, on the last stage, of the LM head (dW = g^T h, 2 * tokens *
+        hidden * vocab FLOPs on the matmul curve): what executor.model's WeightGradStore.run
+        computes (the split head leaves its dW to the store, as the projections do). hot=True: the dW
+        matmuls on the matmul curve whatever the profile has, the share of them in a fused backward
+        (I is that backward less this: a split unit's I + W exceed its B by W's cold caches and
+        store, as they do in the executor)."""
+        spec, m = self.spec, self.prof.measured
+        tok = s * spec.micro_batch_size / (spec.tp * spec.cp)
+        per_layer = curve_at(m.weight, tok) if m.weight and not hot else self._measured_projections(s)
+        w = per_layer * spec.stage_layers[stage]
+        if stage == self.last:
+            w += curve_at(m.matmul, 2.0 * tok * spec.model.hidden * spec.model.vocab)
+        return w
 
     def _measured_projections(self, s: int) -> float:
         """Seconds of one layer's seven projections for s tokens on the measured matmul curve."""

@@ -153,10 +153,22 @@ def test_unit_time_from_curves():
     f_last = 4 * (mm + s * s * ATT + s * ELEM)  # 128 tokens, one slice: causal attention only
     assert cm.unit_time(1, Fi(0, 0, 0)) == pytest.approx(f_last + 1 * s * ELEM)
     assert fused.unit_time(1, Fi(0, 0, 0)) == pytest.approx(f_last + 3 * s * ELEM)  # no plan: a unit with one B
-    w = 4 * mm  # the projections' weight-gradient half
+    # W: the projections' weight-gradient half, and on the last stage the LM head's dW (the split
+    # head leaves it to the WeightGradStore too): 2 * tokens * hidden * vocab FLOPs
+    cfg = zb.spec.model
+    w_head = 2 * s * cfg.hidden * cfg.vocab * MM
+    w = 4 * mm + w_head
     b_split = 4 * (2 * mm + 2 * s * s * ATT + 2 * s * ELEM) + 8 * s * ELEM
     assert cm.unit_time(1, Instr(Kind.I, 0, 0, 0)) == pytest.approx(b_split - w)
     assert cm.unit_time(1, Instr(Kind.W, 0, 0, 0)) == pytest.approx(w)
+    assert cm.unit_time(0, Instr(Kind.W, 0, 0, 0)) == pytest.approx(4 * mm)  # no head on stage 0
+    # with a measured W curve (per layer, caches cold) W takes it; I stays the fused backward less
+    # its dW matmuls (so a split unit's I + W exceed its B by what the split costs)
+    d["measured"]["weight"] = [[t, 2 * t * 1e-6] for t in (64, 4096)]
+    cm = CostModel(zb.spec, profile_from_dict(d), 4, plan=zb)
+    assert cm.unit_time(0, Instr(Kind.W, 0, 0, 0)) == pytest.approx(4 * 2 * s * 1e-6)
+    assert cm.unit_time(1, Instr(Kind.W, 0, 0, 0)) == pytest.approx(4 * 2 * s * 1e-6 + w_head)
+    assert cm.unit_time(1, Instr(Kind.I, 0, 0, 0)) == pytest.approx(b_split - w)
 
 
 def test_processor_sharing_closed_forms():
@@ -449,14 +461,20 @@ def test_stage_unit_measures_through_the_executors_stage():
     from executor.profile import _stage_unit
 
     cfg = resolve_model("tiny")
-    fwd, bwd = _stage_unit(cfg, torch.device("cpu"), torch.float32, pick_backend("auto", torch.device("cpu")), 32, 1, 1,
-                           lambda: None, lambda *shape: torch.randn(*shape))
-    assert fwd > 0 and bwd > 0
+    be = pick_backend("auto", torch.device("cpu"))
+    fwd, bwd, w = _stage_unit(cfg, torch.device("cpu"), torch.float32, be, 32, 1, 1,
+                              lambda: None, lambda *shape: torch.randn(*shape))
+    assert fwd > 0 and bwd > 0 and w == 0.0
     # with evict (evict_caches), it runs before each forward and each backward: warm-up + 2 runs
     calls = []
-    _stage_unit(cfg, torch.device("cpu"), torch.float32, pick_backend("auto", torch.device("cpu")), 32, 1, 2,
+    _stage_unit(cfg, torch.device("cpu"), torch.float32, be, 32, 1, 2,
                 lambda: None, lambda *shape: torch.randn(*shape), lambda: calls.append(1))
     assert len(calls) == 2 * 3
+    # split: the backward is the unit's I, then its W runs (the store's dW), evicted before too
+    calls = []
+    fwd, i, w = _stage_unit(cfg, torch.device("cpu"), torch.float32, be, 32, 1, 2,
+                            lambda: None, lambda *shape: torch.randn(*shape), lambda: calls.append(1), split=True)
+    assert fwd > 0 and i > 0 and w > 0 and len(calls) == 3 * 3
 
 
 def test_cache_eviction_writes_twice_the_last_level_cache(tmp_path):
