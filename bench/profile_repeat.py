@@ -1,5 +1,5 @@
 """`slimpipe profile` run twice: how far apart are the figures? For every measured point (matmul,
-attention, elementwise, head, embedding, p2p, p2p_cpu) the ratio second / first, the headline figures
+attention, layer, elementwise, unit, weight, head, embedding, p2p, p2p_cpu) the ratio second / first, the headline figures
 and the measured timeslice.
 
     PYTHONPATH=$PWD python bench/profile_repeat.py            # profiles twice (a few minutes)
@@ -39,7 +39,7 @@ def ratios(a: dict, b: dict) -> dict:
     """Per curve: spread of b/a over its points (the time columns)."""
     out = {}
     ma, mb = a["measured"], b["measured"]
-    for k in ("matmul", "attention", "layer", "elementwise", "head", "embedding", "p2p", "p2p_cpu"):
+    for k in ("matmul", "attention", "layer", "elementwise", "unit", "weight", "head", "embedding", "p2p", "p2p_cpu"):
         if k not in ma or k not in mb:
             continue
         rs = []

@@ -205,16 +205,21 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
 
     # whole units of a middle stage through the executor's own Stage (autograd graph, saved-tensor
     # hooks, K/V bookkeeping included) with 1 and 3 layers: per layer (T3 - T1) / 2, of which the
-    # elementwise work is what its matmuls and causal attention leave; per unit T1 - one layer
+    # elementwise work is what its matmuls and causal attention leave; per unit T1 - one layer.
+    # The two run in turns and the layer is the median of each turn's difference: the machine's
+    # speed drifts by second-long phases, and T1 and T3 measured one after the other fell in
+    # different ones. A split unit of 2 layers runs in the same turns for W per layer: its dW
+    # matmuls read activations written long before (caches cold), which the matmul curve (caches
+    # hot) priced 1.6-1.7x low in place.
     elementwise, layer, unit, weight = [], [], [], []
     for s in tokens:
-        r = reps_for(s, scale)
-        t1 = _stage_unit(cfg, device, dtype, be, s, 1, r, sync, rnd, evict)
-        t3 = _stage_unit(cfg, device, dtype, be, s, 3, max(3, r // 2), sync, rnd, evict)
-        # a split unit's W per layer: its dW matmuls read activations written long before (caches
-        # cold), which the matmul curve (caches hot) priced 1.6-1.7x low in place
-        weight.append([s, _stage_unit(cfg, device, dtype, be, s, 2, max(3, r // 3), sync, rnd, evict, True)[2] / 2])
-        tf, tb = max((t3[0] - t1[0]) / 2, 0.0), max((t3[1] - t1[1]) / 2, 0.0)
+        runners = [_stage_runner(cfg, device, dtype, be, s, L, sync, rnd, evict, L == 2) for L in (1, 3, 2)]
+        for once in runners:
+            once()
+        turns = [[once() for once in runners] for _ in range(max(3, reps_for(s, scale) // 2))]
+        t1 = [typical([t[0][i] for t in turns]) for i in (0, 1)]
+        tf, tb = (max(typical([(t[1][i] - t[0][i]) / 2 for t in turns]), 0.0) for i in (0, 1))
+        weight.append([s, typical([t[2][2] / 2 for t in turns])])
         mm_f = sum(mm_time(2.0 * s * i * o) for o, i in matmul_shapes(cfg) if o != cfg.vocab)
         mm_f += mm_time(2.0 * s * cfg.hidden * cfg.ffn)  # the layer has two (ffn, hidden) projections
         att_f = _attn(attention, "fwd", 1, s, s)
@@ -279,13 +284,14 @@ class _NoExchange:
         return False
 
 
-def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, sync, rnd,
-                evict=None, split: bool = False) -> tuple[float, float, float]:
-    """Typical (forward, backward, weight) seconds of one unit of s tokens through
-    executor.stage.Stage: the middle stage (L layers) of a one-rank, three-stage plan, so no
-    embedding and no head. `split`: the unit's backward is split, backward is then its I and weight
-    its W (the WeightGradStore's dW matmuls and .grad sums, as the W instruction runs them); else
-    weight is 0. `evict` (evict_caches; untimed) runs before each forward, backward and W."""
+def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd, evict=None,
+                  split: bool = False):
+    """A callable that runs one unit of s tokens through executor.stage.Stage, the middle stage (L
+    layers) of a one-rank, three-stage plan (so no embedding and no head), and returns its
+    (forward, backward, weight) seconds. `split`: the unit's backward is split, backward is then
+    its I and weight its W (the WeightGradStore's dW matmuls and .grad sums, as the W instruction
+    runs them); else weight is 0. `evict` (evict_caches; untimed) runs before each forward,
+    backward and W."""
     from ir import PlanSpec
 
     from .data import SyntheticBatches
@@ -301,10 +307,10 @@ def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, 
                tracker=ActivationTracker(params.storage_ptrs()), env=env, batches=SyntheticBatches(spec, device))
     x, dy = rnd(1, s, cfg.hidden), rnd(1, s, cfg.hidden)
     clock = CLOCK[0]
-    tf, tb, tw = [], [], []
     if split:
         st.split_units = {(0, 0)}
-    for i in range(reps + 1):
+
+    def once() -> tuple[float, float, float]:
         st.reset()
         st.acts_in[(0, 0)] = x
         if evict is not None:
@@ -328,11 +334,18 @@ def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, 
             st.backward_weight(0, 0)
             sync()
             c5 = clock()
-        if i:
-            tf.append(c1 - c0)
-            tb.append(c3 - c2)
-            tw.append(c5 - c4)
-    return typical(tf), typical(tb), typical(tw)
+        return c1 - c0, c3 - c2, c5 - c4
+    return once
+
+
+def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, sync, rnd,
+                evict=None, split: bool = False) -> tuple[float, float, float]:
+    """Typical (forward, backward, weight) seconds of `reps` runs of _stage_runner's unit after a
+    warm-up run."""
+    once = _stage_runner(cfg, device, dtype, be, s, L, sync, rnd, evict, split)
+    once()
+    runs = [once() for _ in range(reps)]
+    return tuple(typical(col) for col in zip(*runs))
 
 
 def _interp(curve, x: float) -> float:
