@@ -126,8 +126,12 @@ def sdpa_fwd(q, k, v, causal, scale):
 
 def sdpa_bwd(dout, q, k, v, out, lse, causal, scale):
     h, hk = q.shape[1], k.shape[1]
-    out = out.to(q.dtype).contiguous()
-    dout = dout.to(q.dtype).contiguous()
+    out, dout = out.to(q.dtype), dout.to(q.dtype)
+    if q.is_cuda:
+        out, dout = out.contiguous(), dout.contiguous()
+    # the CPU kernel reads any strides: out and dout arrive as [b, heads, s, d] views of [b, s, heads,
+    # d] memory (seq_major, the out-projection's gradient), and copying them head-major cost two
+    # passes over [s, heads * d] per layer and unit (the same bits either way)
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     if not q.is_cuda and hk != h and _cpu_gqa_native():
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -284,7 +288,6 @@ class SliceAttention(torch.autograd.Function):
         lc = ctx.lc
         be, scale = lc.backend, lc.scale
         lc.serve()
-        dout = dout.contiguous()
         exchanges = lc.bwd_exchanges()
         handles = lc.bwd_remote_start(q, out, lse, dout, exchanges) if exchanges else ()
         dq, dk, dv = be.bwd(dout, q, k, v, out, lse, True, scale)
