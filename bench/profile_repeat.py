@@ -73,7 +73,10 @@ def main() -> int:
         files = [f"{d}/p{i}.json" for i in (1, 2)]
         runs = [profile(f) for f in files]
     pa, pb = (json.loads(Path(f).read_text()) for f in files)
-    out = {"runs": runs, "seconds": [pa["measured"]["seconds"], pb["measured"]["seconds"]],
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or None
+    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": commit,
+           "runs": runs, "seconds": [pa["measured"]["seconds"], pb["measured"]["seconds"]],
            "spread": ratios(pa, pb)}
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
