@@ -108,10 +108,26 @@ def matmul_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
                    (cfg.ffn, cfg.hidden), (cfg.hidden, cfg.ffn), (cfg.vocab, cfg.hidden)})
 
 
-def cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+def cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache", level: int | None = None) -> int:
     """Bytes of this machine's last-level CPU cache (sysfs `base`: the highest cache level of
-    cpu0), or 32 MiB where sysfs does not say."""
+    cpu0), or 32 MiB where sysfs does not say; with `level`, of that level (its largest entry; the
+    default where sysfs has none: 32 MiB for the last level, 1 MiB for another)."""
+    if level is not None:
+        size = 0
+        for lv, n in _caches(base):
+            if lv == level:
+                size = max(size, n)
+        return size or (1 << 20)
     best = (0, 32 << 20)
+    for lv, n in _caches(base):
+        if lv > best[0]:
+            best = (lv, n)
+    return best[1]
+
+
+def _caches(base: str):
+    """(level, bytes) of each cache sysfs lists under `base` (nothing where it lists none)."""
+    out = []
     try:
         for d in os.listdir(base):
             try:
@@ -123,14 +139,14 @@ def cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
                 continue
             mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
             digits = text[:-1] if mult != 1 else text
-            if digits.isdigit() and level > best[0]:
-                best = (level, int(digits) * mult)
+            if digits.isdigit():
+                out.append((level, int(digits) * mult))
     except OSError:
         pass
-    return best[1]
+    return out
 
 
-def evict_caches(device):
+def evict_caches(device, level: int | None = None):
     """A callable that, on CPU, reads a buffer twice the last-level cache, so that the next unit
     starts with cold caches; None on CUDA. Why: back to back, a small unit's weights and activations
     stay in the caches, and the fastest of such runs priced the executor's 32-token units 20-35%
@@ -138,10 +154,15 @@ def evict_caches(device):
     ms per unit in a torchrun run at p=2, where other micro-batches, slices and the other rank run
     in between); at 1024 tokens 1-2% (24.1-24.8 ms hot, 24.7-25.1 ms cold).
     A read, not a write: written lines are dirty, and the unit then paid for writing them back
-    (0.6-1.0 ms of a 1024-token unit's fixed cost, which no real run pays)."""
+    (0.6-1.0 ms of a 1024-token unit's fixed cost, which no real run pays).
+    `level` (2: the per-core cache here) evicts only up to that level: a split unit's W reads
+    activations the executor wrote a few units before, gone from the core's cache but, for small
+    models, still in a large shared last level (260 MiB on the Intel VM: evicted from it too, the
+    tiny model's W per layer took 15-18% longer than evicted from the 4 MiB L2 alone, and the model
+    priced W 20-41% above the executor's in five of six zero-bubble rows)."""
     if device.type != "cpu":
         return None
-    buf = torch.ones(2 * cache_bytes() // 4, dtype=torch.float32)
+    buf = torch.ones(2 * cache_bytes(level=level) // 4, dtype=torch.float32)
 
     def evict():
         buf.sum()
@@ -209,11 +230,12 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
     # The two run in turns and the layer is the median of each turn's difference: the machine's
     # speed drifts by second-long phases, and T1 and T3 measured one after the other fell in
     # different ones. A split unit of 2 layers runs in the same turns for W per layer: its dW
-    # matmuls read activations written long before (caches cold), which the matmul curve (caches
-    # hot) priced 1.6-1.7x low in place.
+    # matmuls read activations written a few units before, gone from the core's cache (evict_w),
+    # which the matmul curve (caches hot) priced 1.6-1.7x low in place.
+    evict_w = evict_caches(device, level=2)
     elementwise, layer, unit, weight = [], [], [], []
     for s in tokens:
-        runners = [_stage_runner(cfg, device, dtype, be, s, L, sync, rnd, evict, L == 2) for L in (1, 3, 2)]
+        runners = [_stage_runner(cfg, device, dtype, be, s, L, sync, rnd, evict, L == 2, evict_w) for L in (1, 3, 2)]
         for once in runners:
             once()
         turns = [[once() for once in runners] for _ in range(max(3, reps_for(s, scale) // 2))]
@@ -285,13 +307,13 @@ class _NoExchange:
 
 
 def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd, evict=None,
-                  split: bool = False):
+                  split: bool = False, evict_weight=None):
     """A callable that runs one unit of s tokens through executor.stage.Stage, the middle stage (L
     layers) of a one-rank, three-stage plan (so no embedding and no head), and returns its
     (forward, backward, weight) seconds. `split`: the unit's backward is split, backward is then
     its I and weight its W (the WeightGradStore's dW matmuls and .grad sums, as the W instruction
-    runs them); else weight is 0. `evict` (evict_caches; untimed) runs before each forward,
-    backward and W."""
+    runs them); else weight is 0. `evict` (evict_caches; untimed) runs before each forward and
+    backward, and before W unless `evict_weight` is given (then that one)."""
     from ir import PlanSpec
 
     from .data import SyntheticBatches
@@ -328,8 +350,9 @@ def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd
         c3 = clock()
         c4 = c5 = 0.0
         if split:
-            if evict is not None:
-                evict()
+            ew = evict if evict_weight is None else evict_weight
+            if ew is not None:
+                ew()
             c4 = clock()
             st.backward_weight(0, 0)
             sync()

@@ -492,7 +492,11 @@ def test_cache_eviction_writes_twice_the_last_level_cache(tmp_path):
     (tmp_path / "uevent").write_text("")  # not a cache folder: skipped
     assert cache_bytes(str(tmp_path)) == 16 << 20
     assert cache_bytes(str(tmp_path / "missing")) == 32 << 20
+    # one level (W's eviction: the per-core cache), 1 MiB where sysfs does not list it
+    assert cache_bytes(str(tmp_path), level=2) == 1 << 20 and cache_bytes(str(tmp_path), level=1) == 32 << 10
+    assert cache_bytes(str(tmp_path), level=4) == 1 << 20
     assert evict_caches(torch.device("cuda")) is None and callable(evict_caches(torch.device("cpu")))
+    assert callable(evict_caches(torch.device("cpu"), level=2))
 
 
 def test_processor_sharing_ends_at_large_clocks():
