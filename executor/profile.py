@@ -361,16 +361,6 @@ def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd
     return once
 
 
-def _stage_unit(cfg: ModelConfig, device, dtype, be, s: int, L: int, reps: int, sync, rnd,
-                evict=None, split: bool = False) -> tuple[float, float, float]:
-    """Typical (forward, backward, weight) seconds of `reps` runs of _stage_runner's unit after a
-    warm-up run."""
-    once = _stage_runner(cfg, device, dtype, be, s, L, sync, rnd, evict, split)
-    once()
-    runs = [once() for _ in range(reps)]
-    return tuple(typical(col) for col in zip(*runs))
-
-
 def _interp(curve, x: float) -> float:
     """Seconds at x on a [[x, seconds], ...] curve sorted by x: linear between points (a call's
     time is overhead + work, close to linear in its size), extrapolated from the end segments."""

@@ -47,8 +47,8 @@ class Measured:
     unit whose backward is split runs them, the logits made again in I); p2p [[bytes, one-way s]];
     p2p_cpu, optional: [[bytes, processor s]] that a send or a receive costs its rank (every thread of
     its process: packing, gloo's threads, the watcher, the wait); weight, optional: [[tokens, s]] a
-    split unit's W per decoder layer (its seven dW matmuls and .grad sums, caches cold); processors: ranks that can compute
-    at once (CPU cores; 0 = a device per rank); meta["timeslice_s"], optional: how long the OS lets a
+    split unit's W per decoder layer (its seven dW matmuls and .grad sums, the per-core cache
+    evicted before); processors: ranks that can compute at once (CPU cores; 0 = a device per rank); meta["timeslice_s"], optional: how long the OS lets a
     thread run while others wait for a processor (measured with processors + 1 spinning processes)."""
 
     processors: int
@@ -409,7 +409,7 @@ class CostModel:
         hidden * vocab FLOPs on the matmul curve): what executor.model's WeightGradStore.run
         computes (the split head leaves its dW to the store, as the projections do). hot=True: the dW
         matmuls on the matmul curve whatever the profile has, the share of them in a fused backward
-        (I is that backward less this: a split unit's I + W exceed its B by W's cold caches and
+        (I is that backward less this: a split unit's I + W exceed its B by W's colder caches and
         store, as they do in the executor)."""
         spec, m = self.spec, self.prof.measured
         tok = s * spec.micro_batch_size / (spec.tp * spec.cp)

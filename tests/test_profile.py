@@ -452,29 +452,31 @@ def test_profile_command_refuses_bad_options_in_one_line(tmp_path, capfd):
     assert not list(tmp_path.iterdir())
 
 
-def test_stage_unit_measures_through_the_executors_stage():
+def test_stage_runner_measures_through_the_executors_stage():
     """The profiler's whole-unit measurement drives executor.stage.Stage alone (no KV-exchange
     partners): it must run, not crash, and give positive forward/backward times."""
     import torch
 
     from executor.attention import pick_backend
-    from executor.profile import _stage_unit
+    from executor.profile import _stage_runner
 
     cfg = resolve_model("tiny")
     be = pick_backend("auto", torch.device("cpu"))
-    fwd, bwd, w = _stage_unit(cfg, torch.device("cpu"), torch.float32, be, 32, 1, 1,
-                              lambda: None, lambda *shape: torch.randn(*shape))
+    calls = []
+    once = _stage_runner(cfg, torch.device("cpu"), torch.float32, be, 32, 1, lambda: None,
+                         lambda *shape: torch.randn(*shape), lambda: calls.append("unit"))
+    fwd, bwd, w = once()
     assert fwd > 0 and bwd > 0 and w == 0.0
-    # with evict (evict_caches), it runs before each forward and each backward: warm-up + 2 runs
+    assert calls == ["unit", "unit"]  # evict runs before the forward and before the backward
+    # split: the backward is the unit's I, then its W runs (the store's dW) after its own eviction
     calls = []
-    _stage_unit(cfg, torch.device("cpu"), torch.float32, be, 32, 1, 2,
-                lambda: None, lambda *shape: torch.randn(*shape), lambda: calls.append(1))
-    assert len(calls) == 2 * 3
-    # split: the backward is the unit's I, then its W runs (the store's dW), evicted before too
-    calls = []
-    fwd, i, w = _stage_unit(cfg, torch.device("cpu"), torch.float32, be, 32, 1, 2,
-                            lambda: None, lambda *shape: torch.randn(*shape), lambda: calls.append(1), split=True)
-    assert fwd > 0 and i > 0 and w > 0 and len(calls) == 3 * 3
+    once = _stage_runner(cfg, torch.device("cpu"), torch.float32, be, 32, 1, lambda: None,
+                         lambda *shape: torch.randn(*shape), lambda: calls.append("unit"), split=True,
+                         evict_weight=lambda: calls.append("w"))
+    for _ in range(2):
+        fwd, i, w = once()
+        assert fwd > 0 and i > 0 and w > 0
+    assert calls == ["unit", "unit", "w"] * 2
 
 
 def test_cache_eviction_writes_twice_the_last_level_cache(tmp_path):
