@@ -57,6 +57,8 @@ def test_measured_profile_loads_and_builtins_still_do(tmp_path):
     (lambda m: m.update(matmul=[]), "matmul"),
     (lambda m: m["attention"].append(["sideways", 1, 8, 8, 0.1]), "attention"),
     (lambda m: m["p2p"].append([1, "fast"]), "p2p"),
+    (lambda m: m.update(weight=[[1024, 0.001, 0.002]]), r"weight: row \[1024, 0\.001, 0\.002\] must be 2 finite"),
+    (lambda m: m.update(weight=[]), "weight must be a non-empty list"),
     (lambda m: m.update(timeslice_s=-0.004), r"timeslice_s=-0\.004"),
     (lambda m: m.update(timeslice_s="4ms"), r'timeslice_s="4ms"'),  # as the JSON file spells it
     (lambda m: m.update(timeslice_s=True), r"timeslice_s=true must"),
