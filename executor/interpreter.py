@@ -338,6 +338,10 @@ class Rank:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         m0 = time.monotonic()
+        # CPU of the step: the whole process (compute thread, gloo's threads, the watchers) and the
+        # compute thread, where the rank is a process of its own (not with --local's threads)
+        p0 = time.process_time() if self.tp.kind == "dist" else None
+        c0 = thread_time()
         try:
             self._run_stream()
         except ExecError:
@@ -351,8 +355,10 @@ class Rank:
                            f"to it ({e})") from e
         except Exception as e:  # noqa: BLE001 - any failure of an instruction: one line naming it
             raise ExecError(f"{self.here()}: {cause(e)}") from e
+        c1 = thread_time()  # before the process's: its interval holds the thread's
+        cpu = None if p0 is None else [time.process_time() - p0, c1 - c0]
         out = {"seconds": time.perf_counter() - t0, "loss": self.loss_sum, "peak_activation_bytes": self.tracker.peak,
-               "events": self.events, "span": [m0, time.monotonic()], **self.figures}
+               "events": self.events, "span": [m0, time.monotonic()], "cpu": cpu, **self.figures}
         if self.device.type == "cuda":
             out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
         return out

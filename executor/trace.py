@@ -13,7 +13,8 @@ _CAT = {Kind.F: "forward", Kind.B: "backward", Kind.OPT: "optimizer"}
 
 
 def step_spans(per_rank) -> list[tuple[float, float]]:
-    """(start, end) of each step over all ranks; per_rank[r] = [(events, [t0, t1]), ...]."""
+    """(start, end) of each step over all ranks; per_rank[r] = [(events, [t0, t1], cpu), ...] (cpu:
+    [process s, compute thread s] of the step, or None)."""
     n = len(per_rank[0])
     return [(min(pr[s][1][0] for pr in per_rank), max(pr[s][1][1] for pr in per_rank)) for s in range(n)]
 
@@ -42,7 +43,7 @@ def chrome_trace(plan, per_rank, dtype: str = "fp32") -> dict:
         ev.append({"name": "process_sort_index", "ph": "M", "pid": r, "tid": 0, "args": {"sort_index": r}})
         ev.append({"name": "thread_name", "ph": "M", "pid": r, "tid": 0, "args": {"name": "compute"}})
         ev.append({"name": "thread_name", "ph": "M", "pid": r, "tid": 1, "args": {"name": "communication"}})
-        for step, (events, _span) in enumerate(per_rank[r]):
+        for step, (events, _span, _cpu) in enumerate(per_rank[r]):
             for i, t0, t1, cpu in events:
                 ins = plan.ranks[r][i]
                 k = ins.kind
@@ -64,7 +65,10 @@ def chrome_trace(plan, per_rank, dtype: str = "fp32") -> dict:
                           "slices": spec.slices, "virtual_stages": spec.virtual_stages, "time_unit": "seconds",
                           "measured": True, "dtype": dtype, "clock": "time.monotonic (one machine)",
                           "steps": [[(a - origin) * us, (b - origin) * us] for a, b in spans],
-                          "median_step": median_step(per_rank)}}
+                          "median_step": median_step(per_rank),
+                          # per rank and step: [CPU s of the rank's process, of its compute thread] (null
+                          # for in-process ranks): the rest is its other threads' (gloo's, the watchers')
+                          "step_cpu_s": [[cpu for _ev, _span, cpu in pr] for pr in per_rank]}}
 
 
 def kind_figures(plan, per_rank) -> dict:

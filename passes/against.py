@@ -15,9 +15,10 @@ from .simulate import bubble_fraction, simulate_timed, strip_exchanges
 _UNIT = COMPUTE  # F, B and the split backward's I and W (the kind table's compute role)
 
 
-def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict]:
-    """(step, {(rank, index): seconds}, step seconds, {(rank, index): CPU seconds where recorded}) of
-    the trace's median step, checked against the plan."""
+def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict, list | None]:
+    """(step, {(rank, index): seconds}, step seconds, {(rank, index): CPU seconds where recorded},
+    per rank [process CPU s, compute thread CPU s] of the step or None) of the trace's median step,
+    checked against the plan."""
     d = read_user_json(path, "--against", "a trace written by `python -m executor plan.json --trace FILE`")
     evs = d.get("traceEvents") if isinstance(d, dict) else None
     if not isinstance(evs, list):
@@ -65,7 +66,23 @@ def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict]:
         by_len = sorted(measured, key=lambda s: spans[s])
         st = by_len[(len(by_len) - 1) // 2]
     cpu = {k: v[2] for k, v in per_step[st].items() if v[2] is not None}
-    return st, {k: v[1] - v[0] for k, v in per_step[st].items()}, spans[st], cpu
+    return st, {k: v[1] - v[0] for k, v in per_step[st].items()}, spans[st], cpu, _step_cpu(other, st, plan)
+
+
+def _step_cpu(other: dict, st: int, plan: Plan) -> list | None:
+    """otherData.step_cpu_s of step `st`: per rank [process CPU s, compute thread CPU s], when every
+    rank has the pair (ranks that were processes of their own); else None."""
+    rows = other.get("step_cpu_s")
+    if not isinstance(rows, list) or len(rows) != len(plan.ranks):
+        return None
+    out = []
+    for pr in rows:
+        pair = pr[st] if isinstance(pr, list) and st < len(pr) else None
+        if not (isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in pair)):
+            return None
+        out.append([float(pair[0]), float(pair[1])])
+    return out
 
 
 def _bubbles(plan: Plan, dur: dict, step_s: float, profile=None, cpu: dict | None = None) -> dict:
@@ -119,7 +136,7 @@ def _cpu_replay(plan: Plan, cpu: dict, profile, dtype_bytes: int) -> float:
 
 def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     """The comparison report (see the module docstring). dtype_bytes: the executor's dtype (fp32 = 4)."""
-    step, dur, step_s, cpu = load_measured(path, plan)
+    step, dur, step_s, cpu, step_cpu = load_measured(path, plan)
     sim = simulate_timed(plan, profile, dtype_bytes, record=True)
     res = sim["_replay"]
     pred_dur = {(r, i): t1 - t0 for r, i, t0, t1 in res.timeline}
@@ -133,6 +150,13 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     meas = _bubbles(plan, dur, step_s, prof, unit_cpu)
     if unit_cpu:
         meas["cpu_replay_step_s"] = _cpu_replay(plan, unit_cpu, prof, dtype_bytes)
+    if step_cpu:
+        # what the ranks' processes used beyond their compute threads (gloo's threads, the watchers):
+        # processor time the model gives no rank, which takes turns with the units where ranks
+        # outnumber the processors
+        meas["process_cpu_s"] = [p for p, _t in step_cpu]
+        meas["compute_thread_cpu_s"] = [t for _p, t in step_cpu]
+        meas["other_threads_cpu_s"] = sum(max(p - t, 0.0) for p, t in step_cpu)
     pred = {"step_s": sim["step_s"], "bubble_fraction": sim["bubble_fraction"],
             "bubble_breakdown": sim["bubble_breakdown"], "busy_s": [r["busy_s"] for r in sim["ranks"]]}
     kinds: dict[str, list] = {}

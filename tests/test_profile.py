@@ -310,7 +310,32 @@ def test_trace_has_every_instruction_once_in_plan_order(measured):
                 assert a["ts"] + a["dur"] <= b["ts"] + 1e-3  # microseconds; never overlapping on a rank
     names = {e["name"] for e in ev}
     assert {"F0.0", "B1.3", "SEND_ACT", "RECV_GRAD", "KVF_SEND", "OPT"} <= names
+    # --local runs the ranks as threads of one process: no per-rank process CPU
+    assert t["otherData"]["step_cpu_s"] == [[None] * 3, [None] * 3]
     assert summary["kinds"]["F"]["count"] == 2 * 2 * 4 * 1 and summary["trace"] == trace
+
+
+def test_trace_under_torchrun_has_each_ranks_process_cpu(tmp_path):
+    """Ranks as processes (torchrun, gloo): per rank and step the process's CPU and its compute
+    thread's, the process's at least the thread's (gloo's threads and the watchers on top)."""
+    import subprocess
+    import sys
+
+    from tests.test_executor_runs import ENV, ROOT, free_port
+
+    plan = compile_plan(spec("1f1b", 2, 2, seq_len=128))
+    save(plan, str(tmp_path / "plan.json"))
+    trace = str(tmp_path / "t.json")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(free_port()), "-m", "executor", str(tmp_path / "plan.json"),
+                        "--steps", "2", "--quiet", "--trace", trace], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.load(open(trace))["otherData"]["step_cpu_s"]
+    assert len(rows) == 2 and all(len(pr) == 2 for pr in rows)
+    for pr in rows:
+        for proc, thread in pr:
+            assert 0 < thread <= proc
 
 
 def hand_trace(plan, durations, steps=2, gap=0.0, cpu=None):
@@ -370,6 +395,25 @@ def test_against_a_hand_made_trace(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["measured"]["cpu_replay_step_s"] == pytest.approx(out["predicted"]["step_s"])
     assert out["cpu_replay_error"] == pytest.approx(0.0, abs=1e-9)
+    assert "other_threads_cpu_s" not in out["measured"]  # the trace has no per-step process CPU
+    # per rank and step [process CPU, compute thread CPU] (the executor writes them when each rank is
+    # a process): the report sums them, the rest being the ranks' other threads
+    t = hand_trace(plan, dur, cpu=pred)
+    t["otherData"] = {"step_cpu_s": [[[0.5, 0.4], [0.30, 0.25]], [[0.6, 0.6], [0.45, 0.44]]]}
+    tr = write(tmp_path, t, "cpu2.json")
+    assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
+                 "--against", tr, "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["measured"]
+    assert m["process_cpu_s"] == [0.30, 0.45] and m["compute_thread_cpu_s"] == [0.25, 0.44]
+    assert m["other_threads_cpu_s"] == pytest.approx(0.06)
+    assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
+                 "--against", tr]) == 0
+    assert "60 ms in their other threads" in capsys.readouterr().out
+    t["otherData"]["step_cpu_s"][1][1] = None  # a rank without the pair: no figure, no failure
+    tr = write(tmp_path, t, "cpu3.json")
+    assert main(["simulate", str(tmp_path / "plan.json"), "--device-profile", str(tmp_path / "prof.json"),
+                 "--against", tr, "--json"]) == 0
+    assert "other_threads_cpu_s" not in json.loads(capsys.readouterr().out)["measured"]
 
 
 def test_against_splits_the_bubble_like_the_prediction_on_shared_processors(tmp_path, capsys):

@@ -88,6 +88,10 @@ def _against(args, plan, profile, dtype) -> int:
         print(f"  units' CPU times replayed like the prediction (the profile's processors): "
               f"{human_time(m['cpu_replay_step_s'])} (prediction {_off(out['cpu_replay_error'], 'it')}; "
               f"measured time beyond it is not the units' own CPU work: other processes, scheduling, waits)")
+    if "other_threads_cpu_s" in m:
+        print(f"  CPU of the ranks' processes {human_time(sum(m['process_cpu_s']))}, of their compute threads "
+              f"{human_time(sum(m['compute_thread_cpu_s']))}: {human_time(m['other_threads_cpu_s'])} in their other "
+              f"threads (gloo, the watchers), which no unit's cost holds")
     for r, (a, b) in enumerate(zip(p["busy_s"], m["busy_s"])):
         print(f"  rank {r}    busy predicted {human_time(a)}, measured {human_time(b)} "
               f"(prediction {_off((a - b) / b if b else 0)})")
