@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     bad = [g for g in names if g not in GROUPS]
     if bad:
         ap.error(f"unknown group(s) {bad}; allowed: {', '.join(GROUPS)}")
-    known = [o for o, _ in PAIRS] + ["seq1f1b", "slimpipe"]
+    known = list(dict.fromkeys([o for o, _ in PAIRS] + [x for cs in GROUPS.values() for c in cs for x in c["extras"]]))
     a.only = [x for x in a.schedules.split(",") if x] if a.schedules else None
     if a.only is not None and (not a.only or any(x not in known for x in a.only)):
         ap.error(f"--schedules {a.schedules!r}: allowed a comma list of {', '.join(known)}")

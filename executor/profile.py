@@ -113,11 +113,7 @@ def cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache", level: int | N
     cpu0), or 32 MiB where sysfs does not say; with `level`, of that level (its largest entry; the
     default where sysfs has none: 32 MiB for the last level, 1 MiB for another)."""
     if level is not None:
-        size = 0
-        for lv, n in _caches(base):
-            if lv == level:
-                size = max(size, n)
-        return size or (1 << 20)
+        return max((n for lv, n in _caches(base) if lv == level), default=1 << 20)
     best = (0, 32 << 20)
     for lv, n in _caches(base):
         if lv > best[0]:
@@ -313,7 +309,7 @@ def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd
     (forward, backward, weight) seconds. `split`: the unit's backward is split, backward is then
     its I and weight its W (the WeightGradStore's dW matmuls and .grad sums, as the W instruction
     runs them); else weight is 0. `evict` (evict_caches; untimed) runs before each forward and
-    backward, and before W unless `evict_weight` is given (then that one)."""
+    backward, `evict_weight` before W."""
     from ir import PlanSpec
 
     from .data import SyntheticBatches
@@ -350,9 +346,8 @@ def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd
         c3 = clock()
         c4 = c5 = 0.0
         if split:
-            ew = evict if evict_weight is None else evict_weight
-            if ew is not None:
-                ew()
+            if evict_weight is not None:
+                evict_weight()
             c4 = clock()
             st.backward_weight(0, 0)
             sync()

@@ -48,8 +48,9 @@ class Measured:
     p2p_cpu, optional: [[bytes, processor s]] that a send or a receive costs its rank (every thread of
     its process: packing, gloo's threads, the watcher, the wait); weight, optional: [[tokens, s]] a
     split unit's W per decoder layer (its seven dW matmuls and .grad sums, the per-core cache
-    evicted before); processors: ranks that can compute at once (CPU cores; 0 = a device per rank); meta["timeslice_s"], optional: how long the OS lets a
-    thread run while others wait for a processor (measured with processors + 1 spinning processes)."""
+    evicted before); processors: ranks that can compute at once (CPU cores; 0 = a device per rank);
+    meta["timeslice_s"], optional: how long the OS lets a thread run while others wait for a
+    processor (measured with processors + 1 spinning processes)."""
 
     processors: int
     matmul: tuple
@@ -380,14 +381,9 @@ class CostModel:
             return max(full - self._measured_weight(stage, s, hot=True), 0.0)
         backward = cls == "backward"
         spec, m = self.spec, self.prof.measured
-        cfg = spec.model
         div = spec.tp * spec.cp
         tok = s * spec.micro_batch_size / div
-        d = cfg.head_dim
-        H, F = cfg.hidden, cfg.ffn
-        projs = ((cfg.heads * d, H), (cfg.kv_heads * d, H), (cfg.kv_heads * d, H), (H, cfg.heads * d),
-                 (F, H), (F, H), (H, F))
-        mm = sum(curve_at(m.matmul, 2.0 * tok * o * i) for o, i in projs) * (2 if backward else 1)
+        mm = self._measured_projections(s) * (2 if backward else 1)
         attn = attention_call(m, backward, True, tok, tok)
         for ln in prefix_lens:
             attn += attention_call(m, backward, False, tok, ln * spec.micro_batch_size / div)
