@@ -1,9 +1,11 @@
 """`slimpipe profile` run twice: how far apart are the figures? For every measured point (matmul,
 attention, layer, elementwise, unit, weight, head, embedding, p2p, p2p_cpu) the ratio second / first, the headline figures
-and the measured timeslice.
+and the measured timeslice; with more than two, each consecutive pair; and each profile's round speeds (how far
+its rounds ran from its median: a machine that moved while it was measured).
 
-    PYTHONPATH=$PWD python bench/profile_repeat.py            # profiles twice (a few minutes)
-    PYTHONPATH=$PWD python bench/profile_repeat.py --files a.json b.json
+    PYTHONPATH=$PWD python bench/profile_repeat.py            # profiles twice (two minutes)
+    PYTHONPATH=$PWD python bench/profile_repeat.py --count 4  # four back to back: each pair in turn
+    PYTHONPATH=$PWD python bench/profile_repeat.py --files a.json b.json [c.json ...]
 Writes bench/results/profile_repeat.json.
 """
 from __future__ import annotations
@@ -62,24 +64,37 @@ def ratios(a: dict, b: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--files", nargs=2)
+    ap.add_argument("--files", nargs="+", help="compare these profiles instead of measuring (two or more)")
+    ap.add_argument("--count", type=int, default=2, help="profiles to measure back to back (default 2)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile_repeat.json"))
     a = ap.parse_args()
+    if a.count < 2 or (a.files is not None and len(a.files) < 2):
+        ap.error("two profiles or more: --count N >= 2, or --files A B [...]")
     runs = []
     if a.files:
         files = a.files
     else:
         d = tempfile.mkdtemp()
-        files = [f"{d}/p{i}.json" for i in (1, 2)]
+        files = [f"{d}/p{i}.json" for i in range(1, a.count + 1)]
         runs = [profile(f) for f in files]
-    pa, pb = (json.loads(Path(f).read_text()) for f in files)
+    profs = [json.loads(Path(f).read_text()) for f in files]
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or None
-    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": commit,
-           "runs": runs, "seconds": [pa["measured"]["seconds"], pb["measured"]["seconds"]],
-           "spread": ratios(pa, pb)}
+    pairs = [{"between": [i + 1, i + 2], "spread": ratios(profs[i], profs[i + 1])} for i in range(len(profs) - 1)]
+    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": commit, "runs": runs,
+           "seconds": [p["measured"]["seconds"] for p in profs],
+           "rounds": [p["measured"].get("rounds", 1) for p in profs],
+           # per profile and round: that round's seconds over the profile's median (executor.profile.round_speed)
+           "round_speed": [p["measured"].get("round_speed") for p in profs],
+           "spread": pairs[0]["spread"], "pairs": pairs}
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out, indent=1))
+    print(f"profiles: {len(profs)}, seconds {out['seconds']}")
+    for pr in pairs:
+        sp = pr["spread"]
+        print(f"{pr['between'][0]} -> {pr['between'][1]}: " + ", ".join(
+            f"{k} {v['median_abs_dev']:.1%}" for k, v in sp.items() if k != "headline")
+            + "; headline " + ", ".join(f"{k} {v:+.1%}" for k, v in sp["headline"].items()))
+    print(f"wrote {a.out}")
     return 0
 
 

@@ -19,8 +19,10 @@ number, at the model's shapes and the token counts a slice can have:
   transport (gloo on CPU, NCCL on GPU), by size; bandwidth and latency fitted from it;
 - memory (RAM or GPU memory) and how many ranks can compute at once (CPU cores; 0 = a device each).
 
-Timings take the median of repeated runs after a warm-up. On CPU one torch thread per rank,
-as torchrun gives each rank.
+Timings take the median of repeated runs after a warm-up, spread over rounds (4 by default:
+every figure takes a share of its runs in each round), and the profile records how fast each round
+ran against the median (`round_speed`), so a machine that moved while it was measured shows. On
+CPU one torch thread per rank, as torchrun gives each rank.
 """
 from __future__ import annotations
 
@@ -78,11 +80,11 @@ def typical(ts) -> float:
     return statistics.median(ts)
 
 
-def timeit(fn, reps: int, sync, before=None) -> float:
-    """The median (`typical`) of `reps` runs of fn() after one warm-up. On CPU the clock is this
-    thread's CPU time: other processes on a shared machine stretch wall time, not CPU time, so the
-    profile stays the same under load (the simulator models how ranks share processors). `before`
-    (untimed) runs before each."""
+def samples(fn, reps: int, sync, before=None) -> list[float]:
+    """Seconds of `reps` runs of fn() after one untimed warm-up. On CPU the clock is this thread's
+    CPU time: other processes on a shared machine stretch wall time, not CPU time, so
+    the profile stays the same under load (the simulator models how ranks share processors).
+    `before` (untimed) runs before each timed run."""
     clock = CLOCK[0]
     fn()
     sync()
@@ -94,11 +96,26 @@ def timeit(fn, reps: int, sync, before=None) -> float:
         fn()
         sync()
         ts.append(clock() - t0)
-    return typical(ts)
+    return ts
 
 
 def reps_for(tokens: int, scale: float) -> int:
+    """Timed runs of a kernel over `tokens` tokens (all rounds together): 30 up to 256 tokens, fewer
+    above, at least 3; `scale` multiplies them."""
     return max(3, int(scale * 30 * 256 / max(tokens, 256)))
+
+
+def cold_runs(tokens: int, scale: float) -> int:
+    """Timed runs (all rounds together) of what runs with the caches evicted before it: whole
+    units and the head. At most 12 (x scale): each costs an eviction (a read of twice the last-level
+    cache: 45 ms on the Intel VM), and runs within one round fall in the same second-long speed
+    phase, so more of them buy less than another round does."""
+    return max(3, min(reps_for(tokens, scale) // 2, int(12 * scale)))
+
+
+def per_round(runs: int, rounds: int) -> int:
+    """Runs in each of `rounds` rounds for `runs` in all (at least one a round)."""
+    return max(1, -(-runs // rounds))
 
 
 def matmul_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -165,9 +182,22 @@ def evict_caches(device, level: int | None = None):
     return evict
 
 
-def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog: Progress) -> dict:
+ROUNDS = 4
+
+
+def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog: Progress,
+                    rounds: int = ROUNDS) -> dict:
+    """The compute curves of the module docstring. Measured in `rounds` rounds: each round takes its
+    share of every point's runs, and a point's figure is the median over all rounds. Why: on the
+    2-vCPU Intel VM the machine's speed moves in phases of about a second (one matmul timed in
+    0.25 s windows for 30 s: 5th-95th percentile 0.75-1.22x the median), so runs taken back to back
+    all fall in one phase; with every run of a point in one go, two profiles differed by a median
+    19% per matmul and attention point (bench/results/profile_repeat.json at 3fca38e)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     evict = evict_caches(device)
+    # a split unit's dW matmuls read activations written a few units before, gone from the core's
+    # cache (evict_w), which the matmul curve (caches hot) priced 1.6-1.7x low in place
+    evict_w = evict_caches(device, level=2)
     be = pick_backend("auto", device, dtype)
     sc = default_scale(cfg.head_dim)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -175,69 +205,63 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
     def rnd(*shape):
         return (torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype)
 
-    mm = {}
-    for s in tokens:
-        r = reps_for(s, scale)
-        for out_f, in_f in matmul_shapes(cfg):
-            x, w, dy = rnd(s, in_f), rnd(out_f, in_f), rnd(s, out_f)
-            fl = 2.0 * s * in_f * out_f
-            for t in (timeit(lambda: x @ w.t(), r, sync), timeit(lambda: dy @ w, r, sync),
-                      timeit(lambda: dy.t() @ x, r, sync)):
-                mm.setdefault(fl, []).append(t)
-        prog.step(f"matmul, {s} tokens")
-    matmul = [[fl, typical(ts)] for fl, ts in sorted(mm.items())]  # x W^T, dY W and dY^T X: each used once
+    mm: dict[float, list] = {}       # FLOPs per call -> seconds of every call of that size
+    att: dict[tuple, list] = {}      # (pass, causal, queries, keys) -> seconds
+    turns = {s: [] for s in tokens}  # tokens -> [(1-layer, 3-layer, split 2-layer) (f, b, w)] per turn
+    heads = {(s, fuse): ([], []) for s in tokens for fuse in (True, False)}  # -> (forward, backward)
+    emb = {s: ([], []) for s in tokens}
+    mm_by_round = [{} for _ in range(rounds)]     # the same, each round's alone
+    units_by_round = [{} for _ in range(rounds)]  # tokens -> each round's 1-layer unit seconds
+    runners: dict = {}               # tokens -> the three units' runners (one set of weights per layer count)
+    weights: dict = {}
+    Ph = {n: M.init_param(cfg, n, 0, device, dtype) for n in ("norm", "lm_head", "embed")}
+    for k in range(rounds):
+        tag = f"round {k + 1}/{rounds}: " if rounds > 1 else ""
+        for s in tokens:
+            r = per_round(reps_for(s, scale), rounds)
+            for out_f, in_f in matmul_shapes(cfg):
+                x, w, dy = rnd(s, in_f), rnd(out_f, in_f), rnd(s, out_f)
+                for fn in (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x):  # each used once
+                    ts = samples(fn, r, sync)
+                    mm.setdefault(2.0 * s * in_f * out_f, []).extend(ts)
+                    mm_by_round[k].setdefault(2.0 * s * in_f * out_f, []).extend(ts)
+            prog.step(f"{tag}matmul, {s} tokens")
+        for s in tokens:
+            _attention_round(cfg, be, sc, rnd, sync, s, tokens, per_round(reps_for(s, scale), rounds), att)
+            prog.step(f"{tag}attention, {s} queries")
+        # whole units of a middle stage through the executor's own Stage (autograd graph,
+        # saved-tensor hooks, K/V bookkeeping included) with 1 and 3 layers, and a split unit of 2
+        # layers for W, run in turns: T1 and T3 measured one after the other fell in different
+        # speed phases, so a layer is the median of each turn's difference (below)
+        for s in tokens:
+            if s not in runners:  # built and warmed up in the first round, kept for the others
+                runners[s] = [_stage_runner(cfg, device, dtype, be, s, L, sync, rnd, evict, L == 2, evict_w, weights)
+                              for L in (1, 3, 2)]
+                for once in runners[s]:
+                    once(cold=False)
+            these = [[once() for once in runners[s]] for _ in range(per_round(cold_runs(s, scale), rounds))]
+            turns[s] += these
+            units_by_round[k][s] = [t[0][0] + t[0][1] for t in these]  # the 1-layer unit, forward + backward
+            prog.step(f"{tag}stage units, {s} tokens")
+        for s in tokens:
+            _head_round(cfg, Ph, rnd, g, sync, evict, device, s, per_round(cold_runs(s, scale), rounds),
+                        per_round(reps_for(s, scale), rounds), heads, emb)
+            prog.step(f"{tag}head, {s} tokens")
 
-    attention = []
-    b, h, hk, d = 1, cfg.heads, cfg.kv_heads, cfg.head_dim
-    for s in tokens:
-        r = reps_for(s, scale)
-        q, k, v = rnd(b, h, s, d), rnd(b, hk, s, d), rnd(b, hk, s, d)
-        out, lse = be.fwd(q, k, v, True, sc)
-        dout = rnd(b, h, s, d)
-        attention.append(["fwd", 1, s, s, timeit(lambda: be.fwd(q, k, v, True, sc), r, sync)])
-        attention.append(["bwd", 1, s, s, timeit(lambda: be.bwd(dout, q, k, v, out, lse, True, sc), r, sync)])
-        for t in tokens:
-            if t * s > (1 << 22):
-                continue
-            kp, vp = rnd(b, hk, t, d), rnd(b, hk, t, d)
-            o0, l0 = out.float(), lse
-            acc = [torch.zeros_like(kp), torch.zeros_like(vp)]
-
-            def fwd_full():
-                o2, l2 = be.fwd(q, kp, vp, False, sc)
-                return merge(o0, l0, o2.float(), l2)
-
-            def bwd_full():
-                dq, dk, dv = be.bwd(dout, q, kp, vp, out, lse, False, sc)
-                acc[0].add_(dk)
-                acc[1].add_(dv)
-                return dq.float() + dq.float()
-
-            attention.append(["fwd", 0, s, t, timeit(fwd_full, r, sync)])
-            attention.append(["bwd", 0, s, t, timeit(bwd_full, r, sync)])
-        prog.step(f"attention, {s} queries")
+    matmul = [[fl, typical(ts)] for fl, ts in sorted(mm.items())]
+    attention = [[p, c, q, t, typical(ts)] for (p, c, q, t), ts in att.items()]
 
     def mm_time(fl):
         return _interp(matmul, fl)
 
-    # whole units of a middle stage through the executor's own Stage (autograd graph, saved-tensor
-    # hooks, K/V bookkeeping included) with 1 and 3 layers: per layer (T3 - T1) / 2, of which the
-    # elementwise work is what its matmuls and causal attention leave; per unit T1 - one layer.
-    # The two run in turns and the layer is the median of each turn's difference: the machine's
-    # speed drifts by second-long phases, and T1 and T3 measured one after the other fell in
-    # different ones. A split unit of 2 layers runs in the same turns for W per layer: its dW
-    # matmuls read activations written a few units before, gone from the core's cache (evict_w),
-    # which the matmul curve (caches hot) priced 1.6-1.7x low in place.
-    evict_w = evict_caches(device, level=2)
+    # per layer (T3 - T1) / 2, of which the elementwise work is what its matmuls and causal
+    # attention leave; per unit T1 - one layer
     elementwise, layer, unit, weight = [], [], [], []
     for s in tokens:
-        runners = [_stage_runner(cfg, device, dtype, be, s, L, sync, rnd, evict, L == 2, evict_w) for L in (1, 3, 2)]
-        for once in runners:
-            once()
-        turns = [[once() for once in runners] for _ in range(max(3, reps_for(s, scale) // 2))]
-        t1 = [typical([t[0][i] for t in turns]) for i in (0, 1)]
-        tf, tb = (max(typical([(t[1][i] - t[0][i]) / 2 for t in turns]), 0.0) for i in (0, 1))
-        weight.append([s, typical([t[2][2] / 2 for t in turns])])
+        ts = turns[s]
+        t1 = [typical([t[0][i] for t in ts]) for i in (0, 1)]
+        tf, tb = (max(typical([(t[1][i] - t[0][i]) / 2 for t in ts]), 0.0) for i in (0, 1))
+        weight.append([s, typical([t[2][2] / 2 for t in ts])])
         mm_f = sum(mm_time(2.0 * s * i * o) for o, i in matmul_shapes(cfg) if o != cfg.vocab)
         mm_f += mm_time(2.0 * s * cfg.hidden * cfg.ffn)  # the layer has two (ffn, hidden) projections
         att_f = _attn(attention, "fwd", 1, s, s)
@@ -245,54 +269,105 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
         elementwise.append([s, max(tf - mm_f - att_f, 0.0), max(tb - 2 * mm_f - att_b, 0.0)])
         layer.append([s, tf, tb])
         unit.append([s, max(t1[0] - tf, 0.0), max(t1[1] - tb, 0.0)])
-        prog.step(f"stage units, {s} tokens")
-
-    # head (final norm + LM head + loss) and the embedding gather
-    Ph = {n: M.init_param(cfg, n, 0, device, dtype) for n in ("norm", "lm_head", "embed")}
-    head, head_split, embed = [], [], []
-    for s in tokens:
-        r = reps_for(s, scale)
-        x0 = rnd(1, s, cfg.hidden)
-        labels = torch.randint(cfg.vocab, (1, s), generator=g).to(device)
-
-        def hfwd(x0=x0, labels=labels, fuse=True):  # with the autograd graph, as the executor runs it
-            return M.head_loss(Ph, x0.detach().requires_grad_(True), labels, float(s), fuse=fuse)
-
-        def hboth(x0=x0, labels=labels, fuse=True):
-            x = x0.detach().requires_grad_(True)
-            y = M.head_loss(Ph, x, labels, float(s), fuse=fuse)
-            if evict is not None:
-                evict()
-            t0 = CLOCK[0]()
-            y.backward()
-            sync()
-            return CLOCK[0]() - t0
-
-        def efwd(labels=labels):
-            return Ph["embed"][labels]
-
-        def eboth(labels=labels):
-            y = Ph["embed"][labels]
-            t0 = CLOCK[0]()
-            y.sum().backward()
-            sync()
-            return CLOCK[0]() - t0
-
-        # a unit with one B fuses the head (its gradients made in the forward); a split unit does not
-        for rows, fuse in ((head, True), (head_split, False)):
-            tf = timeit(lambda fuse=fuse: hfwd(fuse=fuse), r, sync, evict)
-            hboth(fuse=fuse)
-            rows.append([s, tf, typical([hboth(fuse=fuse) for _ in range(r)])])
-        ef = timeit(efwd, r, sync)
-        eboth()
-        embed.append([s, ef, typical([eboth() for _ in range(r)])])
-        for p_ in Ph.values():
-            p_.grad = None
-        prog.step(f"head, {s} tokens")
+    speed = {"matmul": round_speed(mm_by_round), "unit": round_speed(units_by_round)}
+    head = [[s, typical(heads[(s, True)][0]), typical(heads[(s, True)][1])] for s in tokens]
+    head_split = [[s, typical(heads[(s, False)][0]), typical(heads[(s, False)][1])] for s in tokens]
+    embed = [[s, typical(emb[s][0]), typical(emb[s][1])] for s in tokens]
     return {"matmul": matmul, "attention": attention, "elementwise": elementwise, "layer": layer, "unit": unit,
             "weight": weight,
             "head": head, "head_split": head_split,
-            "embedding": embed, "attention_backend": be.name}
+            "embedding": embed, "attention_backend": be.name, "round_speed": speed}
+
+
+def round_speed(by_round: list[dict]) -> list[float]:
+    """How fast each round ran: per round, the median over points of that round's median seconds
+    over all rounds' median of the point (1.10: that round ran 10% slower). `by_round`: per round,
+    point -> seconds. What the medians of a profile hide: a machine whose speed moved between
+    rounds gives figures that a second profile may not repeat."""
+    pooled: dict = {}
+    for d in by_round:
+        for key, ts in d.items():
+            pooled.setdefault(key, []).extend(ts)
+    whole = {key: typical(ts) for key, ts in pooled.items()}
+    return [round(typical([typical(ts) / whole[key] for key, ts in d.items() if ts and whole[key] > 0]), 4)
+            if d else 1.0 for d in by_round]
+
+
+def _attention_round(cfg: ModelConfig, be, sc, rnd, sync, s: int, tokens, r: int, att: dict) -> None:
+    """One round of attention timings for `s` queries, appended to `att` ((pass, causal, queries,
+    keys) -> seconds): the backend's forward and backward over the slice's own K/V (causal), and
+    over an earlier slice's K/V of each of `tokens` keys (full, with the log-sum-exp merge and the
+    dK/dV sums the executor adds), up to 4M query-key pairs; `r` runs each after a warm-up."""
+    b, h, hk, d = 1, cfg.heads, cfg.kv_heads, cfg.head_dim
+    q, k, v = rnd(b, h, s, d), rnd(b, hk, s, d), rnd(b, hk, s, d)
+    out, lse = be.fwd(q, k, v, True, sc)
+    dout = rnd(b, h, s, d)
+    att.setdefault(("fwd", 1, s, s), []).extend(samples(lambda: be.fwd(q, k, v, True, sc), r, sync))
+    att.setdefault(("bwd", 1, s, s), []).extend(
+        samples(lambda: be.bwd(dout, q, k, v, out, lse, True, sc), r, sync))
+    for t in tokens:
+        if t * s > (1 << 22):
+            continue
+        kp, vp = rnd(b, hk, t, d), rnd(b, hk, t, d)
+        o0, l0 = out.float(), lse
+        acc = [torch.zeros_like(kp), torch.zeros_like(vp)]
+
+        def fwd_full():
+            o2, l2 = be.fwd(q, kp, vp, False, sc)
+            return merge(o0, l0, o2.float(), l2)
+
+        def bwd_full():
+            dq, dk, dv = be.bwd(dout, q, kp, vp, out, lse, False, sc)
+            acc[0].add_(dk)
+            acc[1].add_(dv)
+            return dq.float() + dq.float()
+
+        att.setdefault(("fwd", 0, s, t), []).extend(samples(fwd_full, r, sync))
+        att.setdefault(("bwd", 0, s, t), []).extend(samples(bwd_full, r, sync))
+
+
+def _head_round(cfg: ModelConfig, Ph: dict, rnd, g, sync, evict, device, s: int, cold: int, hot: int,
+                heads: dict, emb: dict) -> None:
+    """One round of the head (final norm + LM head + loss; `cold` runs each of forward and backward
+    with the caches evicted, fused and split: heads[(s, fuse)] = (forward, backward) seconds) and
+    the embedding gather (`hot` runs: emb[s])."""
+    x0 = rnd(1, s, cfg.hidden)
+    labels = torch.randint(cfg.vocab, (1, s), generator=g).to(device)
+
+    def hfwd(fuse=True):  # with the autograd graph, as the executor runs it
+        return M.head_loss(Ph, x0.detach().requires_grad_(True), labels, float(s), fuse=fuse)
+
+    def hboth(fuse=True, cold=True):
+        x = x0.detach().requires_grad_(True)
+        y = M.head_loss(Ph, x, labels, float(s), fuse=fuse)
+        if cold and evict is not None:
+            evict()
+        t0 = CLOCK[0]()
+        y.backward()
+        sync()
+        return CLOCK[0]() - t0
+
+    def efwd():
+        return Ph["embed"][labels]
+
+    def eboth():
+        y = Ph["embed"][labels]
+        t0 = CLOCK[0]()
+        y.sum().backward()
+        sync()
+        return CLOCK[0]() - t0
+
+    # a unit with one B fuses the head (its gradients made in the forward); a split unit does not
+    for fuse in (True, False):
+        fwd, bwd = heads[(s, fuse)]
+        fwd += samples(lambda fuse=fuse: hfwd(fuse=fuse), cold, sync, evict)
+        hboth(fuse=fuse, cold=False)  # warm-up
+        bwd += [hboth(fuse=fuse) for _ in range(cold)]
+    emb[s][0].extend(samples(efwd, hot, sync))
+    eboth()
+    emb[s][1].extend(eboth() for _ in range(hot))
+    for p_ in Ph.values():
+        p_.grad = None
 
 
 class _NoExchange:
@@ -303,13 +378,15 @@ class _NoExchange:
 
 
 def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd, evict=None,
-                  split: bool = False, evict_weight=None):
+                  split: bool = False, evict_weight=None, shared: dict | None = None):
     """A callable that runs one unit of s tokens through executor.stage.Stage, the middle stage (L
     layers) of a one-rank, three-stage plan (so no embedding and no head), and returns its
     (forward, backward, weight) seconds. `split`: the unit's backward is split, backward is then
     its I and weight its W (the WeightGradStore's dW matmuls and .grad sums, as the W instruction
     runs them); else weight is 0. `evict` (evict_caches; untimed) runs before each forward and
-    backward, `evict_weight` before W."""
+    backward, `evict_weight` before W; once(cold=False) (a warm-up) evicts nothing. `shared`: a
+    dict of Parameters by layer count, so runners of other token counts reuse the same weights.
+    The unit's buffers are dropped after each run (untimed), so a kept runner holds no activations."""
     from ir import PlanSpec
 
     from .data import SyntheticBatches
@@ -319,7 +396,11 @@ def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd
     spec = PlanSpec(schedule="gpipe", model=cfg.model_copy(update={"layers": L + 2}), seq_len=s, pp=1,
                     microbatches=1, slices=1, virtual_stages=3, slice_lens=((s,),), placement=((0, 1, 2),),
                     stage_layers=(1, L, 1))
-    params = Parameters(spec, (1,), device, dtype, 1e-3)
+    params = None if shared is None else shared.get(L)
+    if params is None:
+        params = Parameters(spec, (1,), device, dtype, 1e-3)
+        if shared is not None:
+            shared[L] = params
     env = AttentionEnv(be, default_scale(cfg.head_dim), _NoExchange(), None)
     st = Stage(spec, 1, 0, params.chunks[0], device=device, dtype=dtype,
                tracker=ActivationTracker(params.storage_ptrs()), env=env, batches=SyntheticBatches(spec, device))
@@ -328,17 +409,17 @@ def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd
     if split:
         st.split_units = {(0, 0)}
 
-    def once() -> tuple[float, float, float]:
+    def once(cold: bool = True) -> tuple[float, float, float]:
         st.reset()
         st.acts_in[(0, 0)] = x
-        if evict is not None:
+        if cold and evict is not None:
             evict()
         c0 = clock()
         st.forward(0, 0, [])
         sync()
         c1 = clock()
         st.grads_in[(0, 0)] = dy
-        if evict is not None:
+        if cold and evict is not None:
             evict()
         c2 = clock()
         st.backward(0, 0, [], split=split)
@@ -346,12 +427,13 @@ def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd
         c3 = clock()
         c4 = c5 = 0.0
         if split:
-            if evict_weight is not None:
+            if cold and evict_weight is not None:
                 evict_weight()
             c4 = clock()
             st.backward_weight(0, 0)
             sync()
             c5 = clock()
+        st.reset()
         return c1 - c0, c3 - c2, c5 - c4
     return once
 
@@ -509,17 +591,18 @@ def memory_bytes(device) -> float:
 
 
 def build(cfg: ModelConfig, device_type: str = "cpu", dtype: str = "fp32", scale: float = 1.0,
-          tokens=TOKENS, quiet: bool = False, name: str | None = None) -> dict:
-    """Measure and return the profile as a JSON-ready dict (passes.costs.load_profile reads it)."""
+          tokens=TOKENS, quiet: bool = False, name: str | None = None, rounds: int = ROUNDS) -> dict:
+    """Measure and return the profile as a JSON-ready dict (passes.costs.load_profile reads it);
+    `rounds`: see measure_compute."""
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     device = torch.device("cuda" if device_type == "cuda" else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
     else:
         CLOCK[0] = time.perf_counter
-    prog = Progress(4 * len(tokens) + 2, quiet)
+    prog = Progress(4 * len(tokens) * rounds + 2, quiet)
     t0 = time.monotonic()
-    comp = measure_compute(cfg, device, dt, tokens, scale, prog)
+    comp = measure_compute(cfg, device, dt, tokens, scale, prog, rounds)
     rows = measure_p2p(device.type, P2P_BYTES, max(5, int(30 * scale)))
     p2p, p2p_cpu = [[n, t] for n, t, _ in rows], [[n, c] for n, _, c in rows]
     slice_s = measure_timeslice(processors(device.type))
@@ -539,11 +622,11 @@ def build(cfg: ModelConfig, device_type: str = "cpu", dtype: str = "fp32", scale
             "format": FORMAT, "device": device.type, "dtype": dtype, "processors": processors(device.type),
             "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else 0,
             "model": cfg.model_dump(), "attention_backend": comp["attention_backend"],
-            "torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1),
+            "torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1), "rounds": rounds,
             "matmul": comp["matmul"], "attention": comp["attention"], "elementwise": comp["elementwise"],
             "layer": comp["layer"], "unit": comp["unit"], "weight": comp["weight"],
             "head": comp["head"], "head_split": comp["head_split"], "embedding": comp["embedding"], "p2p": p2p,
-            "p2p_cpu": p2p_cpu, "timeslice_s": slice_s,
+            "p2p_cpu": p2p_cpu, "timeslice_s": slice_s, "round_speed": comp["round_speed"],
             "units_cache": "evicted before each run" if device.type == "cpu" else "as left",
         },
     }
@@ -555,19 +638,23 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     ap.add_argument("--scale", type=float, default=1.0, help="repetitions relative to the default (about a minute)")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="rounds the runs of every figure are spread over")
     ap.add_argument("--name", help="profile name (default measured-<device>)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--prog", default="executor.profile", help=argparse.SUPPRESS)  # names the caller in its lines
     a = ap.parse_args(argv)
     cfg = ModelConfig(**json.loads(a.model))
+    if a.rounds < 1:
+        print(f"{a.prog}: error: --rounds {a.rounds} must be an integer >= 1", file=sys.stderr)
+        return 2
     if a.device == "cuda" and not torch.cuda.is_available():
         print(f"{a.prog}: error: --device cuda but no CUDA device is available (torch {torch.__version__}); "
               f"allowed here: --device cpu", file=sys.stderr)
         return 2
     if a.device == "cuda" and torch.cuda.device_count() < 2:
         print(f"{a.prog}: note: one GPU: p2p measured between two processes on the same GPU", file=sys.stderr)
-    prof = build(cfg, a.device, a.dtype, a.scale, quiet=a.quiet, name=a.name)
+    prof = build(cfg, a.device, a.dtype, a.scale, quiet=a.quiet, name=a.name, rounds=a.rounds)
     atomic_write(a.output, json.dumps(prof, indent=1))
     return 0
 

@@ -59,6 +59,7 @@ BAD = {
     "profile": MODEL + [
         ("--device", "tpu", "argument --device: invalid choice: 'tpu'"),
         ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"), ("--scale", "0", "--scale 0 must be > 0"),
+        ("--rounds", "0", "argument --rounds: 0 is not allowed; give an integer >= 1"),
         ("--name", "", "--name must not be empty"), ("--output", "/nonexistent/dir/p.json", "does not exist"),
     ],
     "show": [("plan", MISSING, MISSING), ("--max-steps", "-3", "argument --max-steps: -3 is not allowed"),

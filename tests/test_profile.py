@@ -547,6 +547,59 @@ def test_cache_eviction_writes_twice_the_last_level_cache(tmp_path):
     assert callable(evict_caches(torch.device("cpu"), level=2))
 
 
+def test_profile_spreads_each_figure_over_rounds(monkeypatch):
+    """measure_compute in 2 rounds at 32 tokens, scale 0.1: every figure takes its runs from both
+    rounds (the progress line names them in order), the units' runners are built once and kept, and
+    the evictions are the closed form: reps_for = 3, cold_runs = 3, so 2 turns a round; a turn runs
+    the 1-, 3- and split 2-layer units (2 full evictions each, W 1 of the core's cache): 4 turns x 6
+    = 24 full and 4 per-core; the head 2 rounds x 2 variants x (2 forwards + 2 backwards) = 16."""
+    import torch
+
+    from executor import profile as EP
+    from executor.attention import pick_backend
+
+    assert (EP.reps_for(32, 0.1), EP.cold_runs(32, 0.1), EP.per_round(3, 2)) == (3, 3, 2)
+    assert (EP.reps_for(32, 1.0), EP.cold_runs(32, 1.0), EP.cold_runs(1024, 1.0), EP.per_round(12, 4)) == (30, 12, 3, 3)
+    evictions = {None: 0, 2: 0}
+
+    def counting(device, level=None):
+        def evict():
+            evictions[level] += 1
+        return evict
+
+    built = []
+    runner = EP._stage_runner
+    monkeypatch.setattr(EP, "evict_caches", counting)
+    monkeypatch.setattr(EP, "_stage_runner", lambda *a, **k: built.append(a[5]) or runner(*a, **k))
+    steps = []
+    prog = EP.Progress(8, quiet=True)
+    prog.step = steps.append
+    cfg = resolve_model("tiny").model_copy(update={"layers": 4})
+    out = EP.measure_compute(cfg, torch.device("cpu"), torch.float32, (32,), 0.1, prog, rounds=2)
+    assert steps == [f"round {k}/2: {what}" for k in (1, 2) for what in
+                     ("matmul, 32 tokens", "attention, 32 queries", "stage units, 32 tokens", "head, 32 tokens")]
+    assert built == [1, 3, 2]  # one runner per unit, kept for the second round
+    assert evictions == {None: 40, 2: 4}
+    assert [r[0] for r in out["layer"]] == [32] and len(out["weight"]) == len(out["head"]) == 1
+    assert sorted((p, c, q, k) for p, c, q, k, _ in out["attention"]) == [
+        ("bwd", 0, 32, 32), ("bwd", 1, 32, 32), ("fwd", 0, 32, 32), ("fwd", 1, 32, 32)]
+    assert len(out["round_speed"]["matmul"]) == len(out["round_speed"]["unit"]) == 2
+    assert out["attention_backend"] == pick_backend("auto", torch.device("cpu"), torch.float32).name
+
+
+def test_round_speed_and_the_note_it_gives():
+    """round_speed: per round, the median over points of that round's median / all rounds' median;
+    the CLI's note names a figure whose rounds moved more than 10%."""
+    from compiler.cli.cmd_profile import speed_moved
+    from executor.profile import round_speed
+
+    # pooled medians: a 1.0 (1, 1, 3), b 2.0; round 1 runs both at their median, round 2 a at 3x, b at 1x
+    assert round_speed([{"a": [1.0, 1.0], "b": [2.0]}, {"a": [3.0], "b": [2.0, 2.0]}]) == [1.0, 2.0]
+    assert round_speed([{"a": [1.0]}, {}]) == [1.0, 1.0]
+    assert speed_moved({"matmul": [0.96, 1.34], "unit": [0.95, 1.05]}) == "matmul rounds took 0.96-1.34x their median"
+    assert speed_moved({"matmul": [0.91, 1.09]}) == "" and speed_moved({}) == ""
+
+
 def test_processor_sharing_ends_at_large_clocks():
     """Units of hours on a clock of hours: when a unit's remaining work was below the float step at
     the current time, the shared replay's clock stopped moving (dt = 0) and it looped forever (a new

@@ -14,7 +14,7 @@ from ir import SpecError
 from passes.costs import load_profile
 
 from .cmd_compile import add_model_args, model_from_args
-from .common import add_parser, check_output_path, report
+from .common import add_parser, check_output_path, positive_int, report
 
 
 def run(args) -> int:
@@ -28,6 +28,8 @@ def run(args) -> int:
            "--dtype", args.dtype, "--scale", str(args.scale), "-o", args.output, "--prog", "slimpipe profile"]
     if args.name:
         cmd += ["--name", args.name]
+    if args.rounds is not None:
+        cmd += ["--rounds", str(args.rounds)]
     if args.quiet or args.json:
         cmd.append("--quiet")
     env = dict(os.environ)
@@ -44,12 +46,28 @@ def run(args) -> int:
     summary = {"output": args.output, "name": prof.name, "device": args.device, "model": model.name,
                "matmul_peak_flops": prof.peak_flops, "attention_flops": prof.peak_flops * prof.attn_efficiency,
                "p2p_bandwidth": prof.p2p_bandwidth, "p2p_latency": prof.p2p_latency,
-               "processors": m.processors, "seconds": m.meta.get("seconds")}
-    return report(args, summary,
+               "processors": m.processors, "seconds": m.meta.get("seconds"),
+               "round_speed": m.meta.get("round_speed")}
+    code = report(args, summary,
                   f"wrote {args.output} ({model.name} shapes on {args.device}): matmul up to "
                   f"{prof.peak_flops / 1e9:.3g} GFLOP/s, attention {summary['attention_flops'] / 1e9:.3g} GFLOP/s, "
                   f"p2p {prof.p2p_bandwidth / 1e6:.3g} MB/s + {prof.p2p_latency * 1e6:.0f} us, "
                   f"{m.processors or 'a device per rank'} processors; use --device-profile {args.output}")
+    moved = speed_moved(m.meta.get("round_speed") or {})
+    if moved and not args.json:
+        print(f"note: this machine's speed moved between the profile's rounds ({moved}); each figure is a median "
+              f"over them, which a second profile may not repeat: profile again on a quieter machine, or compare two")
+    return code
+
+
+def speed_moved(speed: dict, limit: float = 0.10) -> str:
+    """'' when every round ran within `limit` of the median speed, else a phrase naming the spread
+    (speed: {"matmul": [per-round seconds / median], "unit": [...]}, as executor.profile writes)."""
+    parts = []
+    for what, xs in speed.items():
+        if xs and max(abs(x - 1.0) for x in xs) > limit:
+            parts.append(f"{what} rounds took {min(xs):.2f}-{max(xs):.2f}x their median")
+    return "; ".join(parts)
 
 
 def register(sub) -> None:
@@ -60,6 +78,9 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="what to measure (default cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="kernel dtype (default fp32)")
     p.add_argument("--scale", type=float, default=1.0, help="repetitions relative to the default (0.2: quick, noisier)")
+    p.add_argument("--rounds", type=positive_int,
+                   help="rounds each figure's runs are spread over, its median taken over all (default 4; a "
+                        "machine's speed can move in second-long phases)")
     p.add_argument("--name", help="profile name (default measured-<device>)")
     p.add_argument("-o", "--output", default="profile.json", help="profile to write (default profile.json)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
