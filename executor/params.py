@@ -73,7 +73,9 @@ class Parameters:
         else:
             self.chunks = M.stage_params(spec, stages, lambda n: M.init_param(cfg, n, spec.seed, device, dtype))
         self.flat = M.unique_params(self.chunks)  # a tied embedding held by two chunks is one Parameter
-        self.optimizer = torch.optim.AdamW(self.flat, lr=lr) if self.flat else None
+        # fused: torch's one-kernel AdamW (CPU and CUDA), 3.3x faster than the per-tensor loop on the
+        # p=2 bench model's 3.6M parameters a rank (17 -> 5.1 ms a step: bench/optimizer_step.py)
+        self.optimizer = torch.optim.AdamW(self.flat, lr=lr, fused=True) if self.flat else None
 
     def storage_ptrs(self):
         """Storages of the parameters (excluded from the activation count)."""
