@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -26,6 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BASELINE = HERE / "torch_baseline.py"
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine  # noqa: E402
 
 # our schedule name -> torch's class name (for the four schedules both have)
 PAIRS = [("1f1b", "1F1B"), ("gpipe", "GPipe"), ("interleaved-1f1b", "Interleaved1F1B"), ("looped-bfs", "LoopedBFS")]
@@ -64,27 +66,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu_model": model, "mem_gib": mem, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def git_rev(path: Path) -> str | None:

@@ -21,5 +21,14 @@ def machine() -> dict:
         torch_version = torch.__version__
     except ImportError:
         torch_version = None
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch_version,
-            "platform": platform.platform(), "executable": sys.executable}
+    mem = None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    mem = round(int(line.split()[1]) / 1024 / 1024, 1)
+                    break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": mem, "python": platform.python_version(),
+            "torch": torch_version, "platform": platform.platform(), "executable": sys.executable}
