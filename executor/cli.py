@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "stalls the receiver while the busy sender's gloo thread pushes the data "
                         "(bench/results/post_ahead.json); a receive posted early holds its buffer from then. 0: at "
                         "the receive. No effect with --local, --p2p-match order or on CUDA")
+    p.add_argument("--malloc-arenas", type=nonneg_int, default=1, metavar="N",
+                   help="on glibc, at most N malloc arenas for the rank's threads (default 1: one heap, so peak RSS "
+                        "repeats from run to run; with an arena per thread it jumped by 30-350 MiB in some runs); "
+                        "0: the C library's default")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads with --local (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     p.add_argument("--trace", metavar="FILE.json",
@@ -350,6 +354,9 @@ def _main(argv=None) -> int:
         print(f"plan ok: {plan.spec.schedule}, pp={plan.spec.pp}, "
               f"{sum(len(r) for r in plan.ranks)} instructions", flush=True)
         return 0
+    from .metrics import limit_malloc_arenas
+
+    limit_malloc_arenas(opts.malloc_arenas)  # before torch, gloo or the runner start a thread
     import torch
 
     if opts.device == "auto":

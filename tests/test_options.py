@@ -97,6 +97,7 @@ BAD = {
         ("--timeout", "nan", "argument --timeout: 'nan' is not a finite number"),
         ("--timeout", "10s", "argument --timeout: '10s' is not a number (write it without a unit, e.g. 10; times are in seconds)"),
         ("--threads", "0", "argument --threads: 0"),
+        ("--malloc-arenas", "-1", "argument --malloc-arenas: -1 is not allowed; give an integer >= 0"),
         ("--warmup", "-1", "argument --warmup: -1"), ("--lr-decay", "linear", "argument --lr-decay: invalid choice"),
         ("--decay-steps", "0", "argument --decay-steps: 0"), ("--min-lr", "-1", "argument --min-lr: -1"),
         ("--clip", "x", "argument --clip: 'x'"), ("--save", PLAN, "exists and is not a directory"),
