@@ -6,29 +6,24 @@ import platform
 import sys
 
 
-def machine() -> dict:
-    cpu = "unknown"
+def _proc_line(path: str, prefix: str) -> str | None:
+    """The first line of /proc file `path` that starts with `prefix`, or None."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+        with open(path, encoding="utf-8") as f:
+            return next((line for line in f if line.startswith(prefix)), None)
     except OSError:
-        pass
+        return None
+
+
+def machine() -> dict:
+    cpu = _proc_line("/proc/cpuinfo", "model name")
+    mem = _proc_line("/proc/meminfo", "MemTotal")
     try:
         import torch
         torch_version = torch.__version__
     except ImportError:
         torch_version = None
-    mem = None
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-                    break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": mem, "python": platform.python_version(),
-            "torch": torch_version, "platform": platform.platform(), "executable": sys.executable}
+    return {"nproc": os.cpu_count(), "cpu": cpu.split(":", 1)[1].strip() if cpu else "unknown",
+            "mem_gib": round(int(mem.split()[1]) / 1024 / 1024, 1) if mem else None,
+            "python": platform.python_version(), "torch": torch_version, "platform": platform.platform(),
+            "executable": sys.executable}

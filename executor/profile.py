@@ -205,12 +205,11 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
     def rnd(*shape):
         return (torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype)
 
-    mm: dict[float, list] = {}       # FLOPs per call -> seconds of every call of that size
     att: dict[tuple, list] = {}      # (pass, causal, queries, keys) -> seconds
     turns = {s: [] for s in tokens}  # tokens -> [(1-layer, 3-layer, split 2-layer) (f, b, w)] per turn
     heads = {(s, fuse): ([], []) for s in tokens for fuse in (True, False)}  # -> (forward, backward)
     emb = {s: ([], []) for s in tokens}
-    mm_by_round = [{} for _ in range(rounds)]     # the same, each round's alone
+    mm_by_round = [{} for _ in range(rounds)]     # per round: FLOPs per call -> seconds of every call of that size
     units_by_round = [{} for _ in range(rounds)]  # tokens -> each round's 1-layer unit seconds
     runners: dict = {}               # tokens -> the three units' runners (one set of weights per layer count)
     weights: dict = {}
@@ -222,9 +221,7 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
             for out_f, in_f in matmul_shapes(cfg):
                 x, w, dy = rnd(s, in_f), rnd(out_f, in_f), rnd(s, out_f)
                 for fn in (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x):  # each used once
-                    ts = samples(fn, r, sync)
-                    mm.setdefault(2.0 * s * in_f * out_f, []).extend(ts)
-                    mm_by_round[k].setdefault(2.0 * s * in_f * out_f, []).extend(ts)
+                    mm_by_round[k].setdefault(2.0 * s * in_f * out_f, []).extend(samples(fn, r, sync))
             prog.step(f"{tag}matmul, {s} tokens")
         for s in tokens:
             _attention_round(cfg, be, sc, rnd, sync, s, tokens, per_round(reps_for(s, scale), rounds), att)
@@ -248,7 +245,7 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
                         per_round(reps_for(s, scale), rounds), heads, emb)
             prog.step(f"{tag}head, {s} tokens")
 
-    matmul = [[fl, typical(ts)] for fl, ts in sorted(mm.items())]
+    matmul = [[fl, typical(ts)] for fl, ts in sorted(pooled(mm_by_round).items())]
     attention = [[p, c, q, t, typical(ts)] for (p, c, q, t), ts in att.items()]
 
     def mm_time(fl):
@@ -279,16 +276,21 @@ def measure_compute(cfg: ModelConfig, device, dtype, tokens, scale: float, prog:
             "embedding": embed, "attention_backend": be.name, "round_speed": speed}
 
 
+def pooled(by_round: list[dict]) -> dict:
+    """point -> every round's seconds of it, from per-round dicts of point -> seconds."""
+    out: dict = {}
+    for d in by_round:
+        for key, ts in d.items():
+            out.setdefault(key, []).extend(ts)
+    return out
+
+
 def round_speed(by_round: list[dict]) -> list[float]:
     """How fast each round ran: per round, the median over points of that round's median seconds
     over all rounds' median of the point (1.10: that round ran 10% slower). `by_round`: per round,
     point -> seconds. What the medians of a profile hide: a machine whose speed moved between
     rounds gives figures that a second profile may not repeat."""
-    pooled: dict = {}
-    for d in by_round:
-        for key, ts in d.items():
-            pooled.setdefault(key, []).extend(ts)
-    whole = {key: typical(ts) for key, ts in pooled.items()}
+    whole = {key: typical(ts) for key, ts in pooled(by_round).items()}
     return [round(typical([typical(ts) / whole[key] for key, ts in d.items() if ts and whole[key] > 0]), 4)
             if d else 1.0 for d in by_round]
 
