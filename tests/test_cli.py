@@ -9,6 +9,7 @@ import pytest
 
 import ir
 from compiler.cli import main
+from passes.grid import listing
 
 HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
              "intermediate_size": 128, "vocab_size": 100}
@@ -190,6 +191,21 @@ def test_console_script_subprocess(tmp_path):
     r = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", "--schedule", "nope", "--pp", "2",
                         "--microbatches", "2", "-o", str(tmp_path / "p.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_console_script_ends_with_mains_code_and_whole_output(tmp_path):
+    """`python -m compiler.cli` (and the slimpipe script, compiler.cli:entry) end with os._exit once
+    stdout and stderr are flushed: the file written whole, every line out, main's exit code."""
+    plan = str(tmp_path / "p.json")
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "compiler.cli", *a], capture_output=True, text=True)
+    r = cli("compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "-o", plan)
+    assert r.returncode == 0 and r.stdout.startswith("wrote ")
+    r = cli("show", plan, "--list")
+    assert r.returncode == 0 and r.stdout == listing(ir.load(plan)) + "\n"
+    r = cli("simulate", plan, "--unit-costs", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["makespan"] == 15.0  # (m + p - 1)(F + B)
+    r = cli("check", plan + ".missing")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not found" in r.stderr
 
 
 def test_simulate_defaults_to_the_profile_the_plan_was_compiled_for(tmp_path, capsys):
