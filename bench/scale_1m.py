@@ -10,7 +10,9 @@ Each command is a fresh process (`python -m compiler.cli`, what the `slimpipe` s
 slimpipe's bytecode cached as an installed package has it (this machine's sessions set
 PYTHONDONTWRITEBYTECODE, which would recompile every module of ours in every process: the runs here
 drop it and cache in a temporary PYTHONPYCACHEPREFIX, filled by one `--version` run first); the
-three are run --repeats times and each one's fastest wall time, its CPU time (user + sys) and its
+three are run --repeats times, each repeat with an empty store of remembered proofs (ir.proofs:
+`check` notes its proof, and `simulate` then skips its own; a fourth run, simulate with
+SLIMPIPE_NO_CACHE=1, times it proving the plan again), and each one's fastest wall time, its CPU time (user + sys) and its
 peak resident memory (per process, from os.wait4) are recorded with the load average, since this
 machine is shared. Then the same phases in-process (compile, check, unit simulation, ir.save,
 ir.load). Prints JSON, writes bench/results/scale_1m.json.
@@ -50,6 +52,11 @@ def cli_commands(plan: str) -> list[tuple[str, list[str]]]:
             ("simulate_unit", ["simulate", plan, "--unit-costs", "--json"])]
 
 
+# not part of the three: simulate proving the plan again, as without `check` before it (or with
+# SLIMPIPE_NO_CACHE=1); since ir.proofs, simulate after check skips that second proof
+COLD = ("simulate_unit_proving_again", "simulate_unit")
+
+
 def communicate_no_reap(proc: subprocess.Popen) -> tuple[bytes, bytes]:
     """Read both pipes to the end without waiting for the process (os.wait4 reaps it)."""
     import threading
@@ -70,10 +77,12 @@ def communicate_no_reap(proc: subprocess.Popen) -> tuple[bytes, bytes]:
 PYCACHE = tempfile.mkdtemp(prefix="slimpipe-pycache-")
 
 
-def run_cli(args: list[str]) -> dict:
-    """One `slimpipe ARGS` process: wall seconds, CPU seconds, peak RSS bytes, its stdout."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+def run_cli(args: list[str], cache: str | None = None) -> dict:
+    """One `slimpipe ARGS` process: wall seconds, CPU seconds, peak RSS bytes, its stdout. `cache`:
+    the folder of remembered proofs (ir.proofs), None = off (SLIMPIPE_NO_CACHE=1)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "SLIMPIPE_CACHE_DIR", "SLIMPIPE_NO_CACHE")}
     env.update(PYTHONPATH=ROOT, PYTHONPYCACHEPREFIX=PYCACHE)
+    env.update({"SLIMPIPE_CACHE_DIR": cache} if cache else {"SLIMPIPE_NO_CACHE": "1"})
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, cwd=ROOT)
@@ -94,8 +103,10 @@ def cli_path(repeats: int) -> dict:
         plan = os.path.join(d, "plan.json")
         for _ in range(repeats):
             rep = {"load_avg_before": os.getloadavg()}
-            for name, args in cli_commands(plan):
-                rep[name] = run_cli(args)
+            with tempfile.TemporaryDirectory() as cache:  # each repeat starts with no proof remembered
+                for name, args in cli_commands(plan):
+                    rep[name] = run_cli(args, cache)
+            rep[COLD[0]] = run_cli(dict(cli_commands(plan))[COLD[1]], None)
             rep["load_avg_after"] = os.getloadavg()
             runs.append(rep)
         size = os.path.getsize(plan)
@@ -106,9 +117,10 @@ def cli_path(repeats: int) -> dict:
         exchanges = (doc.get("meta") or {}).get("exchanges", 0)
     names = [n for n, _ in cli_commands("x")]
     sim = json.loads(runs[-1]["simulate_unit"]["stdout"])
+    assert json.loads(runs[-1][COLD[0]]["stdout"]) == sim
     best = {n: {"wall_s": round(min(r[n]["wall_s"] for r in runs), 3),
                 "cpu_s": round(min(r[n]["cpu_s"] for r in runs), 3),
-                "max_rss_bytes": max(r[n]["max_rss_bytes"] for r in runs)} for n in names}
+                "max_rss_bytes": max(r[n]["max_rss_bytes"] for r in runs)} for n in [*names, COLD[0]]}
     totals = [sum(r[n]["wall_s"] for n in names) for r in runs]
     return {
         "commands": [" ".join(["slimpipe", *a]).replace(plan, "plan.json") for _, a in cli_commands(plan)],
@@ -119,8 +131,11 @@ def cli_path(repeats: int) -> dict:
         "total_wall_s_min_run": round(min(totals), 3),
         "total_wall_s_sum_of_min": round(sum(best[n]["wall_s"] for n in names), 3),
         "total_cpu_s_sum_of_min": round(sum(best[n]["cpu_s"] for n in names), 3),
+        # the three with simulate proving the plan again (no proof remembered)
+        "total_wall_s_proving_again_sum_of_min": round(sum(best[n]["wall_s"] for n in names if n != COLD[1])
+                                                       + best[COLD[0]]["wall_s"], 3),
         "max_rss_bytes": max(b["max_rss_bytes"] for b in best.values()),
-        "runs": [{n: {k: round(v, 3) for k, v in r[n].items() if k != "stdout"} for n in names}
+        "runs": [{n: {k: round(v, 3) for k, v in r[n].items() if k != "stdout"} for n in [*names, COLD[0]]}
                  | {"load_avg_before": r["load_avg_before"], "load_avg_after": r["load_avg_after"]} for r in runs],
         "bubble_fraction": sim["bubble_fraction"],
     }

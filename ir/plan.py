@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -14,6 +14,7 @@ from .kinds import KV
 from .instr import Instr, _clip, from_compact, parse, parse_stream, to_compact, to_text
 from .spec import PlanSpec
 from .gcpause import gc_paused
+from .proofs import digest
 
 SCHEMA_VERSION = 1  # a plan whose ranks are lists of instruction texts (the form people read and write)
 # schema_version 2: a rank may also be in the compact form (ir.instr.to_compact), which `dumps`
@@ -31,6 +32,9 @@ class Plan:
     ranks: tuple[tuple[Instr, ...], ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     schema_version: int = SCHEMA_VERSION
+    # SHA-256 (hex) of the file bytes this plan was read from (ir.load), None for a plan made in
+    # memory; a copy with other streams (with_ranks) has none. Keys the proofs ir.proofs remembers.
+    source: str | None = field(default=None, compare=False, hash=False, repr=False)
 
     def with_ranks(self, ranks, **meta) -> "Plan":
         """A copy with new streams (tuples), extra meta merged in."""
@@ -193,15 +197,18 @@ def read_user_json(path: str, flag: str, hint: str):
 
 
 def load(path: str) -> Plan:
+    """The plan in a file; its `source` is the SHA-256 of the bytes read (ir.proofs)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise PlanFormatError(f"plan file {path!r} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise PlanFormatError(f"plan file {path!r} unreadable: {e}") from None
     try:
-        return loads(text)
+        plan = loads(text)
     except PlanFormatError as e:
         where = path if path.isprintable() and len(path) <= 200 else _clip(path, 200)
         raise PlanFormatError(f"{where}: {e}", e.rank, e.index) from None
+    return replace(plan, source=digest(data))

@@ -1,9 +1,13 @@
 """The plan checker: structural rules, then a replay that proves no rank can deadlock."""
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import sys
 from dataclasses import dataclass, field
 
-from ir import Plan, PlanInvalidError
+from ir import Plan, PlanInvalidError, proofs
 
 from .replay import replay
 from .validate import Problem, validate
@@ -71,12 +75,57 @@ def rendezvous_cycle(plan: Plan) -> str | None:
     return None if problem is None else str(problem)
 
 
+def proof_key(plan: Plan) -> str | None:
+    """The key ir.proofs remembers a proof of `plan` under: SHA-256 (hex) of its file's digest
+    (plan.source) and of the checker's code (every source file of the ir and passes packages),
+    or None for a plan that was not read from a file."""
+    if plan.source is None:
+        return None
+    return hashlib.sha256(f"{plan.source}:{_code_fingerprint()}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _code_fingerprint() -> str:
+    """SHA-256 over the names and bytes of the .py files of ir/ and passes/ (what validate,
+    replay and check run), read once per process: a changed checker proves every plan again."""
+    import ir
+
+    h = hashlib.sha256()
+    for pkg in (ir, sys.modules[__package__]):
+        folder = os.path.dirname(os.path.abspath(pkg.__file__))
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(f"{pkg.__name__}/{name}:".encode() + hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def note_proof(plan: Plan) -> None:
+    """Remember (ir.proofs) that `plan`, read from a file, passed check(plan, step=True): the
+    commands that then act on the same file bytes skip require_valid's second proof."""
+    key = proof_key(plan)
+    if key is not None:
+        proofs.note(key)
+
+
+def proved(plan: Plan) -> bool:
+    """Whether check(plan, step=True) was noted as passed for these file bytes and this code."""
+    key = proof_key(plan)
+    return key is not None and proofs.known(key)
+
+
 def require_valid(plan: Plan, doing: str, path: str = "plan.json", deadlock: bool = True) -> None:
     """Refuse a plan that breaks a rule (and, with `deadlock`, one that cannot finish) before
     acting on it: PlanInvalidError with one line, e.g. 'plan breaks a rule, not run: [order] ...'.
     `doing` says what was not done ('not run', 'not simulated'). The plan must be a whole training
-    step (rule "optimizer")."""
+    step (rule "optimizer"). A plan read from a file that `slimpipe check` (note_proof) or an
+    earlier require_valid with `deadlock` proved, unchanged and with the same checker code, is
+    not proved again (ir.proofs; SLIMPIPE_NO_CACHE=1 always proves)."""
+    if proved(plan):
+        return
     problems = check(plan, step=True).problems if deadlock else validate(plan, step=True)
+    if not problems and deadlock:
+        note_proof(plan)
     if problems:
         first = str(problems[0])
         if len(first) > 700:

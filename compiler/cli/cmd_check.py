@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ir import SlimpipeError
 from passes import check
-from passes.check import P2P_MODES
+from passes.check import P2P_MODES, note_proof
 
 from ..torchcsv import csv_cell
 from .common import add_parser, emit_json, load_plan
@@ -18,6 +18,8 @@ def run(args) -> int:
                 {"rule": "unreadable", "rank": getattr(e, "rank", None), "index": getattr(e, "index", None), "message": str(e)}]})
         raise
     report = check(plan, args.p2p, step=True)
+    if report.ok:
+        note_proof(plan)  # simulate, export, import and the executor need not prove these bytes again (ir.proofs)
     if args.json:
         emit_json(report.to_json())
     elif report.ok:
@@ -30,7 +32,9 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "check", "validate a plan and prove it cannot deadlock (exit 0 valid, 1 invalid, 2 unusable)",
+    p = add_parser(sub, "check", "validate a plan and prove it cannot deadlock (exit 0 valid, 1 invalid, 2 unusable); a "
+                   "plan file that passes is not proved again by simulate, export, import or the executor while its "
+                   "bytes stay the same (SLIMPIPE_NO_CACHE=1: always)",
                    "slimpipe check plan.json --json")
     p.add_argument("plan")
     p.add_argument("--json", action="store_true", help='print {"valid": bool, "usable": bool, "problems": [{"rule", "rank", "index", "message"}]} (also for an '

@@ -1,0 +1,57 @@
+"""Proofs remembered between commands: which plan files `slimpipe check` has proved.
+
+`slimpipe check plan.json` proves a plan (the rules, then the deadlock replay); the commands that
+act on a plan file afterwards (simulate, export, import, the executor) refuse a plan that would not
+pass, so without a memory each of them proves it again: on a 1.6M-instruction plan that is 2-3 s a
+command. A proof is remembered as an empty file named by a key: the SHA-256 of the plan file's
+bytes together with a fingerprint of the code that proved it (the checker's sources: passes.check
+makes the key), so an edited plan or a changed checker is proved again. The same idea as the
+result caches of linters and type checkers (ruff, mypy).
+
+Where: $SLIMPIPE_CACHE_DIR, else $XDG_CACHE_HOME/slimpipe, else ~/.cache/slimpipe, in a `proved/`
+folder. SLIMPIPE_NO_CACHE=1 turns it off (every command proves again). A store that cannot be
+read or written is treated as empty: the cache never makes a command fail.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+ENV_DIR = "SLIMPIPE_CACHE_DIR"
+ENV_OFF = "SLIMPIPE_NO_CACHE"
+
+
+def digest(data: bytes) -> str:
+    """SHA-256 of a plan file's bytes, hex (64 characters)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def cache_dir() -> str | None:
+    """The folder proofs are kept in, or None when the cache is off (SLIMPIPE_NO_CACHE set to
+    anything but '', '0')."""
+    if os.environ.get(ENV_OFF, "") not in ("", "0"):
+        return None
+    base = os.environ.get(ENV_DIR)
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(xdg, "slimpipe")
+    return os.path.join(base, "proved")
+
+
+def known(key: str) -> bool:
+    """Whether a proof under `key` (hex) was noted. False when the cache is off or unreadable."""
+    d = cache_dir()
+    return d is not None and os.path.isfile(os.path.join(d, key))
+
+
+def note(key: str) -> None:
+    """Remember a proof under `key` (hex). Does nothing when the cache is off or not writable."""
+    d = cache_dir()
+    if d is None:
+        return
+    try:
+        os.makedirs(d, exist_ok=True)
+        # an empty file: created whole or not at all, so a reader never sees half a proof
+        os.close(os.open(os.path.join(d, key), os.O_WRONLY | os.O_CREAT, 0o644))
+    except OSError:
+        pass
