@@ -51,47 +51,60 @@ def lower_comm(plan: Plan) -> Plan:
     p2p = SENDS | RECVS
     given = False  # the input has messages of its own: order_receives scans for itself
     for r, stream in enumerate(plan.ranks):
-        stages = spec.placement[r]
-        ops: list[Instr] = []
-        add = ops.append
         mine: dict[int, list[int]] = {}  # peer -> tags sent to it
         theirs: dict[int, tuple[list[int], list[int]]] = {}  # peer -> (tags received from it, positions)
+        # per kind, per chunk of this rank: (receive kind, source rank, tag's boundary stage, its
+        # tags, its positions, send kind, destination rank, boundary, its tags, direction); a side
+        # without a message across ranks has kind None (p2p_tag's arithmetic, inlined in the loop)
+        table = {}
+        for k, (receives, sends, step, direction) in how.items():
+            rows = []
+            for s in spec.placement[r]:
+                src, dst = s - step, s + step  # the stage its input comes from, the one its output goes to
+                rk = qs = bs = rt = ra = sk = qd = bd = st = None
+                if receives is not None and 0 <= src <= last and owner[src] != r:
+                    rk, qs, bs = receives, owner[src], min(s, src)
+                    seen = theirs.get(qs)
+                    if seen is None:
+                        seen = theirs[qs] = ([], [])
+                    rt, ra = seen
+                if sends is not None and 0 <= dst <= last and owner[dst] != r:
+                    sk, qd, bd = sends, owner[dst], min(s, dst)
+                    st = mine.get(qd)
+                    if st is None:
+                        st = mine[qd] = []
+                rows.append((rk, qs, bs, rt, ra, sk, qd, bd, st, direction))
+            table[k] = rows
+        ops: list[Instr] = []
+        add = ops.append
         for ins in stream:
-            h = how.get(ins[0])
-            if h is None:
+            rows = table.get(ins[0])
+            if rows is None:
                 if ins[0] not in KINDS:
                     raise KeyError(ins[0])
                 given = given or ins[0] in p2p
                 add(ins)
                 continue
-            receives, sends, step, direction = h
+            rk, qs, bs, rt, ra, sk, qd, bd, st, direction = rows[ins[3]]
             mb, j, c = ins[1], ins[2], ins[3]
-            s = stages[c]
-            src, dst = s - step, s + step  # the stage its input comes from, the one its output goes to
-            if receives is not None and 0 <= src <= last and owner[src] != r:
-                q = owner[src]
-                tag = ((mb * n_slices + j) * n_stages + (s if s < src else src)) * 2 + direction
-                seen = theirs.get(q)
-                if seen is None:
-                    seen = theirs[q] = ([], [])
-                seen[0].append(tag)
-                seen[1].append(len(ops))
-                add(new(Instr, (receives, mb, j, c, q, tag, 0, 0)))
+            if rk is not None:
+                tag = ((mb * n_slices + j) * n_stages + bs) * 2 + direction
+                rt.append(tag)
+                ra.append(len(ops))
+                add(new(Instr, (rk, mb, j, c, qs, tag, 0, 0)))
             add(ins)
-            if sends is not None and 0 <= dst <= last and owner[dst] != r:
-                q = owner[dst]
-                tag = ((mb * n_slices + j) * n_stages + (s if s < dst else dst)) * 2 + direction
-                tags = mine.get(q)
-                if tags is None:
-                    tags = mine[q] = []
-                tags.append(tag)
-                add(new(Instr, (sends, mb, j, c, q, tag, 0, 0)))
+            if sk is not None:
+                tag = ((mb * n_slices + j) * n_stages + bd) * 2 + direction
+                st.append(tag)
+                add(new(Instr, (sk, mb, j, c, qd, tag, 0, 0)))
         out.append(ops)
         for q, tags in mine.items():
-            send_tags[(r, q)] = tags
+            if tags:
+                send_tags[(r, q)] = tags
         for q, (tags, at) in theirs.items():
-            recv_tags[(q, r)] = tags
-            recv_at[(q, r)] = at
+            if tags:
+                recv_tags[(q, r)] = tags
+                recv_at[(q, r)] = at
     lowered = plan.with_ranks(out, lowered=True)
     return order_receives(lowered) if given else order_receives(lowered, (send_tags, recv_tags, recv_at))
 
