@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dtype", choices=["uint16", "uint32"], default=None,
                    help=".bin token width (default: from Megatron's .idx, else uint16 if the vocabulary fits)")
     p.add_argument("--no-check", action="store_true",
-                   help="skip the plan check before running (huge plans; a wrong plan then fails at run time)")
+                   help="skip the plan check before running (huge plans; a wrong plan then fails at run time). Without "
+                        "it, a plan file whose bytes `slimpipe check` proved is not proved again (SLIMPIPE_NO_CACHE=1: "
+                        "always proved)")
     return p
 
 

@@ -8,9 +8,13 @@ bytes together with a fingerprint of the code that proved it (the checker's sour
 makes the key), so an edited plan or a changed checker is proved again. The same idea as the
 result caches of linters and type checkers (ruff, mypy).
 
-Where: $SLIMPIPE_CACHE_DIR, else $XDG_CACHE_HOME/slimpipe, else ~/.cache/slimpipe, in a `proved/`
-folder. SLIMPIPE_NO_CACHE=1 turns it off (every command proves again). A store that cannot be
-read or written is treated as empty: the cache never makes a command fail.
+Where: $SLIMPIPE_CACHE_DIR, else $XDG_CACHE_HOME/slimpipe (an absolute path; a relative one is
+ignored, as the XDG spec says), else ~/.cache/slimpipe, in a `proved/` folder (made 0700: whoever
+can write there can mark any plan proved). SLIMPIPE_NO_CACHE set to anything but '' or '0' turns
+it off, as does a home folder that cannot be found: every command then proves again. A store that
+cannot be read or written is treated as empty: the cache never makes a command fail. It grows by
+one empty file per plan file checked and checker version and is never pruned (remove the folder
+to clear it).
 """
 from __future__ import annotations
 
@@ -33,7 +37,12 @@ def cache_dir() -> str | None:
         return None
     base = os.environ.get(ENV_DIR)
     if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        if not os.path.isabs(xdg):
+            home = os.path.expanduser("~")
+            if not os.path.isabs(home):  # no HOME and no passwd entry: "~" would land in the working folder
+                return None
+            xdg = os.path.join(home, ".cache")
         base = os.path.join(xdg, "slimpipe")
     return os.path.join(base, "proved")
 
@@ -50,7 +59,7 @@ def note(key: str) -> None:
     if d is None:
         return
     try:
-        os.makedirs(d, exist_ok=True)
+        os.makedirs(d, mode=0o700, exist_ok=True)
         # an empty file: created whole or not at all, so a reader never sees half a proof
         os.close(os.open(os.path.join(d, key), os.O_WRONLY | os.O_CREAT, 0o644))
     except OSError:

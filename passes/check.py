@@ -78,25 +78,36 @@ def rendezvous_cycle(plan: Plan) -> str | None:
 def proof_key(plan: Plan) -> str | None:
     """The key ir.proofs remembers a proof of `plan` under: SHA-256 (hex) of its file's digest
     (plan.source) and of the checker's code (every source file of the ir and passes packages),
-    or None for a plan that was not read from a file."""
-    if plan.source is None:
+    or None for a plan that was not read from a file, when the cache is off, or when the
+    checker's sources cannot be read (slimpipe imported from a zip, or installed without .py
+    files: no fingerprint, no memory)."""
+    if plan.source is None or proofs.cache_dir() is None:
         return None
-    return hashlib.sha256(f"{plan.source}:{_code_fingerprint()}".encode()).hexdigest()
+    code = _code_fingerprint()
+    if code is None:
+        return None
+    return hashlib.sha256(f"{plan.source}:{code}".encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=None)
-def _code_fingerprint() -> str:
+def _code_fingerprint() -> str | None:
     """SHA-256 over the names and bytes of the .py files of ir/ and passes/ (what validate,
-    replay and check run), read once per process: a changed checker proves every plan again."""
+    replay and check run), read once per process: a changed checker proves every plan again.
+    None when a package has no readable .py file."""
     import ir
 
     h = hashlib.sha256()
     for pkg in (ir, sys.modules[__package__]):
         folder = os.path.dirname(os.path.abspath(pkg.__file__))
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".py"):
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".py"))
+            if not names:
+                return None
+            for name in names:
                 with open(os.path.join(folder, name), "rb") as f:
                     h.update(f"{pkg.__name__}/{name}:".encode() + hashlib.sha256(f.read()).digest())
+        except OSError:
+            return None
     return h.hexdigest()
 
 
@@ -120,7 +131,7 @@ def require_valid(plan: Plan, doing: str, path: str = "plan.json", deadlock: boo
     `doing` says what was not done ('not run', 'not simulated'). The plan must be a whole training
     step (rule "optimizer"). A plan read from a file that `slimpipe check` (note_proof) or an
     earlier require_valid with `deadlock` proved, unchanged and with the same checker code, is
-    not proved again (ir.proofs; SLIMPIPE_NO_CACHE=1 always proves)."""
+    not proved again (ir.proofs; with SLIMPIPE_NO_CACHE=1 every call proves)."""
     if proved(plan):
         return
     problems = check(plan, step=True).problems if deadlock else validate(plan, step=True)

@@ -124,3 +124,50 @@ def test_the_command_line_process_exits_with_mains_code(plan_file):
     assert ok.returncode == 0 and json.loads(ok.stdout)["makespan"] == 9.0
     bad = run("check", plan_file + ".missing")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr
+
+
+def test_where_the_store_is(monkeypatch, tmp_path):
+    monkeypatch.delenv("SLIMPIPE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ir.proofs.cache_dir() == str(tmp_path / "xdg" / "slimpipe" / "proved")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # the XDG spec: a relative path is ignored
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert ir.proofs.cache_dir() == str(tmp_path / "home" / ".cache" / "slimpipe" / "proved")
+    monkeypatch.setenv("HOME", "relative")  # no usable home: no store in the working folder
+    assert ir.proofs.cache_dir() is None
+    monkeypatch.setenv("SLIMPIPE_CACHE_DIR", str(tmp_path / "c"))
+    for value, off in (("", False), ("0", False), ("1", True), ("no", True)):  # anything but '' and '0' turns it off
+        monkeypatch.setenv("SLIMPIPE_NO_CACHE", value)
+        assert (ir.proofs.cache_dir() is None) == off
+
+
+def test_no_readable_checker_sources_no_memory(plan_file, proofs_made, monkeypatch):
+    """slimpipe imported from a zip or installed without .py files: nothing to fingerprint the
+    checker with, so nothing is remembered and every command proves (and none fails)."""
+    monkeypatch.setattr(pc, "_code_fingerprint", lambda: None)
+    assert main(["check", plan_file]) == 0
+    assert main(["simulate", plan_file, "--unit-costs"]) == 0
+    assert len(proofs_made) == 2 and _stored() == []
+    monkeypatch.undo()
+    real = pc._code_fingerprint
+    assert real() is not None
+    monkeypatch.setattr(pc.os, "listdir", lambda d: (_ for _ in ()).throw(NotADirectoryError(d)))  # a zip
+    real.cache_clear()
+    try:
+        assert real() is None
+    finally:
+        monkeypatch.undo()
+        real.cache_clear()
+
+
+def test_output_that_cannot_be_written(plan_file):
+    """The console entry with stdout closed (a valid plan is still exit 0), and with stdout on a
+    full disk (one line, exit 120: the verdict never got out)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "compiler.cli", "check", plan_file]
+    closed = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 0 and closed.stderr == ""
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        assert r.returncode == 120 and r.stderr == "slimpipe: error: cannot write the output: No space left on device\n"

@@ -75,14 +75,26 @@ def entry() -> None:
     without freeing its heap object by object (os._exit after flushing stdout and stderr): a
     1.6M-instruction plan is some 3M Python objects, 0.2-0.3 s of teardown that nobody waits
     for. Every file a command writes is complete before main returns (ir.atomic_write), and no
-    command registers exit handlers. An exception main lets through ends the process as usual."""
+    command registers exit handlers. Output that cannot be written at the end (the reader left:
+    141, as in main; a full disk: one line and 120, Python's own code for it) is not a success.
+    An exception main lets through ends the process as usual."""
     code = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:  # the reader left before the last lines (see main)
-        code = code or 141
-    os._exit(0 if code is None else code if isinstance(code, int) else 1)
+    code = 0 if code is None else code if isinstance(code, int) else 1
+    for stream in (sys.stdout, sys.stderr):  # None where the process was started with it closed
+        if stream is None:
+            continue
+        try:
+            stream.flush()
+        except BrokenPipeError:  # the reader left before the last lines (see main)
+            code = code or 141
+        except OSError as e:
+            if code == 0:
+                code = 120
+            try:
+                os.write(2, f"slimpipe: error: cannot write the output: {e.strerror or e}\n".encode())
+            except OSError:
+                pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "check", "validate a plan and prove it cannot deadlock (exit 0 valid, 1 invalid, 2 unusable); a "
-                   "plan file that passes is not proved again by simulate, export, import or the executor while its "
-                   "bytes stay the same (SLIMPIPE_NO_CACHE=1: always)",
+    p = add_parser(sub, "check", "validate a plan and prove it cannot deadlock (exit 0 valid, 1 invalid, 2 unusable); "
+                   "simulate, export and the executor then use this proof for the same file bytes instead of "
+                   "proving them again (kept in $SLIMPIPE_CACHE_DIR or ~/.cache/slimpipe; SLIMPIPE_NO_CACHE=1: "
+                   "they always prove)",
                    "slimpipe check plan.json --json")
     p.add_argument("plan")
     p.add_argument("--json", action="store_true", help='print {"valid": bool, "usable": bool, "problems": [{"rule", "rank", "index", "message"}]} (also for an '
