@@ -170,6 +170,7 @@ def atomic_write(path: str, data: str | bytes) -> None:
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file what open() would
         with os.fdopen(fd, mode) as f:
             f.write(data)
         os.replace(tmp, path)
@@ -177,6 +178,13 @@ def atomic_write(path: str, data: str | bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save(plan: Plan, path: str, compact: bool | None = None) -> None:
@@ -203,9 +211,10 @@ def load(path: str) -> Plan:
             data = f.read()
         text = data.decode("utf-8")
     except FileNotFoundError:
-        raise PlanFormatError(f"plan file {path!r} not found") from None
+        raise PlanFormatError(f"plan file {_clip(path, 200)} not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise PlanFormatError(f"plan file {path!r} unreadable: {e}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)  # e's text repeats the path
+        raise PlanFormatError(f"plan file {_clip(path, 200)} unreadable: {reason}") from None
     try:
         plan = loads(text)
     except PlanFormatError as e:

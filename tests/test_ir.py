@@ -154,3 +154,27 @@ def test_layer_split_rule():
     spec = build_spec("1f1b", resolve_model("tiny", {"layers": 10}), pp=4, microbatches=1, seq_len=8)
     assert spec.stage_layers == (3, 3, 2, 2)
     assert spec.stage_first_layer() == [0, 3, 6, 8]
+
+
+def test_written_files_get_the_umask_mode_and_long_paths_stay_short(tmp_path):
+    """atomic_write's temporary file (mkstemp: 0600) ends with the mode open() would give it;
+    an unreadable plan's one line names a huge path once, cut short."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        ir.atomic_write(str(tmp_path / "a.json"), "{}")
+        assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o644
+        os.umask(0o077)
+        ir.atomic_write(str(tmp_path / "b.json"), b"{}")
+        assert stat.S_IMODE(os.stat(tmp_path / "b.json").st_mode) == 0o600
+    finally:
+        os.umask(old)
+    deep = str(tmp_path / ("d" * 250) / ("e" * 250) / "plan.json")
+    with pytest.raises(ir.PlanFormatError) as e:
+        ir.load(deep)
+    assert len(str(e.value)) < 300 and "not found" in str(e.value)
+    with pytest.raises(ir.PlanFormatError) as e:
+        ir.load(str(tmp_path) + "/" + "x" * 300 + "/")  # a directory-like path: unreadable, not "not found"
+    assert len(str(e.value)) < 300
