@@ -15,9 +15,9 @@ three are run --repeats times, each repeat with an empty store of remembered pro
 SLIMPIPE_NO_CACHE=1, times it proving the plan again), and each one's fastest wall time, its CPU time (user + sys) and its
 peak resident memory (per process, from os.wait4) are recorded with the load average, since this
 machine is shared. Then the same phases in-process (compile, check, unit simulation, ir.save,
-ir.load). Prints JSON, writes bench/results/scale_1m.json.
+ir.load). Prints JSON, writes bench/results/scale_1m.json (or -o).
 
-    PYTHONPATH=. python bench/scale_1m.py [--repeats 3]
+    PYTHONPATH=. python bench/scale_1m.py [--repeats 3] [--against ../old-checkout] [-o out.json]
 """
 from __future__ import annotations
 
@@ -77,15 +77,16 @@ def communicate_no_reap(proc: subprocess.Popen) -> tuple[bytes, bytes]:
 PYCACHE = tempfile.mkdtemp(prefix="slimpipe-pycache-")
 
 
-def run_cli(args: list[str], cache: str | None = None) -> dict:
-    """One `slimpipe ARGS` process: wall seconds, CPU seconds, peak RSS bytes, its stdout. `cache`:
-    the folder of remembered proofs (ir.proofs), None = off (SLIMPIPE_NO_CACHE=1)."""
+def run_cli(args: list[str], cache: str | None = None, root: str = ROOT) -> dict:
+    """One `slimpipe ARGS` process of the checkout `root`: wall seconds, CPU seconds, peak RSS
+    bytes, its stdout. `cache`: the folder of remembered proofs (ir.proofs), None = off
+    (SLIMPIPE_NO_CACHE=1)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "SLIMPIPE_CACHE_DIR", "SLIMPIPE_NO_CACHE")}
-    env.update(PYTHONPATH=ROOT, PYTHONPYCACHEPREFIX=PYCACHE)
+    env.update(PYTHONPATH=root, PYTHONPYCACHEPREFIX=os.path.join(PYCACHE, str(abs(hash(root)))))
     env.update({"SLIMPIPE_CACHE_DIR": cache} if cache else {"SLIMPIPE_NO_CACHE": "1"})
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, cwd=ROOT)
+                            stderr=subprocess.PIPE, env=env, cwd=root)
     out, err = communicate_no_reap(proc)
     _, status, ru = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -96,25 +97,44 @@ def run_cli(args: list[str], cache: str | None = None) -> dict:
             "stdout": out.decode()}
 
 
-def cli_path(repeats: int) -> dict:
-    run_cli(["--version"])  # fills the bytecode cache
-    runs = []
+def cli_path(repeats: int, against: str | None = None) -> dict:
+    """The three commands --repeats times (and, with `against`, the same commands of that
+    checkout in every repeat too, the two in alternating order): this checkout's record, with
+    the other's under "against"."""
+    roots = [ROOT] + ([os.path.abspath(against)] if against else [])
+    for root in roots:
+        run_cli(["--version"], root=root)  # fills the bytecode cache
+    runs: dict[str, list] = {root: [] for root in roots}
     with tempfile.TemporaryDirectory() as d:
         plan = os.path.join(d, "plan.json")
-        for _ in range(repeats):
-            rep = {"load_avg_before": os.getloadavg()}
-            with tempfile.TemporaryDirectory() as cache:  # each repeat starts with no proof remembered
-                for name, args in cli_commands(plan):
-                    rep[name] = run_cli(args, cache)
-            rep[COLD[0]] = run_cli(dict(cli_commands(plan))[COLD[1]], None)
-            rep["load_avg_after"] = os.getloadavg()
-            runs.append(rep)
+        for k in range(repeats):
+            for root in (roots if k % 2 == 0 else roots[::-1]):
+                rep = {"load_avg_before": os.getloadavg()}
+                with tempfile.TemporaryDirectory() as cache:  # each repeat starts with no proof remembered
+                    for name, args in cli_commands(plan):
+                        rep[name] = run_cli(args, cache, root)
+                rep[COLD[0]] = run_cli(dict(cli_commands(plan))[COLD[1]], None, root)
+                rep["load_avg_after"] = os.getloadavg()
+                runs[root].append(rep)
         size = os.path.getsize(plan)
         doc = json.loads(open(plan).read())
         # a rank is a list of texts, or (schema_version 2) a compact object with one kind character per instruction
         instructions = sum(len(r["kinds"]) if isinstance(r, dict) else len(r) for r in doc["ranks"])
         schema_version = doc["schema_version"]
         exchanges = (doc.get("meta") or {}).get("exchanges", 0)
+    out = summary(runs[ROOT], repeats)
+    out.update({"commands": [" ".join(["slimpipe", *a]).replace(plan, "plan.json") for _, a in cli_commands(plan)],
+                "instructions": instructions, "plan_bytes": size, "plan_schema_version": schema_version,
+                "exchanges_in_plan": exchanges})  # the CLI's own plan (the last one written)
+    if against:
+        commit = subprocess.run(["git", "-C", roots[1], "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        out["against"] = {"checkout": roots[1], "commit": commit or None, **summary(runs[roots[1]], repeats),
+                          "order": "alternating: this checkout first in even repeats, the other first in odd ones"}
+    return out
+
+
+def summary(runs: list[dict], repeats: int) -> dict:
+    """One checkout's repeats: each command's best wall and CPU time, the totals, every run."""
     names = [n for n, _ in cli_commands("x")]
     sim = json.loads(runs[-1]["simulate_unit"]["stdout"])
     assert json.loads(runs[-1][COLD[0]]["stdout"]) == sim
@@ -123,12 +143,10 @@ def cli_path(repeats: int) -> dict:
                 "max_rss_bytes": max(r[n]["max_rss_bytes"] for r in runs)} for n in [*names, COLD[0]]}
     totals = [sum(r[n]["wall_s"] for n in names) for r in runs]
     return {
-        "commands": [" ".join(["slimpipe", *a]).replace(plan, "plan.json") for _, a in cli_commands(plan)],
         "repeats": repeats, "bytecode": "cached (PYTHONPYCACHEPREFIX, filled by one run first), as for an installed package",
-        "instructions": instructions, "plan_bytes": size, "plan_schema_version": schema_version,
-        "exchanges_in_plan": exchanges,  # the CLI's own plan
         "best": best,
         "total_wall_s_min_run": round(min(totals), 3),
+        "total_wall_s_median_run": round(sorted(totals)[(len(totals) - 1) // 2], 3),
         "total_wall_s_sum_of_min": round(sum(best[n]["wall_s"] for n in names), 3),
         "total_cpu_s_sum_of_min": round(sum(best[n]["cpu_s"] for n in names), 3),
         # the three with simulate proving the plan again (no proof remembered)
@@ -136,7 +154,8 @@ def cli_path(repeats: int) -> dict:
                                                        + best[COLD[0]]["wall_s"], 3),
         "max_rss_bytes": max(b["max_rss_bytes"] for b in best.values()),
         "runs": [{n: {k: round(v, 3) for k, v in r[n].items() if k != "stdout"} for n in [*names, COLD[0]]}
-                 | {"load_avg_before": r["load_avg_before"], "load_avg_after": r["load_avg_after"]} for r in runs],
+                 | {"total_wall_s": round(sum(r[n]["wall_s"] for n in names), 3),
+                    "load_avg_before": r["load_avg_before"], "load_avg_after": r["load_avg_after"]} for r in runs],
         "bubble_fraction": sim["bubble_fraction"],
     }
 
@@ -174,9 +193,13 @@ def in_process() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="runs of the three commands (default 3)")
+    ap.add_argument("--against", metavar="CHECKOUT", help="also run another checkout's commands (a git worktree of an "
+                    "older commit, say) in every repeat, alternating which goes first: the machine's speed moves by a "
+                    "third within minutes here, so only runs side by side compare two versions")
+    ap.add_argument("-o", "--out", default=OUT, help=f"where to write the record (default {os.path.relpath(OUT, ROOT)})")
     args = ap.parse_args()
     try:
-        cli = cli_path(args.repeats)
+        cli = cli_path(args.repeats, args.against)
     finally:
         shutil.rmtree(PYCACHE, ignore_errors=True)
     inproc = in_process()
@@ -184,8 +207,8 @@ def main() -> None:
            "model": "tiny, 128 layers", "seq_len": SEQ, "exchange": True,
            "targets": {"total_wall_s": 10.0, "max_rss_bytes": 4 * 2 ** 30},
            "cli": cli, "in_process_s": inproc, "machine": machine(), "load_avg_at_end": os.getloadavg()}
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    ir.atomic_write(OUT, json.dumps(res, indent=1) + "\n")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    ir.atomic_write(args.out, json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
 
 
