@@ -126,11 +126,20 @@ def cli_path(repeats: int, against: str | None = None) -> dict:
     out.update({"commands": [" ".join(["slimpipe", *a]).replace(plan, "plan.json") for _, a in cli_commands(plan)],
                 "instructions": instructions, "plan_bytes": size, "plan_schema_version": schema_version,
                 "exchanges_in_plan": exchanges})  # the CLI's own plan (the last one written)
+    out["commit"] = commit_of(ROOT)
     if against:
-        commit = subprocess.run(["git", "-C", roots[1], "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        out["against"] = {"checkout": roots[1], "commit": commit or None, **summary(runs[roots[1]], repeats),
+        out["against"] = {"checkout": roots[1], "commit": commit_of(roots[1]), **summary(runs[roots[1]], repeats),
                           "order": "alternating: this checkout first in even repeats, the other first in odd ones"}
     return out
+
+
+def commit_of(root: str) -> str | None:
+    """The checkout's commit (short hash), '+' when its tracked files differ from it; None outside git."""
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True)  # noqa: E731
+    head = git("rev-parse", "--short", "HEAD").stdout.strip()
+    if not head:
+        return None
+    return head + ("+" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
 
 
 def summary(runs: list[dict], repeats: int) -> dict:
