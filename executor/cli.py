@@ -290,7 +290,11 @@ def entry(argv=None) -> None:
     exit_process, except for a failing run under torchrun, which exits normally (it fails either
     way, and the normal exit leaves its peers the moment they need to print their own line before
     torchrun stops them). An in-process run (--local) that was interrupted (Ctrl-C) aborted at exit
-    the same way (CI, 1 of 783 tests)."""
+    the same way (CI, 1 of 783 tests). A process started with stdout or stderr closed writes that
+    stream to /dev/null (Python leaves sys.stdout None there, and the first print would fail)."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     code = main(argv)
     if code != 0 and os.environ.get("WORLD_SIZE") is not None:
         if code == 2 and not _GROUP_STARTED:

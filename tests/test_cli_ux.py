@@ -178,3 +178,20 @@ def test_tune_and_the_executor_say_when_nccl_can_hang(tmp_path, capsys):
     assert "wait cycle rank 0 -> rank 1 -> rank 2 -> rank 3 -> rank 0" in nccl_note(ir.load(str(out)))
     plain = compile_plan(build_spec("1f1b", resolve_model("tiny"), pp=4, microbatches=8, seq_len=64))
     assert nccl_note(plain) is None
+
+
+def test_executor_with_stdout_closed(tmp_path):
+    """`python -m executor plan.json --local >&-` (stdout closed: Python's sys.stdout is None)
+    runs and exits 0 instead of failing on its first line (found by a review helper)."""
+    import os
+    import subprocess
+    import sys
+
+    from compiler import build_spec, compile_plan, resolve_model
+
+    plan = tmp_path / "p.json"
+    ir.save(compile_plan(build_spec("1f1b", resolve_model("tiny"), pp=2, microbatches=2, seq_len=32)), str(plan))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "executor", str(plan), "--local", "--steps", "1"], stderr=subprocess.PIPE,
+                       text=True, cwd=root, env={**os.environ, "PYTHONPATH": root}, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
