@@ -170,4 +170,7 @@ def test_output_that_cannot_be_written(plan_file):
     if os.path.exists("/dev/full"):
         with open("/dev/full", "w") as full:
             r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-        assert r.returncode == 120 and r.stderr == "slimpipe: error: cannot write the output: No space left on device\n"
+            assert r.returncode == 120 and r.stderr == "slimpipe: error: cannot write the output: No space left on device\n"
+            # unbuffered (as PYTHONUNBUFFERED=1 makes it): the command's own print fails, main says so
+            r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env | {"PYTHONUNBUFFERED": "1"})
+            assert r.returncode == 120 and r.stderr == "slimpipe check: error: No space left on device\n"

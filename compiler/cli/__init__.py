@@ -68,6 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 141
+    except OSError as e:
+        # a write or read the command did not turn into a SlimpipeError: stdout on a full disk (with
+        # unbuffered output the print itself fails), or a file system refusing a path. One line, as
+        # for any other error: 2 when it names a path (an input), 120 otherwise (the output; Python's
+        # own exit code for output it could not flush)
+        where = f" ({e.filename})" if e.filename else ""
+        try:
+            os.write(2, f"slimpipe {args.command}: error: {e.strerror or e}{where}\n".encode())
+        except OSError:
+            pass
+        return 2 if e.filename else 120
 
 
 def entry() -> None:
