@@ -167,6 +167,9 @@ def test_output_that_cannot_be_written(plan_file):
     cmd = [sys.executable, "-m", "compiler.cli", "check", plan_file]
     closed = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, preexec_fn=lambda: os.close(1))
     assert closed.returncode == 0 and closed.stderr == ""
+    missing = [sys.executable, "-m", "compiler.cli", "check", plan_file + ".missing"]
+    closed = subprocess.run(missing, capture_output=True, text=True, cwd=ROOT, env=env, preexec_fn=lambda: os.close(2))
+    assert closed.returncode == 2 and closed.stdout == ""  # the error line does not land in the output
     if os.path.exists("/dev/full"):
         with open("/dev/full", "w") as full:
             r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)

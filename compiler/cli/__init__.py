@@ -88,12 +88,15 @@ def entry() -> None:
     for. Every file a command writes is complete before main returns (ir.atomic_write), and no
     command registers exit handlers. Output that cannot be written at the end (the reader left:
     141, as in main; a full disk: one line and 120, Python's own code for it) is not a success.
-    An exception main lets through ends the process as usual."""
+    An exception main lets through ends the process as usual. A stream the process was started
+    with closed goes to /dev/null (Python leaves it None, and print(file=None) writes to stdout:
+    an error line would land in the command's output)."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     code = main()
     code = 0 if code is None else code if isinstance(code, int) else 1
-    for stream in (sys.stdout, sys.stderr):  # None where the process was started with it closed
-        if stream is None:
-            continue
+    for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except BrokenPipeError:  # the reader left before the last lines (see main)
