@@ -1,7 +1,7 @@
 """Proofs remembered between commands: which plan files `slimpipe check` has proved.
 
 `slimpipe check plan.json` proves a plan (the rules, then the deadlock replay); the commands that
-act on a plan file afterwards (simulate, export, import, the executor) refuse a plan that would not
+act on a plan file afterwards (simulate, export, the executor) refuse a plan that would not
 pass, so without a memory each of them proves it again: on a 1.6M-instruction plan that is 2-3 s a
 command. A proof is remembered as an empty file named by a key: the SHA-256 of the plan file's
 bytes together with a fingerprint of the code that proved it (the checker's sources: passes.check
