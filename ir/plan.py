@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -163,17 +164,30 @@ def loads(text: str) -> Plan:
 
 
 def atomic_write(path: str, data: str | bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise PlanFormatError(f"output directory {directory!r} does not exist; create it or choose another path")
+    """Write to a temporary file beside `path`, then rename: never a half-written file. A symbolic
+    link is followed (the file it points to is replaced, the link kept); an existing output that
+    is not a regular file (/dev/stdout, /dev/null, a FIFO) is written to directly, as open()
+    would: renaming over it would replace the device or pipe with a file."""
     mode = "wb" if isinstance(data, bytes) else "w"
+    try:
+        st = os.stat(path)  # through any links (/dev/stdout -> /proc/self/fd/1 -> a pipe)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        with open(path, mode) as f:
+            f.write(data)
+        return
+    real = os.path.realpath(path)
+    directory = os.path.dirname(real)
+    if not os.path.isdir(directory):
+        raise PlanFormatError(f"output directory {os.path.dirname(os.path.abspath(path))!r} does not exist; "
+                              f"create it or choose another path")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file what open() would
         with os.fdopen(fd, mode) as f:
             f.write(data)
-        os.replace(tmp, path)
+        os.replace(tmp, real)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

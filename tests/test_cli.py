@@ -214,3 +214,11 @@ def test_simulate_defaults_to_the_profile_the_plan_was_compiled_for(tmp_path, ca
         "--device-profile", "a100", "-o", plan)
     assert json.loads(run(capsys, "simulate", plan, "--json")[1])["device_profile"] == "a100"
     assert json.loads(run(capsys, "simulate", plan, "--json", "--device-profile", "h100")[1])["device_profile"] == "h100"
+
+
+def test_sizes_too_large_for_the_machine_are_one_line(tmp_path, capsys):
+    """A size no option bounds that Python cannot hold (OverflowError) or the machine cannot
+    (MemoryError): one line, exit 2, nothing written (found by an audit helper: tracebacks)."""
+    out = tmp_path / "x.json"
+    code, _, err = run(capsys, "compile", "--schedule", "slimpipe", "--pp", "2", "--microbatches", str(10 ** 20), "-o", str(out))
+    assert code == 2 and err.count("\n") == 1 and "too large for this machine" in err and not out.exists()

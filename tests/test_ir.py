@@ -178,3 +178,26 @@ def test_written_files_get_the_umask_mode_and_long_paths_stay_short(tmp_path):
     with pytest.raises(ir.PlanFormatError) as e:
         ir.load(str(tmp_path) + "/" + "x" * 300 + "/")  # a directory-like path: unreadable, not "not found"
     assert len(str(e.value)) < 300
+
+
+def test_atomic_write_keeps_links_and_special_files(tmp_path):
+    """A symbolic link at the output is followed (its target replaced, the link kept); an output
+    that is not a regular file (a FIFO here; /dev/stdout, /dev/null) is written to directly, not
+    replaced by a file (found by an audit helper: `-o /dev/stdout` turned /dev/stdout into a file)."""
+    import os
+    import threading
+
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    link.symlink_to("target.json")
+    ir.atomic_write(str(link), "{}")
+    assert link.is_symlink() and target.read_text() == "{}"
+    ir.atomic_write(str(link), "[1]")
+    assert link.is_symlink() and target.read_text() == "[1]"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    reader.start()
+    ir.atomic_write(str(fifo), "through the pipe")
+    reader.join(10)
+    assert got == ["through the pipe"] and fifo.is_fifo()

@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"slimpipe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, OverflowError) as e:
+        # a size no option check bounds (--microbatches 10**10: a plan of 10**11 instructions; a
+        # number past what a C integer holds): one line naming why, not a traceback
+        why = "ran out of memory" if isinstance(e, MemoryError) else f"a number is too large ({e})"
+        print(f"slimpipe {args.command}: error: {why}: the sizes asked for are too large for this machine; "
+              f"choose smaller ones", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # the reader left (`slimpipe check plan.json | head -1`): the output, and with it the verdict,
         # did not reach it; exit as a process ended by SIGPIPE does (128 + 13), never 0, so that
