@@ -222,3 +222,18 @@ def test_sizes_too_large_for_the_machine_are_one_line(tmp_path, capsys):
     out = tmp_path / "x.json"
     code, _, err = run(capsys, "compile", "--schedule", "slimpipe", "--pp", "2", "--microbatches", str(10 ** 20), "-o", str(out))
     assert code == 2 and err.count("\n") == 1 and "too large for this machine" in err and not out.exists()
+
+
+@pytest.mark.parametrize("command", [["trace"], ["export"], ["plot"]])
+def test_an_output_never_replaces_its_own_input(tmp_path, capsys, command):
+    """`slimpipe trace plan.json -o plan.json` (and export, plot, import) refuse in one line, exit
+    2, the input untouched (found by an audit helper: the plan was replaced by its trace)."""
+    plan = str(tmp_path / "p.json")
+    assert run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", plan)[0] == 0
+    before = open(plan).read()
+    code, _, err = run(capsys, *command, plan, "-o", plan)
+    assert code == 2 and err.count("\n") == 1 and "is the file this command reads" in err
+    assert open(plan).read() == before
+    link = tmp_path / "link.json"
+    link.symlink_to(plan)  # the same file under another name
+    assert run(capsys, *command, plan, "-o", str(link))[0] == 2

@@ -8,7 +8,7 @@ from .common import add_parser, check_output_path, load_plan, report
 
 
 def run(args) -> int:
-    check_output_path(args.output)
+    check_output_path(args.output, args.plan)
     plan = load_plan(args.plan)
     require_valid(plan, "not exported", args.plan)
     rows = export_csv(plan, args.output, comms=args.comms)

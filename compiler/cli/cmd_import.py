@@ -11,7 +11,7 @@ from .common import add_parser, add_plan_format_arg, check_output_path, report, 
 
 
 def run(args) -> int:
-    check_output_path(args.output)
+    check_output_path(args.output, args.plan)
     model, seq = model_from_args(args)
     # the default tiny model gets one layer per stage at least, unless --layers says otherwise
     default = args.model == "tiny" and all(getattr(args, f) is None for f in MODEL_FLAGS)

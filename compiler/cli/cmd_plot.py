@@ -11,7 +11,7 @@ FORMATS = ("png", "svg", "pdf")
 
 
 def run(args) -> int:
-    check_output_path(args.output)
+    check_output_path(args.output, args.plan)
     fmt = os.path.splitext(args.output)[1].lstrip(".").lower()
     if fmt not in FORMATS:
         raise SpecError(f"-o {args.output!r}: unknown picture format {fmt!r}; allowed: {', '.join('.' + f for f in FORMATS)}")

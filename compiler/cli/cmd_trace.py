@@ -10,7 +10,7 @@ from .common import add_parser, add_render_args, check_output_path, load_plan, p
 
 
 def run(args) -> int:
-    check_output_path(args.output)
+    check_output_path(args.output, args.plan)
     render_profile(args)  # --unit-costs with a profile, or a bad profile: fails before the plan is read
     plan = load_plan(args.plan)
     profile = None if args.unit_costs else plan_profile(args.device_profile, plan)

@@ -41,13 +41,20 @@ def report(args, summary: dict, line: str) -> int:
     return 0
 
 
-def check_output_path(path: str) -> None:
-    """Fail before any work if the output cannot be written where asked."""
+def check_output_path(path: str, source: str | None = None) -> None:
+    """Fail before any work if the output cannot be written where asked, or (`source`: the file
+    the command reads) would replace its own input."""
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
         raise SpecError(f"-o {path!r}: directory {d!r} does not exist; create it or choose another path")
     if os.path.isdir(path):
         raise SpecError(f"-o {path!r} is a directory; give a file path such as plan.json")
+    try:
+        same = source is not None and os.path.samefile(path, source)
+    except OSError:  # either one missing: not the same file (a missing input is reported when it is read)
+        same = False
+    if same:
+        raise SpecError(f"-o {path!r} is the file this command reads ({source!r}); give another output path")
 
 
 PLAN_FORMATS = {"auto": None, "text": False, "compact": True}
