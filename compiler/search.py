@@ -131,7 +131,17 @@ class Candidate:
 
 
 def _divisors(x: int) -> list[int]:
-    return [d for d in range(1, x + 1) if x % d == 0]
+    """The divisors of x >= 1, ascending: trial division up to sqrt(x) (a count to x hung on
+    --gpus 1000000007)."""
+    small, large = [], []
+    d = 1
+    while d * d <= x:
+        if x % d == 0:
+            small.append(d)
+            if d * d != x:
+                large.append(x // d)
+        d += 1
+    return small + large[::-1]
 
 
 def family_choices(fam: str, space: Space) -> list[tuple[int, int, str, bool]]:

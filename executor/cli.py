@@ -36,6 +36,9 @@ def load_plan(path: str, check: bool = True):
     Without `check` (--no-check) the spec's executability rules still run: they cost nothing."""
     from passes import executor_problems, require_valid, spec_problems
 
+    if path.lower().endswith(".csv"):
+        raise ir.PlanFormatError(f"{path!r} is a torch schedule CSV, not a plan: import it first "
+                                 f"(`slimpipe import {path} -o plan.json`), then run plan.json")
     plan = ir.load(path)
     for problem in executor_problems(plan):  # kinds without a handler here (ir.KINDS column `executor`)
         raise ir.PlanInvalidError(f"plan cannot be run, not run: {problem}")

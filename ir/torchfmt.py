@@ -98,7 +98,7 @@ def write_rows(rows: list[list[Action | None]]) -> str:
 
 def read_csv(path: str) -> list[list[Action | None]]:
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark (Excel's) is not a cell
             text = f.read()
     except FileNotFoundError:
         raise PlanFormatError(f"schedule file {path!r} not found") from None

@@ -237,3 +237,17 @@ def test_an_output_never_replaces_its_own_input(tmp_path, capsys, command):
     link = tmp_path / "link.json"
     link.symlink_to(plan)  # the same file under another name
     assert run(capsys, *command, plan, "-o", str(link))[0] == 2
+
+
+@pytest.mark.parametrize("command,out", [("trace", "t.json"), ("plot", "t.png")])
+def test_trace_and_plot_refuse_a_plan_that_breaks_a_rule(tmp_path, capsys, command, out):
+    """As simulate does: a drawing of a plan with a missing unit would mislead (found by an audit
+    helper: exit 0 and a file). One line, exit 1, nothing written."""
+    plan = tmp_path / "p.json"
+    assert run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", str(plan))[0] == 0
+    doc = json.loads(plan.read_text())
+    doc["ranks"][0] = [t for t in doc["ranks"][0] if t != "F mb1 s0 c0"]
+    plan.write_text(json.dumps(doc))
+    code, _, err = run(capsys, command, str(plan), "-o", str(tmp_path / out))
+    assert code == 1 and err.count("\n") == 1 and "plan breaks a rule, not " in err
+    assert not (tmp_path / out).exists()

@@ -318,3 +318,25 @@ def test_interleaved_1f1b_where_torch_refuses(p, m, v, makespan):
     plan = compile_plan(build_spec("interleaved-1f1b", model, pp=p, microbatches=m, virtual_stages=v, seq_len=32))
     assert check(plan).ok
     assert simulate_units(plan)["makespan"] == makespan == 3 * (v * m + p - 1)
+
+
+def test_a_csv_saved_by_a_spreadsheet_imports_the_same(tmp_path, capsys):
+    """A UTF-8 byte-order mark and CRLF line ends (as Excel saves a CSV) read like the plain file
+    (found by an audit helper: the mark was read as part of the first action); the executor given
+    a CSV says to import it first, in one line (exit 2)."""
+    text = torch_csv(torch_ops("Interleaved1F1B", 2, 4, 2, comms=True))
+    plain, excel = tmp_path / "plain.csv", tmp_path / "excel.csv"
+    plain.write_text(text)
+    excel.write_bytes(b"\xef\xbb\xbf" + text.replace("\r\n", "\n").replace("\n", "\r\n").encode())
+    for src in (plain, excel):
+        assert main(["import", str(src), "-o", str(tmp_path / (src.stem + ".json"))]) == 0
+    import ir
+
+    a, b = ir.load(str(tmp_path / "plain.json")), ir.load(str(tmp_path / "excel.json"))
+    assert a.ranks == b.ranks and a.spec == b.spec  # meta names its source file
+    from executor.cli import main as executor_main
+
+    capsys.readouterr()
+    assert executor_main([str(plain), "--local", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "import it first" in err

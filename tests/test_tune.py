@@ -252,3 +252,12 @@ def test_tune_offers_interleaved_plans_whose_m_is_no_multiple_of_p():
     picks = {r["schedule"]: r for r in res.top}
     assert set(picks) == {"interleaved-1f1b", "seq1f1b"}
     assert all((r["pp"], r["microbatches"], r["virtual_stages"]) == (4, 10, 2) for r in picks.values())
+
+
+def test_divisors_by_trial_division_to_the_square_root():
+    """_divisors counted to x itself: `tune --gpus 1000000007` hung (found by an audit helper)."""
+    from compiler.search import _divisors
+
+    for x in range(1, 400):
+        assert _divisors(x) == [d for d in range(1, x + 1) if x % d == 0]
+    assert _divisors(1_000_000_007) == [1, 1_000_000_007]  # a prime: 31,623 trials, not a billion

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ir import SpecError, atomic_write
+from passes import require_valid
 
 from .common import add_parser, add_render_args, check_output_path, load_plan, plan_profile, render_profile, report
 
@@ -23,6 +24,9 @@ def run(args) -> int:
 
     render_profile(args)  # --unit-costs with a profile, or a bad profile: fails before the plan is read
     plan = load_plan(args.plan)
+    # a timeline of a plan that breaks a rule (missing unit, unmatched send) would mislead, as
+    # simulate's figures would; a deadlock is named by the replay itself
+    require_valid(plan, "not drawn", args.plan, deadlock=False)
     profile = None if args.unit_costs else plan_profile(args.device_profile, plan)
     atomic_write(args.output, plot_timeline(plan, fmt, profile, unit_costs=args.unit_costs))
     return report(args, {"output": args.output, "format": fmt}, f"wrote {args.output}")
