@@ -251,3 +251,13 @@ def test_trace_and_plot_refuse_a_plan_that_breaks_a_rule(tmp_path, capsys, comma
     code, _, err = run(capsys, command, str(plan), "-o", str(tmp_path / out))
     assert code == 1 and err.count("\n") == 1 and "plan breaks a rule, not " in err
     assert not (tmp_path / out).exists()
+
+
+def test_output_paths_that_cannot_be_files_are_named(tmp_path, capsys):
+    """-o '' and -o FILE/x: one line naming what is wrong with the path the user gave (an audit
+    helper saw a temporary file's name, and 'does not exist' for a file that exists)."""
+    plan = tmp_path / "p.json"
+    plan.write_text("{}")
+    for out, says in (("", "-o '': give a file path"), (str(plan / "x.json"), "is a file, not a directory")):
+        code, _, err = run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", out)
+        assert code == 2 and err.count("\n") == 1 and says in err, err

@@ -44,7 +44,11 @@ def report(args, summary: dict, line: str) -> int:
 def check_output_path(path: str, source: str | None = None) -> None:
     """Fail before any work if the output cannot be written where asked, or (`source`: the file
     the command reads) would replace its own input."""
+    if not path:
+        raise SpecError("-o '': give a file path such as plan.json")
     d = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise SpecError(f"-o {path!r}: {d!r} is a file, not a directory; choose another path")
     if not os.path.isdir(d):
         raise SpecError(f"-o {path!r}: directory {d!r} does not exist; create it or choose another path")
     if os.path.isdir(path):
