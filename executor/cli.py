@@ -224,6 +224,13 @@ def check_files(opts, plan) -> str:
         return f"--autocast with --dtype {opts.dtype}: autocast keeps parameters in fp32 and computes in bf16; use --dtype fp32"
     if opts.save_every and not opts.save:
         return f"--save-every {opts.save_every} needs --save DIR"
+    if opts.lr_decay != "cosine" and (opts.decay_steps is not None or opts.min_lr):
+        given = "--decay-steps" if opts.decay_steps is not None else f"--min-lr {opts.min_lr:g}"
+        return f"{given} shapes the cosine decay, which is off: add --lr-decay cosine (or drop it)"
+    if opts.lr_decay == "cosine" and opts.min_lr > opts.lr:
+        return f"--min-lr {opts.min_lr:g} is above --lr {opts.lr:g}: the decay ends at --min-lr, so it must be <= --lr"
+    if opts.data_dtype is not None and not opts.data:
+        return f"--data-dtype {opts.data_dtype} is the width of a --data token file: add --data PATH (or drop it)"
     if opts.p2p_wait == "direct" and plan.has_kv_exchanges():
         return ("--p2p-wait direct: the plan has KV exchanges, whose ranks serve requests while they wait; "
                 "use --p2p-wait auto or watcher")

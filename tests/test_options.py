@@ -201,3 +201,16 @@ def test_options_that_do_not_apply(tmp_path, plan_path, argv, needle):
     code, _, err = _call([a.replace(PLAN, plan_path).replace(OUT, out) for a in argv])
     assert code == 2 and needle in err and err.count("\n") == 1, err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--min-lr", "0.1"], "--min-lr 0.1 shapes the cosine decay, which is off: add --lr-decay cosine"),
+    (["--decay-steps", "5"], "--decay-steps shapes the cosine decay, which is off"),
+    (["--lr-decay", "cosine", "--min-lr", "1"], "--min-lr 1 is above --lr 0.001"),
+    (["--data-dtype", "uint16"], "--data-dtype uint16 is the width of a --data token file: add --data PATH"),
+])
+def test_executor_options_that_would_be_ignored(plan_path, extra, needle):
+    """The executor refused --shuffle-seed without --data but ignored these (found by an audit
+    helper): one line, exit 2, before any rank starts."""
+    code, _, err = _call([plan_path, "--local", "--steps", "1", *extra], executor=True)
+    assert code == 2 and needle in err and err.count("\n") == 1, err
