@@ -9,7 +9,7 @@ import os
 import sys
 
 import ir
-from ir.options import glue_negative_values, nonneg_float, nonneg_int, positive_float, positive_int
+from ir.options import glue_negative_values, nonneg_float, nonneg_int, positive_float, positive_int, reopen_closed_streams
 
 from ir.version import version
 
@@ -302,9 +302,7 @@ def entry(argv=None) -> None:
     torchrun stops them). An in-process run (--local) that was interrupted (Ctrl-C) aborted at exit
     the same way (CI, 1 of 783 tests). A process started with stdout or stderr closed writes that
     stream to /dev/null (Python leaves sys.stdout None there, and the first print would fail)."""
-    for name in ("stdout", "stderr"):
-        if getattr(sys, name) is None:
-            setattr(sys, name, open(os.devnull, "w"))
+    reopen_closed_streams()
     code = main(argv)
     if code != 0 and os.environ.get("WORLD_SIZE") is not None:
         if code == 2 and not _GROUP_STARTED:

@@ -74,3 +74,15 @@ def glue_negative_values(argv: list[str] | None) -> list[str]:
         else:
             out.append(tok)
     return out
+
+
+def reopen_closed_streams() -> None:
+    """Point sys.stdout / sys.stderr at /dev/null where the process was started with that stream
+    closed (`cmd >&-`): Python leaves it None, the first print to it fails, and print(file=None)
+    falls back to stdout, so an error line would land in the command's output. For the entry
+    points of `slimpipe` and the executor, before anything prints."""
+    import os
+
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))

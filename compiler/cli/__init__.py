@@ -7,7 +7,7 @@ import os
 import sys
 
 from ir import SlimpipeError
-from ir.options import glue_negative_values
+from ir.options import glue_negative_values, reopen_closed_streams
 
 from ir.version import version
 from . import (cmd_check, cmd_compare, cmd_compile, cmd_export, cmd_import, cmd_plot, cmd_profile, cmd_show, cmd_simulate,
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         # own exit code for output it could not flush)
         where = f" ({e.filename})" if e.filename else ""
         try:
-            os.write(2, f"slimpipe {args.command}: error: {e.strerror or e}{where}\n".encode())
-        except OSError:
+            print(f"slimpipe {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        except OSError:  # stderr cannot be written either
             pass
         return 2 if e.filename else 120
 
@@ -98,9 +98,7 @@ def entry() -> None:
     An exception main lets through ends the process as usual. A stream the process was started
     with closed goes to /dev/null (Python leaves it None, and print(file=None) writes to stdout:
     an error line would land in the command's output)."""
-    for name in ("stdout", "stderr"):
-        if getattr(sys, name) is None:
-            setattr(sys, name, open(os.devnull, "w"))
+    reopen_closed_streams()
     code = main()
     code = 0 if code is None else code if isinstance(code, int) else 1
     for stream in (sys.stdout, sys.stderr):
