@@ -17,7 +17,7 @@ def run(args) -> int:
             emit_json({"valid": False, "usable": False, "problems": [
                 {"rule": "unreadable", "rank": getattr(e, "rank", None), "index": getattr(e, "index", None), "message": str(e)}]})
         raise
-    report = check(plan, args.p2p, step=True)
+    report = check(plan, args.p2p, step=True, parallel=True)
     if report.ok:
         note_proof(plan)  # simulate, export and the executor need not prove these bytes again (ir.proofs)
     if args.json:

@@ -10,7 +10,7 @@ from .common import add_parser, check_output_path, load_plan, report
 def run(args) -> int:
     check_output_path(args.output, args.plan)
     plan = load_plan(args.plan)
-    require_valid(plan, "not exported", args.plan)
+    require_valid(plan, "not exported", args.plan, parallel=True)
     rows = export_csv(plan, args.output, comms=args.comms)
     cells = sum(1 for row in rows for a in row if a is not None)
     fmt = "compute_comms" if args.comms else "compute_only"

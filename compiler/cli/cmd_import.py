@@ -16,7 +16,7 @@ def run(args) -> int:
     # the default tiny model gets one layer per stage at least, unless --layers says otherwise
     default = args.model == "tiny" and all(getattr(args, f) is None for f in MODEL_FLAGS)
     plan = import_csv(args.plan, None if default else model, seq)
-    require_valid(plan, "not imported", args.plan)
+    require_valid(plan, "not imported", args.plan, parallel=True)
     save_plan(plan, args.output, args.plan_format)
     spec, meta = plan.spec, plan.meta["torch"]
     kept = Counter(n[3].lstrip("0123456789") or "idle" for n in meta["annotations"])
