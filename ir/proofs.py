@@ -3,9 +3,11 @@
 `slimpipe check plan.json` proves a plan (the rules, then the deadlock replay); the commands that
 act on a plan file afterwards (simulate, export, the executor) refuse a plan that would not
 pass, so without a memory each of them proves it again: on a 1.6M-instruction plan that is 2-3 s a
-command. A proof is remembered as an empty file named by a key: the SHA-256 of the plan file's
+command. A proof is remembered as a file named by a key: the SHA-256 of the plan file's
 bytes together with a fingerprint of the code that proved it (the checker's sources: passes.check
-makes the key), so an edited plan or a changed checker is proved again. The same idea as the
+makes the key), so an edited plan or a changed checker is proved again. The file holds what the
+proof computed that a later command would compute again: the unit-cost replay's clocks and busy
+times (`simulate --unit-costs` prints them), a few kB. The same idea as the
 result caches of linters and type checkers (ruff, mypy).
 
 Where: $SLIMPIPE_CACHE_DIR, else $XDG_CACHE_HOME/slimpipe (an absolute path; a relative one is
@@ -13,7 +15,7 @@ ignored, as the XDG spec says), else ~/.cache/slimpipe, in a `proved/` folder (m
 can write there can mark any plan proved). SLIMPIPE_NO_CACHE set to anything but '' or '0' turns
 it off, as does a home folder that cannot be found: every command then proves again. A store that
 cannot be read or written is treated as empty: the cache never makes a command fail. It grows by
-one empty file per plan file checked and checker version and is never pruned (remove the folder
+one small file per plan file checked and checker version and is never pruned (remove the folder
 to clear it).
 """
 from __future__ import annotations
@@ -53,14 +55,38 @@ def known(key: str) -> bool:
     return d is not None and os.path.isfile(os.path.join(d, key))
 
 
-def note(key: str) -> None:
-    """Remember a proof under `key` (hex). Does nothing when the cache is off or not writable."""
+def read(key: str) -> bytes | None:
+    """What was noted with the proof under `key` (b"" for nothing), or None when no proof is
+    known (or the store cannot be read)."""
+    d = cache_dir()
+    if d is None:
+        return None
+    try:
+        with open(os.path.join(d, key), "rb") as f:
+            return f.read(1 << 20)  # a noted replay is a few kB; a larger file is not ours
+    except OSError:
+        return None
+
+
+def note(key: str, content: bytes = b"") -> None:
+    """Remember a proof under `key` (hex), with `content` (what the proof found that later
+    commands may use: passes.check notes the unit-cost replay's clocks). Does nothing when the
+    cache is off or not writable. The file appears whole or not at all (written beside, then
+    renamed), so a reader never sees half of it."""
     d = cache_dir()
     if d is None:
         return
     try:
         os.makedirs(d, mode=0o700, exist_ok=True)
-        # an empty file: created whole or not at all, so a reader never sees half a proof
-        os.close(os.open(os.path.join(d, key), os.O_WRONLY | os.O_CREAT, 0o644))
+        tmp = os.path.join(d, f".{key}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+            os.replace(tmp, os.path.join(d, key))
+        except OSError:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
     except OSError:
         pass

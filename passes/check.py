@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -10,13 +11,15 @@ from dataclasses import dataclass, field
 from ir import Plan, PlanInvalidError, proofs
 
 from . import forked
-from .replay import replay
+from .replay import Replay, replay
 from .validate import Problem, validate
 
 
 @dataclass
 class Report:
     problems: list[Problem] = field(default_factory=list)
+    # the deadlock proof's replay (unit costs, buffered sends), when the rules let it run
+    unit_replay: Replay | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -51,6 +54,7 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None, parallel:
     proof = forked.start(lambda: replay(plan)) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
     try:
         problems = validate(plan, step=step)
+        report_replay = None
     except BaseException:
         if proof is not None:
             proof.cancel()
@@ -60,13 +64,14 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None, parallel:
             proof.cancel()
     else:
         res = replay(plan) if proof is None else proof.result()
+        report_replay = res
         if res.deadlocked:
             problems.append(_deadlock(res, res.deadlock_message()))
         elif p2p == "rendezvous":
             problem = _rendezvous_problem(plan)
             if problem is not None:
                 problems.append(problem)
-    return Report(problems)
+    return Report(problems, report_replay)
 
 
 def _deadlock(res, msg: str) -> Problem:
@@ -129,18 +134,52 @@ def _code_fingerprint() -> str | None:
     return h.hexdigest()
 
 
-def note_proof(plan: Plan) -> None:
+def note_proof(plan: Plan, unit_replay: Replay | None = None) -> None:
     """Remember (ir.proofs) that `plan`, read from a file, passed check(plan, step=True): the
-    commands that then act on the same file bytes skip require_valid's second proof."""
+    commands that then act on the same file bytes skip require_valid's second proof. With the
+    proof's `unit_replay` (check's Report.unit_replay) its clocks and busy times are kept too:
+    `simulate --unit-costs` then prints them without replaying (unit_replay_of)."""
     key = proof_key(plan)
-    if key is not None:
-        proofs.note(key)
+    if key is None:
+        return
+    content = b""
+    if unit_replay is not None and not unit_replay.deadlocked:
+        content = json.dumps({"unit_replay": {"clock": unit_replay.clock, "busy": unit_replay.busy}}).encode()
+    proofs.note(key, content)
 
 
 def proved(plan: Plan) -> bool:
     """Whether check(plan, step=True) was noted as passed for these file bytes and this code."""
     key = proof_key(plan)
     return key is not None and proofs.known(key)
+
+
+def _noted_replay(plan: Plan) -> Replay | None:
+    """The unit-cost replay noted with the plan's proof, or None (no proof, or one noted without
+    it: then the caller replays)."""
+    key = proof_key(plan)
+    data = proofs.read(key) if key is not None else None
+    if not data:
+        return None
+    try:
+        d = json.loads(data)["unit_replay"]
+        clock, busy = d["clock"], d["busy"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    p = plan.spec.pp
+    if not (isinstance(clock, list) and isinstance(busy, list) and len(clock) == len(busy) == p
+            and all(type(x) in (int, float) for x in clock + busy)):
+        return None
+    return Replay([float(x) for x in clock], [float(x) for x in busy])
+
+
+def _refuse(problems: list[Problem], doing: str, path: str) -> None:
+    if problems:
+        first = str(problems[0])
+        if len(first) > 700:
+            first = first[:700] + "..."
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PlanInvalidError(f"plan breaks a rule, {doing}: {first}{more}; `slimpipe check {path}` lists all")
 
 
 def require_valid(plan: Plan, doing: str, path: str = "plan.json", deadlock: bool = True, parallel: bool = False) -> None:
@@ -153,12 +192,36 @@ def require_valid(plan: Plan, doing: str, path: str = "plan.json", deadlock: boo
     (the command line's single-threaded commands; the executor has threads and would not fork)."""
     if proved(plan):
         return
-    problems = check(plan, step=True, parallel=parallel).problems if deadlock else validate(plan, step=True)
-    if not problems and deadlock:
-        note_proof(plan)
-    if problems:
-        first = str(problems[0])
-        if len(first) > 700:
-            first = first[:700] + "..."
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise PlanInvalidError(f"plan breaks a rule, {doing}: {first}{more}; `slimpipe check {path}` lists all")
+    if deadlock:
+        report = check(plan, step=True, parallel=parallel)
+        if report.ok:
+            note_proof(plan, report.unit_replay)
+        problems = report.problems
+    else:
+        problems = validate(plan, step=True)
+    _refuse(problems, doing, path)
+
+
+def valid_unit_replay(plan: Plan, doing: str, path: str = "plan.json", parallel: bool = False) -> Replay:
+    """require_valid(plan, doing, path, deadlock=False), then the plan's unit-cost replay
+    (replay(plan): forward 1, backward 2, communication free; it may have deadlocked: the
+    caller names the wait cycle). A proved plan's replay noted with its proof (check) is used
+    instead of replaying; otherwise the replay runs beside the rules (forked where `parallel`, as
+    in check) and a plan that passes both is noted as proved, with it."""
+    if proved(plan):
+        res = _noted_replay(plan)
+        return replay(plan) if res is None else res
+    job = forked.start(lambda: replay(plan)) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
+    try:
+        problems = validate(plan, step=True)
+    except BaseException:
+        if job is not None:
+            job.cancel()
+        raise
+    if problems and job is not None:
+        job.cancel()
+    _refuse(problems, doing, path)
+    res = replay(plan) if job is None else job.result()
+    if not res.deadlocked:
+        note_proof(plan, res)
+    return res

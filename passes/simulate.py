@@ -29,15 +29,17 @@ def bubble_fraction(busy: list[float], makespan: float) -> float:
     return 1.0 - sum(busy) / (len(busy) * makespan)
 
 
-def simulate_units(plan: Plan) -> dict:
+def simulate_units(plan: Plan, res=None) -> dict:
     """Unit-cost replay (F 1, B 2, I 1, W 1; communication free): {"makespan", "bubble_fraction",
     "ranks": [{"rank", "busy", "peak_units"}], "kv_exchanges"}; PlanInvalidError naming the wait cycle on a deadlock.
     "kv_exchanges" (how many the plan holds, 0 without): unit costs price no attention,
     so an exchange's rendezvous can only add waits here, while the attention it moves (what it is
     for) shows only under the cost model (simulate_timed); simulate_units(strip_exchanges(plan))
     gives the figures without them (a second replay: not done here, the 1.6M-instruction plan of
-    bench/scale_1m.py would pay 0.4 s for it)."""
-    res = replay(plan)
+    bench/scale_1m.py would pay 0.4 s for it). `res`: replay(plan) when the caller has it
+    (passes.check.valid_unit_replay)."""
+    if res is None:
+        res = replay(plan)
     if res.deadlocked:
         raise PlanInvalidError(res.deadlock_message())
     makespan = res.makespan

@@ -97,3 +97,24 @@ def test_parallel_check_reports_what_the_sequential_one_does(monkeypatch, mutant
         assert rules and "deadlock" not in rules
     if forked.can_fork() and mutant != "rule":
         assert here == []  # the proof ran in the child
+
+
+@pytest.mark.parametrize("deadlock", [False, True])
+def test_simulate_units_replay_beside_the_rules(monkeypatch, tmp_path, deadlock):
+    """valid_unit_replay (simulate --unit-costs): the replay from the child is replay(plan)'s, and
+    only a plan that finishes is noted as proved."""
+    monkeypatch.setattr(check_mod, "PARALLEL_MIN", 0)
+    plan = _plan()
+    if deadlock:
+        ranks = [list(s) for s in plan.ranks]
+        i = next(j for j, ins in enumerate(ranks[0]) if ins.kind == ir.Kind.SEND_ACT)
+        k = next(j for j, ins in enumerate(ranks[0]) if ins.kind == ir.Kind.RECV_GRAD)
+        ranks[0].insert(i, ranks[0].pop(k))
+        plan = plan.with_ranks(tuple(map(tuple, ranks)))
+    path = str(tmp_path / "plan.json")
+    ir.save(plan, path)
+    plan = ir.load(path)
+    want = check_mod.replay(plan)
+    got = check_mod.valid_unit_replay(plan, "not simulated", path, parallel=True)
+    assert (got.clock, got.busy, got.cycle) == (want.clock, want.busy, want.cycle)
+    assert got.deadlocked == deadlock and check_mod.proved(plan) == (not deadlock)

@@ -52,18 +52,48 @@ def test_load_records_the_digest_of_the_bytes(plan_file):
     assert ir.loads(open(plan_file).read()).source is None
 
 
-def test_check_notes_the_proof_and_simulate_uses_it(plan_file, proofs_made, capsys):
-    assert main(["simulate", plan_file, "--unit-costs"]) == 0  # nothing noted yet: the rules run
+def test_check_notes_the_proof_and_simulate_uses_it(plan_file, proofs_made, capsys, monkeypatch):
+    assert main(["simulate", plan_file, "--device-profile", "h100"]) == 0  # nothing noted yet: the rules run
     assert len(proofs_made) == 1 and _stored() == []  # the rules alone prove no deadlock freedom: nothing noted
     assert main(["check", plan_file]) == 0
     assert len(proofs_made) == 2
-    assert _stored() == [pc.proof_key(ir.load(plan_file))]
+    key = pc.proof_key(ir.load(plan_file))
+    assert _stored() == [key]
+    noted = json.loads(ir.proofs.read(key))  # the proof's unit-cost replay: 1f1b p=2 m=2, F 1, B 2
+    assert noted == {"unit_replay": {"clock": [9.0, 7.0], "busy": [6.0, 6.0]}}
     out_before = capsys.readouterr().out
+    # simulate --unit-costs prints the noted replay: no rule and no replay runs again
+    monkeypatch.setattr(pc, "replay", lambda *a, **k: pytest.fail("replayed again"))
+    monkeypatch.setattr(sys.modules["passes.simulate"], "replay", lambda *a, **k: pytest.fail("replayed again"))
     assert main(["simulate", plan_file, "--unit-costs", "--json"]) == 0
-    assert len(proofs_made) == 2  # proved by check: not again
-    assert json.loads(capsys.readouterr().out)["makespan"] == 9.0 and "valid" in out_before
+    assert len(proofs_made) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert (out["makespan"], out["bubble_fraction"], [r["busy"] for r in out["ranks"]]) == (9.0, 1 - 12 / 18, [6.0, 6.0])
+    assert "valid" in out_before
     assert main(["export", plan_file, "-o", plan_file + ".csv"]) == 0
     assert len(proofs_made) == 2
+
+
+def test_simulate_unit_costs_is_a_whole_proof(plan_file, proofs_made):
+    """The rules and the unit-cost replay (its deadlock proof) are what check runs: simulate
+    --unit-costs of a plan that passes both notes the proof, with the replay."""
+    assert main(["simulate", plan_file, "--unit-costs"]) == 0
+    key = pc.proof_key(ir.load(plan_file))
+    assert _stored() == [key] and json.loads(ir.proofs.read(key))["unit_replay"]["clock"] == [9.0, 7.0]
+    assert main(["export", plan_file, "-o", plan_file + ".csv"]) == 0
+    assert main(["check", plan_file]) == 0  # check itself always proves
+    assert len(proofs_made) == 2
+
+
+@pytest.mark.parametrize("content", [b"", b"not json", b'{"unit_replay": {"clock": [1.0], "busy": [1.0]}}',
+                                     b'{"unit_replay": {"clock": ["a", 2], "busy": [1, 2]}}'])
+def test_a_proof_without_a_usable_replay_replays(plan_file, proofs_made, capsys, content):
+    """A proof noted without the replay (an older slimpipe's empty file) or with one that does not
+    fit the plan: simulate --unit-costs replays (the rules are not run again)."""
+    key = pc.proof_key(ir.load(plan_file))
+    ir.proofs.note(key, content)
+    assert main(["simulate", plan_file, "--unit-costs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["makespan"] == 9.0 and proofs_made == []
 
 
 def test_an_edited_file_is_proved_again(plan_file, proofs_made):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ir import SpecError
 from passes import require_valid, simulate_units
+from passes.check import valid_unit_replay
 from passes.costs import load_profile
 from passes.simulate import simulate_timed
 
@@ -26,9 +27,10 @@ def run(args) -> int:
     plan = load_plan(args.plan)
     # figures of a plan that breaks a rule (missing unit, unmatched send) would mislead; a deadlock
     # is named by the simulation itself
-    require_valid(plan, "not simulated", args.plan, deadlock=False)
     if args.unit_costs:
-        out = simulate_units(plan)  # a deadlock raises PlanInvalidError naming the wait cycle
+        # the rules with the unit-cost replay beside them, or the replay noted with check's proof
+        res = valid_unit_replay(plan, "not simulated", args.plan, parallel=True)
+        out = simulate_units(plan, res)  # a deadlock raises PlanInvalidError naming the wait cycle
         if args.json:
             emit_json(out)
         else:
@@ -40,6 +42,7 @@ def run(args) -> int:
                       f"can only add waits here: simulate without --unit-costs times the attention they move (or "
                       f"compile with --no-exchange for the unit-cost figures without them)")
         return 0
+    require_valid(plan, "not simulated", args.plan, deadlock=False)
     profile = plan_profile(args.device_profile, plan)  # the device it was compiled for, unless told
     # default dtype: a measured profile's (what the executor ran when it was measured), fp32 against
     # a measured trace (the executor's default), else bf16 (a GPU training run)
