@@ -5,6 +5,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ from ir import Plan, PlanInvalidError, proofs
 
 from . import forked
 from .replay import Replay, replay
+from .simulate import simulate_units
 from .validate import Problem, validate
 
 
@@ -20,6 +22,8 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     # the deadlock proof's replay (unit costs, buffered sends), when the rules let it run
     unit_replay: Replay | None = field(default=None, repr=False, compare=False)
+    # simulate_units' figures from it, when a forked child made them beside the rules
+    unit_figures: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -51,10 +55,10 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None, parallel:
     the 1.6M-instruction plan of bench/scale_1m.py with two processors)."""
     if p2p not in P2P_MODES:
         raise ValueError(f"p2p={p2p!r}; allowed: {', '.join(P2P_MODES)}")
-    proof = forked.start(lambda: replay(plan)) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
+    proof = forked.start(lambda: _unit_figures(plan)) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
     try:
         problems = validate(plan, step=step)
-        report_replay = None
+        res = figures = None
     except BaseException:
         if proof is not None:
             proof.cancel()
@@ -63,15 +67,21 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None, parallel:
         if proof is not None:
             proof.cancel()
     else:
-        res = replay(plan) if proof is None else proof.result()
-        report_replay = res
+        res, figures = (replay(plan), None) if proof is None else proof.result()
         if res.deadlocked:
             problems.append(_deadlock(res, res.deadlock_message()))
         elif p2p == "rendezvous":
             problem = _rendezvous_problem(plan)
             if problem is not None:
                 problems.append(problem)
-    return Report(problems, report_replay)
+    return Report(problems, res, figures)
+
+
+def _unit_figures(plan: Plan) -> tuple[Replay, dict | None]:
+    """replay(plan) and, where it finishes, simulate_units' figures from it (what check's forked
+    child computes while the rules run: the figures then cost nothing)."""
+    res = replay(plan)
+    return res, (None if res.deadlocked else simulate_units(plan, res))
 
 
 def _deadlock(res, msg: str) -> Problem:
@@ -104,12 +114,17 @@ def proof_key(plan: Plan) -> str | None:
     or None for a plan that was not read from a file, when the cache is off, or when the
     checker's sources cannot be read (slimpipe imported from a zip, or installed without .py
     files: no fingerprint, no memory)."""
-    if plan.source is None or proofs.cache_dir() is None:
+    return None if plan.source is None else _key(plan.source)
+
+
+def _key(source: str) -> str | None:
+    """proof_key for a file of digest `source` (ir.proofs.digest of its bytes)."""
+    if proofs.cache_dir() is None:
         return None
     code = _code_fingerprint()
     if code is None:
         return None
-    return hashlib.sha256(f"{plan.source}:{code}".encode()).hexdigest()
+    return hashlib.sha256(f"{source}:{code}".encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,17 +149,19 @@ def _code_fingerprint() -> str | None:
     return h.hexdigest()
 
 
-def note_proof(plan: Plan, unit_replay: Replay | None = None) -> None:
+def note_proof(plan: Plan, report: Report | None = None) -> None:
     """Remember (ir.proofs) that `plan`, read from a file, passed check(plan, step=True): the
     commands that then act on the same file bytes skip require_valid's second proof. With the
-    proof's `unit_replay` (check's Report.unit_replay) its clocks and busy times are kept too:
-    `simulate --unit-costs` then prints them without replaying (unit_replay_of)."""
+    passing `report`, the plan's unit-cost figures (simulate_units, from the proof's replay) are
+    kept too: `simulate --unit-costs` then prints them without reading the instructions
+    (noted_unit_costs)."""
     key = proof_key(plan)
     if key is None:
         return
     content = b""
-    if unit_replay is not None and not unit_replay.deadlocked:
-        content = json.dumps({"unit_replay": {"clock": unit_replay.clock, "busy": unit_replay.busy}}).encode()
+    if report is not None and report.unit_replay is not None and not report.unit_replay.deadlocked:
+        figures = report.unit_figures if report.unit_figures is not None else simulate_units(plan, report.unit_replay)
+        content = json.dumps({"unit_costs": figures}).encode()
     proofs.note(key, content)
 
 
@@ -154,23 +171,40 @@ def proved(plan: Plan) -> bool:
     return key is not None and proofs.known(key)
 
 
-def _noted_replay(plan: Plan) -> Replay | None:
-    """The unit-cost replay noted with the plan's proof, or None (no proof, or one noted without
-    it: then the caller replays)."""
-    key = proof_key(plan)
-    data = proofs.read(key) if key is not None else None
-    if not data:
+def noted_unit_costs(path: str) -> dict | None:
+    """simulate_units' figures noted with the proof of the plan file at `path` (check, or an
+    earlier simulate --unit-costs), or None: no proof for these bytes and this checker, a proof
+    noted without them (an older slimpipe's empty file), the cache off, a file that cannot be
+    read. Reads the file's bytes for their digest and builds no instruction."""
+    store = proofs.cache_dir()
+    if store is None or not os.path.isdir(store):
         return None
     try:
-        d = json.loads(data)["unit_replay"]
-        clock, busy = d["clock"], d["busy"]
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO or device: ir.load's affair
+                return None
+            data = f.read()
+    except OSError:
+        return None
+    key = _key(proofs.digest(data))
+    return _figures_in(proofs.read(key)) if key is not None else None
+
+
+def _figures_in(content: bytes | None) -> dict | None:
+    """The figures of a proof's content, when they have simulate_units' shape."""
+    if not content:
+        return None
+    try:
+        d = json.loads(content)["unit_costs"]
+        ok = (isinstance(d, dict) and set(d) == {"makespan", "bubble_fraction", "ranks", "kv_exchanges"}
+              and all(type(d[k]) in (int, float) for k in ("makespan", "bubble_fraction"))
+              and type(d["kv_exchanges"]) is int and isinstance(d["ranks"], list) and d["ranks"]
+              and all(isinstance(r, dict) and set(r) == {"rank", "busy", "peak_units"} and r["rank"] == i
+                      and type(r["busy"]) in (int, float) and type(r["peak_units"]) is int
+                      for i, r in enumerate(d["ranks"])))
     except (ValueError, KeyError, TypeError):
         return None
-    p = plan.spec.pp
-    if not (isinstance(clock, list) and isinstance(busy, list) and len(clock) == len(busy) == p
-            and all(type(x) in (int, float) for x in clock + busy)):
-        return None
-    return Replay([float(x) for x in clock], [float(x) for x in busy])
+    return d if ok else None
 
 
 def _refuse(problems: list[Problem], doing: str, path: str) -> None:
@@ -195,23 +229,23 @@ def require_valid(plan: Plan, doing: str, path: str = "plan.json", deadlock: boo
     if deadlock:
         report = check(plan, step=True, parallel=parallel)
         if report.ok:
-            note_proof(plan, report.unit_replay)
+            note_proof(plan, report)
         problems = report.problems
     else:
         problems = validate(plan, step=True)
     _refuse(problems, doing, path)
 
 
-def valid_unit_replay(plan: Plan, doing: str, path: str = "plan.json", parallel: bool = False) -> Replay:
-    """require_valid(plan, doing, path, deadlock=False), then the plan's unit-cost replay
-    (replay(plan): forward 1, backward 2, communication free; it may have deadlocked: the
-    caller names the wait cycle). A proved plan's replay noted with its proof (check) is used
-    instead of replaying; otherwise the replay runs beside the rules (forked where `parallel`, as
-    in check) and a plan that passes both is noted as proved, with it."""
+def checked_unit_costs(plan: Plan, doing: str, path: str = "plan.json", parallel: bool = False) -> dict:
+    """require_valid(plan, doing, path, deadlock=False), then simulate_units(plan): the unit-cost
+    figures (forward 1, backward 2, communication free); PlanInvalidError naming the wait cycle
+    on a deadlock. Of a proved plan, the figures noted with its proof; otherwise the replay runs
+    beside the rules (forked where `parallel`, as in check) and a plan that passes both, which is
+    check's whole proof, is noted as proved with its figures."""
     if proved(plan):
-        res = _noted_replay(plan)
-        return replay(plan) if res is None else res
-    job = forked.start(lambda: replay(plan)) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
+        figures = _figures_in(proofs.read(proof_key(plan)))
+        return simulate_units(plan) if figures is None else figures
+    job = forked.start(lambda: _unit_figures(plan)) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
     try:
         problems = validate(plan, step=True)
     except BaseException:
@@ -221,7 +255,8 @@ def valid_unit_replay(plan: Plan, doing: str, path: str = "plan.json", parallel:
     if problems and job is not None:
         job.cancel()
     _refuse(problems, doing, path)
-    res = replay(plan) if job is None else job.result()
-    if not res.deadlocked:
-        note_proof(plan, res)
-    return res
+    res, figures = _unit_figures(plan) if job is None else job.result()
+    if res.deadlocked:
+        raise PlanInvalidError(res.deadlock_message())
+    note_proof(plan, Report([], res, figures))
+    return figures

@@ -37,7 +37,7 @@ def simulate_units(plan: Plan, res=None) -> dict:
     for) shows only under the cost model (simulate_timed); simulate_units(strip_exchanges(plan))
     gives the figures without them (a second replay: not done here, the 1.6M-instruction plan of
     bench/scale_1m.py would pay 0.4 s for it). `res`: replay(plan) when the caller has it
-    (passes.check.valid_unit_replay)."""
+    (passes.check's proof)."""
     if res is None:
         res = replay(plan)
     if res.deadlocked:

@@ -11,6 +11,7 @@ from compiler import build_spec, compile_plan, resolve_model
 import ir
 import passes.check  # noqa: F401 - loads the module: `passes.check` the attribute is the function
 from passes import forked
+from passes import simulate_units
 from passes.check import check
 
 check_mod = sys.modules["passes.check"]
@@ -100,9 +101,10 @@ def test_parallel_check_reports_what_the_sequential_one_does(monkeypatch, mutant
 
 
 @pytest.mark.parametrize("deadlock", [False, True])
-def test_simulate_units_replay_beside_the_rules(monkeypatch, tmp_path, deadlock):
-    """valid_unit_replay (simulate --unit-costs): the replay from the child is replay(plan)'s, and
-    only a plan that finishes is noted as proved."""
+def test_simulate_units_beside_the_rules(monkeypatch, tmp_path, deadlock):
+    """checked_unit_costs (simulate --unit-costs): the figures made in the child are
+    simulate_units(plan)'s, a deadlock is named as without a child, and only a plan that finishes
+    is noted as proved."""
     monkeypatch.setattr(check_mod, "PARALLEL_MIN", 0)
     plan = _plan()
     if deadlock:
@@ -114,7 +116,14 @@ def test_simulate_units_replay_beside_the_rules(monkeypatch, tmp_path, deadlock)
     path = str(tmp_path / "plan.json")
     ir.save(plan, path)
     plan = ir.load(path)
-    want = check_mod.replay(plan)
-    got = check_mod.valid_unit_replay(plan, "not simulated", path, parallel=True)
-    assert (got.clock, got.busy, got.cycle) == (want.clock, want.busy, want.cycle)
-    assert got.deadlocked == deadlock and check_mod.proved(plan) == (not deadlock)
+    if deadlock:
+        with pytest.raises(ir.PlanInvalidError, match="deadlock: wait cycle"):
+            check_mod.checked_unit_costs(plan, "not simulated", path, parallel=True)
+    else:
+        here = []
+        real = check_mod.replay
+        monkeypatch.setattr(check_mod, "replay", lambda *a, **k: here.append(1) or real(*a, **k))
+        got = check_mod.checked_unit_costs(plan, "not simulated", path, parallel=True)
+        assert got == simulate_units(plan) and got["makespan"] > 0
+        assert here == [] or not forked.can_fork()
+    assert check_mod.proved(plan) == (not deadlock)

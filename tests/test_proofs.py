@@ -59,12 +59,13 @@ def test_check_notes_the_proof_and_simulate_uses_it(plan_file, proofs_made, caps
     assert len(proofs_made) == 2
     key = pc.proof_key(ir.load(plan_file))
     assert _stored() == [key]
-    noted = json.loads(ir.proofs.read(key))  # the proof's unit-cost replay: 1f1b p=2 m=2, F 1, B 2
-    assert noted == {"unit_replay": {"clock": [9.0, 7.0], "busy": [6.0, 6.0]}}
+    noted = json.loads(ir.proofs.read(key))  # the proof's unit-cost figures: 1f1b p=2 m=2, F 1, B 2
+    assert noted == {"unit_costs": {"makespan": 9.0, "bubble_fraction": 1 - 12 / 18, "kv_exchanges": 0, "ranks": [
+        {"rank": 0, "busy": 6.0, "peak_units": 2}, {"rank": 1, "busy": 6.0, "peak_units": 1}]}}
+    assert noted["unit_costs"] == passes.simulate_units(ir.load(plan_file))
     out_before = capsys.readouterr().out
-    # simulate --unit-costs prints the noted replay: no rule and no replay runs again
-    monkeypatch.setattr(pc, "replay", lambda *a, **k: pytest.fail("replayed again"))
-    monkeypatch.setattr(sys.modules["passes.simulate"], "replay", lambda *a, **k: pytest.fail("replayed again"))
+    # simulate --unit-costs prints the noted figures: the plan's instructions are not even read
+    monkeypatch.setattr(sys.modules["compiler.cli.cmd_simulate"], "load_plan", lambda *a: pytest.fail("plan read"))
     assert main(["simulate", plan_file, "--unit-costs", "--json"]) == 0
     assert len(proofs_made) == 2
     out = json.loads(capsys.readouterr().out)
@@ -79,17 +80,17 @@ def test_simulate_unit_costs_is_a_whole_proof(plan_file, proofs_made):
     --unit-costs of a plan that passes both notes the proof, with the replay."""
     assert main(["simulate", plan_file, "--unit-costs"]) == 0
     key = pc.proof_key(ir.load(plan_file))
-    assert _stored() == [key] and json.loads(ir.proofs.read(key))["unit_replay"]["clock"] == [9.0, 7.0]
+    assert _stored() == [key] and json.loads(ir.proofs.read(key))["unit_costs"]["makespan"] == 9.0
     assert main(["export", plan_file, "-o", plan_file + ".csv"]) == 0
     assert main(["check", plan_file]) == 0  # check itself always proves
     assert len(proofs_made) == 2
 
 
-@pytest.mark.parametrize("content", [b"", b"not json", b'{"unit_replay": {"clock": [1.0], "busy": [1.0]}}',
-                                     b'{"unit_replay": {"clock": ["a", 2], "busy": [1, 2]}}'])
-def test_a_proof_without_a_usable_replay_replays(plan_file, proofs_made, capsys, content):
-    """A proof noted without the replay (an older slimpipe's empty file) or with one that does not
-    fit the plan: simulate --unit-costs replays (the rules are not run again)."""
+@pytest.mark.parametrize("content", [b"", b"not json", b'{"unit_costs": {"makespan": 1.0}}', b'{"unit_costs": {"makespan": '
+                                     b'"1", "bubble_fraction": 0, "kv_exchanges": 0, "ranks": [{"rank": 0, "busy": 1, "peak_units": 1}]}}'])
+def test_a_proof_without_usable_figures_replays(plan_file, proofs_made, capsys, content):
+    """A proof noted without the figures (an older slimpipe's empty file) or with ones of another
+    shape: simulate --unit-costs replays (the rules are not run again)."""
     key = pc.proof_key(ir.load(plan_file))
     ir.proofs.note(key, content)
     assert main(["simulate", plan_file, "--unit-costs", "--json"]) == 0

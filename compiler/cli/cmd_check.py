@@ -19,7 +19,7 @@ def run(args) -> int:
         raise
     report = check(plan, args.p2p, step=True, parallel=True)
     if report.ok:
-        note_proof(plan, report.unit_replay)  # simulate, export and the executor need not prove these bytes again (ir.proofs)
+        note_proof(plan, report)  # simulate, export and the executor need not prove these bytes again (ir.proofs)
     if args.json:
         emit_json(report.to_json())
     elif report.ok:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ir import SpecError
-from passes import require_valid, simulate_units
-from passes.check import valid_unit_replay
+from passes import require_valid
+from passes.check import checked_unit_costs, noted_unit_costs
 from passes.costs import load_profile
 from passes.simulate import simulate_timed
 
@@ -24,13 +24,13 @@ def run(args) -> int:
         load_profile(args.device_profile)  # a bad profile fails before the plan is read
     if args.dtype is not None:
         dtype_bytes_arg(args.dtype)
-    plan = load_plan(args.plan)
-    # figures of a plan that breaks a rule (missing unit, unmatched send) would mislead; a deadlock
-    # is named by the simulation itself
     if args.unit_costs:
-        # the rules with the unit-cost replay beside them, or the replay noted with check's proof
-        res = valid_unit_replay(plan, "not simulated", args.plan, parallel=True)
-        out = simulate_units(plan, res)  # a deadlock raises PlanInvalidError naming the wait cycle
+        # a plan file proved before (check) has its figures noted with the proof: no instruction is read
+        out = None if args.plan.lower().endswith(".csv") else noted_unit_costs(args.plan)
+        if out is None:
+            # the rules with the unit-cost replay beside them (figures of a plan that breaks a rule
+            # would mislead); a deadlock raises PlanInvalidError naming the wait cycle
+            out = checked_unit_costs(load_plan(args.plan), "not simulated", args.plan, parallel=True)
         if args.json:
             emit_json(out)
         else:
@@ -42,6 +42,9 @@ def run(args) -> int:
                       f"can only add waits here: simulate without --unit-costs times the attention they move (or "
                       f"compile with --no-exchange for the unit-cost figures without them)")
         return 0
+    plan = load_plan(args.plan)
+    # figures of a plan that breaks a rule (missing unit, unmatched send) would mislead; a deadlock
+    # is named by the simulation itself
     require_valid(plan, "not simulated", args.plan, deadlock=False)
     profile = plan_profile(args.device_profile, plan)  # the device it was compiled for, unless told
     # default dtype: a measured profile's (what the executor ran when it was measured), fp32 against
