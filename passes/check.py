@@ -14,7 +14,7 @@ from ir import Plan, PlanInvalidError, proofs
 from . import forked
 from .replay import Replay, replay
 from .simulate import simulate_units
-from .validate import Problem, validate
+from .validate import Problem, validate, validate_kv
 
 
 @dataclass
@@ -50,14 +50,15 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None, parallel:
     `step=True` holds the plan to a whole training step (every rank's OPT, rule "optimizer"), as
     `slimpipe check` and everything acting on a plan file do; None applies that rule only when some
     rank has an OPT (a bare schedule from the generators has none).
-    `parallel`: on a plan of PARALLEL_MIN instructions or more, prove deadlock freedom in a forked
-    child process while the rules run here (passes.forked; the same report, about 0.7 s sooner on
-    the 1.6M-instruction plan of bench/scale_1m.py with two processors)."""
+    `parallel`: on a plan of PARALLEL_MIN instructions or more, check the KV exchanges' pairing
+    rule and prove deadlock freedom in a forked child process while the other rules run here
+    (passes.forked, _beside_the_rules; the same report, about 1 s sooner on the 1.6M-instruction
+    plan of bench/scale_1m.py with two processors)."""
     if p2p not in P2P_MODES:
         raise ValueError(f"p2p={p2p!r}; allowed: {', '.join(P2P_MODES)}")
-    proof = forked.start(lambda: _unit_figures(plan)) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
+    proof = _beside_the_rules(plan) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
     try:
-        problems = validate(plan, step=step)
+        problems, proof = _rules(plan, step, proof)
         res = figures = None
     except BaseException:
         if proof is not None:
@@ -67,7 +68,7 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None, parallel:
         if proof is not None:
             proof.cancel()
     else:
-        res, figures = (replay(plan), None) if proof is None else proof.result()
+        res, figures = (replay(plan), None) if proof is None else proof.result()[1:]
         if res.deadlocked:
             problems.append(_deadlock(res, res.deadlock_message()))
         elif p2p == "rendezvous":
@@ -75,6 +76,29 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None, parallel:
             if problem is not None:
                 problems.append(problem)
     return Report(problems, res, figures)
+
+
+def _beside_the_rules(plan: Plan):
+    """Start, in a forked child (ir.forked), what can run while validate(plan, kv=False) runs
+    here: the KV exchanges' pairing rule (validate_kv), the deadlock replay and the unit-cost
+    figures from it. Its result: (validate_kv's problems, replay, figures)."""
+    return forked.start(lambda: (validate_kv(plan), *_unit_figures(plan)))
+
+
+def _rules(plan: Plan, step, job):
+    """validate(plan, step=step), with the KV rule from `job` (_beside_the_rules) when there is
+    one: (problems, job). Where the child's KV rule finds a problem, the whole validate runs here
+    (its list and order are validate's own) and the job is cancelled (None returned)."""
+    if job is None:
+        return validate(plan, step=step), None
+    problems = validate(plan, step=step, kv=False)
+    if not all(pr.rule == "p2p-order" for pr in problems):  # no replay wanted
+        job.cancel()
+    else:
+        done = job.result()
+        if not done[0]:  # no KV problem: validate's whole list is this one
+            return problems, forked.Done(done)
+    return validate(plan, step=step), None
 
 
 def _unit_figures(plan: Plan) -> tuple[Replay, dict | None]:
@@ -245,9 +269,9 @@ def checked_unit_costs(plan: Plan, doing: str, path: str = "plan.json", parallel
     if proved(plan):
         figures = _figures_in(proofs.read(proof_key(plan)))
         return simulate_units(plan) if figures is None else figures
-    job = forked.start(lambda: _unit_figures(plan)) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
+    job = _beside_the_rules(plan) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
     try:
-        problems = validate(plan, step=True)
+        problems, job = _rules(plan, True, job)
     except BaseException:
         if job is not None:
             job.cancel()
@@ -255,7 +279,7 @@ def checked_unit_costs(plan: Plan, doing: str, path: str = "plan.json", parallel
     if problems and job is not None:
         job.cancel()
     _refuse(problems, doing, path)
-    res, figures = _unit_figures(plan) if job is None else job.result()
+    res, figures = _unit_figures(plan) if job is None else job.result()[1:]
     if res.deadlocked:
         raise PlanInvalidError(res.deadlock_message())
     note_proof(plan, Report([], res, figures))

@@ -46,10 +46,13 @@ class Forked:
         self._fn, self._pid, self._fd = fn, pid, fd
 
     def result(self) -> Any:
-        """The child's value, once it is done; where the child failed, fn() computed here."""
+        """The child's value, once it is done; where the child failed, fn() computed here. Once."""
+        if self._fd is None:
+            raise RuntimeError("a forked job's result is taken once")
         value = _FAILED
         with os.fdopen(self._fd, "rb") as f:
             data = f.read()  # to the child's end (it writes once, then exits)
+        self._fd = None
         _, status = os.waitpid(self._pid, 0)
         if os.waitstatus_to_exitcode(status) == 0 and data:
             try:
@@ -59,13 +62,29 @@ class Forked:
         return self._fn() if value is _FAILED else value
 
     def cancel(self) -> None:
-        """Stop the child and reap it (its value is not wanted)."""
+        """Stop the child and reap it (its value is not wanted); nothing once result() was taken."""
+        if self._fd is None:
+            return
         try:
             os.kill(self._pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         os.close(self._fd)
+        self._fd = None
         os.waitpid(self._pid, 0)
+
+
+class Done:
+    """A value already computed, with start()'s result() and cancel()."""
+
+    def __init__(self, value: Any):
+        self._value = value
+
+    def result(self) -> Any:
+        return self._value
+
+    def cancel(self) -> None:
+        pass
 
 
 class _Here:

@@ -101,10 +101,12 @@ def _at(r: int, i: int, ins: Instr) -> str:
 
 
 @gc_paused
-def validate(plan: Plan, max_problems: int = MAX_PROBLEMS, step: bool | None = None) -> list[Problem]:
+def validate(plan: Plan, max_problems: int = MAX_PROBLEMS, step: bool | None = None, kv: bool = True) -> list[Problem]:
     """All rule violations found (at most `max_problems`), in a stable order. `step` says whether
     the plan must be a whole training step (rule "optimizer": True for what is run or checked,
-    None = when some rank has an OPT, False for a bare schedule)."""
+    None = when some rank has an OPT, False for a bare schedule). `kv=False` leaves out the KV
+    exchanges' pairing rule (validate_kv checks it; passes.check runs the two in two processes):
+    when validate_kv finds nothing, the list is validate's whole list."""
     problems: list[Problem] = []
 
     def bad(rule: str, msg: str, rank: int | None = None, index: int | None = None) -> None:
@@ -128,7 +130,8 @@ def validate(plan: Plan, max_problems: int = MAX_PROBLEMS, step: bool | None = N
         pos = _coverage_and_order(plan, bad, scan)
         tags = _p2p(plan, pos, bad, scan.tags)
         kv_at = scan.kv_at
-        _kv(plan, bad, kv_at)
+        if kv:
+            _kv(plan, bad, kv_at)
         _optimizer(plan, bad, step, scan.opt_at)
         _order(plan, bad, tags, kv_at)
         _reduce_grad(plan, bad, scan.reduces)
@@ -143,8 +146,8 @@ def validate_kv(plan: Plan, max_problems: int = MAX_PROBLEMS) -> list[Problem]:
     plan that already validates can break (the exchange pass checks its result with this)."""
     problems: list[Problem] = []
 
-    def bad(rule: str, msg: str) -> None:
-        problems.append(Problem(rule, msg))
+    def bad(rule: str, msg: str, rank: int | None = None, index: int | None = None) -> None:
+        problems.append(Problem(rule, msg, rank, index))
         if len(problems) >= max_problems:
             raise _TooMany
 

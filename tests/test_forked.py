@@ -12,6 +12,7 @@ import ir
 import passes.check  # noqa: F401 - loads the module: `passes.check` the attribute is the function
 from passes import forked
 from passes import simulate_units
+from passes.validate import validate_kv
 from passes.check import check
 
 check_mod = sys.modules["passes.check"]
@@ -71,10 +72,15 @@ def _plan():
     return compile_plan(spec)
 
 
-@pytest.mark.parametrize("mutant", ["valid", "deadlock", "rule"])
-def test_parallel_check_reports_what_the_sequential_one_does(monkeypatch, mutant):
-    monkeypatch.setattr(check_mod, "PARALLEL_MIN", 0)
-    plan = _plan()
+def _mutant(mutant):
+    """A plan that is valid, deadlocks, breaks a rule, breaks only the p2p-order rule (which does
+    not stop the deadlock proof), or breaks the KV exchanges' rule (checked in the child)."""
+    if mutant in ("kv", "kv-valid"):
+        spec = build_spec("slimpipe", resolve_model("tiny"), pp=4, microbatches=2, slices=4, seq_len=64, exchange=True)
+        plan = compile_plan(spec)
+        assert any(ins.kind in ir.KV for s in plan.ranks for ins in s)
+    else:
+        plan = _plan()
     ranks = [list(s) for s in plan.ranks]
     if mutant == "deadlock":  # rank 0 receives its first gradient before sending its first activation
         i = next(j for j, ins in enumerate(ranks[0]) if ins.kind == ir.Kind.SEND_ACT)
@@ -82,22 +88,46 @@ def test_parallel_check_reports_what_the_sequential_one_does(monkeypatch, mutant
         ranks[0].insert(i, ranks[0].pop(k))
     elif mutant == "rule":
         del ranks[1][0]
-    plan = plan.with_ranks(tuple(map(tuple, ranks)))
-    seq = check(plan, step=None)
+    elif mutant == "p2p-order":  # rank 1 receives micro-batch 1's activation before micro-batch 0's
+        s = ranks[1]
+        a = next(j for j, ins in enumerate(s) if ins.kind == ir.Kind.RECV_ACT and ins.mb == 0)
+        b = next(j for j, ins in enumerate(s) if ins.kind == ir.Kind.RECV_ACT and ins.mb == 1)
+        s.insert(a, s.pop(b))
+    elif mutant == "kv":  # an exchange's owner side dropped
+        r = next(r for r, s in enumerate(ranks) if any(ins.kind in ir.KV_OWNER for ins in s))
+        del ranks[r][next(j for j, ins in enumerate(ranks[r]) if ins.kind in ir.KV_OWNER)]
+    return plan.with_ranks(tuple(map(tuple, ranks)))
+
+
+RULES = {"valid": [], "kv-valid": [], "deadlock": ["deadlock"], "p2p-order": ["p2p-order"], "rule": None, "kv": None}
+
+
+@pytest.mark.parametrize("mutant", list(RULES))
+@pytest.mark.parametrize("p2p", ["buffered", "rendezvous"])
+def test_parallel_check_reports_what_the_sequential_one_does(monkeypatch, mutant, p2p):
+    monkeypatch.setattr(check_mod, "PARALLEL_MIN", 0)
+    plan = _mutant(mutant)
+    seq = check(plan, p2p, step=None)
     here = []  # replays run in this process (a forked child's calls land in its own copy)
     real = check_mod.replay
-    monkeypatch.setattr(check_mod, "replay", lambda *a, **k: here.append(1) or real(*a, **k))
-    par = check(plan, step=None, parallel=True)
+    monkeypatch.setattr(check_mod, "replay", lambda *a, **k: here.append(k.get("p2p", "buffered")) or real(*a, **k))
+    par = check(plan, p2p, step=None, parallel=True)
     assert [p.to_json() for p in par.problems] == [p.to_json() for p in seq.problems]
     rules = [p.rule for p in seq.problems]
-    if mutant == "valid":
-        assert rules == []
-    elif mutant == "deadlock":
-        assert rules == ["deadlock"] and "wait cycle" in seq.problems[0].message
+    if RULES[mutant] is not None:
+        assert rules == RULES[mutant]
     else:
-        assert rules and "deadlock" not in rules
-    if forked.can_fork() and mutant != "rule":
-        assert here == []  # the proof ran in the child
+        assert rules and "deadlock" not in rules and ("kv" in rules) == (mutant == "kv")
+    if mutant == "deadlock":
+        assert "wait cycle" in seq.problems[0].message
+    if mutant == "kv":  # validate_kv alone names the same problems, at the same instructions
+        kv = [(p.rule, p.rank, p.index, p.message) for p in seq.problems if p.rule == "kv"]
+        assert kv and [(p.rule, p.rank, p.index, p.message) for p in validate_kv(plan)] == kv
+    if forked.can_fork() and RULES[mutant] is not None:
+        assert "buffered" not in here  # the deadlock proof ran in the child
+    assert (par.unit_figures is not None) == (forked.can_fork() and RULES[mutant] is not None and mutant != "deadlock")
+    if par.unit_figures is not None:
+        assert par.unit_figures == simulate_units(plan)
 
 
 @pytest.mark.parametrize("deadlock", [False, True])
