@@ -6,8 +6,8 @@ pass, so without a memory each of them proves it again: on a 1.6M-instruction pl
 command. A proof is remembered as a file named by a key: the SHA-256 of the plan file's
 bytes together with a fingerprint of the code that proved it (the checker's sources: passes.check
 makes the key), so an edited plan or a changed checker is proved again. The file holds what the
-proof computed that a later command would compute again: the unit-cost replay's clocks and busy
-times (`simulate --unit-costs` prints them), a few kB. The same idea as the
+proof computed that a later command would compute again: the plan's unit-cost figures from its
+deadlock replay (what `simulate --unit-costs` prints), a few kB. The same idea as the
 result caches of linters and type checkers (ruff, mypy).
 
 Where: $SLIMPIPE_CACHE_DIR, else $XDG_CACHE_HOME/slimpipe (an absolute path; a relative one is
@@ -70,7 +70,7 @@ def read(key: str) -> bytes | None:
 
 def note(key: str, content: bytes = b"") -> None:
     """Remember a proof under `key` (hex), with `content` (what the proof found that later
-    commands may use: passes.check notes the unit-cost replay's clocks). Does nothing when the
+    commands may use: passes.check notes the unit-cost figures). Does nothing when the
     cache is off or not writable. The file appears whole or not at all (written beside, then
     renamed), so a reader never sees half of it."""
     d = cache_dir()
