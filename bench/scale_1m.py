@@ -11,11 +11,14 @@ slimpipe's bytecode cached as an installed package has it (this machine's sessio
 PYTHONDONTWRITEBYTECODE, which would recompile every module of ours in every process: the runs here
 drop it and cache in a temporary PYTHONPYCACHEPREFIX, filled by one `--version` run first); the
 three are run --repeats times, each repeat with an empty store of remembered proofs (ir.proofs:
-`check` notes its proof, and `simulate` then skips its own; a fourth run, simulate with
-SLIMPIPE_NO_CACHE=1, times it proving the plan again), and each one's fastest wall time, its CPU time (user + sys) and its
-peak resident memory (per process, from os.wait4) are recorded with the load average, since this
-machine is shared. Then the same phases in-process (compile, check, unit simulation, ir.save,
-ir.load). Prints JSON, writes bench/results/scale_1m.json (or -o).
+`check` notes its proof with the plan's unit-cost figures, and `simulate --unit-costs` then prints
+those without reading the instructions; a fourth run, simulate with SLIMPIPE_NO_CACHE=1, times it
+proving the plan again: the rules, with the replay and figures made beside them in a forked
+child), and each one's fastest wall time, its CPU time (user + sys, the forked child's included)
+and its peak resident memory (per process and its children, from os.wait4) are recorded with the
+load average, since this machine is shared. Then the same phases in-process (compile, check in
+one process and with its forked child, unit simulation, ir.save, ir.load). Prints JSON, writes
+bench/results/scale_1m.json (or -o).
 
     PYTHONPATH=. python bench/scale_1m.py [--repeats 3] [--against ../old-checkout] [-o out.json]
 """
@@ -180,6 +183,10 @@ def in_process() -> dict:
     t = time.perf_counter()
     rep = check(plan)
     phases["check_s"] = time.perf_counter() - t
+    assert rep.ok, rep.problems[:3]
+    t = time.perf_counter()
+    rep = check(plan, parallel=True)  # what `slimpipe check` runs: the replay and the KV rule in a forked child
+    phases["check_forked_s"] = time.perf_counter() - t
     assert rep.ok, rep.problems[:3]
     t = time.perf_counter()
     sim = simulate_units(plan)
