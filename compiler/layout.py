@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from ir import ModelConfig, PlanSpec, SpecError, pydantic_message
+from ir.limits import INT_MAX, MAX_UNITS
 from passes.costs import load_profile
 from passes.partition import balanced_layers, stage_costs, uniform_layers
 
@@ -82,9 +83,22 @@ def uniform_slices(seq_len: int, n: int) -> tuple[int, ...]:
 
 
 def check_positive(**vals: int) -> None:
+    """Each size an integer from 1 to INT_MAX; SpecError naming the first that is not."""
     for name, val in vals.items():
         if not isinstance(val, int) or val < 1:
             raise SpecError(f"--{name.replace('_', '-')} {val} must be an integer >= 1")
+        if val > INT_MAX:
+            raise SpecError(f"--{name.replace('_', '-')} {val} is too large; give an integer from 1 to {INT_MAX}")
+
+
+def check_units(pp: int, microbatches: int, slices: int, virtual_stages: int) -> None:
+    """SpecError when a plan would hold more than MAX_UNITS compute units (ir.limits): said
+    before its layout (microbatches x slices slice lengths) is made."""
+    units = pp * microbatches * slices * virtual_stages
+    if units > MAX_UNITS:
+        raise SpecError(f"the plan would hold {units:,} compute units (pp {pp} x microbatches {microbatches} x slices "
+                        f"{slices} x virtual stages {virtual_stages}), more than slimpipe plans ({MAX_UNITS:,}: about "
+                        f"29 GiB to compile); use fewer micro-batches or slices")
 
 
 def build_spec(schedule: str, model: ModelConfig, *, pp: int, microbatches: int, slices: int = 1,
@@ -97,6 +111,7 @@ def build_spec(schedule: str, model: ModelConfig, *, pp: int, microbatches: int,
     stages) or its name (plain, looping, v; None: the family's default) sets the placement."""
     check_positive(pp=pp, microbatches=microbatches, slices=slices, virtual_stages=virtual_stages,
                    seq_len=seq_len, micro_batch_size=micro_batch_size)
+    check_units(pp, microbatches, slices, virtual_stages)
     if slice_lens is None:
         per_mb = (uniform_slices(seq_len, slices),) * microbatches
     elif slice_lens and isinstance(slice_lens[0], int):

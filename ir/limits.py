@@ -5,6 +5,16 @@ from __future__ import annotations
 # torch.distributed's point-to-point tags are C ints
 WIRE_TAG_LIMIT = 2 ** 31
 
+# the largest count (sizes, layers, steps, ranks) slimpipe takes: a C int, what torch's and NCCL's
+# counts hold; anything above is a typo, and would fail in the executor or exhaust memory first
+INT_MAX = 2 ** 31 - 1
+
+# the most compute units (pp x microbatches x slices x virtual stages) a plan may have: the
+# 1.6M-instruction plan of bench/scale_1m.py (262,144 units) takes 0.45 GiB to compile, so this
+# many (64x as many) take about 29 GiB; a plan beyond it would exhaust a workstation's memory
+# before the compiler could say why
+MAX_UNITS = 2 ** 24
+
 
 def wire_stride(stage_layers) -> int:
     """Transport tags per plan tag: the instruction's own message, then a request and a reply,

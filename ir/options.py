@@ -8,6 +8,8 @@ import math
 import re
 import sys
 
+from .limits import INT_MAX
+
 
 def _int(text: str) -> int:
     try:
@@ -28,19 +30,27 @@ def _float(text: str) -> float:
     return v
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    v = _int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is not allowed; give an integer >= 1")
+def _at_most_int_max(v: int, low: int) -> int:
+    if v > INT_MAX:
+        shown = str(v) if len(str(v)) <= 24 else f"{str(v)[:12]}...({len(str(v))} digits)"
+        raise argparse.ArgumentTypeError(f"{shown} is too large; give an integer from {low} to {INT_MAX}")
     return v
 
 
+def positive_int(text: str) -> int:
+    """An integer from 1 to INT_MAX (2**31 - 1: a count slimpipe and torch hold as a C int)."""
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} is not allowed; give an integer >= 1")
+    return _at_most_int_max(v, 1)
+
+
 def nonneg_int(text: str) -> int:
-    """An integer >= 0."""
+    """An integer from 0 to INT_MAX."""
     v = _int(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"{v} is not allowed; give an integer >= 0")
+    v = _at_most_int_max(v, 0)
     return v
 
 

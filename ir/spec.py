@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
+from .limits import INT_MAX
+
 # Strict scalars: a plan's JSON must say 4, not 4.0, "4" or true (lax pydantic would coerce them).
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -29,13 +31,13 @@ class ModelConfig(BaseModel):
 
     model_config = _FROZEN
     name: StrictStr = "custom"
-    layers: StrictInt = Field(ge=1)
-    hidden: StrictInt = Field(ge=1)
-    heads: StrictInt = Field(ge=1)
-    kv_heads: StrictInt = Field(ge=1)
-    ffn: StrictInt = Field(ge=1)
-    vocab: StrictInt = Field(ge=1)
-    head_dim: StrictInt = Field(ge=1)
+    layers: StrictInt = Field(ge=1, le=INT_MAX)
+    hidden: StrictInt = Field(ge=1, le=INT_MAX)
+    heads: StrictInt = Field(ge=1, le=INT_MAX)
+    kv_heads: StrictInt = Field(ge=1, le=INT_MAX)
+    ffn: StrictInt = Field(ge=1, le=INT_MAX)
+    vocab: StrictInt = Field(ge=1, le=INT_MAX)
+    head_dim: StrictInt = Field(ge=1, le=INT_MAX)
     qkv_bias: StrictBool = False
     o_bias: StrictBool = False
     mlp_bias: StrictBool = False
@@ -47,8 +49,8 @@ class ModelConfig(BaseModel):
     rope_factor: StrictFloat = Field(default=1.0, gt=0)
     rope_low_freq_factor: StrictFloat = Field(default=1.0, gt=0)
     rope_high_freq_factor: StrictFloat = Field(default=4.0, gt=0)
-    rope_original_max_pos: StrictInt = Field(default=8192, ge=1)
-    sliding_window: StrictInt | None = Field(default=None, ge=1)
+    rope_original_max_pos: StrictInt = Field(default=8192, ge=1, le=INT_MAX)
+    sliding_window: StrictInt | None = Field(default=None, ge=1, le=INT_MAX)
 
     @model_validator(mode="before")
     @classmethod
@@ -100,12 +102,12 @@ class PlanSpec(BaseModel):
     model_config = _FROZEN
     schedule: StrictStr
     model: ModelConfig
-    seq_len: StrictInt = Field(ge=1)
-    pp: StrictInt = Field(ge=1)
-    microbatches: StrictInt = Field(ge=1)
-    slices: StrictInt = Field(ge=1)
-    virtual_stages: StrictInt = Field(ge=1)
-    micro_batch_size: StrictInt = Field(default=1, ge=1)
+    seq_len: StrictInt = Field(ge=1, le=INT_MAX)
+    pp: StrictInt = Field(ge=1, le=INT_MAX)
+    microbatches: StrictInt = Field(ge=1, le=INT_MAX)
+    slices: StrictInt = Field(ge=1, le=INT_MAX)
+    virtual_stages: StrictInt = Field(ge=1, le=INT_MAX)
+    micro_batch_size: StrictInt = Field(default=1, ge=1, le=INT_MAX)
     partition: Literal["uniform", "flops", "custom"] = "uniform"
     slice_lens: tuple[tuple[StrictInt, ...], ...]
     placement: tuple[tuple[StrictInt, ...], ...]
@@ -113,13 +115,13 @@ class PlanSpec(BaseModel):
     # how stage_layers was chosen: uniform (even split), balanced (cost model), custom (by hand)
     layer_split: Literal["uniform", "balanced", "custom"] = "uniform"
     exchange: StrictBool = False
-    exchange_threshold: StrictInt = Field(default=0, ge=0)
+    exchange_threshold: StrictInt = Field(default=0, ge=0, le=INT_MAX)
     # the family's order splits each unit's backward into I and W (compile --split-backward;
     # the zero-bubble families split it whatever this says)
     split_backward: StrictBool = False
-    tp: StrictInt = Field(default=1, ge=1)
-    cp: StrictInt = Field(default=1, ge=1)
-    dp: StrictInt = Field(default=1, ge=1)
+    tp: StrictInt = Field(default=1, ge=1, le=INT_MAX)
+    cp: StrictInt = Field(default=1, ge=1, le=INT_MAX)
+    dp: StrictInt = Field(default=1, ge=1, le=INT_MAX)
     seed: StrictInt = 0
 
     @model_validator(mode="after")

@@ -76,6 +76,15 @@ def spec_problems(spec) -> list[Problem]:
         out.append(Problem("executable", f"model head_dim {cfg.head_dim} (hidden {cfg.hidden} / heads {cfg.heads}) is "
                                          f"odd; the executor's rotary position embedding (RoPE) rotates pairs of "
                                          f"dimensions and needs an even head_dim"))
+    # the p2p tags a compiled plan uses (passes.lower: 2 per unit and stage boundary; KV exchanges
+    # take more above them, which the range rule checks on the plan) must fit the transport's tags
+    p2p_tags = spec.microbatches * spec.slices * spec.num_stages * 2
+    if p2p_tags > tag_limit(spec):
+        deepest = max(spec.stage_layers)
+        out.append(Problem("executable", f"a stage of {deepest} layers needs {wire_stride(spec.stage_layers)} transport tags "
+                                         f"per plan tag (one per layer message) and the plan's {p2p_tags} p2p tags then "
+                                         f"pass torch.distributed's 31-bit tags; use fewer layers per stage (more stages) "
+                                         f"or fewer micro-batches or slices"))
     return out
 
 

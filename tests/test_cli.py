@@ -217,11 +217,17 @@ def test_simulate_defaults_to_the_profile_the_plan_was_compiled_for(tmp_path, ca
 
 
 def test_sizes_too_large_for_the_machine_are_one_line(tmp_path, capsys):
-    """A size no option bounds that Python cannot hold (OverflowError) or the machine cannot
-    (MemoryError): one line, exit 2, nothing written (found by an audit helper: tracebacks)."""
+    """A size Python cannot hold (OverflowError) or the machine cannot (MemoryError): one line,
+    exit 2, nothing written (found by an audit helper: tracebacks). Options now stop at a C int
+    and plans at ir.limits.MAX_UNITS units; below those, main's MemoryError line is the net."""
     out = tmp_path / "x.json"
     code, _, err = run(capsys, "compile", "--schedule", "slimpipe", "--pp", "2", "--microbatches", str(10 ** 20), "-o", str(out))
-    assert code == 2 and err.count("\n") == 1 and "too large for this machine" in err and not out.exists()
+    assert code == 2 and err.count("\n") == 1 and "is too large; give an integer from 1 to 2147483647" in err
+    assert not out.exists()
+    code, _, err = run(capsys, "compile", "--schedule", "slimpipe", "--pp", "2", "--microbatches", "262144", "--slices", "64",
+                       "-o", str(out))
+    assert code == 2 and err.count("\n") == 1 and "would hold 16,777,216 compute units" not in err and not out.exists()
+    assert "the plan would hold 33,554,432 compute units (pp 2 x microbatches 262144 x slices 64" in err
 
 
 @pytest.mark.parametrize("command", [["trace"], ["export"], ["plot"]])

@@ -52,6 +52,12 @@ BAD = {
         ("--placement", "zigzag", "--placement 'zigzag' is unknown"),
         ("--tp", "0", "argument --tp: 0"), ("--cp", "-2", "argument --cp: -2"), ("--dp", "0", "argument --dp: 0"),
         ("--output", "/nonexistent/dir/p.json", "does not exist"), ("--plan-format", "yaml", "argument --plan-format: invalid choice: 'yaml'"),
+        # sizes past a C int, and plans too large to hold, refused before any work (ir.limits)
+        ("--seq-len", "1" + "0" * 30, "argument --seq-len: 100000000000...(31 digits) is too large; give an integer from 1 to 2147483647"),
+        ("--layers", "2147483648", "argument --layers: 2147483648 is too large; give an integer from 1 to 2147483647"),
+        ("--microbatches", "2000000000", "the plan would hold 4,000,000,000 compute units (pp 2 x microbatches 2000000000 x "
+                                         "slices 1 x virtual stages 1), more than slimpipe plans (16,777,216"),
+        ("--layers", "1000000000", "a stage of 500000000 layers needs 2000000001 transport tags per plan tag"),
     ],
     "check": [("plan", MISSING, MISSING), ("--p2p", "nccl", "argument --p2p: invalid choice: 'nccl'")],
     "simulate": [("plan", MISSING, MISSING), ("--device-profile", "tpu9", "tpu9"), ("--dtype", "int8", "--dtype 'int8'"),
@@ -90,6 +96,7 @@ BAD = {
         ("plan", MISSING, MISSING), ("--p2p-match", "fifo", "argument --p2p-match: invalid choice: 'fifo'"),
         ("--p2p-wait", "spin", "argument --p2p-wait: invalid choice: 'spin'"),
         ("--post-ahead", "-1", "argument --post-ahead: '-1' is not allowed; give an integer >= 0 or all"), ("--steps", "0", "argument --steps: 0 is not allowed"),
+        ("--threads", "1" + "0" * 30, "argument --threads: 100000000000...(31 digits) is too large; give an integer from 1 to 2147483647"),
         ("--attention", "magic", "argument --attention: invalid choice: 'magic'"),
         ("--device", "tpu", "argument --device: invalid choice: 'tpu'"),
         ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"), ("--lr", "-1", "argument --lr: -1"),
