@@ -10,6 +10,7 @@ ignores its own timeout). In-process, the first failing rank aborts the hub; eve
 line and run_local returns non-zero."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ from ir import SlimpipeError
 from . import checkpoint
 from .collectives import gather
 from .data import make_source
-from .errors import PeerGone
+from .errors import ExecError, PeerGone
 from .device import DTYPES, choose_backend, choose_device
 from .faults import Watch, cause, die, end_stopped_peers, fault_from_env, line, write_line
 from .interpreter import Rank
@@ -88,6 +89,9 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
             rows = gather(transport, watch, opts.timeout, [st["loss"], st["seconds"], mem],
                           "the step-end exchange of losses and times")
             loss = sum(r[0] for r in rows) / replicas  # each replica's loss is the mean over its micro-batches
+            if not math.isfinite(loss):  # every rank has the same figure: all stop here, none waits on another
+                raise ExecError(f"step {step + 1}: the loss is {loss}, not a finite number: training diverged "
+                                f"(--lr {opts.lr:g}; try a smaller one); the step's parameters are not saved")
             secs = max(r[1] for r in rows)
             if step == 0 and "ref_loss" in R.report and R.holds_last:
                 R.report["loss_rel_err"] = loss_rel_err(loss, R.report["ref_loss"])

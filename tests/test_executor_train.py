@@ -151,6 +151,21 @@ def test_unusable_checkpoints_are_one_line_exit_2(tmp_path, capsys):
     assert len(err) == 1 and "shard __0_0.distcp listed in the checkpoint is missing" in err[0]
 
 
+def test_a_diverging_loss_stops_the_run(tmp_path, capsys):
+    """A learning rate that turns the loss into nan stops the run at that step, exit 1, saving
+    nothing of it (it used to run on, print nan and exit 0)."""
+    from executor.cli import main
+
+    plan_path = str(tmp_path / "plan.json")
+    ir.save(compile_plan(spec("1f1b", 2, 2)), plan_path)
+    ck = str(tmp_path / "ck")
+    assert main([plan_path, "--local", "--steps", "3", "--lr", "1e308", "--save", ck, "--save-every", "1", "--device", "cpu",
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "step 2: the loss is nan, not a finite number: training diverged (--lr 1e+308; try a smaller one)" in err[0]
+    assert sorted(os.listdir(ck)) == ["step-000001"]  # step 1's loss was finite; step 2's parameters are not saved
+
+
 def _wider():
     from compiler import resolve_model
     from compiler.layout import build_spec
