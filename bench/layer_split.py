@@ -5,10 +5,11 @@
 - llama-70b at 512K, slimpipe p=16 v=4 n=32 tp=8 (80 layers on 64 stages): attention dominates.
 
 Per case and split: stage_layers, simulated step time, bubble, per-rank busy time (max and min).
-Prints JSON; records bench/results/layer_split.json.
+Prints JSON; records bench/results/layer_split.json (or -o). About 25 s.
 
-    PYTHONPATH=. python bench/layer_split.py
+    PYTHONPATH=. python bench/layer_split.py [-o out.json]
 """
+import argparse
 import json
 import os
 import sys
@@ -28,7 +29,13 @@ CASES = [
 ]
 
 
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "layer_split.json")
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-o", "--out", default=OUT, help="where to write the record (default bench/results/layer_split.json)")
+    args = ap.parse_args()
     prof = load_profile("h100")
     rows = []
     for c in CASES:
@@ -45,7 +52,7 @@ def main() -> None:
               f"({100 * (1 - row['balanced_vs_uniform']):.1f}% less)", file=sys.stderr)
     text = json.dumps({"bench": "layer_split", "device_profile": prof.name, "rows": rows}, indent=1)
     print(text)
-    atomic_write(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "layer_split.json"), text + "\n")
+    atomic_write(args.out, text + "\n")
 
 
 if __name__ == "__main__":

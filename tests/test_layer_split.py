@@ -71,6 +71,10 @@ def test_cli_layer_split(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["layer_split"] == "balanced" and summary["stage_layers"] == [7, 1]
     assert json.loads(out.read_text())["spec"]["stage_layers"] == [7, 1]
+    code = main(["compile", "--schedule", "1f1b", "--pp", "8", "--microbatches", "8", "--model", "llama-7b",
+                 "--vocab", "128256", "--seq-len", "4096", "--layer-split", "balanced", "-o", str(out)])
+    assert code == 0 and "model llama-7b (32 layers; balanced split, layers per stage 5 x2, 4 x5, 2), seq 4096" in \
+        capsys.readouterr().out  # the human line says which split (the llama-7b case)
     code = main(["compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--layer-split", "even",
                  "-o", str(tmp_path / "q.json")])
     assert code == 2

@@ -143,12 +143,26 @@ def run(args) -> int:
         emit_json(summary)
     else:
         print(f"wrote {args.output}: {spec.schedule} p={spec.pp} m={spec.microbatches} n={spec.slices} "
-              f"v={spec.virtual_stages}{', split backward' if spec.split_backward else ''}, model {spec.model.name} ({spec.model.layers} layers), seq {spec.seq_len}, "
+              f"v={spec.virtual_stages}{', split backward' if spec.split_backward else ''}, model {spec.model.name} ({spec.model.layers} layers"
+              f"{_split_note(spec)}), seq {spec.seq_len}, "
               f"{summary['instructions']} instructions"
               + (f", {exchanges_phrase(summary['exchanges'])}" if spec.exchange else "")
               + (f" (none is faster on {summary['device_profile']} in the cost model)"
                  if spec.exchange and not summary["exchanges"] else ""))
     return 0
+
+
+def _split_note(spec) -> str:
+    """'; balanced split, layers per stage 5 x2, 4 x5, 2' for a split other than uniform."""
+    if spec.layer_split == "uniform":
+        return ""
+    runs: list[list[int]] = []
+    for x in spec.stage_layers:
+        if runs and runs[-1][0] == x:
+            runs[-1][1] += 1
+        else:
+            runs.append([x, 1])
+    return f"; {spec.layer_split} split, layers per stage " + ", ".join(f"{x} x{k}" if k > 1 else f"{x}" for x, k in runs)
 
 
 def register(sub) -> None:
