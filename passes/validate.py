@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import compress
 from operator import add, gt, itemgetter, lt
 
 from ir import COMPUTE, KINDS, KV, KV_FWD, KV_OWNER, KV_SERVER, MATCH, P2P, RECVS, SENDS, Instr, Kind, Plan, allowed_kinds, to_text
@@ -646,20 +647,10 @@ def _optimizer(plan: Plan, bad, step: bool | None, found=None) -> None:
                              f"must follow every backward of the step, or it misses their gradients", r, o)
 
 
-def _positions(stream, kinds) -> list[int]:
-    """Indices of the instructions of `kinds` in a stream, ascending (list.index scans in C)."""
-    col = list(map(_KIND, stream))
-    out = []
-    for k in kinds:
-        i = -1
-        try:
-            while True:
-                i = col.index(k, i + 1)
-                out.append(i)
-        except ValueError:
-            pass
-    out.sort()
-    return out
+def _positions(stream, kinds: frozenset) -> list[int]:
+    """Indices of the instructions of `kinds` in a stream, ascending (a C-level pass: a set
+    lookup per kind, itertools.compress over the indices)."""
+    return list(compress(range(len(stream)), map(kinds.__contains__, map(_KIND, stream))))
 
 
 def _kv_positions(plan: Plan) -> list[list[int]]:
