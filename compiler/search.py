@@ -48,7 +48,10 @@ from __future__ import annotations
 import bisect
 import math
 import re
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
@@ -437,6 +440,9 @@ class SearchResult:
     elapsed_s: float = 0.0
     families: list[FamilyResult] = field(default_factory=list)
     tie: float = TIE
+    # the time limit came while the space was still being listed: candidates beyond `counts`'
+    # were never reached (nothing is known of them)
+    listing_cut: bool = False
 
     @property
     def best(self) -> dict | None:
@@ -450,6 +456,8 @@ class SearchResult:
         """Why no plan fits, in one line: the real causes (rules, memory), not just 'no plan fits'."""
         c, budget = self.counts, self.problem.memory_budget
         if c["candidates"] == 0:
+            if self.listing_cut:
+                return "no plan fits: the time limit stopped the search before it listed a candidate"
             return "the space is empty (no family, tp, cp or p choice left)"
         parts = []
         if c["infeasible"]:
@@ -464,8 +472,14 @@ class SearchResult:
                 least = f"; the least memory any needs is {_gib(lm['peak_memory_bytes'])} ({_label(lm)}, memory model)"
             parts.append(f"{over} need more than the budget {_gib(budget)}{least}")
         if self.stopped == "time-limit" and not self.top:
-            parts.append(f"the time limit stopped the search with {self.unexplored} candidates unexplored")
+            parts.append(f"the time limit stopped the search with {self.unexplored} candidates unexplored"
+                         + (" and the rest of the space not listed" if self.listing_cut else ""))
         return "no plan fits: " + "; ".join(parts)
+
+    def stop_phrase(self) -> str:
+        """What the time limit left: 'N candidates unexplored', and the space's unlisted rest."""
+        return (f"{self.unexplored} candidates unexplored"
+                + (f" and the space listed only up to candidate {self.counts['candidates']}" if self.listing_cut else ""))
 
 
 def _gib(b: float) -> str:
@@ -495,12 +509,55 @@ def pareto_front(rows: list[dict]) -> list[dict]:
 _CAUSES = ("infeasible", "pruned_memory_bound", "oom_exact", "pruned_time_bound", "unexplored", "simulated")
 
 
+class _TimeUp(BaseException):
+    """The time limit came while a candidate was being listed, bounded or evaluated (raised by
+    _Alarm inside its regions only; a BaseException, so that no `except Exception` of the passes
+    it interrupts holds it up)."""
+
+
+class _Alarm:
+    """The time limit as a signal (SIGALRM, one shot), so that a candidate whose compilation or
+    exact memory takes seconds (an interleaved zero-bubble plan of 25k units: 7 s) is left at the
+    limit instead of finished: _TimeUp is raised only inside region(), where the search can drop
+    the candidate; outside, the firing is only noted (the search's own checks between candidates
+    then stop it). Only in the main thread of a Unix process (signals); elsewhere nothing is
+    interrupted and the checks between candidates are the limit, as before."""
+
+    def __init__(self, seconds: float | None):
+        self.inside = False
+        self.old = None
+        if seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    def _fire(self, _signum, _frame) -> None:
+        if self.inside:
+            self.inside = False
+            raise _TimeUp
+
+    @contextmanager
+    def region(self):
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+    def cancel(self) -> None:
+        if self.old is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+            self.old = None
+
+
 class _Run:
     """One search's state: the live candidates with their bounds, what was evaluated (each
     candidate is compiled and simulated at most once), per-family counts and reasons."""
 
     def __init__(self, problem: Problem, space: Space, deadline: float | None, progress):
         self.problem, self.space, self.deadline, self.progress = problem, space, deadline, progress
+        self.listing_cut = False
+        self.alarm = _Alarm(None)  # search() arms one for its time limit
         self.t0 = time.perf_counter()
         self.counts = {k: 0 for k in ("candidates",) + _CAUSES}
         self.fam_counts = {f: {k: 0 for k in _CAUSES} for f in space.families}
@@ -525,10 +582,23 @@ class _Run:
         fr[why] = fr.get(why, 0) + 1
 
     def stage1(self) -> None:
-        for c, why in enumerate_space(self.problem, self.space):
+        """List the space, with each candidate's rule or its bounds; stops at the time limit
+        (self.listing_cut: the candidates not yet listed are not known)."""
+        listing = enumerate_space(self.problem, self.space)
+        while True:
+            try:
+                if self.counts["candidates"] % 16 == 0 and self.out_of_time():
+                    raise _TimeUp
+                with self.alarm.region():
+                    c, why = next(listing, (None, None))
+                    bd = bounds(self.problem, c) if c is not None and why is None else None
+            except _TimeUp:
+                self.listing_cut = True
+                break
+            if c is None:
+                break
             self.counts["candidates"] += 1
             if why is None:
-                bd = bounds(self.problem, c)
                 if bd.memory > self.problem.memory_budget:
                     self._count(c, "pruned_memory_bound")
                     self.mem_pruned[c.schedule].append((bd.memory, c))
@@ -621,7 +691,13 @@ class _Run:
                                "best_s": steps[0] if steps else None, "elapsed": self.elapsed()})
             if bd.time > threshold() or c in self.memo:  # in memo: its exchange-on twin's plan stood in
                 continue
-            kind, val = self.evaluate(c)
+            try:
+                with self.alarm.region():
+                    kind, val = self.evaluate(c)
+            except _TimeUp:  # dropped at the limit: it and those left whose bound could beat the answer are unexplored
+                self.memo.pop(c, None)
+                left = [j for j in by_est[k:] if live[j][1].time <= threshold()]
+                return rows, "time-limit", len(left), min((live[j][1].time for j in left), default=None)
             cause = {"row": "simulated", "oom": "oom_exact", "rule": "infeasible"}[kind]
             self._count(c, cause)
             if kind == "rule":
@@ -653,12 +729,15 @@ class _Run:
             pool.extend(sorted(self.mem_pruned[f], key=lambda x: (x[0], x[1]))[:probe])
         best = None
         for bound, c in pool:
-            if self.out_of_time() and best is not None:
+            if self.out_of_time():  # past the limit only what was measured counts (below)
                 break
             try:
-                mem = exact_peak_memory(candidate_spec(self.problem, c), self.problem.dtype_bytes)
+                with self.alarm.region():
+                    mem = exact_peak_memory(candidate_spec(self.problem, c), self.problem.dtype_bytes)
             except SpecError:
                 continue
+            except _TimeUp:
+                break
             if best is None or mem < best[0]:
                 best = (mem, c, bound)
         for c, (kind, val) in self.memo.items():
@@ -674,7 +753,7 @@ def _family_why(run: _Run, fam: str, least: dict | None, proven: bool = True) ->
     fc, budget = run.fam_counts[fam], run.problem.memory_budget
     total = sum(fc.values())
     if total == 0:
-        return "not in the space"
+        return "not reached: the time limit stopped the listing of the space" if run.listing_cut else "not in the space"
     parts = []
     if fc["infeasible"]:
         top = sorted(run.fam_reasons[fam].items(), key=lambda kv: -kv[1])[:2]
@@ -689,6 +768,8 @@ def _family_why(run: _Run, fam: str, least: dict | None, proven: bool = True) ->
     left = fc["unexplored"] + fc["pruned_time_bound"]
     if left and not proven:  # its own branch and bound was stopped by the time limit
         parts.append(f"{left} not simulated (time limit)")
+    if run.listing_cut:
+        parts.append("the rest not listed (time limit)")
     return "; ".join(parts)
 
 
@@ -700,9 +781,20 @@ def search(problem: Problem, space: Space = Space(), top_k: int = 5, time_limit:
     family's own best plan is proved too (a top-1 branch and bound over its candidates, reusing
     every evaluation), or the reason it has none is given."""
     run = _Run(problem, space, time_limit, progress)
+    run.alarm = _Alarm(time_limit)
+    try:
+        return _search(run, problem, space, top_k, keep_plan, tie, per_family)
+    finally:
+        run.alarm.cancel()
+
+
+def _search(run: _Run, problem: Problem, space: Space, top_k: int, keep_plan: bool, tie: float,
+            per_family: bool) -> SearchResult:
     run.stage1()
     everyone = list(range(len(run.live)))
     rows, stopped, unexplored, unexplored_bound = run.branch_and_bound(everyone, top_k, tie)
+    if run.listing_cut:  # the space was not all listed: nothing is proved of it
+        stopped = "time-limit"
     families = []
     if per_family:
         for fam in space.families:
@@ -711,7 +803,7 @@ def search(problem: Problem, space: Space = Space(), top_k: int = 5, time_limit:
             ranked = rank_rows(frows, tie)
             best = ranked[0] if ranked else None
             least = run.least_memory(fam) if best is None else None
-            families.append(FamilyResult(fam, best, fstop != "time-limit", None,
+            families.append(FamilyResult(fam, best, fstop != "time-limit" and not run.listing_cut, None,
                                          {}, dict(run.fam_reasons[fam]), least))
     # a live candidate never evaluated was pruned by the time bound, or left by the time limit when
     # its bound could still beat the answer (then it is 'unexplored', not 'provably slower')
@@ -731,7 +823,8 @@ def search(problem: Problem, space: Space = Space(), top_k: int = 5, time_limit:
     least = run.least_memory(None) if not top else None
     sim = run.simulated
     return SearchResult(problem, space, top, pareto_front(sim), dict(run.counts), dict(run.reasons), stopped,
-                        unexplored, unexplored_bound, least, sim, best_plan, run.elapsed(), families, tie)
+                        unexplored, unexplored_bound, least, sim, best_plan, run.elapsed(), families, tie,
+                        run.listing_cut)
 
 
 def brute_force(problem: Problem, space: Space = Space(), top_k: int = 5) -> tuple[list[dict], list[dict]]:

@@ -125,7 +125,8 @@ def test_compare_names_unknown_families_and_an_unproven_search(capsys):
             "20GiB", "--schedules", "zb-h1,slimpipe"]
     code, out, _ = run(capsys, *args, "--time-limit", "1e-9")
     line = next(x for x in out.splitlines() if x.strip().startswith("zb-h1 "))
-    assert "NOT PROVEN: the time limit stopped its search with" in line and "OOM" not in line, line
+    # (a limit this short stops it while it lists the space: the family was not reached)
+    assert "none: not reached: the time limit stopped the listing of the space" in line and "OOM" not in line, line
     code, out, _ = run(capsys, *args, "--time-limit", "0")
     line = next(x for x in out.splitlines() if x.strip().startswith("zb-h1 "))
     assert "OOM: its least-memory plan; all 5 that obey the rules are over budget" in line, line
@@ -135,10 +136,36 @@ def test_a_search_stopped_by_the_time_limit_says_not_proven(capsys):
     code, out, _ = run(capsys, "tune", "--model", "tiny", "--seq-len", "256", "--gpus", "8", "--memory-budget",
                        "3MiB", "--slices", "2,4", "--virtual-stages", "1,2", "--time-limit", "1e-9", "--json")
     d = json.loads(out)
-    assert d["proven"] is False and d["stopped"] == "time-limit" and d["counts"]["unexplored"] > 0
+    # a limit this short stops the search while it lists the space (the listing is timed too)
+    assert d["proven"] is False and d["stopped"] == "time-limit" and d["listing_cut"] is True
     assert sum(v for k, v in d["counts"].items() if k != "candidates") == d["counts"]["candidates"]
     code, out, _ = run(capsys, "tune", "--model", "tiny", "--seq-len", "256", "--gpus", "8", "--memory-budget",
                        "3MiB", "--slices", "2,4", "--virtual-stages", "1,2", "--time-limit", "1e-9")
+    assert "no plan fits: the time limit stopped the search before it listed a candidate" in out
+    assert "NOT PROVEN: the search stopped at --time-limit 1e-09 s with 0 candidates unexplored and the space listed " \
+           "only up to candidate 0" in out
+
+
+def test_a_limit_that_comes_after_the_listing_leaves_candidates_unexplored(capsys, monkeypatch):
+    """The space listed whole, the limit then stops the branch and bound: its candidates left
+    are counted unexplored (those whose bound could still beat the answer) or provably slower."""
+    import compiler.search as S
+
+    listed = S._Run.stage1
+
+    def stage1_then_out_of_time(self):
+        listed(self)
+        self.deadline = 0.0  # the limit comes right after the listing
+
+    monkeypatch.setattr(S._Run, "stage1", stage1_then_out_of_time)
+    args = ["tune", "--model", "tiny", "--seq-len", "256", "--gpus", "8", "--memory-budget", "3MiB", "--slices", "2,4",
+            "--virtual-stages", "1,2", "--time-limit", "0"]
+    code, out, _ = run(capsys, *args, "--json")
+    d = json.loads(out)
+    assert d["proven"] is False and d["stopped"] == "time-limit" and d["listing_cut"] is False
+    assert d["counts"]["unexplored"] > 0 and d["counts"]["simulated"] == 0
+    assert sum(v for k, v in d["counts"].items() if k != "candidates") == d["counts"]["candidates"]
+    code, out, _ = run(capsys, *args)
     assert "NOT PROVEN" in out and "unexplored (time limit)" in out and "provably slower" in out
 
 
@@ -150,3 +177,30 @@ def test_no_virtual_stages_on_one_rank(capsys):
     d = json.loads(out)
     assert code == 0 and d["top"] and all(r["pp"] == 1 and r["virtual_stages"] == 1 for r in d["top"])
     assert list(d["infeasible_reasons"]) == ["v > 1 at p = 1 (one rank holds every chunk, nothing to interleave)"]
+
+
+def test_the_limit_stops_a_candidate_that_takes_long(capsys, monkeypatch):
+    """A candidate whose compilation takes longer than what is left of the limit is left at the
+    limit (SIGALRM), not finished: before, an interleaved zero-bubble candidate of 70B at 512K held
+    a 3 s limit to 10 s."""
+    import time
+
+    import compiler.search as S
+
+    import signal
+
+    finished = []
+    before = signal.getsignal(signal.SIGALRM)
+
+    def slow(self, c):
+        time.sleep(20)
+        finished.append(c)
+        return ("rule", "never")
+
+    monkeypatch.setattr(S._Run, "evaluate", slow)
+    code, out, _ = run(capsys, "tune", "--model", "tiny", "--seq-len", "256", "--gpus", "2", "--memory-budget", "80GiB",
+                       "--time-limit", "0.5", "--json")
+    d = json.loads(out)
+    assert finished == [] and d["stopped"] == "time-limit" and d["listing_cut"] is False
+    assert d["counts"]["unexplored"] > 0 and d["counts"]["simulated"] == 0
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # put back

@@ -53,6 +53,10 @@ def best_per_family(problem: Problem, space: Space, time_limit: float | None = N
         if not f.proven and left:  # the time limit stopped it: its other candidates may fit
             short = (f"the time limit stopped its search with {left} candidates not simulated; the least-memory "
                      f"plan of those it reached is shown, over budget (--time-limit 0 finishes the search)")
+        elif not f.proven and res.listing_cut:
+            short = ("the time limit stopped its search with the space not all listed" + (
+                     "; the least-memory plan of those it reached is shown, over budget" if f.least_memory else "")
+                     + " (--time-limit 0 finishes the search)")
         elif over and f.least_memory:
             short = f"its least-memory plan; all {over} that obey the rules are over budget"
         else:
@@ -106,8 +110,8 @@ def run(args) -> int:
     if over:
         print(f"OOM rows: the family's least-memory plan, simulated; it needs more than {human_bytes(budget)}")
     if not res.proven:
-        print(f"NOT PROVEN: the search stopped at --time-limit {args.time_limit:g} s with {res.unexplored} candidates "
-              f"unexplored; a row marked not proven may not be its family's best (--time-limit 0 finishes the proof)")
+        print(f"NOT PROVEN: the search stopped at --time-limit {args.time_limit:g} s with {res.stop_phrase()}"
+              f"; a row marked not proven may not be its family's best (--time-limit 0 finishes the proof)")
     return 0
 
 

@@ -228,7 +228,7 @@ def run(args) -> int:
                    "space": {"families": list(space.families), "tp": list(space.tp), "cp": list(space.cp),
                              "pp": list(space.pp) if space.pp else "divisors", "slices": list(space.slices),
                              "virtual_stages": list(space.virtual_stages), "layer_splits": list(space.layer_splits)},
-                   "counts": c, "infeasible_reasons": res.infeasible_reasons, "stopped": res.stopped,
+                   "counts": c, "infeasible_reasons": res.infeasible_reasons, "stopped": res.stopped, "listing_cut": res.listing_cut,
                    "proven": res.proven, "tie_tolerance": res.tie,
                    "unexplored": res.unexplored, "unexplored_best_bound_s": res.unexplored_best_bound_s,
                    "top": [row_json(r) for r in res.top], "families": [f.to_json() for f in res.families],
@@ -257,8 +257,8 @@ def run(args) -> int:
         gap = ""
         if res.top and res.unexplored_best_bound_s:
             gap = f": one of them could be up to {1 - res.unexplored_best_bound_s / res.top[0]['step_s']:.1%} faster"
-        print(f"NOT PROVEN: the search stopped at --time-limit {args.time_limit:g} s with {res.unexplored} candidates "
-              f"unexplored{gap}; run with --time-limit 0 to finish the proof")
+        print(f"NOT PROVEN: the search stopped at --time-limit {args.time_limit:g} s with {res.stop_phrase()}"
+              f"{gap}; run with --time-limit 0 to finish the proof")
     elif res.top:
         print(f"proven: no plan of the space is faster than #1 by more than {res.tie:.1%} (every candidate not "
               f"simulated breaks a rule, is over budget or is provably slower than the top {args.top})")
