@@ -15,6 +15,10 @@ INT_MAX = 2 ** 31 - 1
 # before the compiler could say why
 MAX_UNITS = 2 ** 24
 
+# the largest plan file ir.load reads: a plan of MAX_UNITS units holds about 100M instructions, 2.5
+# GB in the compact form (25 bytes each) and a little more as text
+MAX_PLAN_BYTES = 4 * 2 ** 30
+
 
 def wire_stride(stage_layers) -> int:
     """Transport tags per plan tag: the instruction's own message, then a request and a reply,

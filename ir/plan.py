@@ -15,6 +15,7 @@ from .kinds import KV
 from .instr import Instr, _clip, from_compact, parse, parse_stream, to_compact, to_text
 from .spec import PlanSpec
 from .gcpause import gc_paused
+from .limits import MAX_PLAN_BYTES
 from .proofs import digest
 
 SCHEMA_VERSION = 1  # a plan whose ranks are lists of instruction texts (the form people read and write)
@@ -50,11 +51,15 @@ class Plan:
 
 
 def pydantic_message(err: ValidationError, prefix: str = "") -> str:
-    """First error of a pydantic ValidationError as one line: 'spec.pp: Input should be ...'."""
+    """First error of a pydantic ValidationError as one line, with the value given when it is one
+    field's: 'spec.pp: Input should be greater than or equal to 1 (got -2)'."""
     e = err.errors()[0]
     parts = [x if x.isprintable() and len(x) <= 40 else _clip(x, 40) for x in map(str, (prefix, *e["loc"])) if x != ""]
     loc = ".".join(parts)  # a hostile key name may hold newlines or be huge: keep the message one line
     msg = e["msg"].removeprefix("Value error, ")
+    inp = e.get("input")
+    if e["loc"] and (inp is None or isinstance(inp, (bool, int, float, str))):  # a field's own value: name it
+        msg += f" (got {_clip(inp, 40)})"
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -211,6 +216,9 @@ def read_user_json(path: str, flag: str, hint: str):
     malformed (`hint` says what to give instead)."""
     try:
         with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # /dev/zero would be read forever
+                raise SpecError(f"{flag} {_clip(path, 200)}: not a file (a device or socket); give {hint}")
             return json.load(f)
     except FileNotFoundError:
         raise SpecError(f"{flag} {path!r}: no such file; give {hint}") from None
@@ -222,7 +230,14 @@ def load(path: str) -> Plan:
     """The plan in a file; its `source` is the SHA-256 of the bytes read (ir.proofs)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            mode = os.fstat(f.fileno()).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # /dev/zero would be read forever
+                raise PlanFormatError(f"plan file {_clip(path, 200)} is not a file (a device or socket); give a plan "
+                                      f"file, or a pipe")
+            data = f.read(MAX_PLAN_BYTES + 1)
+        if len(data) > MAX_PLAN_BYTES:
+            raise PlanFormatError(f"plan file {_clip(path, 200)} holds more than {MAX_PLAN_BYTES // 2 ** 30} GiB, more than "
+                                  f"any plan slimpipe makes (ir.limits.MAX_UNITS units)")
         text = data.decode("utf-8")
     except FileNotFoundError:
         raise PlanFormatError(f"plan file {_clip(path, 200)} not found") from None

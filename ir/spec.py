@@ -43,12 +43,12 @@ class ModelConfig(BaseModel):
     mlp_bias: StrictBool = False
     qk_norm: StrictBool = False
     tie_embeddings: StrictBool = False
-    rms_eps: StrictFloat = Field(default=1e-5, gt=0)
-    rope_theta: StrictFloat = Field(default=10000.0, gt=0)
+    rms_eps: StrictFloat = Field(default=1e-5, gt=0, allow_inf_nan=False)
+    rope_theta: StrictFloat = Field(default=10000.0, gt=0, allow_inf_nan=False)
     rope_type: Literal[ROPE_TYPES] = "default"
-    rope_factor: StrictFloat = Field(default=1.0, gt=0)
-    rope_low_freq_factor: StrictFloat = Field(default=1.0, gt=0)
-    rope_high_freq_factor: StrictFloat = Field(default=4.0, gt=0)
+    rope_factor: StrictFloat = Field(default=1.0, gt=0, allow_inf_nan=False)
+    rope_low_freq_factor: StrictFloat = Field(default=1.0, gt=0, allow_inf_nan=False)
+    rope_high_freq_factor: StrictFloat = Field(default=4.0, gt=0, allow_inf_nan=False)
     rope_original_max_pos: StrictInt = Field(default=8192, ge=1, le=INT_MAX)
     sliding_window: StrictInt | None = Field(default=None, ge=1, le=INT_MAX)
 

@@ -1,6 +1,7 @@
 """A new user's first hour (issue 17): units that fit, names that agree, honest `show`, parse
 errors that say where, --version, and the notes the executor owes a user."""
 import json
+import os
 
 import pytest
 
@@ -195,3 +196,35 @@ def test_executor_with_stdout_closed(tmp_path):
     r = subprocess.run([sys.executable, "-m", "executor", str(plan), "--local", "--steps", "1"], stderr=subprocess.PIPE,
                        text=True, cwd=root, env={**os.environ, "PYTHONPATH": root}, preexec_fn=lambda: os.close(1))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_device_given_as_a_file_is_refused_at_once(plan_1f1b, capsys):
+    """/dev/zero as the plan, a profile or a model used to be read forever; a pipe still reads
+    (`slimpipe check <(cat plan.json)`)."""
+    for argv, want in [(["check", "/dev/zero"], "plan file '/dev/zero' is not a file (a device or socket)"),
+                       (["simulate", "/dev/zero", "--unit-costs"], "plan file '/dev/zero' is not a file"),
+                       (["compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--model", "/dev/urandom",
+                         "-o", plan_1f1b + ".x"], "--model '/dev/urandom': not a file (a device or socket)")]:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and want in err, (argv, err)
+    r, w = os.pipe()
+    os.write(w, open(plan_1f1b, "rb").read())
+    os.close(w)
+    try:
+        code, out, _ = run(capsys, "check", f"/dev/fd/{r}")
+    finally:
+        os.close(r)
+    assert code == 0 and "valid, deadlock-free" in out
+
+
+def test_a_bad_spec_value_is_named(plan_1f1b, tmp_path, capsys):
+    d = json.load(open(plan_1f1b))
+    d["spec"]["pp"] = -2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    code, _, err = run(capsys, "check", str(bad))
+    assert code == 2 and "spec.pp: Input should be greater than or equal to 1 (got -2)" in err
+    d["spec"]["pp"], d["spec"]["model"]["hidden"] = 2, "64"
+    bad.write_text(json.dumps(d))
+    code, _, err = run(capsys, "check", str(bad))
+    assert code == 2 and "spec.model.hidden: Input should be a valid integer (got '64')" in err
