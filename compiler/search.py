@@ -264,6 +264,9 @@ class SliceCosts:
     min_b: float
     min_hop: float     # cheapest activation / gradient message
     min_tokens: float  # smallest slice's tokens per GPU (/ cp)
+    min_i: float = 0.0   # cheapest input-gradient half (I) of a split backward per layer
+    w: float = 0.0       # sum over slices of the weight-gradient half (W) per layer
+    head_w: float = 0.0  # sum over slices of the last stage's extra W (LM head)
 
 
 @lru_cache(maxsize=None)
@@ -277,10 +280,14 @@ def slice_lens(model, seq_len: int, n: int, partition: str) -> tuple[int, ...]:
 def slice_costs(model, seq_len: int, n: int, partition: str, tp: int, cp: int, prof: DeviceProfile,
                 dtype_bytes: int = 2) -> SliceCosts:
     lens = slice_lens(model, seq_len, n, partition)
-    fb = head_fb = fixed = work = 0.0
-    min_f = min_b = math.inf
+    fb = head_fb = fixed = work = w = head_w = 0.0
+    min_f = min_b = min_i = math.inf
     prefix = 0
     for s in lens:
+        mm, attn, ring, tpc = unit_parts(model, s, prefix, "backward_input", tp, cp, prof, dtype_bytes)
+        min_i = min(min_i, mm + max(attn, ring) + tpc)
+        w += sum(unit_parts(model, s, prefix, "backward_weight", tp, cp, prof, dtype_bytes))
+        head_w += sum(unit_parts(model, s, prefix, "backward_weight", tp, cp, prof, dtype_bytes, layers=0, last=True))
         for bwd in (False, True):
             mm, attn, ring, tpc = unit_parts(model, s, prefix, bwd, tp, cp, prof, dtype_bytes)
             t = mm + max(attn, ring) + tpc
@@ -296,7 +303,7 @@ def slice_costs(model, seq_len: int, n: int, partition: str, tp: int, cp: int, p
         prefix += s
     s_min = min(lens)
     hop = s_min * model.hidden * dtype_bytes / (tp * cp) / prof.p2p_bandwidth + prof.p2p_latency
-    return SliceCosts(lens, fb, head_fb, fixed, work, min_f, min_b, hop, s_min / cp)
+    return SliceCosts(lens, fb, head_fb, fixed, work, min_f, min_b, hop, s_min / cp, min_i, w, head_w)
 
 
 # ---------------------------------------------------------------- stage 1: bounds
@@ -333,12 +340,20 @@ def bounds(problem: Problem, c: Candidate) -> Bounds:
         head = sc.head_fb if last in sh.placement[r] else 0.0
         busy.append(m * (layers * sc.fb + head))
         fixed.append(m * (layers * sc.fixed_fb + head))
-    edge = []  # forward chain before rank r starts + backward chain after it ends
+    # forward chain before rank r starts + backward chain after it ends. With a split backward the
+    # chain is the input gradients (I) alone, and rank r's weight gradients (W) may run during it:
+    # it ends at least (chain - all of r's W) after r's work, which itself ends after r's busy time
+    split = schedules.get(c.schedule).split_backward
+    edge = []
     fill = drain = 0.0
     for r in range(p):
-        edge.append(fill + drain)
+        if split:
+            w_r = m * (sum(L[s] for s in sh.placement[r]) * sc.w + (sc.head_w if last in sh.placement[r] else 0.0))
+            edge.append(fill + max(0.0, drain - w_r))
+        else:
+            edge.append(fill + drain)
         fill += L[r] * sc.min_f + sc.min_hop
-        drain += min(L[c_ * p + r] for c_ in range(v)) * sc.min_b + sc.min_hop
+        drain += min(L[c_ * p + r] for c_ in range(v)) * (sc.min_i if split else sc.min_b) + sc.min_hop
     dp_s = dp_allreduce_time(c.dp, max(rank_params(sh, r) for r in range(p)) * 4.0, prof)
     if c.exchange:
         work = m * (model.layers * sc.work_fb + sc.head_fb)

@@ -116,7 +116,8 @@ def test_compare_names_unknown_families_and_an_unproven_search(capsys):
     assert code == 2 and "--schedules '1f1b,zb-w': 'zb-w' is unknown; allowed: gpipe, 1f1b" in err
     code, out, _ = run(capsys, "compare", "--pp", "2", "--schedules", "seq1f1b,zb-v", "--time-limit", "1e-9", "--json")
     d = json.loads(out)
-    assert code == 0 and d["proven"] is False and [r["schedule"] for r in d["rows"]] == ["seq1f1b", "zb-v"]
+    # nothing listed, so no plan fits: exit 1, as tune
+    assert code == 1 and d["proven"] is False and [r["schedule"] for r in d["rows"]] == ["seq1f1b", "zb-v"]
     code, out, _ = run(capsys, "compare", "--pp", "2", "--schedules", "seq1f1b", "--time-limit", "1e-9")
     assert "NOT PROVEN: the search stopped at --time-limit 1e-09 s" in out
     # a family whose search the limit stopped before one plan fitted is not called OOM (a new user
@@ -129,7 +130,7 @@ def test_compare_names_unknown_families_and_an_unproven_search(capsys):
     assert "none: not reached: the time limit stopped the listing of the space" in line and "OOM" not in line, line
     code, out, _ = run(capsys, *args, "--time-limit", "0")
     line = next(x for x in out.splitlines() if x.strip().startswith("zb-h1 "))
-    assert "OOM: its least-memory plan; all 5 that obey the rules are over budget" in line, line
+    assert "OOM: its least-memory plan; all 6 that obey the rules are over budget" in line, line  # n = 1 and the five n of the space
 
 
 def test_a_search_stopped_by_the_time_limit_says_not_proven(capsys):
@@ -177,6 +178,17 @@ def test_no_virtual_stages_on_one_rank(capsys):
     d = json.loads(out)
     assert code == 0 and d["top"] and all(r["pp"] == 1 and r["virtual_stages"] == 1 for r in d["top"])
     assert list(d["infeasible_reasons"]) == ["v > 1 at p = 1 (one rank holds every chunk, nothing to interleave)"]
+
+
+def test_compare_with_no_plan_that_fits_exits_1(capsys):
+    """Every family breaks a rule at p=16 with the tiny model's 8 layers: the table says why per
+    family, a last line says no plan fits, exit 1 (it was exit 0 with every row 'none')."""
+    code, out, _ = run(capsys, "compare", "--pp", "16")
+    assert code == 1 and "1f1b             none: 1 of 1 break a rule (p*v exceeds the model's layers: 1)" in out
+    assert out.rstrip().endswith("no plan fits at this layout: no family has one that obeys its rules and fits the "
+                                 "budget (the rows say why)")
+    code, out, _ = run(capsys, "compare", "--pp", "16", "--json")
+    assert code == 1 and all(r["oom"] for r in json.loads(out)["rows"])
 
 
 def test_the_limit_stops_a_candidate_that_takes_long(capsys, monkeypatch):

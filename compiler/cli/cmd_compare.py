@@ -97,10 +97,11 @@ def run(args) -> int:
                    "proven": res.proven,
                    "space": {"slices": list(space.slices), "virtual_stages": list(space.virtual_stages)},
                    "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in table]})
-        return 0
+        return 0 if any(not r["oom"] for r in table) else 1  # as tune: no plan that fits is an answer, exit 1
     print(f"{model.name}, seq {seq}, pp={args.pp} m={args.microbatches} tp={args.tp} cp={args.cp} dp={args.dp} on "
           f"{profile.name}; budget {human_bytes(budget)}")
-    print(f"best plan of each family over tune's space at this layout (n in {','.join(map(str, space.slices))}, "
+    print(f"best plan of each family over tune's space at this layout (n in {','.join(map(str, space.slices))} and 1 "
+          f"for the zero-bubble families, "
           f"v in {','.join(map(str, space.virtual_stages))}, every partition and exchange setting; {tried} candidates):")
     fitting = [r for r in table if not r["oom"]]
     pick = rank_rows(fitting)[0] if fitting else None
@@ -112,6 +113,9 @@ def run(args) -> int:
     if not res.proven:
         print(f"NOT PROVEN: the search stopped at --time-limit {args.time_limit:g} s with {res.stop_phrase()}"
               f"; a row marked not proven may not be its family's best (--time-limit 0 finishes the proof)")
+    if not fitting:  # as tune: an answer, not an input error (exit 1)
+        print("no plan fits at this layout: no family has one that obeys its rules and fits the budget (the rows say why)")
+        return 1
     return 0
 
 

@@ -37,6 +37,8 @@ class Family:
     fit           the nearest sizes to (p, m, n, v) that it accepts and where its closed forms are
                   exact, for property tests
     search_slices   tune tries the space's n (else n = 1)
+    search_unsliced tune tries n = 1 as well, whatever the space's n: the family unsliced is a
+                  schedule of its own (ZB-H1, ZB-V), where seq1f1b or slimpipe at n = 1 is 1F1B
     search_virtual  v choices in tune: "one" (v = 1), "above_one" (the space's v > 1), "any", "two" (v = 2)
     partitions    slice partitions searched when n > 1 ("uniform", and "flops" for Seq1F1B)
     default_exchange  the KV exchange is on by default when n > 1 (compile); tune and compare try both
@@ -64,6 +66,7 @@ class Family:
     peak_exact: Callable[[int, int, int, int], bool] = _always
     fit: Callable[[int, int, int, int], tuple[int, int, int, int]] | None = None
     search_slices: bool = True
+    search_unsliced: bool = False
     search_virtual: str = "any"
     partitions: tuple[str, ...] = ("uniform",)
     default_exchange: bool = False
@@ -92,6 +95,8 @@ class Family:
     def search_choices(self, slices: Iterable[int], virtual_stages: Iterable[int]) -> list[tuple[int, int, str, bool]]:
         """(n, v, partition, exchange) that `slimpipe tune` tries for this family."""
         ns = list(slices) if self.allows_slices and self.search_slices else [1]
+        if self.search_unsliced and 1 not in ns:
+            ns = [1, *ns]
         vs = {"one": [1], "above_one": [v for v in virtual_stages if v > 1], "any": list(virtual_stages),
               "two": [2]}[self.search_virtual]
         out = []

@@ -199,20 +199,20 @@ def ZB_V_EXACT(p: int, m: int, n: int, v: int) -> bool:  # noqa: N802
 
 
 ZB_H1 = Family("zb-h1", "ZB-H1 zero bubble: 1F1B's in-flight limit, W fills the cool-down (Qi et al. 2024)", zb_h1,
-               allows_virtual=False, split_backward=True,
+               allows_virtual=False, split_backward=True, search_unsliced=True,
                inflight="I: p - r + n - 1; W: p + n - 1", bubble=zb_bubble,
                peak_units=lambda p, m, n, v: min(p + n - 1, m * n),
                exact=lambda p, m, n, v: m >= p and n == 1, fit=lambda p, m, n, v: (p, max(m, p), 1, 1),
                search_virtual="one")
 ZB_V = Family("zb-v", "ZB-V zero bubble: V placement, 2 chunks, 1F1B's peak memory (Qi et al. 2024)", zb_v,
-              check=_check_v, split_backward=True, placements=("v",), default_virtual=2,
+              check=_check_v, split_backward=True, search_unsliced=True, placements=("v",), default_virtual=2,
               inflight="I and W: min(2p + 2(n - 1), mn + n + r) chunk units", bubble=zb_bubble,
               peak_units=lambda p, m, n, v: min(2 * p + 2 * (n - 1), m * n + n, m * n * 2),
               exact=ZB_V_EXACT,
               fit=lambda p, m, n, v: (p, m if ZB_V_EXACT(p, m, 1, 2) else p, 1, 2),
               search_virtual="two")
 INTERLEAVED_ZB = Family("interleaved-zb", "interleaved 1F1B with a split backward (torch's InterleavedZeroBubble)",
-                        interleaved_zb, split_backward=True,
+                        interleaved_zb, split_backward=True, search_unsliced=True,
                         inflight="I: min(2(p-r-1) + (v-1)p, m v) + 1 + n - 1; W: v p + n - 1",
                         bubble=zb_bubble,
                         peak_units=lambda p, m, n, v: min(v * p, m * v) if n == 1 else min(p, m * n * v),
