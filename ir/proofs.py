@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 
 ENV_DIR = "SLIMPIPE_CACHE_DIR"
 ENV_OFF = "SLIMPIPE_NO_CACHE"
@@ -62,10 +63,20 @@ def read(key: str) -> bytes | None:
     if d is None:
         return None
     try:
-        with open(os.path.join(d, key), "rb") as f:
-            return f.read(1 << 20)  # a noted replay is a few kB; a larger file is not ours
+        fd = os.open(os.path.join(d, key), os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there must not block
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # not a file we wrote
+            return None
+        with os.fdopen(fd, "rb") as f:
+            fd = None
+            return f.read(1 << 20)  # noted figures are a few kB; a larger file is not ours
+    except OSError:
+        return None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def note(key: str, content: bytes = b"") -> None:

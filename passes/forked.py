@@ -39,6 +39,25 @@ def can_fork() -> bool:
             and threading.active_count() == 1)
 
 
+def _bound_to(parent: int) -> None:
+    """In the child: die with the parent (Linux's PR_SET_PDEATHSIG: a parent killed by SIGTERM or
+    SIGKILL leaves no child computing on) and let go of the parent's stdout and stderr (a caller
+    reading them to their end, `$(slimpipe check ...)`, then waits for the parent alone)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above: nobody wants the value
+        os._exit(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+
+
 class Forked:
     """fn() being computed in a child process: result() its value, cancel() to drop it."""
 
@@ -50,9 +69,13 @@ class Forked:
         if self._fd is None:
             raise RuntimeError("a forked job's result is taken once")
         value = _FAILED
-        with os.fdopen(self._fd, "rb") as f:
-            data = f.read()  # to the child's end (it writes once, then exits)
-        self._fd = None
+        fd, self._fd = self._fd, None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()  # to the child's end (it writes once, then exits)
+        except BaseException:  # Ctrl-C while waiting: stop the child, reap it, let the interrupt through
+            self._stop()
+            raise
         _, status = os.waitpid(self._pid, 0)
         if os.waitstatus_to_exitcode(status) == 0 and data:
             try:
@@ -65,13 +88,19 @@ class Forked:
         """Stop the child and reap it (its value is not wanted); nothing once result() was taken."""
         if self._fd is None:
             return
+        os.close(self._fd)
+        self._fd = None
+        self._stop()
+
+    def _stop(self) -> None:
         try:
             os.kill(self._pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        os.close(self._fd)
-        self._fd = None
-        os.waitpid(self._pid, 0)
+        try:
+            os.waitpid(self._pid, 0)
+        except ChildProcessError:
+            pass
 
 
 class Done:
@@ -111,6 +140,7 @@ def start(fn: Callable[[], Any]) -> Forked | _Here:
     sys.stdout.flush()  # output buffered before the fork would otherwise be printed twice
     sys.stderr.flush()
     r, w = os.pipe()
+    parent = os.getpid()
     try:
         pid = os.fork()
     except OSError:  # no memory or process slot for a child: compute it here
@@ -121,6 +151,7 @@ def start(fn: Callable[[], Any]) -> Forked | _Here:
         code = 1
         try:
             os.close(r)
+            _bound_to(parent)
             data = pickle.dumps(fn(), protocol=pickle.HIGHEST_PROTOCOL)
             with os.fdopen(w, "wb") as f:
                 f.write(data)

@@ -228,3 +228,27 @@ def test_a_bad_spec_value_is_named(plan_1f1b, tmp_path, capsys):
     bad.write_text(json.dumps(d))
     code, _, err = run(capsys, "check", str(bad))
     assert code == 2 and "spec.model.hidden: Input should be a valid integer (got '64')" in err
+
+
+def test_a_corrupt_or_odd_proof_store_never_fails_a_command(plan_1f1b, capsys):
+    """A proof file that nests too deep for json (RecursionError) or a FIFO at the proof's path:
+    simulate --unit-costs replays (it crashed with a traceback, and hung on the FIFO)."""
+    from passes.check import proof_key
+
+    key = proof_key(ir.load(plan_1f1b))
+    store = ir.proofs.cache_dir()
+    os.makedirs(store, exist_ok=True)
+    for make in (lambda p: open(p, "w").write("[" * 100000 + "]" * 100000), os.mkfifo):
+        path = os.path.join(store, key)
+        if os.path.lexists(path):
+            os.remove(path)
+        make(path)
+        code, out, err = run(capsys, "simulate", plan_1f1b, "--unit-costs", "--json")
+        assert code == 0 and json.loads(out)["makespan"] == 9.0, err
+
+
+def test_a_device_behind_a_csv_name_is_refused(tmp_path, capsys):
+    link = tmp_path / "z.csv"
+    link.symlink_to("/dev/zero")
+    code, _, err = run(capsys, "check", str(link))
+    assert code == 2 and err.count("\n") == 1 and "is not a file (a device or socket)" in err

@@ -157,3 +157,28 @@ def test_simulate_units_beside_the_rules(monkeypatch, tmp_path, deadlock):
         assert got == simulate_units(plan) and got["makespan"] > 0
         assert here == [] or not forked.can_fork()
     assert check_mod.proved(plan) == (not deadlock)
+
+
+@needs_fork
+def test_an_interrupt_while_waiting_stops_the_child(monkeypatch):
+    """Ctrl-C while result() waits for the child: KeyboardInterrupt comes through (it used to turn
+    into 'Bad file descriptor' from closing the pipe twice) and the child is reaped."""
+    import signal
+    import time
+
+    job = forked.start(lambda: time.sleep(30))
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            job.result()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(job._pid, os.WNOHANG)
+    job.cancel()  # nothing left to do
