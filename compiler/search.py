@@ -57,6 +57,7 @@ from functools import lru_cache
 from typing import Callable
 
 from ir import Plan, PlanSpec, SlimpipeError, SpecError
+from ir.limits import MAX_UNITS
 from passes.costs import GIB, DeviceProfile, dp_allreduce_time, unit_parts
 from passes.memory import memory_report, per_token_layer, rank_params, static_bytes
 from passes.partition import flops_partition
@@ -196,6 +197,8 @@ def _rule(problem: Problem, c: Candidate) -> str | None:
         return "seq_len not divisible by n*cp (uniform slicing)"
     if c.partition == "flops" and S < 2 * c.slices * c.cp:
         return "seq_len too short for a flops partition into n slices"
+    if c.pp * c.microbatches * c.slices * c.virtual_stages > MAX_UNITS:  # as build_spec refuses it (ir.limits)
+        return "more compute units (p x m x n x v) than slimpipe plans"
     if c.pp == 1 and c.virtual_stages > 1:  # the same units in the same order, only cut finer
         return "v > 1 at p = 1 (one rank holds every chunk, nothing to interleave)"
     try:
@@ -472,7 +475,7 @@ class SearchResult:
         c, budget = self.counts, self.problem.memory_budget
         if c["candidates"] == 0:
             if self.listing_cut:
-                return "no plan fits: the time limit stopped the search before it listed a candidate"
+                return "no plan found: the time limit stopped the search before it listed a candidate"
             return "the space is empty (no family, tp, cp or p choice left)"
         parts = []
         if c["infeasible"]:
@@ -489,6 +492,8 @@ class SearchResult:
         if self.stopped == "time-limit" and not self.top:
             parts.append(f"the time limit stopped the search with {self.unexplored} candidates unexplored"
                          + (" and the rest of the space not listed" if self.listing_cut else ""))
+        if self.stopped == "time-limit":  # what was found so far, not a verdict on the space
+            return "no plan found before the time limit: " + "; ".join(parts)
         return "no plan fits: " + "; ".join(parts)
 
     def stop_phrase(self) -> str:
@@ -824,9 +829,16 @@ def _search(run: _Run, problem: Problem, space: Space, top_k: int, keep_plan: bo
     # its bound could still beat the answer (then it is 'unexplored', not 'provably slower')
     steps = sorted(r["step_s"] for r in rows)
     thr = max(steps[top_k - 1] if len(steps) >= top_k else math.inf, steps[0] * (1 + tie)) if steps else math.inf
+    left_bounds = []
     for c, bd in run.live:
         if c not in run.memo:
-            run._count(c, "unexplored" if stopped == "time-limit" and bd.time <= thr else "pruned_time_bound")
+            if stopped == "time-limit" and bd.time <= thr:
+                run._count(c, "unexplored")
+                left_bounds.append(bd.time)
+            else:
+                run._count(c, "pruned_time_bound")
+    if stopped == "time-limit":  # the final answer's own threshold: the figures the counts say
+        unexplored, unexplored_bound = len(left_bounds), min(left_bounds, default=None)
     for fr in families:
         fr.counts = dict(run.fam_counts[fr.family])
         if fr.row is None:

@@ -142,7 +142,7 @@ def test_a_search_stopped_by_the_time_limit_says_not_proven(capsys):
     assert sum(v for k, v in d["counts"].items() if k != "candidates") == d["counts"]["candidates"]
     code, out, _ = run(capsys, "tune", "--model", "tiny", "--seq-len", "256", "--gpus", "8", "--memory-budget",
                        "3MiB", "--slices", "2,4", "--virtual-stages", "1,2", "--time-limit", "1e-9")
-    assert "no plan fits: the time limit stopped the search before it listed a candidate" in out
+    assert "no plan found: the time limit stopped the search before it listed a candidate" in out
     assert "NOT PROVEN: the search stopped at --time-limit 1e-09 s with 0 candidates unexplored and the space listed " \
            "only up to candidate 0" in out
 
@@ -216,3 +216,19 @@ def test_the_limit_stops_a_candidate_that_takes_long(capsys, monkeypatch):
     assert finished == [] and d["stopped"] == "time-limit" and d["listing_cut"] is False
     assert d["counts"]["unexplored"] > 0 and d["counts"]["simulated"] == 0
     assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # put back
+
+
+def test_candidates_beyond_the_unit_limit_break_a_rule(capsys):
+    """A global batch that makes m huge: its candidates are refused by the units rule before any
+    bound is made (the interleaved bound built a list of m/p rounds: 8.4 GB, 45 s past a 5 s limit)."""
+    code, out, _ = run(capsys, "tune", "--model", "tiny", "--seq-len", "128", "--gpus", "4", "--memory-budget", "80GiB",
+                       "--global-batch", "2147483647", "--json")
+    d = json.loads(out)
+    assert code == 1 and d["counts"]["infeasible"] == d["counts"]["candidates"] > 0
+    assert any("more compute units (p x m x n x v) than slimpipe plans" in why for why in d["infeasible_reasons"])
+
+
+def test_nothing_found_before_the_limit_is_not_called_a_verdict(capsys):
+    code, out, _ = run(capsys, "compare", "--pp", "2", "--schedules", "seq1f1b", "--time-limit", "1e-9")
+    assert code == 1 and out.rstrip().endswith("no plan found before the time limit at this layout (the rows say how "
+                                               "far each family got)")

@@ -114,7 +114,8 @@ def run(args) -> int:
         print(f"NOT PROVEN: the search stopped at --time-limit {args.time_limit:g} s with {res.stop_phrase()}"
               f"; a row marked not proven may not be its family's best (--time-limit 0 finishes the proof)")
     if not fitting:  # as tune: an answer, not an input error (exit 1)
-        print("no plan fits at this layout: no family has one that obeys its rules and fits the budget (the rows say why)")
+        print("no plan found before the time limit at this layout (the rows say how far each family got)" if not res.proven
+              else "no plan fits at this layout: no family has one that obeys its rules and fits the budget (the rows say why)")
         return 1
     return 0
 

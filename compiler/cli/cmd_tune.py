@@ -255,8 +255,8 @@ def run(args) -> int:
           f"{c['simulated']} simulated")
     if res.stopped == "time-limit":
         gap = ""
-        if res.top and res.unexplored_best_bound_s:
-            gap = f": one of them could be up to {1 - res.unexplored_best_bound_s / res.top[0]['step_s']:.1%} faster"
+        if res.top and res.unexplored_best_bound_s and res.unexplored_best_bound_s < res.top[0]["step_s"]:
+            gap = f": one of them could be up to {1 - res.unexplored_best_bound_s / res.top[0]['step_s']:.1%} faster than #1"
         print(f"NOT PROVEN: the search stopped at --time-limit {args.time_limit:g} s with {res.stop_phrase()}"
               f"{gap}; run with --time-limit 0 to finish the proof")
     elif res.top:
@@ -265,7 +265,7 @@ def run(args) -> int:
     if args.output:
         split = res.best_plan.spec.layer_split if res.best_plan is not None else None
         print(f"wrote {args.output} (#1, layer split {split})" if res.best_plan is not None
-              else f"not written: {args.output} (no plan fits)")
+              else f"not written: {args.output} ({'no plan found before the time limit' if not res.proven else 'no plan fits'})")
         if res.best_plan is not None:
             cycle = rendezvous_cycle(res.best_plan)
             if cycle:
