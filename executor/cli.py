@@ -9,7 +9,8 @@ import os
 import sys
 
 import ir
-from ir.options import glue_negative_values, nonneg_float, nonneg_int, positive_float, positive_int, reopen_closed_streams
+from ir.options import (glue_negative_values, nonneg_float, nonneg_int, positive_float, positive_int, reopen_closed_streams,
+                        thread_count, timeout_seconds)
 
 from ir.version import version
 
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-lr", type=nonneg_float, default=0.0, help="learning rate at the end of the decay (default 0)")
     t.add_argument("--clip", type=nonneg_float, default=0.0,
                    help="clip gradients to this global norm (over all pipeline and data-parallel ranks); 0: off")
-    p.add_argument("--timeout", type=positive_float, default=300.0,
+    p.add_argument("--timeout", type=timeout_seconds, default=300.0,
                    help="seconds any single wait may take (default 300: it covers the peer's compute between two "
                         "messages, the reference check and a slow NCCL start; not the step)")
     p.add_argument("--p2p-match", choices=["auto", "order", "tag"], default="auto",
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on glibc, at most N malloc arenas for the rank's threads (default 1: one heap, so peak RSS "
                         "repeats from run to run; with an arena per thread it jumped by 30-350 MiB in some runs); "
                         "0: the C library's default")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads with --local (default 1)")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch CPU threads with --local (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     p.add_argument("--trace", metavar="FILE.json",
                    help="write a Chrome/Perfetto trace of what ran: one event per executed instruction per rank and "
@@ -152,7 +153,7 @@ def post_ahead(text: str) -> int | None:
     try:
         return nonneg_int(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give an integer >= 0 or all") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give an integer from 0 to 2147483647, or all") from None
 
 
 def options(**overrides) -> argparse.Namespace:

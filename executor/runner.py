@@ -89,7 +89,11 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
             rows = gather(transport, watch, opts.timeout, [st["loss"], st["seconds"], mem],
                           "the step-end exchange of losses and times")
             loss = sum(r[0] for r in rows) / replicas  # each replica's loss is the mean over its micro-batches
-            if not math.isfinite(loss):  # every rank has the same figure: all stop here, none waits on another
+            if not math.isfinite(loss):  # every rank has the same figure and stops here
+                if step == 0:  # no optimizer step has run: not the learning rate's doing
+                    raise ExecError(f"step 1: the loss is {loss}, not a finite number, before any update: the model "
+                                    f"or its data give it (its config, e.g. rope_theta or rms_eps, or the tokens); "
+                                    f"nothing is saved")
                 raise ExecError(f"step {step + 1}: the loss is {loss}, not a finite number: training diverged "
                                 f"(--lr {opts.lr:g}; try a smaller one); the step's parameters are not saved")
             secs = max(r[1] for r in rows)

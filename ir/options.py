@@ -70,6 +70,36 @@ def nonneg_float(text: str) -> float:
     return v
 
 
+MAX_SECONDS = 10 ** 6  # 11.6 days: a timeout or time limit beyond it is a typo (and overflows the clocks' time_t)
+
+
+def timeout_seconds(text: str) -> float:
+    """Seconds > 0, at most MAX_SECONDS (a timeout)."""
+    v = positive_float(text)
+    if v > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} is too large; give a number of seconds > 0 and at most {MAX_SECONDS}")
+    return v
+
+
+def limit_seconds(text: str) -> float:
+    """Seconds >= 0 (0: no limit), at most MAX_SECONDS (a search's time limit)."""
+    v = nonneg_float(text)
+    if v > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} is too large; give seconds from 0 (no limit) to {MAX_SECONDS}")
+    return v
+
+
+MAX_THREADS = 1024  # torch.set_num_threads(100000) crashes the process (libgomp)
+
+
+def thread_count(text: str) -> int:
+    """An integer from 1 to MAX_THREADS."""
+    v = positive_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{v} is too large; give an integer from 1 to {MAX_THREADS}")
+    return v
+
+
 def glue_negative_values(argv: list[str] | None) -> list[str]:
     """['--memory-budget', '-1GiB'] -> ['--memory-budget=-1GiB']: argparse takes a value that starts
     with '-' and is not a plain number ('-1GiB', '-0.5s') for an option and answers "expected one

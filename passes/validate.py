@@ -79,13 +79,14 @@ def spec_problems(spec) -> list[Problem]:
                                          f"dimensions and needs an even head_dim"))
     # the p2p tags a compiled plan uses (passes.lower: 2 per unit and stage boundary; KV exchanges
     # take more above them, which the range rule checks on the plan) must fit the transport's tags
-    p2p_tags = spec.microbatches * spec.slices * spec.num_stages * 2
-    if p2p_tags > tag_limit(spec):
+    # (passes.lower.p2p_tag: ((mb n + slice) stages + boundary) 2 + direction, boundary < stages - 1)
+    top_tag = 2 * spec.microbatches * spec.slices * spec.num_stages - 3 if spec.num_stages > 1 else -1
+    if top_tag >= tag_limit(spec):
         deepest = max(spec.stage_layers)
         out.append(Problem("executable", f"a stage of {deepest} layers needs {wire_stride(spec.stage_layers)} transport tags "
-                                         f"per plan tag (one per layer message) and the plan's {p2p_tags} p2p tags then "
-                                         f"pass torch.distributed's 31-bit tags; use fewer layers per stage (more stages) "
-                                         f"or fewer micro-batches or slices"))
+                                         f"per plan tag (one per layer message) and the plan's p2p tags, up to {top_tag}, "
+                                         f"then pass torch.distributed's 31-bit tags; use fewer layers per stage (more "
+                                         f"stages) or fewer micro-batches or slices"))
     return out
 
 

@@ -164,6 +164,14 @@ def test_a_diverging_loss_stops_the_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "step 2: the loss is nan, not a finite number: training diverged (--lr 1e+308; try a smaller one)" in err[0]
     assert sorted(os.listdir(ck)) == ["step-000001"]  # step 1's loss was finite; step 2's parameters are not saved
+    # a loss that is not finite before any update is the model's or the data's doing, not --lr's
+    doc = json.load(open(plan_path))
+    doc["spec"]["model"]["rope_theta"] = 1e-320  # every rotary frequency overflows
+    with open(plan_path, "w") as f:
+        json.dump(doc, f)
+    assert main([plan_path, "--local", "--steps", "2", "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "step 1: the loss is nan, not a finite number, before any update: the model or its data give it" in err[0]
 
 
 def _wider():

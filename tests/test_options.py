@@ -57,7 +57,8 @@ BAD = {
         ("--layers", "2147483648", "argument --layers: 2147483648 is too large; give an integer from 1 to 2147483647"),
         ("--microbatches", "2000000000", "the plan would hold 4,000,000,000 compute units (pp 2 x microbatches 2000000000 x "
                                          "slices 1 x virtual stages 1), more than slimpipe plans (16,777,216"),
-        ("--layers", "1000000000", "a stage of 500000000 layers needs 2000000001 transport tags per plan tag"),
+        ("--layers", "1000000000", "a stage of 500000000 layers needs 2000000001 transport tags per plan tag (one per layer "
+                                   "message) and the plan's p2p tags, up to 5, then pass"),
     ],
     "check": [("plan", MISSING, MISSING), ("--p2p", "nccl", "argument --p2p: invalid choice: 'nccl'")],
     "simulate": [("plan", MISSING, MISSING), ("--device-profile", "tpu9", "tpu9"), ("--dtype", "int8", "--dtype 'int8'"),
@@ -80,6 +81,7 @@ BAD = {
         ("--memory-budget", "lots", "--memory-budget 'lots'"), ("--device-profile", "tpu9", "tpu9"),
         ("--schedules", "zigzag", "--schedules 'zigzag'"),
         ("--time-limit", "-1", "argument --time-limit: -1 is not allowed"),
+        ("--time-limit", "1e308", "argument --time-limit: 1e308 is too large; give seconds from 0 (no limit) to 1000000"),
     ],
     "tune": MODEL + [
         ("--gpus", "0", "argument --gpus: 0"), ("--memory-budget", "0GiB", "--memory-budget '0GiB'"),
@@ -87,6 +89,7 @@ BAD = {
         ("--schedules", "zigzag", "--schedules 'zigzag'"), ("--tp", "0", "--tp '0'"), ("--cp", "a", "--cp 'a'"),
         ("--pp", "-1", "--pp '-1'"), ("--slices", "0", "--slices '0'"), ("--virtual-stages", "0", "--virtual-stages '0'"),
         ("--layer-split", "zigzag", "--layer-split 'zigzag'"), ("--top", "0", "argument --top: 0"), ("--time-limit", "-1", "argument --time-limit: -1 is not allowed"),
+        ("--time-limit", "1e308", "argument --time-limit: 1e308 is too large; give seconds from 0 (no limit) to 1000000"),
         ("--output", "/nonexistent/dir/b.json", "does not exist"), ("--plot", OUT + ".txt", "--plot"), ("--plan-format", "yaml", "argument --plan-format: invalid choice: 'yaml'"),
     ],
     "import": MODEL + [("plan", MISSING, MISSING), ("--output", "/nonexistent/dir/p.json", "does not exist"), ("--plan-format", "yaml", "argument --plan-format: invalid choice: 'yaml'")],
@@ -95,8 +98,11 @@ BAD = {
     "executor": [
         ("plan", MISSING, MISSING), ("--p2p-match", "fifo", "argument --p2p-match: invalid choice: 'fifo'"),
         ("--p2p-wait", "spin", "argument --p2p-wait: invalid choice: 'spin'"),
-        ("--post-ahead", "-1", "argument --post-ahead: '-1' is not allowed; give an integer >= 0 or all"), ("--steps", "0", "argument --steps: 0 is not allowed"),
+        ("--post-ahead", "-1", "argument --post-ahead: '-1' is not allowed; give an integer from 0 to 2147483647, or all"), ("--steps", "0", "argument --steps: 0 is not allowed"),
         ("--threads", "1" + "0" * 30, "argument --threads: 100000000000...(31 digits) is too large; give an integer from 1 to 2147483647"),
+        ("--threads", "100000", "argument --threads: 100000 is too large; give an integer from 1 to 1024"),
+        ("--timeout", "1e308", "argument --timeout: 1e308 is too large; give a number of seconds > 0 and at most 1000000"),
+        ("--post-ahead", "2147483648", "argument --post-ahead: '2147483648' is not allowed; give an integer from 0 to 2147483647, or all"),
         ("--attention", "magic", "argument --attention: invalid choice: 'magic'"),
         ("--device", "tpu", "argument --device: invalid choice: 'tpu'"),
         ("--dtype", "int8", "argument --dtype: invalid choice: 'int8'"), ("--lr", "-1", "argument --lr: -1"),

@@ -11,7 +11,7 @@ from passes.costs import load_profile
 from ..search import Candidate, Problem, SearchResult, Space, candidate_spec, evaluate, rank_rows, search
 from .cmd_compile import add_model_args, model_from_args
 from .. import schedules
-from .common import add_parser, emit_json, families_arg, human_bytes, nonneg_float, positive_int
+from .common import add_parser, emit_json, families_arg, human_bytes, limit_seconds, positive_int
 from .tables import family_table
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20,
@@ -146,7 +146,7 @@ def register(sub) -> None:
                    "profile's)")
     p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
     p.add_argument("--schedules", help=f"comma-separated families to compare (default all: {','.join(schedules.FAMILIES)})")
-    p.add_argument("--time-limit", type=nonneg_float, default=120.0,
+    p.add_argument("--time-limit", type=limit_seconds, default=120.0,
                    help="seconds before the search stops; rows not proven are marked (default 120, as tune; 0 = none)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)

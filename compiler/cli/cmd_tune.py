@@ -15,7 +15,7 @@ from ..layout import LAYER_SPLITS
 from ..search import N_CHOICES, TP_CHOICES, CP_CHOICES, V_CHOICES, Problem, Space, default_global_batch, search
 from .cmd_compare import parse_bytes
 from .cmd_compile import add_model_args, model_from_args
-from .common import (BYTE_UNITS, add_parser, add_plan_format_arg, save_plan, families_arg, check_output_path, emit_json, fit_unit, human_bytes, nonneg_float,
+from .common import (BYTE_UNITS, add_parser, add_plan_format_arg, save_plan, families_arg, check_output_path, emit_json, fit_unit, human_bytes, limit_seconds,
                      positive_int)
 from .tables import family_table, plan_table
 
@@ -297,7 +297,7 @@ def register(sub) -> None:
     p.add_argument("--layer-split", help="comma-separated layer splits (default uniform,balanced: balanced where it "
                    "differs from uniform)")
     p.add_argument("--top", type=positive_int, default=5, help="plans to list (default 5)")
-    p.add_argument("--time-limit", type=nonneg_float, default=120.0,
+    p.add_argument("--time-limit", type=limit_seconds, default=120.0,
                    help="seconds before the search stops and reports what is left (default 120; 0 = none)")
     p.add_argument("--json", action="store_true", help="machine-readable output with the Pareto front and counts")
     p.add_argument("-o", "--output", help="write the best plan here (atomically)")

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ir import Plan, PlanFormatError, SpecError, load, save
-from ir.options import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: F401 (the commands' option types)
+from ir.options import limit_seconds, nonneg_float, nonneg_int, positive_float, positive_int  # noqa: F401 (the commands' option types)
 
 from .. import schedules
 
