@@ -236,10 +236,13 @@ class LocalTransport:
         h.slots[self.rank] = obj
         try:
             h.barrier.wait(h.timeout)
-            out = list(h.slots)
-            h.barrier.wait(h.timeout)
         except threading.BrokenBarrierError:
             raise Aborted(h.error or "in-process barrier broken (timeout)") from None
+        out = list(h.slots)
+        try:
+            h.barrier.wait(h.timeout)  # only keeps the slots until every rank has read them
+        except threading.BrokenBarrierError:
+            pass  # every rank has read them (a rank that read them and failed at once broke it): the data stands
         return out
 
 
