@@ -338,8 +338,9 @@ def bounds(problem: Problem, c: Candidate) -> Bounds:
 
     # time
     busy, fixed = [], []
+    rank_layers = [sum(L[s] for s in sh.placement[r]) for r in range(p)]
     for r in range(p):
-        layers = sum(L[s] for s in sh.placement[r])
+        layers = rank_layers[r]
         head = sc.head_fb if last in sh.placement[r] else 0.0
         busy.append(m * (layers * sc.fb + head))
         fixed.append(m * (layers * sc.fixed_fb + head))
@@ -351,7 +352,7 @@ def bounds(problem: Problem, c: Candidate) -> Bounds:
     fill = drain = 0.0
     for r in range(p):
         if split:
-            w_r = m * (sum(L[s] for s in sh.placement[r]) * sc.w + (sc.head_w if last in sh.placement[r] else 0.0))
+            w_r = m * (rank_layers[r] * sc.w + (sc.head_w if last in sh.placement[r] else 0.0))
             edge.append(fill + max(0.0, drain - w_r))
         else:
             edge.append(fill + drain)

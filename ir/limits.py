@@ -1,6 +1,10 @@
 """Limits of the runtime a plan is written for, shared by the checker (passes.validate) and the
-executor, so a plan is refused by `slimpipe check` for exactly what would stop the executor."""
+executor, so a plan is refused by `slimpipe check` for exactly what would stop the executor; and
+of what slimpipe reads (sizes, counts, which files)."""
 from __future__ import annotations
+
+import os
+import stat
 
 # torch.distributed's point-to-point tags are C ints
 WIRE_TAG_LIMIT = 2 ** 31
@@ -29,3 +33,10 @@ def wire_stride(stage_layers) -> int:
 def tag_limit(spec) -> int:
     """Plan tags must be below this for every transport tag (tag * stride + sub < 2**31) to fit."""
     return WIRE_TAG_LIMIT // wire_stride(spec.stage_layers)
+
+
+def file_or_pipe(f) -> bool:
+    """Whether an open file `f` is one an input may be: a regular file or a pipe (`<(cat
+    plan.json)`), not a device or socket, which /dev/zero shows can be read forever."""
+    mode = os.fstat(f.fileno()).st_mode
+    return stat.S_ISREG(mode) or stat.S_ISFIFO(mode)

@@ -15,7 +15,7 @@ from .kinds import KV
 from .instr import Instr, _clip, from_compact, parse, parse_stream, to_compact, to_text
 from .spec import PlanSpec
 from .gcpause import gc_paused
-from .limits import MAX_PLAN_BYTES
+from .limits import MAX_PLAN_BYTES, file_or_pipe
 from .proofs import digest
 
 SCHEMA_VERSION = 1  # a plan whose ranks are lists of instruction texts (the form people read and write)
@@ -216,8 +216,7 @@ def read_user_json(path: str, flag: str, hint: str):
     malformed (`hint` says what to give instead)."""
     try:
         with open(path, encoding="utf-8") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # /dev/zero would be read forever
+            if not file_or_pipe(f):
                 raise SpecError(f"{flag} {_clip(path, 200)}: not a file (a device or socket); give {hint}")
             return json.load(f)
     except FileNotFoundError:
@@ -230,8 +229,7 @@ def load(path: str) -> Plan:
     """The plan in a file; its `source` is the SHA-256 of the bytes read (ir.proofs)."""
     try:
         with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # /dev/zero would be read forever
+            if not file_or_pipe(f):
                 raise PlanFormatError(f"plan file {_clip(path, 200)} is not a file (a device or socket); give a plan "
                                       f"file, or a pipe")
             data = f.read(MAX_PLAN_BYTES + 1)

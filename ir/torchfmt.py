@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import stat
 from typing import NamedTuple
 
 from .errors import PlanFormatError
+from .limits import file_or_pipe
 from .instr import _clip
 
 COMPUTE_TYPES = ("F", "I", "W", "B")
@@ -101,8 +100,7 @@ def write_rows(rows: list[list[Action | None]]) -> str:
 def read_csv(path: str) -> list[list[Action | None]]:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark (Excel's) is not a cell
-            mode = os.fstat(f.fileno()).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # /dev/zero would be read forever
+            if not file_or_pipe(f):
                 raise PlanFormatError(f"schedule file {path!r} is not a file (a device or socket); give a CSV file, or a pipe")
             text = f.read()
     except FileNotFoundError:

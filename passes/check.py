@@ -56,18 +56,9 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None, parallel:
     plan of bench/scale_1m.py with two processors)."""
     if p2p not in P2P_MODES:
         raise ValueError(f"p2p={p2p!r}; allowed: {', '.join(P2P_MODES)}")
-    proof = _beside_the_rules(plan) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
-    try:
-        problems, proof = _rules(plan, step, proof)
-        res = figures = None
-    except BaseException:
-        if proof is not None:
-            proof.cancel()
-        raise
-    if not all(pr.rule == "p2p-order" for pr in problems):
-        if proof is not None:
-            proof.cancel()
-    else:
+    problems, proof = _rules(plan, step, parallel)
+    res = figures = None
+    if all(pr.rule == "p2p-order" for pr in problems):
         res, figures = (replay(plan), None) if proof is None else proof.result()[1:]
         if res.deadlocked:
             problems.append(_deadlock(res, res.deadlock_message()))
@@ -85,19 +76,24 @@ def _beside_the_rules(plan: Plan):
     return forked.start(lambda: (validate_kv(plan), *_unit_figures(plan)))
 
 
-def _rules(plan: Plan, step, job):
-    """validate(plan, step=step), with the KV rule from `job` (_beside_the_rules) when there is
-    one: (problems, job). Where the child's KV rule finds a problem, the whole validate runs here
-    (its list and order are validate's own) and the job is cancelled (None returned)."""
-    if job is None:
+def _rules(plan: Plan, step, parallel: bool):
+    """validate(plan, step=step) and what was made beside it: (problems, a forked.Done holding
+    _beside_the_rules' (KV problems, replay, figures), or None). With `parallel` on a plan of
+    PARALLEL_MIN instructions or more, the child makes the KV rule, the replay and the figures
+    while validate(kv=False) runs here; where the rules leave no replay wanted, or the child's KV
+    rule finds a problem, the whole validate runs here (its list and order are validate's own) and
+    None is returned. The child never outlives this call unless its result is returned."""
+    if not (parallel and plan.num_instructions() >= PARALLEL_MIN):
         return validate(plan, step=step), None
-    problems = validate(plan, step=step, kv=False)
-    if not all(pr.rule == "p2p-order" for pr in problems):  # no replay wanted
-        job.cancel()
-    else:
-        done = job.result()
-        if not done[0]:  # no KV problem: validate's whole list is this one
-            return problems, forked.Done(done)
+    job = _beside_the_rules(plan)
+    try:
+        problems = validate(plan, step=step, kv=False)
+        if all(pr.rule == "p2p-order" for pr in problems):  # the replay is wanted: the child's KV verdict decides
+            done = job.result()
+            if not done[0]:  # no KV problem: validate's whole list is this one
+                return problems, forked.Done(done)
+    finally:
+        job.cancel()  # a no-op once its result was taken
     return validate(plan, step=step), None
 
 
@@ -269,15 +265,7 @@ def checked_unit_costs(plan: Plan, doing: str, path: str = "plan.json", parallel
     if proved(plan):
         figures = _figures_in(proofs.read(proof_key(plan)))
         return simulate_units(plan) if figures is None else figures
-    job = _beside_the_rules(plan) if parallel and plan.num_instructions() >= PARALLEL_MIN else None
-    try:
-        problems, job = _rules(plan, True, job)
-    except BaseException:
-        if job is not None:
-            job.cancel()
-        raise
-    if problems and job is not None:
-        job.cancel()
+    problems, job = _rules(plan, True, parallel)
     _refuse(problems, doing, path)
     res, figures = _unit_figures(plan) if job is None else job.result()[1:]
     if res.deadlocked:
