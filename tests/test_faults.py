@@ -87,6 +87,7 @@ def launch(argv, fault: str | None, limit: float = 150) -> dict:
         rc = proc.wait()
     finally:
         killer.cancel()
+        killer.join()  # a timer thread still alive after this test would keep test_forked from forking
     return {"rc": rc, "lines": lines, "wall": time.monotonic() - t0, "hung": time.monotonic() - t0 >= limit}
 
 

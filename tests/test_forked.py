@@ -20,6 +20,15 @@ check_mod = sys.modules["passes.check"]
 needs_fork = pytest.mark.skipif(not forked.can_fork(), reason="forking needs Linux, two processors, one thread")
 
 
+@pytest.fixture(autouse=True)
+def alone():
+    """forked.start computes in the caller while another thread runs (can_fork): a thread an earlier
+    test left running would turn these tests' 'in a child' into 'here' (CI once failed that way on
+    test_faults' timer thread). Say so by name instead."""
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    assert not others, f"threads left running by an earlier test: {others}"
+
+
 @needs_fork
 def test_value_is_computed_in_a_child():
     here = os.getpid()

@@ -106,8 +106,10 @@ def test_direct_messages_start_no_thread_and_the_rank_blocks_in_them():
     pend = [tp._watched(w, lambda i=i: i, ("recv" if i % 2 else "send", 0)) for i, w in enumerate(works)]
     assert threading.active_count() == before and not tp.fifos
     assert not any(p.ready() for p in pend)  # gloo's Work says nothing until it is waited
-    threading.Timer(0.05, works[1].release).start()
+    wake = threading.Timer(0.05, works[1].release)
+    wake.start()
     assert waiter(tp).wait(pend[1], "its activation", 0) == 1  # blocked in the Work, woken by its completion
+    wake.join()
     assert pend[1].ready() and not pend[3].ready()
     for w in works:
         w.release()
