@@ -75,38 +75,32 @@ def pairings(plan: Plan, times=None) -> list[tuple[int, int, int, int, int]]:
     """(owner, owner_index, partner, partner_index, x) for every exchange, in time order.
 
     Indices point at compute units in the streams of `plan` (which has no KV instructions).
-    `times`: replay.start_times(plan, [UNIT_WEIGHTS, ALT_WEIGHTS]) when the caller has it."""
+    `times`: replay.start_times(plan, [UNIT_WEIGHTS, ALT_WEIGHTS]) when the caller has it, as its
+    list or (by_start=True) its groups."""
     spec = plan.spec
     # start times under backward/forward = 2 and 9/4 (integers: exact): units that start
     # together in both run together whatever the real ratio, so the rendezvous does not make them wait
-    starts = start_times(plan, [UNIT_WEIGHTS, ALT_WEIGHTS]) if times is None else times
-    if starts is None:
+    groups = start_times(plan, [UNIT_WEIGHTS, ALT_WEIGHTS], by_start=True) if times is None else times
+    if groups is None:
         return []
-    offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
     ranks = plan.ranks
+    if not isinstance(groups, dict):
+        by_start: dict[tuple, list] = {}
+        for r, i, (t0, t1) in groups:
+            by_start.setdefault((t0, t1, ranks[r][i][0]), []).append((r, i))
+        groups = by_start
+    offsets = [spec.slice_offsets(mb) for mb in range(spec.microbatches)]
     # the units that start together (same kind), each group by cache length, groups in time order
     # (units that run no attention, a split backward's W, have nothing to exchange)
     attention = _ATTENTION
-    groups: dict[tuple, list] = {}
-    for r, i, (t0, t1) in starts:
-        u = ranks[r][i]
-        k = u[0]
-        if k in attention:
-            key = (t0, t1, k)
-            row = (offsets[u[1]][u[2]], r, i)
-            grp = groups.get(key)
-            if grp is None:
-                groups[key] = [row]
-            else:
-                grp.append(row)
     out = []
     thr = spec.exchange_threshold
-    for key in sorted(key for key, grp in groups.items() if len(grp) > 1):
-        keyed = sorted(groups[key])
+    for key in sorted(key for key, grp in groups.items() if len(grp) > 1 and key[2] in attention):
+        keyed = sorted([(offsets[u[1]][u[2]], r, i) for r, i in groups[key] for u in (ranks[r][i],)])
         k = len(keyed)
         for a in range(k // 2):
             short, long_ = keyed[a], keyed[k - 1 - a]
-            o_ins = plan.ranks[long_[1]][long_[2]]
+            o_ins = ranks[long_[1]][long_[2]]
             x = shipped_slices(spec, o_ins.mb, o_ins.slice, long_[0] - short[0], thr)
             if x >= 1:
                 out.append((long_[1], long_[2], short[1], short[2], x))
@@ -393,7 +387,7 @@ def _candidates(plan: Plan, cm) -> tuple[list[Ex], list[list[Ex]]]:
     """(the unit-cost pairing, the levelled exchange sets worth trying (none if nothing levels))."""
     level = could_level(plan, cm)
     weights = [UNIT_WEIGHTS, ALT_WEIGHTS] + ([STEP_WEIGHTS] if level else [])
-    times = start_times(plan, weights)
+    times = start_times(plan, weights, by_start=not level)
     if times is None:
         return [], []
     unit = _as_ex(plan, pairings(plan, [(r, i, t[:2]) for r, i, t in times] if level else times))

@@ -577,16 +577,21 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
 
 
 @gc_paused
-def start_times(plan: Plan, weights: list[dict[str, float]]):
+def start_times(plan: Plan, weights: list[dict[str, float]], by_start: bool = False):
     """Start time of every compute unit under up to three unit costs at once: weights[k] maps a
     cost class (ir.KINDS column `cost`: forward, backward, backward_input, backward_weight) to a
     duration; communication free. [(rank, index, (start under weights[0], ...))] in replay order,
     or None if the plan deadlocks. One pass: whether an instruction can move never depends on the
     costs (sends do not block), so every weighting follows the same schedule. For plans without
-    KV exchanges (the input of the exchange pass)."""
+    KV exchanges (the input of the exchange pass).
+    `by_start=True` (two weightings): the units grouped instead, {(start under weights[0], start
+    under weights[1], kind): [(rank, index), ...] in replay order} (what the exchange pass's
+    pairing wants, without a list of every unit to group afterwards)."""
     K = len(weights)
     if not 1 <= K <= 3:
         raise ValueError("start_times takes one to three weightings")
+    if by_start and K != 2:
+        raise ValueError("start_times(by_start=True) takes two weightings")
     pad = (0.0,) * (3 - K)
     two = K == 2
     dur = {k: tuple(w[KINDS[k].cost] for w in weights) + pad for k in COMPUTE}
@@ -595,8 +600,9 @@ def start_times(plan: Plan, weights: list[dict[str, float]]):
     pos = [0] * p
     clock = [(0.0, 0.0, 0.0)] * p
     posted: dict = {}  # (src, dst, tag) -> the sender's clocks, or a deque of them while several are in flight
-    out = []
-    add = out.append
+    out = {} if by_start else []
+    add = None if by_start else out.append
+    group = out.setdefault if by_start else None
     recv_kinds, send_kinds = _RECV, _SEND
     progress = True
     while progress:
@@ -614,7 +620,10 @@ def start_times(plan: Plan, weights: list[dict[str, float]]):
                 k = ins[0]
                 d = dur.get(k)
                 if d is not None:
-                    add((r, i, (a, b) if two else (a, b, c)[:K]))
+                    if by_start:
+                        group((a, b, k), []).append((r, i))
+                    else:
+                        add((r, i, (a, b) if two else (a, b, c)[:K]))
                     a += d[0]
                     b += d[1]
                     c += d[2]

@@ -151,6 +151,11 @@ def test_start_times_are_the_replays(fam, p, m, n, v, resend, seed):
     for w, weight in enumerate(weights):
         res = replay(plan, lambda r, ins: weight[ir.KINDS[ins.kind].cost], record=True)
         assert {(r, i): t[w] for r, i, t in got} == {(r, i): t0 for r, i, t0, _t1 in res.timeline}
+    # by_start: the same units, grouped by (start under each weighting, kind), each group in replay order
+    groups: dict = {}
+    for r, i, t in got:
+        groups.setdefault((*t, plan.ranks[r][i].kind), []).append((r, i))
+    assert start_times(plan, weights, by_start=True) == groups
 
 
 @pytest.mark.parametrize("fam,p,m,n,v", [("zb-v", 2, 4, 1, 2), ("zb-v", 3, 4, 2, 2), ("seq1f1b", 2, 3, 4, 2),
