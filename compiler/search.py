@@ -357,7 +357,7 @@ def bounds(problem: Problem, c: Candidate) -> Bounds:
         else:
             edge.append(fill + drain)
         fill += L[r] * sc.min_f + sc.min_hop
-        drain += min(L[c_ * p + r] for c_ in range(v)) * (sc.min_i if split else sc.min_b) + sc.min_hop
+        drain += min(L[s] for s in sh.placement[r]) * (sc.min_i if split else sc.min_b) + sc.min_hop
     dp_s = dp_allreduce_time(c.dp, max(rank_params(sh, r) for r in range(p)) * 4.0, prof)
     if c.exchange:
         work = m * (model.layers * sc.work_fb + sc.head_fb)

@@ -118,6 +118,21 @@ def test_bounds_sound_at_scale():
         assert b.time > 0.5 * row["step_s"]
 
 
+def test_bounds_sound_with_split_backward_and_uneven_stages():
+    """Zero-bubble families with the balanced split (uneven stages, the LM head's stage lighter):
+    the V placement (rank r holds stages r and 2p-1-r) and one stage per rank. The split-backward
+    drain after a rank counts the fewest layers of that rank's own stages."""
+    prob = Problem(resolve_model("llama-7b", {"vocab": 128256}), 4096, 3, float("inf"), 6, H100)
+    split = {"zb-v": (6, 6, 6, 6, 5, 3), "zb-h1": (12, 11, 9)}
+    for fam, v in (("zb-v", 2), ("zb-h1", 1)):
+        c = Candidate(fam, 1, 1, 3, 1, 6, 1, v, "uniform", False, "balanced")
+        spec = candidate_spec(prob, c)
+        assert spec.stage_layers == split[fam]
+        row, _ = evaluate(spec, H100)
+        b = bounds(prob, c)
+        assert 0.9 * row["step_s"] < b.time <= row["step_s"] and b.memory <= row["peak_memory_bytes"], c
+
+
 def test_exact_memory_without_compile_matches_simulation():
     prob = Problem(resolve_model("llama-7b"), 32768, 16, float("inf"), 8, H100)
     for c in (Candidate("slimpipe", 1, 2, 4, 2, 4, 8, 2, "uniform", True),
