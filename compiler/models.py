@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from ir import ModelConfig, SpecError, pydantic_message, read_user_json
-from ir.hfconfig import model_fields
+from ir.hfconfig import HF_KEYS, model_fields
 
 PRESETS: dict[str, dict] = {
     # tiny: for tests and the CPU demo (runs in seconds under torchrun/gloo)
@@ -33,12 +33,18 @@ def resolve_model(model: str, overrides: dict | None = None) -> ModelConfig:
         dims = _from_config_json(model)
     else:
         raise SpecError(f"--model {model!r} is unknown; allowed: {', '.join(PRESETS)} or a path to config.json")
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            if v < 1:
-                raise SpecError(f"--{k.replace('_', '-')} {v} must be >= 1")
-            dims[k] = v
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for k, v in given.items():
+        if v < 1:
+            raise SpecError(f"--{k.replace('_', '-')} {v} must be >= 1")
+    dims.update(given)
+
+    def name(field: str) -> str:  # a value as the user gave it: a flag, the file's own key, or the preset's field
+        if field in given:
+            return "--" + field.replace("_", "-")
+        return HF_KEYS.get(field, field) if model not in PRESETS else field
     try:
         return ModelConfig(**dims)
     except ValidationError as e:
-        raise SpecError(f"model {dims.get('name')}: {pydantic_message(e)}") from None
+        where = f"model {model}" if model in PRESETS else f"--model {model!r}"
+        raise SpecError(f"{where}: {pydantic_message(e, name=name)}") from None

@@ -17,9 +17,10 @@ import json
 import os
 
 import torch
+from pydantic import ValidationError
 
 from ir import ModelConfig, SpecError, pydantic_message
-from ir.hfconfig import hf_config, model_fields
+from ir.hfconfig import HF_KEYS, hf_config, model_fields
 
 from . import model as M
 
@@ -34,12 +35,6 @@ _LAYER = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_lay
           "b2": "mlp.down_proj.bias"}
 _TOP = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 _FROM_HF = {v: k for k, v in _TOP.items()}
-_FIELD_KEY = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
-              "kv_heads": "num_key_value_heads", "ffn": "intermediate_size", "vocab": "vocab_size",
-              "head_dim": "head_dim", "rms_eps": "rms_norm_eps", "rope_theta": "rope_theta",
-              "tie_embeddings": "tie_word_embeddings", "sliding_window": "sliding_window"}
-
-
 def hf_name(name: str) -> str:
     """transformers' state-dict key of one of our parameter names."""
     if name in _TOP:
@@ -87,9 +82,8 @@ def read_config(hf_dir: str) -> ModelConfig:
     fields = model_fields(cfg, where)
     try:
         return ModelConfig(**fields)
-    except ValueError as e:
-        msg = pydantic_message(e) if hasattr(e, "errors") else str(e)
-        raise SpecError(f"{where}: {msg}") from None
+    except ValidationError as e:
+        raise SpecError(f"{where}: {pydantic_message(e, name=lambda f: HF_KEYS.get(f, f))}") from None
 
 
 def check_matches(spec, hf_dir: str) -> ModelConfig:
@@ -104,7 +98,7 @@ def check_matches(spec, hf_dir: str) -> ModelConfig:
             continue
         a, b = getattr(mine, field), getattr(ours, field)
         if a != b:
-            key = _FIELD_KEY.get(field, field)
+            key = HF_KEYS.get(field, field)
             raise SpecError(f"--hf-model {hf_dir!r}: config.json gives {key}={a!r} but the plan's model has "
                             f"{field}={b!r} (compile the plan with --model {os.path.join(hf_dir, 'config.json')})")
     return mine

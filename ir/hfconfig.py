@@ -8,13 +8,24 @@ and the executor (`--hf-model`, to compare a checkpoint with its plan) both use 
 """
 from __future__ import annotations
 
+import math
+
 from .errors import SpecError
+from .limits import INT_MAX
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
 
 DIMS = {"num_hidden_layers": "layers", "hidden_size": "hidden", "num_attention_heads": "heads",
         "num_key_value_heads": "kv_heads", "intermediate_size": "ffn", "vocab_size": "vocab"}
+
+# the config.json key of each ModelConfig field the file sets (rope factors sit in rope_scaling or
+# rope_parameters; attention_bias sets both biases): how messages name a value the user wrote
+HF_KEYS = {**{ours: hf for hf, ours in DIMS.items()}, "head_dim": "head_dim", "rms_eps": "rms_norm_eps",
+           "rope_theta": "rope_theta", "tie_embeddings": "tie_word_embeddings", "sliding_window": "sliding_window",
+           "qkv_bias": "attention_bias", "o_bias": "attention_bias", "mlp_bias": "mlp_bias", "rope_type": "rope_type",
+           "rope_factor": "factor", "rope_low_freq_factor": "low_freq_factor", "rope_high_freq_factor": "high_freq_factor",
+           "rope_original_max_pos": "original_max_position_embeddings"}
 
 # keys that do not change the model's function (ids, dtype, caching, initialisation, bookkeeping)
 NEUTRAL = {
@@ -50,10 +61,17 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _num(where, key, v, positive=True) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (positive and not v > 0):
-        _fail(where, f"{key}={v!r} must be a positive number")
+def _num(where, key, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        _fail(where, f"{key}={v!r} must be a positive finite number")
     return float(v)
+
+
+def _count(where, key, v) -> int:
+    """A size or count: a positive integer no larger than ModelConfig (a C int) takes."""
+    if not _is_int(v) or not 1 <= v <= INT_MAX:
+        _fail(where, f"{key}={v!r} must be a positive integer (at most {INT_MAX})")
+    return v
 
 
 def _bool(where, key, v) -> bool:
@@ -109,17 +127,15 @@ def _rope(cfg: dict, where: str) -> dict:
                 _fail(where, f"rope type 'llama3' needs {key}")
             out[ours] = _num(where, key, merged[key])
         omp = merged.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
-        if not _is_int(omp) or omp < 1:
-            _fail(where, f"original_max_position_embeddings={omp!r} must be a positive integer")
-        out["rope_original_max_pos"] = omp
+        out["rope_original_max_pos"] = _count(where, "original_max_position_embeddings", omp)
     return out
 
 
 def _sliding(cfg: dict, mt: str, layers: int, where: str):
     """The attention window of the layers that use one (None: every layer attends causally in full)."""
     window = cfg.get("sliding_window")
-    if window is not None and (not _is_int(window) or window < 1):
-        _fail(where, f"sliding_window={window!r} must be a positive integer or null")
+    if window is not None and (not _is_int(window) or not 1 <= window <= INT_MAX):
+        _fail(where, f"sliding_window={window!r} must be a positive integer (at most {INT_MAX}) or null")
     if mt == "mistral":
         return window
     if mt == "llama":
@@ -159,13 +175,9 @@ def model_fields(cfg, where: str) -> dict:
     if missing:
         _fail(where, f"config.json lacks {', '.join(missing)}")
     for hf, ours in DIMS.items():
-        if not _is_int(out[ours]) or out[ours] < 1:
-            _fail(where, f"{hf}={out[ours]!r} must be a positive integer")
-    hd = cfg.get("head_dim")
-    if hd is not None:
-        if not _is_int(hd) or hd < 1:
-            _fail(where, f"head_dim={hd!r} must be a positive integer")
-        out["head_dim"] = hd
+        _count(where, hf, out[ours])  # an absent num_key_value_heads is num_attention_heads, checked before it
+    if cfg.get("head_dim") is not None:
+        out["head_dim"] = _count(where, "head_dim", cfg["head_dim"])
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         _fail(where, f"hidden_act={act!r} is not supported; allowed: silu (SwiGLU MLP)")

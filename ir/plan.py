@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from .errors import PlanFormatError, SpecError
 from .kinds import KV
 from .instr import Instr, _clip, from_compact, parse, parse_stream, to_compact, to_text
-from .spec import PlanSpec
+from .spec import PlanSpec, RuleError
 from .gcpause import gc_paused
 from .limits import MAX_PLAN_BYTES, file_or_pipe
 from .proofs import digest
@@ -50,13 +50,16 @@ class Plan:
         return any(ins.kind in KV for stream in self.ranks for ins in stream)
 
 
-def pydantic_message(err: ValidationError, prefix: str = "") -> str:
+def pydantic_message(err: ValidationError, prefix: str = "", name=None) -> str:
     """First error of a pydantic ValidationError as one line, with the value given when it is one
-    field's: 'spec.pp: Input should be greater than or equal to 1 (got -2)'."""
+    field's: 'spec.pp: Input should be greater than or equal to 1 (got -2)'. `name` (field -> the
+    user's word for it, e.g. a config.json key) renames the field and the fields a RuleError names."""
     e = err.errors()[0]
-    parts = [x if x.isprintable() and len(x) <= 40 else _clip(x, 40) for x in map(str, (prefix, *e["loc"])) if x != ""]
+    fields = (name(str(e["loc"][0])), *e["loc"][1:]) if name and e["loc"] else e["loc"]
+    parts = [x if x.isprintable() and len(x) <= 40 else _clip(x, 40) for x in map(str, (prefix, *fields)) if x != ""]
     loc = ".".join(parts)  # a hostile key name may hold newlines or be huge: keep the message one line
-    msg = e["msg"].removeprefix("Value error, ")
+    rule = (e.get("ctx") or {}).get("error")
+    msg = rule.render(name) if name and isinstance(rule, RuleError) else e["msg"].removeprefix("Value error, ")
     inp = e.get("input")
     if e["loc"] and (inp is None or isinstance(inp, (bool, int, float, str))):  # a field's own value: name it
         msg += f" (got {_clip(inp, 40)})"

@@ -11,6 +11,19 @@ from .limits import INT_MAX
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
+class RuleError(ValueError):
+    """A rule between fields, broken (raised in a validator). `text` has a {field} slot for each
+    field it names, so a caller that knows where each value came from (a config.json key, a flag)
+    can say it in the user's words: render(name), which ir.pydantic_message(name=...) calls."""
+
+    def __init__(self, text: str, **values):
+        self.text, self.values = text, values
+        super().__init__(self.render(str))
+
+    def render(self, name) -> str:
+        return self.text.format(**{f: f"{name(f)}={v}" for f, v in self.values.items()})
+
+
 ROPE_TYPES = ("default", "linear", "llama3")
 VARIANT_FIELDS = ("head_dim", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "tie_embeddings", "rms_eps", "rope_theta",
                   "rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_pos",
@@ -59,14 +72,14 @@ class ModelConfig(BaseModel):
             hidden, heads = data.get("hidden"), data.get("heads")
             if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden > 0:
                 if hidden % heads:
-                    raise ValueError(f"hidden={hidden} must be divisible by heads={heads} (or give head_dim)")
+                    raise RuleError("{hidden} must be divisible by {heads} (or give head_dim)", hidden=hidden, heads=heads)
                 data = {**data, "head_dim": hidden // heads}
         return data
 
     @model_validator(mode="after")
     def _dims(self):
         if self.heads % self.kv_heads:
-            raise ValueError(f"heads={self.heads} must be divisible by kv_heads={self.kv_heads}")
+            raise RuleError("{heads} must be divisible by {kv_heads}", heads=self.heads, kv_heads=self.kv_heads)
         return self
 
     def to_json(self) -> dict:

@@ -108,6 +108,40 @@ def test_refused_fields_one_line_exit_2(tmp_path, capsys, fields, needle):
     assert not out.exists()
 
 
+DROP = object()  # a key left out of the file
+BAD_VALUES = [  # config.json fields, extra flags, the message after "--model '<path>': "
+    ({"num_hidden_layers": 0}, (), "num_hidden_layers=0 must be a positive integer (at most 2147483647)"),
+    ({"num_hidden_layers": 2 ** 40}, (), "num_hidden_layers=1099511627776 must be a positive integer (at most 2147483647)"),
+    ({"num_hidden_layers": DROP}, (), "config.json lacks num_hidden_layers"),
+    ({"num_hidden_layers": DROP}, ("--layers", "2"), "config.json lacks num_hidden_layers"),
+    ({"num_key_value_heads": 3}, (), "num_attention_heads=4 must be divisible by num_key_value_heads=3"),
+    ({"hidden_size": 66}, (), "hidden_size=66 must be divisible by num_attention_heads=4 (or give head_dim)"),
+    ({}, ("--heads", "3"), "hidden_size=64 must be divisible by --heads=3 (or give head_dim)"),
+    ({"rms_norm_eps": float("inf")}, (), "rms_norm_eps=inf must be a positive finite number"),
+    ({"model_type": "mistral", "sliding_window": 2 ** 31}, (),
+     "sliding_window=2147483648 must be a positive integer (at most 2147483647) or null"),
+]
+
+
+@pytest.mark.parametrize("fields,flags,message", BAD_VALUES)
+def test_bad_values_name_the_file_and_its_key(tmp_path, capsys, fields, flags, message):
+    """A bad or missing value of a config.json is said with the file and the key the user wrote (not
+    slimpipe's field name, e.g. layers), and a value given by a flag with that flag."""
+    cfg = {k: v for k, v in {**BASE, **fields}.items() if v is not DROP}
+    code, err, out = compile_cli(tmp_path, capsys, cfg, *flags)
+    assert (code, err) == (2, f"slimpipe compile: error: --model {str(tmp_path / 'config.json')!r}: {message}\n")
+    assert not out.exists()
+
+
+def test_hf_model_directory_names_its_keys(tmp_path):
+    """--hf-model reads a config.json the same way: a rule between two values names both keys."""
+    from executor import hf
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "num_key_value_heads": 3}))
+    with pytest.raises(ir.SpecError) as e:
+        hf.read_config(str(tmp_path))
+    assert str(e.value) == f"--hf-model {str(tmp_path)!r}: num_attention_heads=4 must be divisible by num_key_value_heads=3"
+
+
 def test_windows_that_do_not_bite_are_accepted(tmp_path, capsys):
     for fields in ({"model_type": "mistral", "sliding_window": 32}, {"model_type": "mistral", "sliding_window": None},
                    {"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 8},
