@@ -175,31 +175,63 @@ def atomic_write(path: str, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: never a half-written file. A symbolic
     link is followed (the file it points to is replaced, the link kept); an existing output that
     is not a regular file (/dev/stdout, /dev/null, a FIFO) is written to directly, as open()
-    would: renaming over it would replace the device or pipe with a file."""
+    would: renaming over it would replace the device or pipe with a file. A file that cannot be
+    made there is a SpecError naming `path` (not the temporary file)."""
     mode = "wb" if isinstance(data, bytes) else "w"
+    real = _output_target(path)
+    if real is None:
+        with open(path, mode) as f:
+            f.write(data)
+        return
+    fd, tmp = _temp_beside(path, real)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file what open() would
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+        try:
+            os.replace(tmp, real)
+        except OSError as e:  # e.g. `path` is a directory: e names the temporary file and the target
+            raise SpecError(f"cannot write {path!r}: {e.strerror}; choose another path") from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable(path: str) -> None:
+    """Raise what atomic_write(path) would for where its file goes (a missing directory, one no file
+    can be made in), before the work that makes the output: a file is made there and removed."""
+    real = _output_target(path)
+    if real is not None:
+        fd, tmp = _temp_beside(path, real)
+        os.close(fd)
+        os.unlink(tmp)
+
+
+def _output_target(path: str) -> str | None:
+    """The file atomic_write replaces for `path` (links followed), or None: write to `path` itself."""
     try:
         st = os.stat(path)  # through any links (/dev/stdout -> /proc/self/fd/1 -> a pipe)
     except OSError:
         st = None
     if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-        with open(path, mode) as f:
-            f.write(data)
-        return
+        return None
     real = os.path.realpath(path)
-    directory = os.path.dirname(real)
-    if not os.path.isdir(directory):
+    if not os.path.isdir(os.path.dirname(real)):
         raise PlanFormatError(f"output directory {os.path.dirname(os.path.abspath(path))!r} does not exist; "
                               f"create it or choose another path")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    return real
+
+
+def _temp_beside(path: str, real: str) -> tuple[int, str]:
+    """A new temporary file (fd, name) in the directory of `real`; SpecError naming `path` if the
+    file system refuses one there (not writable, read-only, /proc or /sys)."""
+    directory = os.path.dirname(real)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file what open() would
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-        os.replace(tmp, real)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    except OSError as e:
+        raise SpecError(f"cannot write {path!r}: no file can be created in {directory!r} ({e.strerror}); "
+                        f"choose a path in a directory you can write to") from None
 
 
 def _umask() -> int:

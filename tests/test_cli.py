@@ -126,6 +126,26 @@ def test_output_in_missing_directory(tmp_path, capsys):
     assert code == 2 and "does not exist" in err and not (tmp_path / "nope").exists()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (no file can be created in it)")
+def test_output_where_no_file_can_be_made_names_the_path(tmp_path, capsys):
+    """-o in a directory that refuses new files (/proc here; a read-only one alike, which root, as
+    tests may run, could still write) names the path given, not atomic_write's .tmp-XXXX file,
+    and is said before the compile; ir.atomic_write says the same, and a path that is a directory
+    (no CLI check before it) is named too, with no temporary file left behind."""
+    for path in ("/proc/x.json", "/proc/version"):
+        code, out, err = run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", path)
+        assert (code, out) == (2, "")
+        assert err == (f"slimpipe compile: error: cannot write {path!r}: no file can be created in '/proc' (No such "
+                       f"file or directory); choose a path in a directory you can write to\n")
+    with pytest.raises(ir.SpecError, match=r"^cannot write '/proc/x.json': no file can be created in '/proc' "):
+        ir.atomic_write("/proc/x.json", "{}")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ir.SpecError) as e:
+        ir.atomic_write(str(tmp_path / "d"), "{}")
+    assert str(e.value) == f"cannot write {str(tmp_path / 'd')!r}: Is a directory; choose another path"
+    assert sorted(os.listdir(tmp_path)) == ["d"] and os.listdir(tmp_path / "d") == []
+
+
 def test_argparse_errors_are_one_line(capsys):
     assert main(["compile", "--pp", "x"]) == 2
     err = capsys.readouterr().err

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from ir import Plan, PlanFormatError, SpecError, load, save
+from ir import Plan, PlanFormatError, SpecError, check_writable, load, save
 from ir.options import limit_seconds, nonneg_float, nonneg_int, positive_float, positive_int  # noqa: F401 (the commands' option types)
 
 from .. import schedules
@@ -59,6 +59,7 @@ def check_output_path(path: str, source: str | None = None) -> None:
         same = False
     if same:
         raise SpecError(f"-o {path!r} is the file this command reads ({source!r}); give another output path")
+    check_writable(path)  # a directory no file can be made in (read-only, /proc): said now, not after the work
 
 
 PLAN_FORMATS = {"auto": None, "text": False, "compact": True}
