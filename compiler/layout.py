@@ -82,6 +82,20 @@ def uniform_slices(seq_len: int, n: int) -> tuple[int, ...]:
     return (seq_len // n,) * n
 
 
+def check_cp(cp: int, seq_len: int, slices: int = 1) -> None:
+    """SpecError unless cp divides seq_len / slices (the uniform slices; slices=1: the sequence, which
+    any partition's slices sum to). Context parallelism (Megatron, torchtitan) splits every slice's
+    tokens over its cp GPUs: a share of a token is no layout (Megatron's load balancing even needs
+    2*cp; the cost model only needs whole tokens)."""
+    if seq_len % slices:
+        return  # not uniform slices: uniform_slices says why
+    tokens = seq_len // slices
+    if tokens % cp:
+        what = f"--seq-len {seq_len}" if slices == 1 else f"the {tokens}-token slices of --seq-len {seq_len} / --slices {slices}"
+        raise SpecError(f"--cp {cp} does not divide {what}: context parallelism splits every slice over the cp GPUs; "
+                        f"allowed: a --cp that divides {tokens}, or a --seq-len divisible by {slices * cp}")
+
+
 def check_positive(**vals: int) -> None:
     """Each size an integer from 1 to INT_MAX; SpecError naming the first that is not."""
     for name, val in vals.items():

@@ -11,7 +11,8 @@ Declared space, for G GPUs, global batch B sequences, a model with L layers and 
     n          1 for gpipe, 1f1b, interleaved-1f1b, looped-bfs; {2, 4, 8, 16, 32} for seq1f1b, slimpipe
     v          1 for gpipe, 1f1b; {2, 3, 4, 5, 6, 8, 10} for interleaved-1f1b, looped-bfs (v=1 would
                repeat 1f1b / gpipe); {1, 2, 3, 4, 5, 6, 8, 10} for seq1f1b, slimpipe; p*v <= L
-    partition  uniform (S divisible by n*cp); seq1f1b with n > 1 also flops (Seq1F1B's equal-FLOPs split)
+    partition  uniform (S divisible by n*cp); seq1f1b with n > 1 also flops (Seq1F1B's equal-FLOPs split;
+               S divisible by cp, slices in multiples of lcm(2, cp) tokens): cp splits every slice
     exchange   slimpipe: on and off (the KV exchange); off for the other families
     layers     uniform (the first layers mod (p*v) stages take one more); also balanced (the split that
                minimises the slowest stage under the cost model, LM head and loss included) wherever
@@ -195,6 +196,8 @@ def _rule(problem: Problem, c: Candidate) -> str | None:
         return "global batch not divisible by dp (m = B/dp must be an integer)"
     if c.partition == "uniform" and S % (c.slices * c.cp):
         return "seq_len not divisible by n*cp (uniform slicing)"
+    if c.partition == "flops" and S % c.cp:
+        return "seq_len not divisible by cp (flops slicing)"
     if c.partition == "flops" and S < 2 * c.slices * c.cp:
         return "seq_len too short for a flops partition into n slices"
     if c.pp * c.microbatches * c.slices * c.virtual_stages > MAX_UNITS:  # as build_spec refuses it (ir.limits)
@@ -211,7 +214,7 @@ def _rule(problem: Problem, c: Candidate) -> str | None:
 @lru_cache(maxsize=None)
 def _balanced(model, seq_len: int, n: int, partition: str, tp: int, cp: int, stages: int,
               prof: DeviceProfile) -> tuple[int, ...] | None:
-    split = layer_split("balanced", model, stages, slice_lens(model, seq_len, n, partition), prof, tp, cp)
+    split = layer_split("balanced", model, stages, slice_lens(model, seq_len, n, partition, cp), prof, tp, cp)
     return None if split == split_layers(model.layers, stages) else split
 
 
@@ -273,16 +276,16 @@ class SliceCosts:
 
 
 @lru_cache(maxsize=None)
-def slice_lens(model, seq_len: int, n: int, partition: str) -> tuple[int, ...]:
+def slice_lens(model, seq_len: int, n: int, partition: str, cp: int = 1) -> tuple[int, ...]:
     if partition == "flops":
-        return tuple(flops_partition(model, seq_len, n))
+        return tuple(flops_partition(model, seq_len, n, cp=cp))
     return uniform_slices(seq_len, n)
 
 
 @lru_cache(maxsize=None)
 def slice_costs(model, seq_len: int, n: int, partition: str, tp: int, cp: int, prof: DeviceProfile,
                 dtype_bytes: int = 2) -> SliceCosts:
-    lens = slice_lens(model, seq_len, n, partition)
+    lens = slice_lens(model, seq_len, n, partition, cp)
     fb = head_fb = fixed = work = w = head_w = 0.0
     min_f = min_b = min_i = math.inf
     prefix = 0
@@ -376,7 +379,7 @@ def candidate_spec(problem: Problem, c: Candidate) -> PlanSpec:
     extra = dict(tp=c.tp, cp=c.cp, dp=c.dp, exchange=c.exchange, layer_split_kind=c.layer_split,
                  profile=problem.profile)
     if c.partition == "flops":
-        extra.update(partition="flops", slice_lens=slice_lens(problem.model, problem.seq_len, c.slices, "flops"))
+        extra.update(partition="flops", slice_lens=slice_lens(problem.model, problem.seq_len, c.slices, "flops", c.cp))
     return build_spec(c.schedule, problem.model, pp=c.pp, microbatches=c.microbatches, slices=c.slices,
                       virtual_stages=c.virtual_stages, seq_len=problem.seq_len, **extra)
 

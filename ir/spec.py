@@ -147,6 +147,9 @@ class PlanSpec(BaseModel):
                 raise ValueError(f"slice_lens[{mb}] has {len(lens)} slices, slices={n}")
             if any(x < 1 for x in lens) or sum(lens) != self.seq_len:
                 raise ValueError(f"slice_lens[{mb}]={list(lens)} must be positive and sum to seq_len={self.seq_len}")
+            if any(x % self.cp for x in lens):  # a GPU's share of a slice would be part of a token
+                raise ValueError(f"slice_lens[{mb}]={list(lens)} must each be divisible by cp={self.cp} (context "
+                                 f"parallelism splits every slice over the cp GPUs)")
         if len(self.placement) != p or any(len(ch) != v for ch in self.placement):
             raise ValueError(f"placement must list {v} stage(s) for each of {p} rank(s)")
         stages = sorted(s for ch in self.placement for s in ch)

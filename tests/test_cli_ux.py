@@ -230,6 +230,48 @@ def test_a_bad_spec_value_is_named(plan_1f1b, tmp_path, capsys):
     assert code == 2 and "spec.model.hidden: Input should be a valid integer (got '64')" in err
 
 
+CP_WHY = "context parallelism splits every slice over the cp GPUs; allowed: a --cp that divides"
+COMPILE_SEQ1F1B = ("compile", "--schedule", "seq1f1b", "--pp", "2", "--microbatches", "2")
+
+
+@pytest.mark.parametrize("args,line", [
+    (COMPILE_SEQ1F1B + ("--slices", "2", "--cp", "3"),
+     f"slimpipe compile: error: --cp 3 does not divide the 64-token slices of --seq-len 128 / --slices 2: {CP_WHY} "
+     "64, or a --seq-len divisible by 6"),
+    (COMPILE_SEQ1F1B + ("--slices", "4", "--partition", "flops", "--cp", "3"),
+     f"slimpipe compile: error: --cp 3 does not divide --seq-len 128: {CP_WHY} 128, or a --seq-len divisible by 3"),
+    (("compare", "--pp", "2", "--cp", "3", "--memory-budget", "1GiB"),
+     f"slimpipe compare: error: --cp 3 does not divide --seq-len 128: {CP_WHY} 128, or a --seq-len divisible by 3"),
+])
+def test_cp_that_splits_a_token_is_refused(tmp_path, capsys, args, line):
+    """Context parallelism gives each of its GPUs an equal share of every slice: a --cp that does not
+    divide the slices (the cost model priced 64/3 tokens per GPU) is one line, exit 2, nothing written."""
+    out = tmp_path / "p.json"
+    code, stdout, err = run(capsys, *args, *(("-o", str(out)) if args[0] == "compile" else ()))
+    assert (code, stdout, err) == (2, "", line + "\n")
+    assert not out.exists()
+
+
+def test_cp_slices_whole_tokens(tmp_path, capsys):
+    """A --cp that divides the slices compiles (flops slices cut in multiples of lcm(2, cp)); a plan
+    edited to a cp that does not is refused by simulate; tune skips such candidates, naming why."""
+    out = tmp_path / "p.json"
+    assert run(capsys, *COMPILE_SEQ1F1B, "--slices", "2", "--cp", "3", "--seq-len", "132", "-o", str(out))[0] == 0
+    assert ir.load(str(out)).spec.slice_lens == ((66, 66), (66, 66))
+    assert run(capsys, *COMPILE_SEQ1F1B, "--slices", "4", "--cp", "4", "--partition", "flops", "-o", str(out))[0] == 0
+    assert ir.load(str(out)).spec.slice_lens[0] == (40, 32, 28, 28)  # [38, 32, 30, 28] without cp
+    d = json.load(open(out))
+    d["spec"]["cp"] = 8
+    out.write_text(json.dumps(d))
+    code, _, err = run(capsys, "simulate", str(out))
+    assert (code, err) == (2, f"slimpipe simulate: error: {out}: plan spec: slice_lens[0]=[40, 32, 28, 28] must each "
+                              "be divisible by cp=8 (context parallelism splits every slice over the cp GPUs)\n")
+    code, stdout, _ = run(capsys, "tune", "--model", "tiny", "--gpus", "6", "--cp", "3", "--memory-budget", "1GiB")
+    assert code == 1 and stdout.splitlines()[1] == (
+        "no plan fits: 708 of 708 candidates break a rule (seq_len not divisible by n*cp (uniform slicing): 450; "
+        "p*v exceeds the model's layers: 168; seq_len not divisible by cp (flops slicing): 90)")
+
+
 def test_a_corrupt_or_odd_proof_store_never_fails_a_command(plan_1f1b, capsys):
     """A proof file that nests too deep for json (RecursionError) or a FIFO at the proof's path:
     simulate --unit-costs replays (it crashed with a traceback, and hung on the FIFO)."""

@@ -8,6 +8,7 @@ import re
 from ir import SlimpipeError, SpecError
 from passes.costs import load_profile
 
+from ..layout import check_cp
 from ..search import Candidate, Problem, SearchResult, Space, candidate_spec, evaluate, rank_rows, search
 from .cmd_compile import add_model_args, model_from_args
 from .. import schedules
@@ -84,6 +85,7 @@ def run(args) -> int:
     model, seq = model_from_args(args)
     if model.heads % args.tp:
         raise SpecError(f"--tp {args.tp} must divide the model's {model.heads} attention heads")
+    check_cp(args.cp, seq)  # each candidate's slices too: the search skips those cp does not divide
     gpus = args.pp * args.tp * args.cp * args.dp
     problem = Problem(model, seq, gpus, budget, args.microbatches * args.dp, profile)
     kw = {"families": families_arg(args.schedules)} if args.schedules is not None else {}

@@ -6,7 +6,7 @@ from passes.costs import load_profile
 from passes.partition import flops_partition
 
 from .. import compile_plan, schedules
-from ..layout import build_spec
+from ..layout import build_spec, check_cp
 from ..models import DEFAULT_SEQ, PRESETS, resolve_model
 from .common import add_parser, add_plan_format_arg, check_output_path, emit_json, exchanges_phrase, nonneg_int, positive_int, save_plan
 
@@ -83,9 +83,12 @@ def parallel_from_args(args, model, seq: int) -> dict:
     if args.partition == "flops":
         if args.slices < 2:
             raise SpecError(f"--partition flops needs --slices >= 2 (got {args.slices})")
-        out.update(partition="flops", slice_lens=tuple(flops_partition(model, seq, args.slices)))
+        check_cp(args.cp, seq)
+        out.update(partition="flops", slice_lens=tuple(flops_partition(model, seq, args.slices, cp=args.cp)))
     elif args.partition != "uniform":
         raise SpecError(f"--partition {args.partition!r} is unknown; allowed: uniform, flops")
+    else:
+        check_cp(args.cp, seq, args.slices)
     return out
 
 

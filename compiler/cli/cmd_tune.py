@@ -38,6 +38,7 @@ SPACE_HELP = f"""search space (each part can be narrowed with the flags below):
   v          1 for {_names(lambda f: f.search_virtual == "one")}; {', '.join(map(str, V_CHOICES))} otherwise (not 1 for
              {_names(lambda f: f.search_virtual == "above_one")}); p*v <= layers
   partition  uniform (seq divisible by n*cp); also flops for {_names(lambda f: "flops" in f.partitions)}
+             (seq divisible by cp; slices in multiples of lcm(2, cp) tokens)
   exchange   on and off for {_names(lambda f: f.default_exchange)}
   layers     uniform; also balanced (stages balanced by the cost model, LM head included) where it differs
 Candidates over the budget by a sound memory bound are pruned; the rest are simulated in order of an
