@@ -72,8 +72,9 @@ def _layout(rows) -> tuple[list[list[int]], int]:
 
 
 def from_rows(rows, model=None, seq_len: int | None = None, source: str = "") -> Plan:
-    """A plan from parsed CSV rows (ir.torchfmt.parse_rows). `model` (a ModelConfig; default the
-    tiny preset with at least one layer per stage) and `seq_len` (default 128) size the spec."""
+    """A plan from parsed CSV rows (ir.torchfmt.parse_rows). `model` (a ModelConfig, which must have
+    a layer per stage at least; default the tiny preset with its layers raised to one per stage
+    where it has fewer: a stand-in for checking a schedule) and `seq_len` (default 128) size the spec."""
     placement, m = _layout(rows)
     p = len(rows)
     v = len(placement[0])
@@ -83,8 +84,10 @@ def from_rows(rows, model=None, seq_len: int | None = None, source: str = "") ->
         if model.layers < stages:
             model = model.model_copy(update={"layers": stages})
     if model.layers < stages:
-        raise SpecError(f"model {model.name} has {model.layers} layers, fewer than the schedule's {stages} stages "
-                        f"({p} ranks x {v}); give --layers {stages} or more")
+        where = f"{source}: " if source else ""
+        raise SpecError(f"{where}the schedule has {stages} stages ({p} ranks x {v}), more than model {model.name}'s "
+                        f"{model.layers} layers (one stage holds one layer at least); give --layers {stages} or more, "
+                        f"or a --model with as many")
     spec = build_spec(SCHEDULE_NAME, model, pp=p, microbatches=m, slices=1, virtual_stages=v,
                       seq_len=seq_len or 128, placement=tuple(tuple(pl) for pl in placement))
     owner = spec.stage_rank()

@@ -340,3 +340,33 @@ def test_a_csv_saved_by_a_spreadsheet_imports_the_same(tmp_path, capsys):
     assert executor_main([str(plain), "--local", "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "import it first" in err
+
+
+def test_more_stages_than_layers(tmp_path, capsys):
+    """A CSV of 12 stages (12 rows, one stage each) against the tiny model's 8 layers: `import`,
+    which writes a plan of the model its flags name (default tiny), refuses it in one line naming
+    the numbers (it used to raise the model's layers to 12 silently, even under --model tiny);
+    --layers 12 imports it. check, simulate, show read a CSV directly with tiny as a stand-in, its
+    layers raised to one per stage, and now say so on stderr."""
+    src = tmp_path / "s.csv"
+    src.write_text("".join(f"{r}F0,{r}B0\n" for r in range(12)))
+    out = tmp_path / "p.json"
+    for flags in ((), ("--model", "tiny")):
+        assert main(["import", str(src), "-o", str(out), *flags]) == 2
+        assert capsys.readouterr().err == (
+            f"slimpipe import: error: {src}: the schedule has 12 stages (12 ranks x 1), more than model tiny's 8 layers "
+            "(one stage holds one layer at least); give --layers 12 or more, or a --model with as many\n")
+        assert not out.exists()
+    assert main(["import", str(src), "-o", str(out), "--layers", "12"]) == 0
+    capsys.readouterr()
+    import ir
+
+    assert ir.load(str(out)).spec.model.layers == 12
+    assert main(["check", str(src)]) == 0
+    std = capsys.readouterr()
+    assert std.out == f"{src}: valid, deadlock-free (80 instructions on 12 ranks)\n"
+    assert std.err == (f"note: {src} has 12 stages, more than the tiny model's 8 layers: read with tiny's layers raised "
+                       "to 12 (one per stage); `slimpipe import` with --model or --layers chooses the model\n")
+    eight = tmp_path / "eight.csv"
+    eight.write_text("".join(f"{r}F0,{r}B0\n" for r in range(8)))
+    assert main(["check", str(eight)]) == 0 and capsys.readouterr().err == ""  # tiny as it is: no note

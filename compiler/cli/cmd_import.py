@@ -6,16 +6,14 @@ from collections import Counter
 from passes import require_valid
 
 from ..torchcsv import import_csv
-from .cmd_compile import MODEL_FLAGS, add_model_args, model_from_args
+from .cmd_compile import add_model_args, model_from_args
 from .common import add_parser, add_plan_format_arg, check_output_path, report, save_plan
 
 
 def run(args) -> int:
     check_output_path(args.output, args.plan)
-    model, seq = model_from_args(args)
-    # the default tiny model gets one layer per stage at least, unless --layers says otherwise
-    default = args.model == "tiny" and all(getattr(args, f) is None for f in MODEL_FLAGS)
-    plan = import_csv(args.plan, None if default else model, seq)
+    model, seq = model_from_args(args)  # default tiny: a schedule of more stages than its layers is refused
+    plan = import_csv(args.plan, model, seq)
     require_valid(plan, "not imported", args.plan, parallel=True)
     save_plan(plan, args.output, args.plan_format)
     spec, meta = plan.spec, plan.meta["torch"]

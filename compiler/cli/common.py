@@ -10,6 +10,7 @@ from ir import Plan, PlanFormatError, SpecError, check_writable, load, save
 from ir.options import limit_seconds, nonneg_float, nonneg_int, positive_float, positive_int  # noqa: F401 (the commands' option types)
 
 from .. import schedules
+from ..models import PRESETS
 
 
 def add_parser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
@@ -23,7 +24,13 @@ def load_plan(path: str) -> Plan:
     if path.lower().endswith(".csv"):
         from ..torchcsv import import_csv
 
-        return import_csv(path)
+        plan = import_csv(path)  # the tiny model, its layers raised to one per stage where it has fewer: say so
+        own = PRESETS["tiny"]["layers"]
+        if plan.spec.model.layers > own:
+            print(f"note: {path} has {plan.spec.num_stages} stages, more than the tiny model's {own} layers: read with "
+                  f"tiny's layers raised to {plan.spec.model.layers} (one per stage); `slimpipe import` with --model or "
+                  f"--layers chooses the model", file=sys.stderr)
+        return plan
     return load(path)
 
 
