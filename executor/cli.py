@@ -269,6 +269,22 @@ def nccl_note(plan) -> str | None:
                                        f"their receive is posted): {cycle}")
 
 
+def pick_attention(opts, plan, dist: bool) -> None:
+    """Choose and self-test the --attention backend once, before any rank starts, into
+    opts.attention_backend (run_rank takes it from there): a choice this machine cannot honour
+    (flash without CUDA or without flash_attn, a failed self-test) is one line, exit 2
+    (errors.BackendUnavailable), instead of one line per in-process rank. Under torchrun each
+    process decides for its own GPU, since nodes may differ in what they have installed."""
+    import torch
+
+    from .device import choose_backend
+
+    device = torch.device(opts.device)
+    if dist and opts.device == "cuda":  # the GPU device.choose_device gives this process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
+    opts.attention_backend = choose_backend(opts, device, plan.spec.model.head_dim)
+
+
 def _fail(msg: str, code: int = 2) -> int:
     write_line(line(os.environ.get("RANK"), msg))
     return code
@@ -395,6 +411,7 @@ def _main(argv=None) -> int:
             if not opts.local and n > 1:
                 return _fail(f"plan has pp={p} x dp={plan.spec.dp} ranks: launch with `torchrun --nproc-per-node {n} "
                              f"-m executor ...` or pass --local")
+            pick_attention(opts, plan, dist=False)
             code, _ = runner.run_local(plan, opts)
             if runner.abandoned_threads():  # a rank still busy after a failure: do not wait for it
                 sys.stdout.flush()
@@ -404,6 +421,7 @@ def _main(argv=None) -> int:
         bad = replicas_mismatch(plan.spec, int(world))
         if bad:
             return _fail(bad)
+        pick_attention(opts, plan, dist=True)
         _GROUP_STARTED = True
         return runner.run_dist(plan, opts)
     except ir.SlimpipeError as e:  # e.g. errors.BackendUnavailable (exit 2)

@@ -50,9 +50,10 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
              fault=None) -> tuple[int, dict | None]:
     """Run opts.steps steps on global rank `rank` (pipeline rank rank % pp of replica rank // pp;
     the transport's world is pp x replicas). Returns (exit code, summary on rank 0 else None).
-    `fault` is (Fault, index) or None: then SLIMPIPE_FAULT is read."""
+    `fault` is (Fault, index) or None: then SLIMPIPE_FAULT is read. The attention backend is
+    opts.attention_backend when the command line chose it (cli.pick_attention), else chosen here."""
     device = choose_device(opts, transport, rank)
-    backend = choose_backend(opts, device, plan.spec.model.head_dim)
+    backend = getattr(opts, "attention_backend", None) or choose_backend(opts, device, plan.spec.model.head_dim)
     watch = watch or Watch(rank)
     f, at = fault if fault is not None else fault_from_env(plan)
     if f is not None and f.rank != rank:

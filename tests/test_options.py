@@ -227,3 +227,20 @@ def test_executor_options_that_would_be_ignored(plan_path, extra, needle):
     helper): one line, exit 2, before any rank starts."""
     code, _, err = _call([plan_path, "--local", "--steps", "1", *extra], executor=True)
     assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_attention_the_machine_cannot_honour_is_one_line_before_any_rank(plan_path, monkeypatch):
+    """--attention flash without CUDA (or flash_attn) printed its error once per in-process rank,
+    from inside the run; it is one line, exit 2, before any rank starts."""
+    code, out, err = _call([plan_path, "--local", "--quiet", "--device", "cpu", "--attention", "flash"], executor=True)
+    assert (code, out, err) == (2, "", "executor: error: --attention flash needs --device cuda\n")
+    import executor.attention as attention
+
+    monkeypatch.setattr(attention, "self_test", lambda *a, **k: "relative error 3.00e-01 against the math reference")
+    code, out, err = _call([plan_path, "--local", "--quiet", "--device", "cpu", "--attention", "sdpa"], executor=True)
+    assert (code, out, err) == (2, "", "executor: error: --attention sdpa: backend sdpa failed its self-test "
+                                       "(relative error 3.00e-01 against the math reference)\n")
+    # auto falls back to the math backend: chosen (and said) once for both ranks, which run on it
+    code, out, err = _call([plan_path, "--local", "--quiet", "--device", "cpu"], executor=True)
+    assert (code, err) == (0, "")
+    assert out.count("executor: attention backend sdpa skipped: relative error 3.00e-01") == 1, out
