@@ -218,7 +218,8 @@ def _numpy() -> bool:
 
 
 def check_files(opts, plan) -> str:
-    """'' or the one line saying why --resume/--save/--metrics cannot be used (before any rank starts)."""
+    """'' or the one line saying why --resume/--save/--metrics cannot be used (before any rank starts),
+    or why SLIMPIPE_FAULT names a step that --resume skips."""
     from .checkpoint import CheckpointError, find
 
     if opts.autocast and opts.dtype != "fp32":
@@ -240,8 +241,9 @@ def check_files(opts, plan) -> str:
                 "pip install 'slimpipe[train]'")
     if opts.resume:
         try:
-            find(opts.resume, plan.spec, opts.steps)
-        except CheckpointError as e:
+            _, meta = find(opts.resume, plan.spec, opts.steps)
+            fault_from_env(plan, opts.steps, first=meta["step"])  # a fault in a step before the resumed one
+        except (CheckpointError, ir.SpecError) as e:
             return str(e)
     if opts.save:
         if os.path.exists(opts.save) and not os.path.isdir(opts.save):
@@ -368,7 +370,7 @@ def _main(argv=None) -> int:
                          else f"directory {d!r} does not exist") + "; give a file path such as measured.json")
     try:
         plan = load_plan(opts.plan, check=not opts.no_check)
-        fault_from_env(plan)
+        fault_from_env(plan, opts.steps)
     except ir.SlimpipeError as e:
         return _fail(str(e), e.exit_code)
     try:

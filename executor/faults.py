@@ -22,7 +22,7 @@ FAULT_ENV = "SLIMPIPE_FAULT"
 FAULT_HELP = """fault injection (for tests of the failure paths):
   SLIMPIPE_FAULT='rank=R,instr=I,action=fail|delay|exit|stop[,seconds=S][,step=K]'
     rank R, at instruction I of its stream (an index, or the text form such as 'F mb3 s1 c0'),
-    in training step K (default 1): fail raises an error there (exit 1); delay sleeps S seconds
+    in training step K (default 1; a step the run executes, else refused): fail raises an error there (exit 1); delay sleeps S seconds
     (default 5) before running it; exit prints one line and ends the process abruptly with
     os._exit(3), like a crash; stop stops the process with SIGSTOP (as Ctrl-Z or a debugger would).
     Other ranks then fail within --timeout, naming whom they waited on."""
@@ -87,13 +87,30 @@ class Fault:
             raise SpecError(f"{FAULT_ENV}={self.text!r}: rank {self.rank} has no instruction '{self.instr}'") from None
 
 
-def fault_from_env(plan) -> tuple[Fault | None, int | None]:
-    """(the fault, its instruction index) from SLIMPIPE_FAULT; SpecError (exit 2) if malformed."""
+    def check_steps(self, steps: int, first: int = 0) -> None:
+        """SpecError unless this fault's step is one the run executes: steps first+1..steps (1-based;
+        `first` is the step a --resume checkpoint ends). A fault in a step never run would be silently
+        skipped, and the run's success taken for a test of the failure path."""
+        if self.step > steps:
+            raise SpecError(f"{FAULT_ENV}={self.text!r}: step {self.step} is never run: this run has --steps {steps}; "
+                            f"give step=" + (f"{first + 1}..{steps}" if first + 1 < steps else f"{steps}")
+                            + f" or --steps {self.step} or more")
+        if self.step <= first:
+            raise SpecError(f"{FAULT_ENV}={self.text!r}: step {self.step} is never run: --resume starts after step "
+                            f"{first}; give step=" + (f"{first + 1}..{steps}" if first + 1 < steps else f"{steps}"))
+
+
+def fault_from_env(plan, steps: int | None = None, first: int = 0) -> tuple[Fault | None, int | None]:
+    """(the fault, its instruction index) from SLIMPIPE_FAULT; SpecError (exit 2) if malformed, or,
+    given the run's `steps` (and `first`, see Fault.check_steps), if its step is not run."""
     text = os.environ.get(FAULT_ENV, "").strip()
     if not text:
         return None, None
     f = Fault.parse(text)
-    return f, f.index_in(plan)
+    at = f.index_in(plan)
+    if steps is not None:
+        f.check_steps(steps, first)
+    return f, at
 
 
 class Injector:

@@ -123,7 +123,7 @@ def test_resume_is_exact_in_process_with_dp(tmp_path):
     _resume_pair(str(tmp_path), launch)
 
 
-def test_unusable_checkpoints_are_one_line_exit_2(tmp_path, capsys):
+def test_unusable_checkpoints_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     from executor.cli import main
 
     plan_path = str(tmp_path / "plan.json")
@@ -145,6 +145,11 @@ def test_unusable_checkpoints_are_one_line_exit_2(tmp_path, capsys):
         assert main(args + ["--local", "--device", "cpu"]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0], (args, err)
+    monkeypatch.setenv("SLIMPIPE_FAULT", "rank=0,instr=1,action=fail,step=2")  # a step the resumed run skips
+    assert main([plan_path, "--resume", ck, "--steps", "4", "--local", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("executor: error: SLIMPIPE_FAULT='rank=0,instr=1,action=fail,step=2': step 2 "
+                                       "is never run: --resume starts after step 2; give step=3..4\n")
+    monkeypatch.delenv("SLIMPIPE_FAULT")
     os.remove(shard)
     assert main([plan_path, "--resume", ck, "--steps", "4", "--local", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

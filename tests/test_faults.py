@@ -274,6 +274,28 @@ def test_fault_syntax_errors_are_one_line_exit_2(plan_files):
     assert res.returncode == 0 and res.stdout.startswith("plan ok: 1f1b, pp=2"), res
 
 
+def test_a_fault_in_a_step_the_run_never_reaches_is_refused(plan_files):
+    """step=5 with the default --steps 1 was silently skipped: the run succeeded and the failure
+    path looked tested. One line, exit 2, before any rank starts; also for a step --resume skips."""
+    from executor.faults import Fault
+
+    bad = "rank=0,instr=1,action=fail,step=5"
+    res = subprocess.run([sys.executable, "-m", "executor", plan_files["1f1b-p2"], "--local", "--quiet", "--steps", "2"],
+                         cwd=ROOT, capture_output=True, text=True, env={**ENV, "SLIMPIPE_FAULT": bad}, timeout=60)
+    assert (res.returncode, res.stdout) == (2, ""), res
+    assert res.stderr == (f"executor: error: SLIMPIPE_FAULT='{bad}': step 5 is never run: this run has --steps 2; "
+                          f"give step=1..2 or --steps 5 or more\n")
+    res = subprocess.run([sys.executable, "-m", "executor", plan_files["1f1b-p2"], "--check-only"], cwd=ROOT,
+                         capture_output=True, text=True, env={**ENV, "SLIMPIPE_FAULT": bad}, timeout=60)
+    assert res.returncode == 2 and "step 5 is never run: this run has --steps 1; give step=1 or" in res.stderr, res
+    f = Fault.parse("rank=0,instr=1,action=fail,step=2")
+    with pytest.raises(ir.SlimpipeError, match=re.escape("step 2 is never run: --resume starts after step 2; "
+                                                         "give step=3..4")) as e:
+        f.check_steps(4, first=2)
+    assert e.value.exit_code == 2
+    f.check_steps(2, first=1)  # the one step this resumed run executes
+
+
 def test_a_missing_rank_bounds_the_start(plan_files):
     """Rank 0 of a 2-rank job whose rank 1 never starts: init_process_group gives up after the
     timeout; the line says what it waited for."""
