@@ -9,7 +9,12 @@ and data-parallel bookkeeping with no pipeline data flow) and idle cells are kep
 annotations in plan.meta["torch"] that export puts back where they were: the simulator and our
 executor ignore them. Every stream ends with our OPT (dropped again on export).
 
-Export: the reverse, for plans without sequence slices and KV exchange.
+Export: the reverse, for plans without sequence slices and KV exchange. With communication
+(--comms), `torch_order` first orders the sends and receives inside each run of a plan of ours
+(passes.lower.order_for_single_posting): torch's runtime posts each action alone, and where sends
+block until their receive is posted (NCCL's large messages) our lowering order waits in a cycle;
+our executor posts a run as one batch, so that is the same plan. `rendezvous_note` says what cycle
+is left.
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ import os
 
 from ir import KV, Instr, Kind, Plan, PlanFormatError, SpecError, atomic_write
 from ir.torchfmt import COMM_TYPES, OVERLAP, STAGE_TYPES, Action, read_csv, write_rows
-from passes.lower import ACT, GRAD, lower_comm, p2p_tag
+from passes import rendezvous_problem
+from passes.replay import replay
+from passes.lower import ACT, GRAD, lower_comm, order_for_single_posting, p2p_tag
 
 from .layout import build_spec
 from .models import resolve_model
@@ -228,7 +235,30 @@ def _stage_action(text: str) -> Action:
     raise PlanFormatError(f"plan meta.torch.annotations holds {text!r}; allowed: '' or a stage-only action such as 0REDUCE_GRAD")
 
 
+def torch_order(plan: Plan) -> Plan:
+    """The plan as `export --comms` writes it: the sends and receives inside each run ordered for
+    torch's runtime, which posts each action alone (passes.lower.order_for_single_posting), unless
+    that order came from a torch file with communication (import keeps it exactly)."""
+    torch = plan.meta.get("torch") or {}
+    if plan.meta.get("p2p_batching", "runs") == "single" and torch.get("format") != "compute_only":
+        return plan
+    return order_for_single_posting(plan)
+
+
+def rendezvous_note(plan: Plan, rows) -> str | None:
+    """What `slimpipe check FILE.csv --p2p rendezvous` says of `rows` (to_rows(plan, comms=True)),
+    as torch's runtime posts them, each action alone, with its CSV cell; None when they have no
+    wait cycle. The file is read back (its annotations and OVERLAP_F_B cells count in the
+    positions) only when there is one."""
+    if not replay(plan, p2p="rendezvous", batch_runs=False).deadlocked:
+        return None
+    back = from_rows(rows, plan.spec.model, plan.spec.seq_len)
+    problem = rendezvous_problem(back)
+    return None if problem is None else f"{problem}{csv_cell(back, problem.rank, problem.index)}"
+
+
 def export_csv(plan: Plan, path: str, comms: bool = False) -> list[list[Action | None]]:
+    """Write to_rows(plan, comms) to `path` (atomically). `export --comms` gives it torch_order(plan)."""
     rows = to_rows(plan, comms)
     atomic_write(path, write_rows(rows))
     return rows

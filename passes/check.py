@@ -63,7 +63,7 @@ def check(plan: Plan, p2p: str = "buffered", step: bool | None = None, parallel:
         if res.deadlocked:
             problems.append(_deadlock(res, res.deadlock_message()))
         elif p2p == "rendezvous":
-            problem = _rendezvous_problem(plan)
+            problem = rendezvous_problem(plan)
             if problem is not None:
                 problems.append(problem)
     return Report(problems, res, figures)
@@ -110,8 +110,9 @@ def _deadlock(res, msg: str) -> Problem:
     return Problem("deadlock", msg, first.rank, first.index)
 
 
-def _rendezvous_problem(plan: Plan) -> Problem | None:
-    """The deadlock of the replay with sends that block until their receive is posted, or None."""
+def rendezvous_problem(plan: Plan) -> Problem | None:
+    """The deadlock of the replay with sends that block until their receive is posted, or None
+    (runs of sends/receives posted as plan.meta["p2p_batching"] says, see check)."""
     res = replay(plan, p2p="rendezvous", batch_runs=plan.meta.get("p2p_batching", "runs") != "single")
     if not res.deadlocked:
         return None
@@ -124,7 +125,7 @@ def rendezvous_cycle(plan: Plan) -> str | None:
     until their receive is posted (NCCL for large messages; check(p2p="rendezvous")), as one line,
     or None when it has none. Only the rendezvous replay runs: the rules and the buffered proof
     are not made again."""
-    problem = _rendezvous_problem(plan)
+    problem = rendezvous_problem(plan)
     return None if problem is None else str(problem)
 
 

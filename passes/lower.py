@@ -9,10 +9,17 @@ matches the messages of a pair in posting order, whatever their tags): a receive
 comes earlier on the peer than the send of a receive placed before it is hoisted to sit right
 before that receive. It then waits for data that was sent no later than the data the rank
 waited for at that point anyway, so no wait and no deadlock is added.
+
+`order_for_single_posting` orders the sends and receives inside each run of consecutive p2p
+instructions (a run is one batch for our executor, so the plan leaves its order open) for a
+runtime that posts every instruction alone, as torch's does: there a send ordered before a
+receive that its peer needs first is a wait cycle when sends block until their receive is posted.
 """
 from __future__ import annotations
 
-from ir import KINDS, RECVS, SENDS, Instr, Plan
+from collections import deque
+
+from ir import KINDS, P2P, RECVS, SENDS, Instr, Plan
 from ir.gcpause import gc_paused
 
 ACT, GRAD = 0, 1
@@ -160,3 +167,85 @@ def order_receives(plan: Plan, tables=None) -> Plan:
         out[r] = tuple(stream[i] for i in sorted(range(len(stream)), key=keys.__getitem__))
         changed = True
     return plan.with_ranks(out) if changed else plan
+
+
+@gc_paused
+def order_for_single_posting(plan: Plan) -> Plan:
+    """The plan with the sends and receives inside its runs of consecutive p2p instructions
+    reordered so that posting each one alone, a send blocking until its receive is posted and a
+    receive until its send is (NCCL's large messages under torch's runtime, p2p_batching
+    "single"), has no wait cycle; the plan itself where it has none as it is. Where no order of
+    its runs avoids one (posting each run as one batch then waits in a cycle too), the runs up to
+    that cycle are ordered and the rest keep their order, so the first cycle left is that one.
+    Nothing moves out of its run, so our executor runs the same batches, and per peer and
+    direction the order is kept (NCCL matches a rank pair's messages in posting order).
+    A replay of that posting: a send meets its receive when both are the next instruction of
+    their ranks; when no rank can go on so, one instruction that is first in its run for its peer
+    and direction meets its counterpart ahead of its run's order (any order that finishes makes
+    that meeting, so this finishes where such an order exists), and the replay goes on in order.
+    Plans with KV exchanges are not for this pass (they are run boundaries that never wait here)."""
+    ranks = plan.ranks
+    p = len(ranks)
+    out: list[list[Instr]] = [[] for _ in range(p)]
+    pos = [0] * p
+    runs: list[list[int] | None] = [None] * p  # what is left of the run each rank stands at (indices)
+    work = deque(range(p))
+
+    def advance(r: int) -> None:  # emit up to rank r's next run and stand there (None: stream done)
+        stream, i = ranks[r], pos[r]
+        n = len(stream)
+        while i < n and stream[i][0] not in P2P:
+            out[r].append(stream[i])
+            i += 1
+        j = i
+        while j < n and stream[j][0] in P2P:
+            j += 1
+        pos[r] = j
+        runs[r] = list(range(i, j)) if j > i else None
+
+    def first(r: int, send: bool, peer: int) -> int | None:  # position in runs[r] of its first such op
+        stream = ranks[r]
+        return next((k for k, x in enumerate(runs[r]) if (stream[x][0] in SENDS) == send and stream[x][4] == peer), None)
+
+    def meet(r: int, k: int, ahead: bool) -> bool:
+        """Whether op k of r's run and its counterpart (the peer's next op unless `ahead`) meet now."""
+        op = ranks[r][runs[r][k]]
+        send, b = op[0] in SENDS, op[4]
+        if not runs[b]:
+            return False
+        kb = first(b, not send, r)
+        if kb is None or ranks[b][runs[b][kb]][5] != op[5] or (kb and not ahead):
+            return False
+        del runs[r][k]
+        out[r].append(op)
+        out[b].append(ranks[b][runs[b].pop(kb)])
+        for q in (r, b):
+            if not runs[q]:
+                advance(q)
+            work.append(q)
+        return True
+
+    def meet_ahead() -> bool:  # one meeting out of order: on one side if that will do, else on both
+        for ahead in (False, True):
+            for r in range(p):
+                stream = ranks[r]
+                for k, x in enumerate(runs[r] or ()):
+                    if k and first(r, stream[x][0] in SENDS, stream[x][4]) == k and meet(r, k, ahead):
+                        return True
+        return False
+
+    for r in range(p):
+        advance(r)
+    while True:
+        while work:
+            r = work.popleft()
+            while runs[r] and meet(r, 0, False):
+                pass
+        if not meet_ahead():
+            break
+    for r in range(p):  # stuck in a cycle no order avoids: the rest as it was
+        out[r].extend(ranks[r][x] for x in runs[r] or ())
+        out[r].extend(ranks[r][pos[r]:])
+    if all(tuple(o) == s for o, s in zip(out, ranks)):
+        return plan
+    return plan.with_ranks(out)

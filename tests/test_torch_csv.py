@@ -2,6 +2,7 @@
 generators, imports, checks and simulates; mutations are named; our plans export and come back."""
 import csv
 import io
+import json
 import warnings
 
 import pytest
@@ -12,10 +13,11 @@ from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops  
 
 from compiler import build_spec, compile_plan, resolve_model  # noqa: E402
 from compiler.cli import main  # noqa: E402
-from compiler.torchcsv import from_rows, to_rows  # noqa: E402
-from ir import Kind, SpecError  # noqa: E402
+from compiler.torchcsv import from_rows, to_rows, torch_order  # noqa: E402
+from ir import P2P, SENDS, Kind, SpecError  # noqa: E402
 from ir.torchfmt import parse_action, parse_rows, read_rows, write_rows  # noqa: E402
-from passes import check  # noqa: E402
+from passes import check, rendezvous_cycle  # noqa: E402
+from passes.lower import order_for_single_posting  # noqa: E402
 from passes.replay import replay  # noqa: E402
 from passes.simulate import simulate_units  # noqa: E402
 
@@ -234,6 +236,79 @@ def test_our_plans_export_and_come_back(fam, p, m, v):
     TS._simulate_comms_compute(low, lambda s: owner[s], p * v)
     ours = {r: [TS._Action.from_str(str(a)) for a in row] for r, row in enumerate(full)}
     assert torch_steps([ours[r] for r in range(p)], p, p * v) == unit_steps(plan)
+    # what `export --comms` writes: the same plan, only the order inside runs of sends/receives (one
+    # batch each in our executor) may differ; torch posts each action alone, and where our batches
+    # cannot wait in a cycle when sends block until their receive is posted, neither can the file
+    back = load(write_rows(to_rows(torch_order(plan), comms=True)))
+    assert [_runs(s) for s in back.ranks] == [_runs(s) for s in plan.ranks] and check(back).ok
+    assert check(back, "rendezvous").ok == (rendezvous_cycle(plan) is None)
+
+
+def _runs(stream):
+    """A stream with each run of consecutive sends/receives as its sends and its receives per peer,
+    each in order: what our executor's batches and NCCL's matching per rank pair depend on."""
+    out, run = [], {}
+    for ins in stream:
+        if ins.kind in P2P:
+            run.setdefault((ins.peer, ins.kind in SENDS), []).append(ins)
+            continue
+        if run:
+            out.append(sorted(run.items()))
+            run = {}
+        out.append(ins)
+    return out + ([sorted(run.items())] if run else [])
+
+
+@pytest.mark.parametrize("fam,v", [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zb-v", 2),
+                                   ("interleaved-zb", 2), ("slimpipe", 1)])
+@pytest.mark.parametrize("p,m", [(2, 2), (2, 4), (3, 6), (4, 8)])
+def test_ordering_runs_for_single_posting_removes_every_cycle_the_batches_lack(fam, v, p, m):
+    """posted one action at a time with blocking sends (torch's runtime on NCCL), a plan whose runs
+    are in lowering order waits in a cycle: 1f1b's 'SEND_F1, RECV_B0' on rank 0 against 'SEND_B0,
+    RECV_F1' on rank 1. Reordered inside its runs, it has none wherever its batches have none."""
+    model = resolve_model("tiny", {"layers": max(8, p * v)})
+    plan = compile_plan(build_spec(fam, model, pp=p, microbatches=m, virtual_stages=v, seq_len=32))
+    out = order_for_single_posting(plan)
+    assert [_runs(s) for s in out.ranks] == [_runs(s) for s in plan.ranks] and check(out).ok
+    single = replay(out, p2p="rendezvous", batch_runs=False)
+    assert single.deadlocked == (rendezvous_cycle(plan) is not None), (fam, p, m)
+    if fam in ("1f1b", "zb-h1", "slimpipe"):  # lowering order: a cycle before, none after
+        assert replay(plan, p2p="rendezvous", batch_runs=False).deadlocked
+
+
+def test_export_of_zero_bubble_with_comms_runs_on_nccl(tmp_path, capsys):
+    """The finding: `export --comms` of a zb-h1 plan wrote an order whose import `check --p2p
+    rendezvous` found a wait cycle in (rank 0 at SEND_F1, rank 1 at SEND_B0), export saying nothing.
+    The runs are now ordered for torch's one-action-at-a-time posting; where no order of the runs
+    helps (interleaved-1f1b p=2 m=4: our batches themselves wait in a cycle), export says it."""
+    z, zcsv = str(tmp_path / "z.json"), str(tmp_path / "z.csv")
+    assert main(["compile", "--schedule", "zb-h1", "--pp", "2", "--microbatches", "4", "--seq-len", "64", "-o", z]) == 0
+    assert main(["export", z, "--comms", "-o", zcsv]) == 0
+    assert capsys.readouterr().out.count("\n") == 2  # compile's line and export's: no note
+    # rank 0 posts each receive of a gradient before its next activation's send (the plan: 'SEND_F1, RECV_B0',
+    # one batch in our executor), which rank 1 receives only after sending that gradient; rank 1 is as it was
+    assert open(zcsv).read().splitlines() == [
+        "0F0,0SEND_F0,0F1,0RECV_B0,0SEND_F1,0I0,0W0,0F2,0RECV_B1,0SEND_F2,0I1,0W1,0F3,0RECV_B2,0SEND_F3,0I2,0W2,0RECV_B3,"
+        "0I3,0W3",
+        "1RECV_F0,1F0,1I0,1SEND_B0,1RECV_F1,1F1,1I1,1SEND_B1,1W0,1RECV_F2,1F2,1I2,1SEND_B2,1W1,1RECV_F3,1F3,1I3,1SEND_B3,"
+        "1W2,1W3"]
+    assert main(["check", zcsv, "--p2p", "rendezvous"]) == 0
+    assert "valid, deadlock-free with blocking (rendezvous) sends (42 instructions on 2 ranks)" in capsys.readouterr().out
+    i, icsv = str(tmp_path / "i.json"), str(tmp_path / "i.csv")
+    assert main(["compile", "--schedule", "interleaved-1f1b", "--pp", "2", "--microbatches", "4", "--virtual-stages",
+                 "2", "-o", i]) == 0
+    capsys.readouterr()
+    assert main(["export", i, "--comms", "-o", icsv]) == 0
+    note = capsys.readouterr().out.splitlines()[1]
+    cycle = ("[deadlock] deadlock when sends block until their receive is posted: wait cycle rank 0 -> rank 1 -> "
+             "rank 0: rank 0 waits at #14 'SEND_GRAD mb0 s0 c1 to1 t3' for a rendezvous with rank 1; rank 1 waits at "
+             "#14 'SEND_GRAD mb1 s0 c1 to0 t13' for a rendezvous with rank 0 (CSV row 1, column 15)")
+    assert note == (f"note: torch's runtime can hang on {icsv} when sends block until their receive is posted (NCCL, "
+                    f"large messages), as `slimpipe check {icsv} --p2p rendezvous` says: {cycle}")
+    assert main(["check", icsv, "--p2p", "rendezvous"]) == 1
+    assert capsys.readouterr().out == f"{icsv}: {cycle}\n"
+    assert main(["export", i, "--comms", "-o", icsv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rendezvous_cycle"] == cycle
 
 
 def test_export_refuses_what_torch_cannot_run():
