@@ -96,6 +96,18 @@ def check_cp(cp: int, seq_len: int, slices: int = 1) -> None:
                         f"allowed: a --cp that divides {tokens}, or a --seq-len divisible by {slices * cp}")
 
 
+def check_tp(tp: int, model: ModelConfig) -> None:
+    """SpecError unless tp divides the model's KV heads (which divide its attention heads). Tensor
+    parallelism (Megatron: tp must divide num_query_groups) gives each GPU whole KV heads; the cost
+    and memory models divide K/V by tp and do not replicate heads, and the search (compiler.search)
+    skips such a tp, so compile and compare refuse it too."""
+    if model.kv_heads % tp:
+        heads = (f"{model.heads} attention heads" if model.kv_heads == model.heads
+                 else f"{model.heads} attention heads and {model.kv_heads} KV heads")
+        raise SpecError(f"--tp {tp} must divide the model's {heads}: each GPU of a tensor-parallel group holds whole "
+                        f"KV heads; allowed: a --tp that divides {model.kv_heads}")
+
+
 def check_positive(**vals: int) -> None:
     """Each size an integer from 1 to INT_MAX; SpecError naming the first that is not."""
     for name, val in vals.items():

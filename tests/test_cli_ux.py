@@ -272,6 +272,29 @@ def test_cp_slices_whole_tokens(tmp_path, capsys):
         "p*v exceeds the model's layers: 168; seq_len not divisible by cp (flops slicing): 90)")
 
 
+TP_WHY = "each GPU of a tensor-parallel group holds whole KV heads; allowed: a --tp that divides"
+
+
+@pytest.mark.parametrize("args,line", [
+    (COMPILE_SEQ1F1B + ("--tp", "4"),
+     f"slimpipe compile: error: --tp 4 must divide the model's 4 attention heads and 2 KV heads: {TP_WHY} 2"),
+    (COMPILE_SEQ1F1B + ("--tp", "3", "--kv-heads", "4"),
+     f"slimpipe compile: error: --tp 3 must divide the model's 4 attention heads: {TP_WHY} 4"),
+    (("compare", "--pp", "2", "--tp", "4", "--memory-budget", "1GiB"),
+     f"slimpipe compare: error: --tp 4 must divide the model's 4 attention heads and 2 KV heads: {TP_WHY} 2"),
+])
+def test_tp_that_splits_a_kv_head_is_refused(tmp_path, capsys, args, line):
+    """tiny has 4 heads in 2 KV groups: --tp 4 divided the heads, so compile wrote a plan whose cost
+    model priced half a KV head per GPU, and compare listed every candidate as breaking the search's
+    rule (tp must divide heads and kv_heads). One line, exit 2, nothing written."""
+    out = tmp_path / "p.json"
+    code, stdout, err = run(capsys, *args, *(("-o", str(out)) if args[0] == "compile" else ()))
+    assert (code, stdout, err) == (2, "", line + "\n")
+    assert not out.exists()
+    assert run(capsys, *COMPILE_SEQ1F1B, "--tp", "2", "-o", str(out))[0] == 0
+    assert ir.load(str(out)).spec.tp == 2
+
+
 def test_a_corrupt_or_odd_proof_store_never_fails_a_command(plan_1f1b, capsys):
     """A proof file that nests too deep for json (RecursionError) or a FIFO at the proof's path:
     simulate --unit-costs replays (it crashed with a traceback, and hung on the FIFO)."""

@@ -8,7 +8,7 @@ import re
 from ir import SlimpipeError, SpecError
 from passes.costs import load_profile
 
-from ..layout import check_cp
+from ..layout import check_cp, check_tp
 from ..search import Candidate, Problem, SearchResult, Space, candidate_spec, evaluate, rank_rows, search
 from .cmd_compile import add_model_args, model_from_args
 from .. import schedules
@@ -83,8 +83,7 @@ def run(args) -> int:
     profile = load_profile(args.device_profile)
     budget = parse_bytes(args.memory_budget) if args.memory_budget else profile.memory_bytes
     model, seq = model_from_args(args)
-    if model.heads % args.tp:
-        raise SpecError(f"--tp {args.tp} must divide the model's {model.heads} attention heads")
+    check_tp(args.tp, model)
     check_cp(args.cp, seq)  # each candidate's slices too: the search skips those cp does not divide
     gpus = args.pp * args.tp * args.cp * args.dp
     problem = Problem(model, seq, gpus, budget, args.microbatches * args.dp, profile)

@@ -6,7 +6,7 @@ from passes.costs import load_profile
 from passes.partition import flops_partition
 
 from .. import compile_plan, schedules
-from ..layout import build_spec, check_cp
+from ..layout import build_spec, check_cp, check_tp
 from ..models import DEFAULT_SEQ, PRESETS, resolve_model
 from .common import add_parser, add_plan_format_arg, check_output_path, emit_json, exchanges_phrase, nonneg_int, positive_int, save_plan
 
@@ -77,8 +77,7 @@ def add_parallel_args(p) -> None:
 
 def parallel_from_args(args, model, seq: int) -> dict:
     """tp/cp/dp and the slice lengths of --partition, validated."""
-    if model.heads % args.tp:
-        raise SpecError(f"--tp {args.tp} must divide the model's {model.heads} attention heads")
+    check_tp(args.tp, model)
     out = {"tp": args.tp, "cp": args.cp, "dp": args.dp}
     if args.partition == "flops":
         if args.slices < 2:
