@@ -46,5 +46,21 @@ def resolve_model(model: str, overrides: dict | None = None) -> ModelConfig:
     try:
         return ModelConfig(**dims)
     except ValidationError as e:
-        where = f"model {model}" if model in PRESETS else f"--model {model!r}"
-        raise SpecError(f"{where}: {pydantic_message(e, name=name)}") from None
+        raise SpecError(f"{_where(model)}: {pydantic_message(e, name=name)}") from None
+
+
+def _where(model: str) -> str:
+    """How a message names the --model value: a preset by name, a config.json by its path."""
+    return f"model {model}" if model in PRESETS else f"--model {model!r}"
+
+
+def check_window(model: str, config: ModelConfig, seq_len: int, seq_given: bool) -> None:
+    """SpecError unless the sequence fits the model's attention window (sliding-window attention is
+    not supported; PlanSpec refuses it too, without knowing which file or flag said what). Only a
+    config.json sets a window, so the message names the file and its key, and the --seq-len given
+    (or defaulted)."""
+    w = config.sliding_window
+    if w is not None and w < seq_len:
+        seq = f"--seq-len {seq_len}" if seq_given else f"the default --seq-len {seq_len}"
+        raise SpecError(f"{_where(model)}: {HF_KEYS['sliding_window']}={w} is shorter than {seq}: sliding-window "
+                        f"attention is not supported; allowed: --seq-len {w} or less")

@@ -93,9 +93,6 @@ REFUSED = [
     ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not supported"),
     ({"num_experts": 8}, "field num_experts=8 is not supported for model_type 'llama'"),
     ({"model_type": "mistral", "mlp_bias": True}, "field mlp_bias=True is not supported for model_type 'mistral'"),
-    ({"model_type": "mistral", "sliding_window": 16}, "sliding_window=16 is shorter than seq_len=32"),
-    ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1, "sliding_window": 8},
-     "sliding_window=8 is shorter than seq_len=32"),
     ({"head_dim": 0}, "head_dim=0 must be a positive integer"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings='yes' must be true or false"),
 ]
@@ -120,6 +117,12 @@ BAD_VALUES = [  # config.json fields, extra flags, the message after "--model '<
     ({"rms_norm_eps": float("inf")}, (), "rms_norm_eps=inf must be a positive finite number"),
     ({"model_type": "mistral", "sliding_window": 2 ** 31}, (),
      "sliding_window=2147483648 must be a positive integer (at most 2147483647) or null"),
+    ({"model_type": "mistral", "sliding_window": 16}, (),
+     "sliding_window=16 is shorter than --seq-len 32: sliding-window attention is not supported; allowed: --seq-len 16 "
+     "or less"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1, "sliding_window": 8}, (),
+     "sliding_window=8 is shorter than --seq-len 32: sliding-window attention is not supported; allowed: --seq-len 8 "
+     "or less"),
 ]
 
 
@@ -130,6 +133,23 @@ def test_bad_values_name_the_file_and_its_key(tmp_path, capsys, fields, flags, m
     cfg = {k: v for k, v in {**BASE, **fields}.items() if v is not DROP}
     code, err, out = compile_cli(tmp_path, capsys, cfg, *flags)
     assert (code, err) == (2, f"slimpipe compile: error: --model {str(tmp_path / 'config.json')!r}: {message}\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", [("compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2"),
+                                 ("compare", "--pp", "2"), ("tune", "--gpus", "2")])
+def test_a_window_shorter_than_the_default_sequence_names_the_file(tmp_path, capsys, cmd):
+    """Without --seq-len a config.json model runs 4096 tokens: a window of 16 is said with the file, its
+    key and the default, before any work (compile said "spec: sliding_window=16 is shorter than
+    seq_len=4096"; compare and tune listed it as a rule every candidate broke, exit 1)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**BASE, "model_type": "mistral", "sliding_window": 16}))
+    out = tmp_path / "p.json"
+    code = main([*cmd, "--model", str(path), *(("-o", str(out)) if cmd[0] == "compile" else ())])
+    stdout, err = capsys.readouterr()
+    assert (code, stdout, err) == (2, "", f"slimpipe {cmd[0]}: error: --model {str(path)!r}: sliding_window=16 is shorter "
+                                          "than the default --seq-len 4096: sliding-window attention is not supported; "
+                                          "allowed: --seq-len 16 or less\n")
     assert not out.exists()
 
 

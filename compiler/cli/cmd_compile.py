@@ -7,7 +7,7 @@ from passes.partition import flops_partition
 
 from .. import compile_plan, schedules
 from ..layout import build_spec, check_cp, check_tp
-from ..models import DEFAULT_SEQ, PRESETS, resolve_model
+from ..models import DEFAULT_SEQ, PRESETS, check_window, resolve_model
 from .common import add_parser, add_plan_format_arg, check_output_path, emit_json, exchanges_phrase, nonneg_int, positive_int, save_plan
 
 MODEL_FLAGS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
@@ -21,9 +21,13 @@ def add_model_args(p) -> None:
         p.add_argument("--" + f.replace("_", "-"), type=positive_int, help=f"override the model's {f}")
 
 
-def model_from_args(args):
+def model_from_args(args, window: bool = True):
+    """The model and sequence length of the flags; `window`: refuse a sequence longer than the
+    model's attention window (profile, which picks its own lengths, does not ask)."""
     model = resolve_model(args.model, {f: getattr(args, f) for f in MODEL_FLAGS})
     seq = args.seq_len if args.seq_len is not None else DEFAULT_SEQ.get(args.model, 4096)
+    if window:
+        check_window(args.model, model, seq, args.seq_len is not None)
     return model, seq
 
 

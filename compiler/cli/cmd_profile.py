@@ -23,7 +23,7 @@ def run(args) -> int:
         raise SpecError("--name must not be empty (it names the profile in simulate's output)")
     if not args.scale > 0:
         raise SpecError(f"--scale {args.scale:g} must be > 0 (1 = about a minute)")
-    model, _ = model_from_args(args)
+    model, _ = model_from_args(args, window=False)  # it measures lengths of its own choosing
     cmd = [sys.executable, "-m", "executor.profile", "--model", model.model_dump_json(), "--device", args.device,
            "--dtype", args.dtype, "--scale", str(args.scale), "-o", args.output, "--prog", "slimpipe profile"]
     if args.name:
