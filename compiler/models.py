@@ -17,9 +17,13 @@ DEFAULT_SEQ = {"tiny": 128}
 
 
 
-def _from_config_json(path: str) -> dict:
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _from_config_json(path: str, overrides: dict) -> dict:
     cfg = read_user_json(path, "--model", f"a preset ({', '.join(PRESETS)}) or a config.json path")
-    fields = model_fields(cfg, f"--model {path!r}")
+    fields = model_fields(cfg, f"--model {path!r}", {k: (_flag(k), v) for k, v in overrides.items()})
     if fields.get("head_dim") == fields["hidden"] // fields["heads"] and fields["hidden"] % fields["heads"] == 0:
         del fields["head_dim"]  # redundant: let --hidden / --heads overrides scale it
     return fields
@@ -27,21 +31,21 @@ def _from_config_json(path: str) -> dict:
 
 def resolve_model(model: str, overrides: dict | None = None) -> ModelConfig:
     """A preset name or a config.json path, with non-None overrides (layers, hidden, ...) applied."""
-    if model in PRESETS:
-        dims = dict(PRESETS[model], name=model)
-    elif model.endswith(".json") or "/" in model:
-        dims = _from_config_json(model)
-    else:
-        raise SpecError(f"--model {model!r} is unknown; allowed: {', '.join(PRESETS)} or a path to config.json")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     for k, v in given.items():
         if v < 1:
-            raise SpecError(f"--{k.replace('_', '-')} {v} must be >= 1")
+            raise SpecError(f"{_flag(k)} {v} must be >= 1")
+    if model in PRESETS:
+        dims = dict(PRESETS[model], name=model)
+    elif model.endswith(".json") or "/" in model:
+        dims = _from_config_json(model, overrides or {})
+    else:
+        raise SpecError(f"--model {model!r} is unknown; allowed: {', '.join(PRESETS)} or a path to config.json")
     dims.update(given)
 
     def name(field: str) -> str:  # a value as the user gave it: a flag, the file's own key, or the preset's field
         if field in given:
-            return "--" + field.replace("_", "-")
+            return _flag(field)
         return HF_KEYS.get(field, field) if model not in PRESETS else field
     try:
         return ModelConfig(**dims)

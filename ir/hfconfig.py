@@ -159,9 +159,12 @@ def _sliding(cfg: dict, mt: str, layers: int, where: str):
     return window if sliding else None
 
 
-def model_fields(cfg, where: str) -> dict:
+def model_fields(cfg, where: str, given: dict | None = None) -> dict:
     """ModelConfig keyword arguments of a decoded config.json (SpecError naming the first key that
-    is malformed or not supported). `where` starts each message, e.g. "--model 'x/config.json'"."""
+    is malformed or not supported). `where` starts each message, e.g. "--model 'x/config.json'".
+    `given`: {dimension: (the caller's flag, its value or None)}, the caller's overrides: a value
+    given stands in for a key the file lacks (the caller, which sets it over the file's, checks it),
+    and the message for a missing key names the flag that can supply it."""
     if not isinstance(cfg, dict):
         _fail(where, f"config must be a JSON object with {', '.join(DIMS)}")
     mt = model_type(cfg, where)
@@ -169,13 +172,19 @@ def model_fields(cfg, where: str) -> dict:
     if unknown:
         _fail(where, f"field {unknown[0]}={cfg[unknown[0]]!r} is not supported for model_type {mt!r} "
                      "(slimpipe refuses what it cannot honour)")
+    given = given or {}
     out = {ours: cfg[hf] for hf, ours in DIMS.items() if cfg.get(hf) is not None}
-    out.setdefault("kv_heads", out.get("heads"))
-    missing = [hf for hf, ours in DIMS.items() if out.get(ours) is None]
-    if missing:
-        _fail(where, f"config.json lacks {', '.join(missing)}")
     for hf, ours in DIMS.items():
-        _count(where, hf, out[ours])  # an absent num_key_value_heads is num_attention_heads, checked before it
+        if ours in out:
+            _count(where, hf, out[ours])
+        elif given.get(ours, (None, None))[1] is not None:
+            out[ours] = given[ours][1]
+    out.setdefault("kv_heads", out.get("heads"))  # transformers' default: no grouping (so never missing alone)
+    missing = [hf for hf, ours in DIMS.items() if ours != "kv_heads" and out.get(ours) is None]
+    if missing:
+        flags = [given[DIMS[hf]][0] for hf in missing if DIMS[hf] in given]
+        _fail(where, f"config.json lacks {', '.join(missing)}" + (
+              f"; add {'it' if len(missing) == 1 else 'them'} to the file or give {', '.join(flags)}" if flags else ""))
     if cfg.get("head_dim") is not None:
         out["head_dim"] = _count(where, "head_dim", cfg["head_dim"])
     act = cfg.get("hidden_act", "silu")

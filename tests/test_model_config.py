@@ -109,8 +109,11 @@ DROP = object()  # a key left out of the file
 BAD_VALUES = [  # config.json fields, extra flags, the message after "--model '<path>': "
     ({"num_hidden_layers": 0}, (), "num_hidden_layers=0 must be a positive integer (at most 2147483647)"),
     ({"num_hidden_layers": 2 ** 40}, (), "num_hidden_layers=1099511627776 must be a positive integer (at most 2147483647)"),
-    ({"num_hidden_layers": DROP}, (), "config.json lacks num_hidden_layers"),
-    ({"num_hidden_layers": DROP}, ("--layers", "2"), "config.json lacks num_hidden_layers"),
+    ({"num_hidden_layers": DROP}, (), "config.json lacks num_hidden_layers; add it to the file or give --layers"),
+    ({"num_attention_heads": DROP, "num_key_value_heads": DROP, "vocab_size": DROP}, ("--vocab", "100"),
+     "config.json lacks num_attention_heads; add it to the file or give --heads"),
+    ({"num_hidden_layers": DROP, "num_attention_heads": DROP}, (),
+     "config.json lacks num_hidden_layers, num_attention_heads; add them to the file or give --layers, --heads"),
     ({"num_key_value_heads": 3}, (), "num_attention_heads=4 must be divisible by num_key_value_heads=3"),
     ({"hidden_size": 66}, (), "hidden_size=66 must be divisible by num_attention_heads=4 (or give head_dim)"),
     ({}, ("--heads", "3"), "hidden_size=64 must be divisible by --heads=3 (or give head_dim)"),
@@ -151,6 +154,20 @@ def test_a_window_shorter_than_the_default_sequence_names_the_file(tmp_path, cap
                                           "than the default --seq-len 4096: sliding-window attention is not supported; "
                                           "allowed: --seq-len 16 or less\n")
     assert not out.exists()
+
+
+def test_a_flag_supplies_a_key_the_file_lacks(tmp_path, capsys):
+    """--layers (any dimension flag) sets a value over the file's, so it also stands in for a key the
+    file lacks (it was refused: "config.json lacks num_hidden_layers"); kv heads then follow --heads,
+    as transformers' default follows num_attention_heads."""
+    cfg = {k: v for k, v in BASE.items() if k not in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+    code, err, out = compile_cli(tmp_path, capsys, cfg, "--layers", "6", "--heads", "8")
+    assert (code, err) == (0, "")
+    m = ir.load(str(out)).spec.model
+    assert (m.layers, m.heads, m.kv_heads, m.hidden, m.head_dim) == (6, 8, 8, 64, 8)
+    code, err, _ = compile_cli(tmp_path, capsys, cfg, "--layers", "6", "--heads", "8", "--kv-heads", "3")
+    assert (code, err) == (2, f"slimpipe compile: error: --model {str(tmp_path / 'config.json')!r}: --heads=8 must be "
+                              "divisible by --kv-heads=3\n")
 
 
 def test_hf_model_directory_names_its_keys(tmp_path):
