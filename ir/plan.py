@@ -176,7 +176,8 @@ def atomic_write(path: str, data: str | bytes) -> None:
     link is followed (the file it points to is replaced, the link kept); an existing output that
     is not a regular file (/dev/stdout, /dev/null, a FIFO) is written to directly, as open()
     would: renaming over it would replace the device or pipe with a file. A file that cannot be
-    made there is a SpecError naming `path` (not the temporary file)."""
+    made there (its directory missing or refusing new files) is a SpecError naming `path` (not the
+    temporary file)."""
     mode = "wb" if isinstance(data, bytes) else "w"
     real = _output_target(path)
     if real is None:
@@ -217,9 +218,11 @@ def _output_target(path: str) -> str | None:
     if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
         return None
     real = os.path.realpath(path)
-    if not os.path.isdir(os.path.dirname(real)):
-        raise PlanFormatError(f"output directory {os.path.dirname(os.path.abspath(path))!r} does not exist; "
-                              f"create it or choose another path")
+    directory = os.path.dirname(real)
+    if not os.path.isdir(directory):  # an input error (the path given), and the directory where links lead
+        via = "" if directory == os.path.dirname(os.path.abspath(path)) else f" (where {path!r} leads)"
+        raise SpecError(f"cannot write {path!r}: directory {directory!r}{via} does not exist; create it or choose "
+                        f"another path")
     return real
 
 

@@ -126,6 +126,24 @@ def test_output_in_missing_directory(tmp_path, capsys):
     assert code == 2 and "does not exist" in err and not (tmp_path / "nope").exists()
 
 
+def test_output_through_a_link_to_a_missing_directory_names_both(tmp_path, capsys):
+    """-o a link whose target's directory is missing passes the CLI's own check (the link's directory
+    exists), and atomic_write said "output directory '<the link's directory>' does not exist" (a
+    PlanFormatError, as if a plan file were malformed). It is the input error it is, naming the
+    path given and where it leads; nothing is written."""
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "gone" / "plan.json")
+    code, out, err = run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", str(link))
+    assert (code, out, err) == (2, "", f"slimpipe compile: error: cannot write {str(link)!r}: directory "
+                                       f"{str(tmp_path / 'gone')!r} (where {str(link)!r} leads) does not exist; "
+                                       f"create it or choose another path\n")
+    with pytest.raises(ir.SpecError) as e:
+        ir.atomic_write(str(tmp_path / "nope" / "x.json"), "{}")
+    assert str(e.value) == (f"cannot write {str(tmp_path / 'nope' / 'x.json')!r}: directory {str(tmp_path / 'nope')!r} "
+                            f"does not exist; create it or choose another path")
+    assert sorted(os.listdir(tmp_path)) == ["link.json"]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (no file can be created in it)")
 def test_output_where_no_file_can_be_made_names_the_path(tmp_path, capsys):
     """-o in a directory that refuses new files (/proc here; a read-only one alike, which root, as
