@@ -13,6 +13,13 @@ class SpecError(SlimpipeError):
     exit_code = 2
 
 
+class OutputError(SlimpipeError):
+    """An output file could not be written once made (a full disk, a quota, an I/O error): not a bad
+    value, so exit 120, Python's own code for output it could not flush."""
+
+    exit_code = 120
+
+
 class PlanFormatError(SlimpipeError):
     """A plan file is unreadable, malformed or of an unknown schema (exit 2). `rank` and `index`
     locate the instruction that could not be read, where there is one."""

@@ -1,6 +1,7 @@
 """Plan: spec + one instruction stream per rank; versioned JSON I/O with atomic writes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -10,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import PlanFormatError, SpecError
+from .errors import OutputError, PlanFormatError, SpecError
 from .kinds import KV
 from .instr import Instr, _clip, from_compact, parse, parse_stream, to_compact, to_text
 from .spec import PlanSpec, RuleError
@@ -177,17 +178,18 @@ def atomic_write(path: str, data: str | bytes) -> None:
     is not a regular file (/dev/stdout, /dev/null, a FIFO) is written to directly, as open()
     would: renaming over it would replace the device or pipe with a file. A file that cannot be
     made there (its directory missing or refusing new files) is a SpecError naming `path` (not the
-    temporary file)."""
+    temporary file); one that cannot be written out (a full disk) an OutputError naming `path`."""
     mode = "wb" if isinstance(data, bytes) else "w"
     real = _output_target(path)
     if real is None:
-        with open(path, mode) as f:
+        f = open(path, mode)  # refused (a device we may not open): an OSError naming path, as before
+        with _writing(path, "the output may be cut short"), f:
             f.write(data)
         return
     fd, tmp = _temp_beside(path, real)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file what open() would
-        with os.fdopen(fd, mode) as f:
+        with _writing(path, "nothing was written (a file already there is kept)"), os.fdopen(fd, mode) as f:
             f.write(data)
         try:
             os.replace(tmp, real)
@@ -197,6 +199,19 @@ def atomic_write(path: str, data: str | bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _writing(path: str, outcome: str):
+    """An OSError while the data goes out (ENOSPC, EDQUOT, EIO; it names no file, or the temporary
+    one) as an OutputError naming `path` and what became of it. A reader that left a pipe
+    (BrokenPipeError) goes through: the CLI says that itself."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputError(f"cannot write {path!r}: {e.strerror or e}; {outcome}") from None
 
 
 def check_writable(path: str) -> None:

@@ -144,6 +144,38 @@ def test_output_through_a_link_to_a_missing_directory_names_both(tmp_path, capsy
     assert sorted(os.listdir(tmp_path)) == ["link.json"]
 
 
+def test_a_full_disk_names_the_output_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    """ENOSPC while the plan goes out said "error: No space left on device" (exit 120), naming no
+    file. It names the path given (still exit 120: the output failed, not an input), the
+    temporary file is removed and a file already at the path is kept as it was."""
+    import errno
+    import types
+
+    import ir.plan
+
+    out = tmp_path / "plan.json"
+    out.write_text("old")
+
+    def full_fdopen(fd, *a, **k):  # the file atomic_write writes (and no other: the proof store, forked checks)
+        f = os.fdopen(fd, *a, **k)
+
+        def write(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        f.write = write
+        return f
+    monkeypatch.setattr(ir.plan, "os", types.SimpleNamespace(**{**vars(os), "fdopen": full_fdopen}))
+    code, stdout, err = run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", str(out))
+    monkeypatch.undo()
+    assert (code, stdout, err) == (120, "", f"slimpipe compile: error: cannot write {str(out)!r}: No space left on "
+                                            f"device; nothing was written (a file already there is kept)\n")
+    assert os.listdir(tmp_path) == ["plan.json"] and out.read_text() == "old"
+    if os.path.exists("/dev/full"):  # a device that is always full, written to directly (as /dev/stdout)
+        assert run(capsys, "compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "-o", str(out))[0] == 0
+        code, _, err = run(capsys, "trace", str(out), "-o", "/dev/full")
+        assert (code, err) == (120, "slimpipe trace: error: cannot write '/dev/full': No space left on device; the "
+                                    "output may be cut short\n")
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (no file can be created in it)")
 def test_output_where_no_file_can_be_made_names_the_path(tmp_path, capsys):
     """-o in a directory that refuses new files (/proc here; a read-only one alike, which root, as
