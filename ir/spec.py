@@ -159,6 +159,10 @@ class PlanSpec(BaseModel):
             raise ValueError(f"stage_layers needs {p * v} positive entries (one per stage)")
         if sum(self.stage_layers) != self.model.layers:
             raise ValueError(f"stage_layers sum to {sum(self.stage_layers)}, model has {self.model.layers} layers")
+        heads, kv = self.model.heads, self.model.kv_heads
+        if heads % self.tp or kv % self.tp:  # each GPU of a tensor-parallel group holds whole (KV) heads
+            raise ValueError(f"tp={self.tp} must divide the model's {heads} attention heads and {kv} KV heads "
+                             f"(each GPU of a tensor-parallel group holds whole heads)")
         w = self.model.sliding_window
         if w is not None and w < self.seq_len:
             raise ValueError(f"sliding_window={w} is shorter than seq_len={self.seq_len}: sliding-window attention "

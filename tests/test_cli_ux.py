@@ -295,6 +295,20 @@ def test_tp_that_splits_a_kv_head_is_refused(tmp_path, capsys, args, line):
     assert ir.load(str(out)).spec.tp == 2
 
 
+def test_a_plan_edited_to_split_a_head_is_refused(tmp_path, capsys):
+    """A plan file whose spec says tp=3 for tiny's 4 heads (2 KV heads) was simulated with a
+    fraction of a head per GPU; the plan's own spec rule refuses it, as for cp."""
+    out = tmp_path / "p.json"
+    assert run(capsys, *COMPILE_SEQ1F1B, "-o", str(out))[0] == 0
+    d = json.load(open(out))
+    for tp in (3, 4):
+        d["spec"]["tp"] = tp
+        out.write_text(json.dumps(d))
+        code, _, err = run(capsys, "simulate", str(out))
+        assert (code, err) == (2, f"slimpipe simulate: error: {out}: plan spec: tp={tp} must divide the model's 4 attention "
+                                  "heads and 2 KV heads (each GPU of a tensor-parallel group holds whole heads)\n")
+
+
 def test_a_corrupt_or_odd_proof_store_never_fails_a_command(plan_1f1b, capsys):
     """A proof file that nests too deep for json (RecursionError) or a FIFO at the proof's path:
     simulate --unit-costs replays (it crashed with a traceback, and hung on the FIFO)."""
