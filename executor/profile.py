@@ -395,7 +395,9 @@ def _stage_runner(cfg: ModelConfig, device, dtype, be, s: int, L: int, sync, rnd
     from .params import Parameters
     from .stage import AttentionEnv, Stage
 
-    spec = PlanSpec(schedule="gpipe", model=cfg.model_copy(update={"layers": L + 2}), seq_len=s, pp=1,
+    # a model with a sliding window (Mistral's config.json) is measured with full attention at every
+    # length: plans refuse a sequence longer than the window, so no plan prices windowed attention
+    spec = PlanSpec(schedule="gpipe", model=cfg.model_copy(update={"layers": L + 2, "sliding_window": None}), seq_len=s, pp=1,
                     microbatches=1, slices=1, virtual_stages=3, slice_lens=((s,),), placement=((0, 1, 2),),
                     stage_layers=(1, L, 1))
     params = None if shared is None else shared.get(L)

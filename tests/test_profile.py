@@ -523,6 +523,11 @@ def test_stage_runner_measures_through_the_executors_stage():
         fwd, i, w = once()
         assert fwd > 0 and i > 0 and w > 0
     assert calls == ["unit", "unit", "w"] * 2
+    # a config.json with a sliding window shorter than the length measured (Mistral's 4096 at 32
+    # tokens here: the window 16) is measured too (the plan spec refused the runner's plan)
+    once = _stage_runner(cfg.model_copy(update={"sliding_window": 16}), torch.device("cpu"), torch.float32, be, 32, 1,
+                         lambda: None, lambda *shape: torch.randn(*shape))
+    assert min(once()[:2]) > 0
 
 
 def test_cache_eviction_writes_twice_the_last_level_cache(tmp_path):
