@@ -75,6 +75,9 @@ def test_cli_layer_split(tmp_path, capsys):
                  "--vocab", "128256", "--seq-len", "4096", "--layer-split", "balanced", "-o", str(out)])
     assert code == 0 and "model llama-7b (32 layers; balanced split, layers per stage 5 x2, 4 x5, 2), seq 4096" in \
         capsys.readouterr().out  # the human line says which split (the llama-7b case)
+    code = main(["compile", "--schedule", "1f1b", "--pp", "4", "--microbatches", "4", "--model", "llama-7b",
+                 "--seq-len", "65536", "--layer-split", "balanced", "-o", str(out)])
+    assert code == 0 and "balanced split, layers per stage 8 x4 (the uniform split's)" in capsys.readouterr().out
     code = main(["compile", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--layer-split", "even",
                  "-o", str(tmp_path / "q.json")])
     assert code == 2

@@ -135,7 +135,7 @@ class _Fam:
 
 def register(sub) -> None:
     p = add_parser(sub, "compare", "compare the schedule families at one layout, each at its best plan over tune's "
-                   "space (n, v, partition, exchange): step time, bubble, peak memory, tokens/s, OOM against a budget",
+                   "space (n, v, partition, exchange, layer split): step time, bubble, peak memory, tokens/s, OOM against a budget",
                    "slimpipe compare --model llama-70b --seq-len 524288 --pp 16 --tp 8 --cp 4 --memory-budget 80GiB")
     add_model_args(p)
     p.add_argument("--pp", type=positive_int, required=True, help="pipeline ranks p")

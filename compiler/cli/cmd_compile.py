@@ -6,7 +6,7 @@ from passes.costs import load_profile
 from passes.partition import flops_partition
 
 from .. import compile_plan, schedules
-from ..layout import build_spec, check_cp, check_tp
+from ..layout import build_spec, check_cp, check_tp, split_layers
 from ..models import DEFAULT_SEQ, PRESETS, check_window, resolve_model
 from .common import add_parser, add_plan_format_arg, check_output_path, emit_json, exchanges_phrase, nonneg_int, positive_int, save_plan
 
@@ -168,7 +168,9 @@ def _split_note(spec) -> str:
             runs[-1][1] += 1
         else:
             runs.append([x, 1])
-    return f"; {spec.layer_split} split, layers per stage " + ", ".join(f"{x} x{k}" if k > 1 else f"{x}" for x, k in runs)
+    same = spec.layer_split == "balanced" and tuple(spec.stage_layers) == split_layers(spec.model.layers, len(spec.stage_layers))
+    return (f"; {spec.layer_split} split, layers per stage " + ", ".join(f"{x} x{k}" if k > 1 else f"{x}" for x, k in runs)
+            + (" (the uniform split's)" if same else ""))
 
 
 def register(sub) -> None:
