@@ -27,7 +27,7 @@ ROOT = HERE.parent
 BASELINE = HERE / "torch_baseline.py"
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import commit_of, machine  # noqa: E402
 
 # our schedule name -> torch's class name (for the four schedules both have)
 PAIRS = [("1f1b", "1F1B"), ("gpipe", "GPipe"), ("interleaved-1f1b", "Interleaved1F1B"), ("looped-bfs", "LoopedBFS")]
@@ -66,14 +66,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def git_rev(path: Path) -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def last_json(stdout: str) -> dict | None:
@@ -297,8 +289,8 @@ def main(argv=None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "threads_per_rank": a.threads,
-        "bench_commit": git_rev(ROOT),
-        "ours_path": str(a.ours_path), "ours_commit": git_rev(a.ours_path),
+        "bench_commit": commit_of(ROOT),
+        "ours_path": str(a.ours_path), "ours_commit": commit_of(a.ours_path),
         "ours_available": ours_unavailable(a.ours_path) is None,
         "groups": names,
         "schedules": a.only,

@@ -13,9 +13,11 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.machine import commit_of  # noqa: E402
 from compiler import build_spec, compile_plan, resolve_model  # noqa: E402
 from ir import atomic_write  # noqa: E402
 from passes.costs import load_profile  # noqa: E402
@@ -50,7 +52,8 @@ def main() -> None:
         rows.append(row)
         print(f"{c['name']}: uniform {row['uniform']['step_s']:.4f} s, balanced {row['balanced']['step_s']:.4f} s "
               f"({100 * (1 - row['balanced_vs_uniform']):.1f}% less)", file=sys.stderr)
-    text = json.dumps({"bench": "layer_split", "device_profile": prof.name, "rows": rows}, indent=1)
+    text = json.dumps({"bench": "layer_split", "device_profile": prof.name, "commit": commit_of(),
+                       "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": rows}, indent=1)
     print(text)
     atomic_write(args.out, text + "\n")
 

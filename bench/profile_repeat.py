@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import commit_of  # noqa: E402
+
 HEAD = ("peak_flops", "attn_efficiency", "p2p_bandwidth", "p2p_latency")
 
 
@@ -78,8 +82,7 @@ def main() -> int:
         files = [f"{d}/p{i}.json" for i in range(1, a.count + 1)]
         runs = [profile(f) for f in files]
     profs = [json.loads(Path(f).read_text()) for f in files]
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or None
+    commit = commit_of()
     pairs = [{"between": [i + 1, i + 2], "spread": ratios(profs[i], profs[i + 1])} for i in range(len(profs) - 1)]
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": commit, "runs": runs,
            "seconds": [p["measured"]["seconds"] for p in profs],

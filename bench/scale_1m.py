@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ir  # noqa: E402
-from bench.machine import machine  # noqa: E402
+from bench.machine import commit_of, machine  # noqa: E402
 from compiler import build_spec, compile_plan, resolve_model  # noqa: E402
 from passes import check, simulate_units  # noqa: E402
 
@@ -134,15 +134,6 @@ def cli_path(repeats: int, against: str | None = None) -> dict:
         out["against"] = {"checkout": roots[1], "commit": commit_of(roots[1]), **summary(runs[roots[1]], repeats),
                           "order": "alternating: this checkout first in even repeats, the other first in odd ones"}
     return out
-
-
-def commit_of(root: str) -> str | None:
-    """The checkout's commit (short hash), '+' when its tracked files differ from it; None outside git."""
-    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True)  # noqa: E731
-    head = git("rev-parse", "--short", "HEAD").stdout.strip()
-    if not head:
-        return None
-    return head + ("+" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
 
 
 def summary(runs: list[dict], repeats: int) -> dict:

@@ -36,12 +36,12 @@ import io
 import json
 import os
 import shlex
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.machine import commit_of  # noqa: E402
 from compiler import compile_plan  # noqa: E402
 from compiler.cli import build_parser  # noqa: E402
 from compiler.cli.cmd_compile import spec_from_args  # noqa: E402
@@ -170,16 +170,8 @@ def verdict(cases: list[dict]) -> list[dict]:
     return out
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(cases=CASES) -> dict:
-    res = {"bench": "zero_bubble", "device_profile": PROFILE, "dtype": "bf16", "commit": commit(),
+    res = {"bench": "zero_bubble", "device_profile": PROFILE, "dtype": "bf16", "commit": commit_of(),
            "method": "slimpipe compile (its parser, spec_from_args, compile_plan with the h100 profile) + what "
                      "`slimpipe simulate --json` does; peak memory = the largest rank's peak (memory model, fused "
                      "saves); unit_cost = `slimpipe simulate --unit-costs` (F = I = W = 1, B = 2)",
