@@ -277,13 +277,9 @@ def pick_attention(opts, plan, dist: bool) -> None:
     (flash without CUDA or without flash_attn, a failed self-test) is one line, exit 2
     (errors.BackendUnavailable), instead of one line per in-process rank. Under torchrun each
     process decides for its own GPU, since nodes may differ in what they have installed."""
-    import torch
+    from .device import choose_backend, process_device
 
-    from .device import choose_backend
-
-    device = torch.device(opts.device)
-    if dist and opts.device == "cuda":  # the GPU device.choose_device gives this process
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
+    device = process_device(opts, dist, int(os.environ.get("RANK", "0")))  # the GPU its rank will take
     opts.attention_backend = choose_backend(opts, device, plan.spec.model.head_dim)
 
 

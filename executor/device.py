@@ -11,12 +11,19 @@ from .attention import pick_backend
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def choose_device(opts, transport, rank: int) -> torch.device:
-    """opts.device ('cpu' or 'cuda', resolved by the CLI); under torchrun each process takes the
-    GPU of its LOCAL_RANK. In-process ranks share one device."""
-    device = torch.device(opts.device if opts.device != "cuda" or transport.kind == "dist" else "cuda")
-    if device.type == "cuda" and transport.kind == "dist":
+def process_device(opts, dist: bool, rank: int) -> torch.device:
+    """opts.device ('cpu' or 'cuda', resolved by the CLI); under torchrun (`dist`) each process takes
+    the GPU of its LOCAL_RANK (`rank` where that is unset). In-process ranks share one device."""
+    device = torch.device(opts.device)
+    if device.type == "cuda" and dist:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    return device
+
+
+def choose_device(opts, transport, rank: int) -> torch.device:
+    """process_device for a rank's transport, made the current CUDA device under torchrun."""
+    device = process_device(opts, transport.kind == "dist", rank)
+    if device.type == "cuda" and transport.kind == "dist":
         torch.cuda.set_device(device)
     return device
 

@@ -91,13 +91,13 @@ class Fault:
         """SpecError unless this fault's step is one the run executes: steps first+1..steps (1-based;
         `first` is the step a --resume checkpoint ends). A fault in a step never run would be silently
         skipped, and the run's success taken for a test of the failure path."""
+        run = f"{first + 1}..{steps}" if first + 1 < steps else f"{steps}"  # the steps this run executes
         if self.step > steps:
             raise SpecError(f"{FAULT_ENV}={self.text!r}: step {self.step} is never run: this run has --steps {steps}; "
-                            f"give step=" + (f"{first + 1}..{steps}" if first + 1 < steps else f"{steps}")
-                            + f" or --steps {self.step} or more")
+                            f"give step={run} or --steps {self.step} or more")
         if self.step <= first:
             raise SpecError(f"{FAULT_ENV}={self.text!r}: step {self.step} is never run: --resume starts after step "
-                            f"{first}; give step=" + (f"{first + 1}..{steps}" if first + 1 < steps else f"{steps}"))
+                            f"{first}; give step={run}")
 
 
 def fault_from_env(plan, steps: int | None = None, first: int = 0) -> tuple[Fault | None, int | None]:

@@ -160,7 +160,7 @@ class PlanSpec(BaseModel):
         if sum(self.stage_layers) != self.model.layers:
             raise ValueError(f"stage_layers sum to {sum(self.stage_layers)}, model has {self.model.layers} layers")
         heads, kv = self.model.heads, self.model.kv_heads
-        if heads % self.tp or kv % self.tp:  # each GPU of a tensor-parallel group holds whole (KV) heads
+        if kv % self.tp:  # each GPU of a tensor-parallel group holds whole KV heads (kv divides heads: _dims)
             raise ValueError(f"tp={self.tp} must divide the model's {heads} attention heads and {kv} KV heads "
                              f"(each GPU of a tensor-parallel group holds whole heads)")
         w = self.model.sliding_window

@@ -19,8 +19,9 @@ from .costs import DeviceProfile, model_forward_flops, unit_parts
 def flops_partition(model, seq_len: int, n: int, granularity: int = 2, mlp_matrices: int = 3,
                     elementwise: bool = True, cp: int = 1) -> list[int]:
     """Slice lengths (summing to seq_len) with about equal forward FLOPs each. With context parallelism
-    (`cp`, which must divide seq_len) every slice but the first is a multiple of lcm(granularity, cp)
-    and so the first, the rest, one too: each of the cp GPUs holds whole tokens of every slice."""
+    (`cp`, which must divide seq_len) every slice but the first is a multiple of lcm(granularity, cp),
+    so the first (seq_len less the others) is a multiple of cp too: each of the cp GPUs holds whole
+    tokens of every slice."""
     granularity = math.lcm(granularity, cp)
     if n < 1:
         raise SpecError(f"--slices {n} must be >= 1")
