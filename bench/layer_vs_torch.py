@@ -48,7 +48,7 @@ class _Unsliced:
     def bwd_exchanges(self):
         return []
 
-    def local_pieces(self, exchanges):
+    def local_blocks(self, exchanges, q_len):
         return []
 
 

@@ -8,7 +8,8 @@ have fewer heads: GQA):
 even though the block saw only part of the keys (the flash-attention / ring-attention identity).
 Causal blocks are always square (a slice over its own keys), where top-left and bottom-right
 alignment coincide; prefix blocks are non-causal. Slice j's attention = merge of the causal block
-over its own K/V and one non-causal block per earlier slice (no concatenated K/V copies).
+over its own K/V and non-causal blocks over the earlier slices' K/V (executor.stage.LayerCtx.
+local_blocks: a few slices gathered per block, the K/V cache itself kept per slice).
 """
 from __future__ import annotations
 
@@ -255,12 +256,11 @@ class SliceAttention(torch.autograd.Function):
     Its output is [b, heads, s, d] in [b, s, heads, d] memory (seq_major): the layout the
     out-projection reads, so the saved output and the projection's saved input are one tensor.
 
-    `lc` (an executor.stage.LayerCtx-like object) supplies: backend, scale, prefix [(k_i, v_i)]
-    detached K/V of earlier slices, the unit's KV exchanges (fwd_exchanges/bwd_exchanges: each
-    ships a token range of the prefix to another rank) with their request/reply hooks,
-    local_pieces(exchanges) (the prefix tokens attended here), accumulate(i, dk, dv, start) and
-    accumulate_range(lo, hi, dk, dv) for the prefix's gradients, and serve() (answer others'
-    requests between layers).
+    `lc` (an executor.stage.LayerCtx-like object) supplies: backend, scale, the unit's KV exchanges
+    (fwd_exchanges/bwd_exchanges: each ships a token range of the prefix to another rank) with
+    their request/reply hooks, local_blocks(exchanges, q_len) ([(lo, hi, K, V)]: the prefix tokens
+    attended here, in blocks of contiguous tokens), accumulate_range(lo, hi, dk, dv) for the
+    prefix's gradients, and serve() (answer others' requests between layers).
     """
 
     @staticmethod
@@ -271,7 +271,7 @@ class SliceAttention(torch.autograd.Function):
         handles = lc.fwd_remote_start(q, exchanges) if exchanges else ()
         out, lse = be.fwd(q, k, v, True, scale)
         out = out.float()
-        for _i, _a, kp, vp in lc.local_pieces(exchanges):
+        for _lo, _hi, kp, vp in lc.local_blocks(exchanges, q.shape[2]):
             o2, l2 = be.fwd(q, kp, vp, False, scale)
             out, lse = merge(out, lse, o2.float(), l2)
         if handles:
@@ -292,10 +292,10 @@ class SliceAttention(torch.autograd.Function):
         handles = lc.bwd_remote_start(q, out, lse, dout, exchanges) if exchanges else ()
         dq, dk, dv = be.bwd(dout, q, k, v, out, lse, True, scale)
         dq = dq.float()
-        for i, a, kp, vp in lc.local_pieces(exchanges):
+        for lo, hi, kp, vp in lc.local_blocks(exchanges, q.shape[2]):
             dqi, dki, dvi = be.bwd(dout, q, kp, vp, out, lse, False, scale)
             dq += dqi
-            lc.accumulate(i, dki, dvi, a)
+            lc.accumulate_range(lo, hi, dki, dvi)
         if handles:
             for lo, hi, dqr, dks, dvs in lc.bwd_remote_finish(handles):
                 dq += dqr

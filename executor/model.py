@@ -213,11 +213,89 @@ def rope_tables(cfg, start: int, length: int, device, dtype):
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
+def _rotate_half(x, sign: float = 1.0):
+    """[-x2, x1] for x = [x1, x2] along the last dimension (sign=-1: [x2, -x1], its transpose)."""
+    half = x.shape[-1] // 2
+    out = torch.empty_like(x)
+    torch.mul(x[..., half:], -sign, out=out[..., :half])
+    torch.mul(x[..., :half], sign, out=out[..., half:])
+    return out
+
+
+class RoPE(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin for x [b, heads, seq, d], cos/sin [seq, d]. Saves cos and sin,
+    what plain autograd keeps too; its backward is the inverse rotation,
+    dx = dy * cos + rotate_half^T(dy * sin), where plain autograd's slices and cat zero-fill and copy
+    two half-size gradients per call (the gradient of x[..., :half] is a full-size zero tensor with
+    half written)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype = x.dtype
+        return x * cos + _rotate_half(x) * sin
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return (dy * cos + _rotate_half(dy * sin, -1.0)).to(ctx.dtype), None, None
+
+
 def rope(x, cos, sin):
-    """x: [b, heads, seq, d] (rotate-half convention)."""
+    """x: [b, heads, seq, d] (rotate-half convention, as transformers' apply_rotary_pos_emb)."""
+    return RoPE.apply(x, cos, sin)
+
+
+def rope_reference(x, cos, sin):
+    """rope under plain autograd (what RoPE must match)."""
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rot * sin
+
+
+class Embed(torch.autograd.Function):
+    """w[tok] for w [V, H], tok [b, s] (int64) -> [b, s, H]. Backward adds the rows of dy into
+    w.grad in place (index_add_) and returns no gradient for w: the plain gather's backward makes a
+    zero [V, H] tensor per call and autograd then adds it to w.grad, two passes over the whole
+    table per unit (a micro-batch cut in n slices pays them n times). Saves tok, as the plain gather
+    does."""
+
+    @staticmethod
+    def forward(ctx, w, tok):
+        ctx.save_for_backward(tok)
+        ctx.weight = w
+        return w[tok]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (tok,) = ctx.saved_tensors
+        w = ctx.weight
+        rows = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        w.grad.index_add_(0, tok.reshape(-1), rows)
+        ctx.weight = None
+        return None, None
+
+
+def embed(w, tok):
+    """The token embedding w[tok] (see Embed)."""
+    return Embed.apply(w, tok)
+
+
+def accumulate_grad(w, dy, x) -> None:
+    """w.grad += dy^T x for w [out, in], dy [..., out], x [..., in]: in the gradient's own GEMM once
+    it exists (addmm_ with beta 1), not a matmul and then an add over the whole weight, which a
+    micro-batch cut in n slices pays n times per weight. Mixed dtypes (bf16 activations under
+    autocast, fp32 weights) take the matmul and the add."""
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    g = w.grad
+    if g is None:
+        w.grad = (dy2.t() @ x2).to(w.dtype)
+    elif dy2.dtype == x2.dtype == g.dtype:
+        g.addmm_(dy2.t(), x2)
+    else:
+        g.add_(dy2.t() @ x2)
 
 
 class WeightGradStore:
@@ -249,26 +327,37 @@ class WeightGradStore:
     @torch.no_grad()
     def run(self) -> None:
         for w, x, dy in self.items:
-            g = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(w.dtype)
-            if w.grad is None:
-                w.grad = g
-            else:
-                w.grad.add_(g)
+            accumulate_grad(w, dy, x)
         self.items = []
 
 
+class GradNow:
+    """The `wg` of a unit whose backward is one B: the matmul Functions add dW into the weight's
+    .grad inside its GEMM (accumulate_grad) and give autograd no weight gradient."""
+
+    deferred = False
+
+
+GRAD_NOW = GradNow()
+
+
 def _weight_grad(wg, w, x, dy):
-    """dW = dY^T X now, or None with (w, x, dy) left in the unit's store when it defers."""
-    if wg is not None and wg.deferred:
+    """dW = dY^T X for autograd (wg None), or None with dW added to w.grad now (GradNow, or a store
+    that does not defer) or (w, x, dy) left in the unit's store when it defers."""
+    if wg is None:
+        return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    if wg.deferred:
         wg.put(w, x, dy)
-        return None
-    return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    else:
+        accumulate_grad(w, dy, x)
+    return None
 
 
 class Linear(torch.autograd.Function):
     """h @ w.t(). Saves h and w, exactly what the plain matmul's autograd keeps (not F.linear: its
     autograd keeps other tensors, 0.6% more saved bytes on the tiny model, and the memory model
-    counts these). dW goes to the unit's WeightGradStore `wg` when it defers."""
+    counts these). dW goes to the unit's WeightGradStore `wg` when it defers, else into the
+    weight's .grad at once (accumulate_grad): autograd gets no weight gradient either way."""
 
     @staticmethod
     def forward(ctx, h, w, wg=None, weight=None):
@@ -287,8 +376,9 @@ class Linear(torch.autograd.Function):
 
 
 def _proj(h, w, b=None, wg=None):
-    """h @ w.t() (+ b); `wg`: the unit's WeightGradStore when its backward is split (Linear), else
-    None and the plain matmul (whose autograd the fused memory figures were measured with)."""
+    """h @ w.t() (+ b); `wg`: the unit's WeightGradStore when its backward is split, GRAD_NOW when it
+    is one B (both through Linear, which saves what the plain matmul's autograd saves), or None:
+    the plain matmul under autograd (the reference model)."""
     if wg is None:
         y = h @ w.t()
     elif torch.is_autocast_enabled(h.device.type):
@@ -303,7 +393,7 @@ def _proj(h, w, b=None, wg=None):
 
 def layer_forward(P: dict, i: int, cfg, x, cos, sin, attend, wg=None):
     """One decoder layer. `attend(q, k, v)` ([b, heads, seq, d] tensors) is the attention core;
-    `wg` the unit's WeightGradStore (see Linear)."""
+    `wg` the unit's WeightGradStore or GRAD_NOW (see Linear; None: plain autograd)."""
     p = f"layers.{i}."
     b, s, _ = x.shape
     d, eps = cfg.head_dim, cfg.rms_eps
@@ -361,11 +451,7 @@ class HeadCrossEntropy(torch.autograd.Function):
             del logits, e
             dh = g @ w.to(h.dtype) if ctx.needs_input_grad[0] else None
             if ctx.needs_input_grad[1]:
-                dw = (g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1])).to(w.dtype)
-                if w.grad is None:
-                    w.grad = dw
-                else:
-                    w.grad.add_(dw)
+                accumulate_grad(w, g, h)
         ctx.save_for_backward(dh)
         return loss
 

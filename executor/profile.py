@@ -350,10 +350,10 @@ def _head_round(cfg: ModelConfig, Ph: dict, rnd, g, sync, evict, device, s: int,
         return CLOCK[0]() - t0
 
     def efwd():
-        return Ph["embed"][labels]
+        return M.embed(Ph["embed"], labels)
 
     def eboth():
-        y = Ph["embed"][labels]
+        y = M.embed(Ph["embed"], labels)
         t0 = CLOCK[0]()
         y.sum().backward()
         sync()

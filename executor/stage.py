@@ -21,11 +21,13 @@ from .kv import Exchange
 class Unit:
     """A forward unit kept for its backward."""
 
-    __slots__ = ("x", "y", "kvf", "kvb", "wg")
+    __slots__ = ("x", "y", "kvf", "kvb", "wg", "split")
 
     def __init__(self, split: bool = False):
         self.x = self.y = self.kvf = self.kvb = None
-        self.wg = M.WeightGradStore() if split else None  # split backward (I, W): weight gradients kept here
+        self.split = split
+        # split backward (I, W): weight gradients kept in a store for W; one B: added to .grad at once
+        self.wg = M.WeightGradStore() if split else M.GRAD_NOW
 
 
 class AttentionEnv:
@@ -36,6 +38,9 @@ class AttentionEnv:
 
     def __init__(self, backend, scale, kv, wait):
         self.backend, self.scale, self.kv, self.wait = backend, scale, kv, wait
+
+
+GATHER_SLICES = 4  # a local prefix block holds at most this many query lengths of tokens (LayerCtx.local_blocks)
 
 
 class LayerCtx:
@@ -55,29 +60,38 @@ class LayerCtx:
         self.env.kv.serve()
 
     # ---- the prefix split into what is shipped and what stays
-    def local_pieces(self, exchanges):
-        """(slice i, start a within it, K, V) of the prefix tokens no exchange ships: whole slices
-        as they are, cut ones as (contiguous) views of their token range."""
+    def local_blocks(self, exchanges, q_len: int):
+        """[(lo, hi, K, V)]: the prefix tokens no exchange ships, attended here, as blocks of
+        contiguous tokens [lo, hi), each one attention call. A block gathers consecutive slices
+        (their parts that stay) up to GATHER_SLICES * q_len tokens: one call and one merge instead
+        of one per slice, for a transient copy of at most that many tokens' K/V of one layer (a
+        whole slice alone is attended in place, never copied)."""
         s = len(self.prefix)
-        if not exchanges:
-            return [(i, 0, k, v) for i, (k, v) in enumerate(self.prefix)]
+        if not s:
+            return []
         cuts = sorted((e.lo, e.hi) for e in exchanges)
-        out = []
+        pieces = []  # (lo, hi) of each slice's tokens that stay, ascending
         for i in range(s):
-            A = self.offsets[i]
-            E = A + self.lens[i]
-            k, v = self.prefix[i]
-            a = A
-            for lo, hi in cuts + [(E, E)]:
-                lo_c = min(max(lo, a), E)
+            a, e = self.offsets[i], self.offsets[i] + self.lens[i]
+            for lo, hi in cuts + [(e, e)]:
+                lo_c = min(max(lo, a), e)
                 if lo_c > a:
-                    if a == A and lo_c == E:
-                        out.append((i, 0, k, v))
-                    else:
-                        out.append((i, a - A, k[:, :, a - A:lo_c - A].contiguous(), v[:, :, a - A:lo_c - A].contiguous()))
-                a = max(a, min(hi, E))
-                if a >= E:
+                    pieces.append((a, lo_c))
+                a = max(a, min(hi, e))
+                if a >= e:
                     break
+        cap = GATHER_SLICES * q_len
+        blocks: list[list[int]] = []
+        for lo, hi in pieces:
+            last = blocks[-1] if blocks else None
+            if last is not None and last[1] == lo and hi - last[0] <= cap:
+                last[1] = hi
+            else:
+                blocks.append([lo, hi])
+        out = []
+        for lo, hi in blocks:
+            k, v = self.shipped(lo, hi)
+            out.append((lo, hi, k if k.is_contiguous() else k.contiguous(), v if v.is_contiguous() else v.contiguous()))
         return out
 
     def shipped(self, lo: int, hi: int):
@@ -267,7 +281,7 @@ class Stage:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.amp():
             if self.is_first:
                 tok = self.batches.tokens(mb)
-                x = P["embed"][tok[:, off:off + ln]]
+                x = M.embed(P["embed"], tok[:, off:off + ln])
             else:
                 x = self.acts_in.pop((mb, s)).detach().requires_grad_(True)
                 u.x = x
@@ -285,7 +299,8 @@ class Stage:
                 tok = self.batches.tokens(mb)
                 denom = spec.micro_batch_size * spec.seq_len * spec.microbatches
                 # backward seeds the loss with 1 (Stage.backward): a unit with one B fuses the head
-                x = M.head_loss(P, x, tok[:, 1 + off:1 + off + ln], denom, cfg.rms_eps, u.wg, fuse=u.wg is None)
+                x = M.head_loss(P, x, tok[:, 1 + off:1 + off + ln], denom, cfg.rms_eps, u.wg if u.split else None,
+                                fuse=not u.split)
                 loss = float(x.detach())
         u.y = x
         if self.next_local is not None:
@@ -322,7 +337,7 @@ class Stage:
                 k, v = caches[li][s]
                 roots += [k, v]
                 grads += a
-        if split != (u.wg is not None):
+        if split != u.split:
             raise UnitError("the unit's backward is split (I and W) on one side of the plan only")
         if split:
             u.wg.deferred = True

@@ -85,6 +85,9 @@ def sliced(q, k, v, lens, be, scale, exch):
     # several partners per unit, token ranges across slice boundaries, gaps kept local
     ((13, 9, 6, 4), {3: ([(0, 5), (5, 20), (25, 28)], [(3, 22)]), 1: ([(2, 9)], [(0, 13)])}),
     ((8, 8, 8, 8), {3: ([(4, 12), (12, 21)], [(0, 3), (20, 24)]), 2: ([(1, 2)], [(0, 16)])}),
+    # many short slices: the local prefix in blocks of at most GATHER_SLICES query lengths
+    ((4,) * 10, {}),
+    ((2, 12, 3, 3, 5), {4: ([(1, 3)], [(13, 15)])}),
 ])
 def test_sliced_equals_full_causal(be, lens, exch):
     torch.manual_seed(0)
@@ -107,6 +110,28 @@ def test_sliced_equals_full_causal(be, lens, exch):
     for got, want in ((torch.cat([t.grad for t in qs], 2), qr.grad), (torch.cat([t.grad for t in ks], 2), kr.grad),
                       (torch.cat([t.grad for t in vs], 2), vr.grad)):
         assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("lens,ranges,want", [
+    ((4,) * 10, [], [(0, 16), (16, 32), (32, 36)]),   # cut at GATHER_SLICES (4) query lengths
+    ((8, 8, 8, 8), [], [(0, 24)]),                     # seq1f1b's n=4: one block for the prefix
+    ((8, 8, 8, 8), [(4, 12)], [(0, 4), (12, 24)]),     # an exchange leaves two blocks
+    ((2, 12, 3, 3), [], [(0, 2), (2, 14), (14, 17)]),  # a slice longer than the cap stands alone
+])
+def test_local_blocks(lens, ranges, want):
+    """The prefix tokens attended here, as the blocks of contiguous tokens SliceAttention calls."""
+    offs = [sum(lens[:j]) for j in range(len(lens))]
+    j = len(lens) - 1
+    prefix = [(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4)) for n in lens[:j]]
+    ctx = Ctx(SDPA, 0.5, prefix, [None] * len(lens), offs, lens)
+    blocks = ctx.local_blocks([_Ex(lo, hi) for lo, hi in ranges], lens[j])
+    assert [(lo, hi) for lo, hi, _, _ in blocks] == want
+    k_all = torch.cat([k for k, _ in prefix], 2)
+    for lo, hi, k, _v in blocks:
+        assert k.is_contiguous() and torch.equal(k, k_all[:, :, lo:hi])
+    whole = [b for b in blocks if (b[0], b[1]) in zip(offs, [o + n for o, n in zip(offs, lens)])]
+    for lo, _hi, k, _v in whole:  # a whole slice is attended in place (no copy)
+        assert k.data_ptr() == prefix[offs.index(lo)][0].data_ptr()
 
 
 def test_merge_of_two_halves_is_full_softmax():

@@ -60,6 +60,77 @@ def test_head_cross_entropy_matches_autograd():
     check(run(M.head_loss), run(M.head_loss_reference), [randn(2, 11, H), P["norm"], P["lm_head"]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_autograd(dtype):
+    """RoPE's backward (the inverse rotation) gives plain autograd's gradient; a bf16 input (q, k
+    under autocast) times fp32 tables gives an fp32 output and a bf16 gradient, as autograd does."""
+    torch.manual_seed(5)
+    cos, sin = M.rope_tables(16, 3, 9, "cpu", torch.float32)
+    x0 = randn(2, 4, 9, 16).to(dtype)
+    dy = randn(2, 4, 9, 16)
+    out = []
+    for fn in (M.rope, M.rope_reference):
+        x = x0.clone().requires_grad_()
+        y = fn(x, cos, sin)
+        y.backward(dy)
+        out.append((y, x.grad))
+    (y, g), (yr, gr) = out
+    assert y.dtype == yr.dtype == torch.float32 and g.dtype == gr.dtype == dtype
+    assert rel(y, yr) < TOL
+    assert rel(g, gr) < (TOL if dtype == torch.float32 else 1e-2)
+
+
+def test_embed_adds_rows_into_the_existing_grad():
+    """embed's backward adds dy's rows into w.grad in place (a repeated token twice) and gives
+    autograd no gradient: the sum is plain autograd's gather gradient plus what was there."""
+    torch.manual_seed(6)
+    w = torch.nn.Parameter(randn(10, 4))
+    tok = torch.tensor([[3, 1, 3, 7]])
+    dy = randn(1, 4, 4)
+    w.grad = before = randn(10, 4)
+    start = before.clone()
+    want = before.clone()
+    for j, t in enumerate(tok[0].tolist()):
+        want[t] += dy[0, j]
+    y = M.embed(w, tok)
+    assert torch.equal(y, w.detach()[tok])
+    y.backward(dy)
+    assert w.grad is before  # in place
+    assert rel(w.grad, want) < TOL
+    w.grad = None
+    M.embed(w, tok).backward(dy)
+    assert rel(w.grad, want - start) < TOL
+
+
+def test_accumulate_grad_adds_in_the_gemm():
+    """accumulate_grad: a first dW becomes w.grad; later ones are added into that tensor (addmm_);
+    bf16 activations with an fp32 weight take the matmul and the add."""
+    torch.manual_seed(8)
+    w = torch.nn.Parameter(randn(5, 3))
+    xs, dys = [randn(2, 7, 3) for _ in range(2)], [randn(2, 7, 5) for _ in range(2)]
+    want = sum(dy.reshape(-1, 5).t() @ x.reshape(-1, 3) for x, dy in zip(xs, dys))
+    M.accumulate_grad(w, dys[0], xs[0])
+    first = w.grad
+    M.accumulate_grad(w, dys[1], xs[1])
+    assert w.grad is first and rel(w.grad, want) < TOL
+    M.accumulate_grad(w, dys[0].bfloat16(), xs[0].bfloat16())
+    assert w.grad.dtype == torch.float32 and w.grad is first
+    assert rel(w.grad, want + dys[0].reshape(-1, 5).t() @ xs[0].reshape(-1, 3)) < 1e-2
+
+
+def test_grad_now_linear_matches_autograd():
+    """A unit with one B (GRAD_NOW): Linear adds dW into .grad itself, autograd gets none for w;
+    the input gradient and the weight's .grad are plain autograd's."""
+    torch.manual_seed(9)
+    h0, w0, dy = randn(2, 6, 8), randn(4, 8), randn(2, 6, 4)
+    got = []
+    for wg in (M.GRAD_NOW, None):
+        h, w = h0.clone().requires_grad_(), torch.nn.Parameter(w0.clone())
+        M._proj(h, w, None, wg).backward(dy)
+        got.append((h.grad, w.grad))
+    assert rel(got[0][0], got[1][0]) < TOL and rel(got[0][1], got[1][1]) < TOL
+
+
 class LC:
     """A single-slice layer context: no prefix, no exchange, nothing to serve."""
 
@@ -75,7 +146,7 @@ class LC:
     def bwd_exchanges(self):
         return ()
 
-    def local_pieces(self, exchanges):
+    def local_blocks(self, exchanges, q_len):
         return []
 
 
@@ -88,7 +159,8 @@ def layer(cfg, P, x, reference):
     if reference:
         return M.layer_forward(P, 0, cfg, x, cos, sin, M.full_causal)
     return M.layer_forward(P, 0, cfg, x, cos, sin,
-                           lambda q, k, v: SliceAttention.apply(q.contiguous(), k, v, LC(default_scale(cfg.head_dim))))
+                           lambda q, k, v: SliceAttention.apply(q.contiguous(), k, v, LC(default_scale(cfg.head_dim))),
+                           M.GRAD_NOW)
 
 
 CFG = ModelConfig(layers=1, hidden=32, heads=4, kv_heads=2, ffn=48, vocab=64)
@@ -109,6 +181,7 @@ def test_layer_matches_plain_autograd(monkeypatch):
         p.grad = None
     monkeypatch.setattr(M, "rmsnorm", M.rmsnorm_reference)
     monkeypatch.setattr(M, "swiglu_down", M.swiglu_down_reference)
+    monkeypatch.setattr(M, "rope", M.rope_reference)
     xr = x0.clone().requires_grad_()
     yr = layer(CFG, P, xr, reference=True)
     yr.backward(dy)
