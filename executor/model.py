@@ -257,8 +257,9 @@ class Embed(torch.autograd.Function):
     """w[tok] for w [V, H], tok [b, s] (int64) -> [b, s, H]. Backward adds the rows of dy into
     w.grad in place (index_add_) and returns no gradient for w: the plain gather's backward makes a
     zero [V, H] tensor per call and autograd then adds it to w.grad, two passes over the whole
-    table per unit (a micro-batch cut in n slices pays them n times). Saves tok, as the plain gather
-    does."""
+    table per unit (a micro-batch cut in n slices pays them n times). On CUDA it keeps autograd's
+    kernel (index_add_ adds with atomics there, so two runs would differ in the last bits). Saves
+    tok, as the plain gather does."""
 
     @staticmethod
     def forward(ctx, w, tok):
@@ -269,13 +270,26 @@ class Embed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (tok,) = ctx.saved_tensors
-        w = ctx.weight
-        rows = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
-        if w.grad is None:
-            w.grad = torch.zeros_like(w)
-        w.grad.index_add_(0, tok.reshape(-1), rows)
-        ctx.weight = None
+        w, ctx.weight = ctx.weight, None
+        # on CUDA index_add_ adds with atomics (run-to-run different bits): autograd's own kernel there
+        embed_grad(w, tok, dy, dense=w.is_cuda)
         return None, None
+
+
+def embed_grad(w, tok, dy, dense: bool = False) -> None:
+    """w.grad += the gather's gradient (rows of dy [b, s, H] at tok [b, s]): in place with index_add_,
+    or (dense) through autograd's [V, H] kernel and an add."""
+    if dense:
+        g = torch.ops.aten.embedding_dense_backward(dy, tok, w.shape[0], -1, False).to(w.dtype)
+        if w.grad is None:
+            w.grad = g
+        else:
+            w.grad.add_(g)
+        return
+    rows = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
+    if w.grad is None:
+        w.grad = torch.zeros_like(w)
+    w.grad.index_add_(0, tok.reshape(-1), rows)
 
 
 def embed(w, tok):

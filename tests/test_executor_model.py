@@ -102,6 +102,23 @@ def test_embed_adds_rows_into_the_existing_grad():
     assert rel(w.grad, want - start) < TOL
 
 
+def test_embed_grad_dense_path_gives_the_same_sums():
+    """The CUDA path of Embed's backward (autograd's dense kernel and an add), run here on CPU,
+    adds what the in-place index_add_ path adds."""
+    torch.manual_seed(7)
+    tok = torch.tensor([[3, 1, 3, 7], [0, 3, 9, 9]])
+    dy = randn(2, 4, 4)
+    got = []
+    for dense in (False, True):
+        w = torch.nn.Parameter(randn(10, 4))
+        M.embed_grad(w, tok, dy, dense=dense)
+        first = w.grad.clone()
+        M.embed_grad(w, tok, dy, dense=dense)
+        got.append((first, w.grad))
+    assert rel(got[1][0], got[0][0]) < TOL and rel(got[1][1], got[0][1]) < TOL
+    assert rel(got[0][1], 2 * got[0][0]) < TOL
+
+
 def test_accumulate_grad_adds_in_the_gemm():
     """accumulate_grad: a first dW becomes w.grad; later ones are added into that tensor (addmm_);
     bf16 activations with an fp32 weight take the matmul and the add."""
