@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from ir.limits import gather_blocks
+
 from . import model as M
 from .attention import SliceAttention
 from .errors import UnitError
@@ -40,9 +42,6 @@ class AttentionEnv:
         self.backend, self.scale, self.kv, self.wait = backend, scale, kv, wait
 
 
-GATHER_SLICES = 4  # a local prefix block holds at most this many query lengths of tokens (LayerCtx.local_blocks)
-
-
 class LayerCtx:
     """What SliceAttention needs for one (unit, layer): backend, earlier slices' K/V, where
     their gradients go, and the unit's exchanges (several per unit, each shipping the tokens
@@ -63,9 +62,10 @@ class LayerCtx:
     def local_blocks(self, exchanges, q_len: int):
         """[(lo, hi, K, V)]: the prefix tokens no exchange ships, attended here, as blocks of
         contiguous tokens [lo, hi), each one attention call. A block gathers consecutive slices
-        (their parts that stay) up to GATHER_SLICES * q_len tokens: one call and one merge instead
-        of one per slice, for a transient copy of at most that many tokens' K/V of one layer (a
-        whole slice alone is attended in place, never copied)."""
+        (their parts that stay) up to ir.limits.GATHER_SLICES * q_len tokens (gather_blocks, which
+        the cost model prices too): one call and one merge instead of one per slice, for a
+        transient copy of at most that many tokens' K/V of one layer (a whole slice alone is
+        attended in place, never copied)."""
         s = len(self.prefix)
         if not s:
             return []
@@ -80,16 +80,8 @@ class LayerCtx:
                 a = max(a, min(hi, e))
                 if a >= e:
                     break
-        cap = GATHER_SLICES * q_len
-        blocks: list[list[int]] = []
-        for lo, hi in pieces:
-            last = blocks[-1] if blocks else None
-            if last is not None and last[1] == lo and hi - last[0] <= cap:
-                last[1] = hi
-            else:
-                blocks.append([lo, hi])
         out = []
-        for lo, hi in blocks:
+        for lo, hi in gather_blocks(pieces, q_len):
             k, v = self.shipped(lo, hi)
             out.append((lo, hi, k if k.is_contiguous() else k.contiguous(), v if v.is_contiguous() else v.contiguous()))
         return out

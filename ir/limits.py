@@ -24,6 +24,28 @@ MAX_UNITS = 2 ** 24
 MAX_PLAN_BYTES = 4 * 2 ** 30
 
 
+# The executor attends the K/V of earlier slices kept on its rank in blocks of contiguous tokens of
+# at most this many query lengths, one attention call each (executor.stage.LayerCtx.local_blocks);
+# the measured cost model prices the same calls (passes.costs)
+GATHER_SLICES = 4
+
+
+def gather_blocks(pieces, q_len: int) -> list[tuple[int, int]]:
+    """[(lo, hi)]: the token ranges `pieces` (ascending, each a slice's tokens or the part of one an
+    exchange does not ship) gathered into blocks: a piece joins the block before it when it starts
+    where that block ends and the block stays within GATHER_SLICES * q_len tokens (a piece longer
+    than that stands alone). One attention call per block."""
+    cap = GATHER_SLICES * q_len
+    blocks: list[list[int]] = []
+    for lo, hi in pieces:
+        last = blocks[-1] if blocks else None
+        if last is not None and last[1] == lo and hi - last[0] <= cap:
+            last[1] = hi
+        else:
+            blocks.append([lo, hi])
+    return [(lo, hi) for lo, hi in blocks]
+
+
 def wire_stride(stage_layers) -> int:
     """Transport tags per plan tag: the instruction's own message, then a request and a reply,
     forward and backward, for every layer of a stage (the KV exchange's per-layer messages)."""

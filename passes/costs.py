@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
 from ir import KINDS, Instr, Plan, PlanSpec, SpecError, read_user_json, split_units
+from ir.limits import gather_blocks
 
 GIB = 1 << 30
 
@@ -226,6 +227,15 @@ def _attention_curve(m: Measured, pass_: str, causal: int) -> tuple:
     return tuple((x, sum(v) / len(v)) for x, v in sorted(pts.items()))
 
 
+def _pieces(lens) -> list[tuple[int, int]]:
+    """[(lo, hi)] of consecutive slices of `lens` tokens from token 0."""
+    out, a = [], 0
+    for n in lens:
+        out.append((a, a + n))
+        a += n
+    return out
+
+
 def attention_call(m: Measured, backward: bool, causal: bool, q: float, k: float) -> float:
     """Seconds of one attention call of q queries over k keys (measured curve by q*k)."""
     return curve_at(_attention_curve(m, "bwd" if backward else "fwd", int(causal)), q * k)
@@ -368,7 +378,8 @@ class CostModel:
     def _measured_time(self, stage: int, s: int, prefix_lens: tuple, backward, split: bool = False) -> float:
         """Seconds of a unit from a measured profile: per layer the seven projections (backward: input
         and weight gradient of each) on the matmul curve, the causal attention over the slice itself
-        and one full call per earlier slice on the attention curve, the elementwise rest; plus LM head
+        and one call per block of earlier slices (ir.limits.gather_blocks, as the executor attends
+        them) on the attention curve, the elementwise rest; plus LM head
         and loss on the last stage, the embedding on the first, the unit's fixed cost. tp/cp divide the tokens.
         Split backward: W is the weight-gradient half of the projections (and of the LM head on the
         last stage, see _measured_weight), I the fused backward less its dW matmuls;
@@ -385,8 +396,8 @@ class CostModel:
         tok = s * spec.micro_batch_size / div
         mm = self._measured_projections(s) * (2 if backward else 1)
         attn = attention_call(m, backward, True, tok, tok)
-        for ln in prefix_lens:
-            attn += attention_call(m, backward, False, tok, ln * spec.micro_batch_size / div)
+        for lo, hi in gather_blocks(_pieces(prefix_lens), s):  # the executor's calls over the prefix
+            attn += attention_call(m, backward, False, tok, (hi - lo) * spec.micro_batch_size / div)
         col = 2 if backward else 1
         per_layer = mm + attn + curve_at(m.elementwise, tok, col)
         t = per_layer * spec.stage_layers[stage]
@@ -471,7 +482,8 @@ class CostModel:
         partner (or helper): a non-causal block of the slice's queries over the shipped tokens
         [lo, hi), in every layer of the owner's stage. `rank` runs `ins`: the owner for KV*_SEND
         (what it saves), the partner or helper otherwise (what it spends). With a measured
-        profile: the owner saves its calls over the shipped tokens, slice by slice (a cut slice
+        profile: the owner saves the difference between its calls over the prefix with and
+        without the shipped tokens (the executor's blocks, ir.limits.gather_blocks: a cut slice
         still costs a call over what is left of it), the partner makes one call over the range."""
         spec = self.spec
         m = spec.model
@@ -484,14 +496,13 @@ class CostModel:
             q = spec.slice_lens[ins.mb][ins.slice] * b / div
             if not is_owner:
                 return L * attention_call(mp, bwd, False, q, (ins.hi - ins.lo) * b / div)
-            saved = 0.0
-            for off, ln in zip(self.offsets[ins.mb], spec.slice_lens[ins.mb][:ins.slice]):
-                cut = min(ins.hi, off + ln) - max(ins.lo, off)
-                if cut > 0:
-                    saved += attention_call(mp, bwd, False, q, ln * b / div)
-                    if ln > cut:
-                        saved -= attention_call(mp, bwd, False, q, (ln - cut) * b / div)
-            return L * saved
+            s = spec.slice_lens[ins.mb][ins.slice]
+            whole = _pieces(spec.slice_lens[ins.mb][:ins.slice])
+            left = [(x, y) for a, e in whole for x, y in ((a, min(e, ins.lo)), (max(a, ins.hi), e)) if x < y]
+
+            def calls(pieces):
+                return sum(attention_call(mp, bwd, False, q, (hi - lo) * b / div) for lo, hi in gather_blocks(pieces, s))
+            return L * (calls(whole) - calls(left))
         pairs = spec.slice_lens[ins.mb][ins.slice] * (ins.hi - ins.lo)
         f = (4 * m.head_dim + 3) * m.heads * pairs * L * spec.micro_batch_size / (spec.tp * spec.cp)
         return f * (BWD_ATTN if bwd else 1.0) / (self.prof.peak_flops * self.prof.attn_efficiency)

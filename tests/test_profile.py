@@ -173,6 +173,26 @@ def test_unit_time_from_curves():
     assert cm.unit_time(1, Instr(Kind.I, 0, 0, 0)) == pytest.approx(b_split - w)
 
 
+def test_prefix_attention_priced_per_gathered_block():
+    """The executor attends the earlier slices in blocks of up to GATHER_SLICES (4) query lengths
+    (ir.limits.gather_blocks), and the cost model prices one call per block: with a fixed cost C
+    per attention call, slice 5 of six 64-token slices pays the causal call and two prefix calls
+    ([0, 256) and [256, 320)), not five; an exchange shipping slice 1 saves its keys' share, not a
+    call (the blocks left, [0, 64) and [128, 320), are two calls again)."""
+    C = 1e-4
+    d = measured_profile()
+    d["measured"]["attention"] = [[p, c, q, q, C + q * q * ATT * (2 if p == "bwd" else 1)]
+                                  for p in ("fwd", "bwd") for c in (0, 1) for q in (64, 4096)]
+    plan = compile_plan(spec("seq1f1b", 2, 1, n=6, seq_len=384))
+    cm = CostModel(plan.spec, profile_from_dict(d), 4)
+    s = 64
+    mm = 2 * s * 64 * (64 + 32 + 32 + 64 + 128 + 128 + 128) * MM
+    attn = (C + s * s * ATT) + (2 * C + s * 5 * s * ATT)
+    assert cm.unit_time(0, Fi(0, 5, 0)) == pytest.approx(4 * (mm + attn + s * ELEM))
+    ex = Instr(Kind.KVF_SEND, 0, 5, 0, peer=1, tag=0, lo=64, hi=128)
+    assert cm.kv_shift(0, ex) == pytest.approx(4 * s * s * ATT)
+
+
 def test_processor_sharing_closed_forms():
     """Two ranks whose units all run at once: on one processor each takes twice as long."""
     plan = compile_plan(spec("gpipe", 2, 2))
