@@ -16,7 +16,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -71,16 +70,14 @@ def main(argv=None) -> int:
                 got[side].append(rec)
                 print(f"{sched} {side} run {r}: step {rec['step_s']:.3f} s, RSS {rec['peak_rss_mib']} MiB "
                       f"({wall:.0f} s wall)", file=sys.stderr, flush=True)
-        med = {s: statistics.median(x["step_s"] for x in got[s]) for s in got}
-        rss = {s: [max(col) for col in zip(*(x["peak_rss_mib"] for x in got[s]))] for s in got}
+        side = {s: EV.summarise(got[s]) for s in got}  # median step, per-rank max RSS, each run's figures
+        med = {s: side[s]["step_s"] for s in side}
         rows.append({
             "schedule": sched, "virtual_stages": v, "slices": n,
-            "A": {"run_step_s": [x["step_s"] for x in got["A"]], "run_peak_rss_mib": [x["peak_rss_mib"] for x in got["A"]],
-                  "step_s": med["A"], "peak_rss_mib": rss["A"], "loss": got["A"][-1].get("loss")},
-            "B": {"run_step_s": [x["step_s"] for x in got["B"]], "run_peak_rss_mib": [x["peak_rss_mib"] for x in got["B"]],
-                  "step_s": med["B"], "peak_rss_mib": rss["B"], "loss": got["B"][-1].get("loss")},
+            "A": {k: side["A"][k] for k in ("run_step_s", "run_peak_rss_mib", "step_s", "peak_rss_mib", "loss")},
+            "B": {k: side["B"][k] for k in ("run_step_s", "run_peak_rss_mib", "step_s", "peak_rss_mib", "loss")},
             "ratio_step_time": med["B"] / med["A"],
-            "ratio_peak_rss_per_rank": [b / x for b, x in zip(rss["B"], rss["A"])],
+            "ratio_peak_rss_per_rank": [b / x for b, x in zip(side["B"]["peak_rss_mib"], side["A"]["peak_rss_mib"])],
             "rounds_b_faster": sum(b["step_s"] < x["step_s"] for x, b in zip(got["A"], got["B"])),
         })
         r = rows[-1]

@@ -83,7 +83,7 @@ class LayerCtx:
         out = []
         for lo, hi in gather_blocks(pieces, q_len):
             k, v = self.shipped(lo, hi)
-            out.append((lo, hi, k if k.is_contiguous() else k.contiguous(), v if v.is_contiguous() else v.contiguous()))
+            out.append((lo, hi, k.contiguous(), v.contiguous()))  # a whole slice: itself, no copy
         return out
 
     def shipped(self, lo: int, hi: int):
