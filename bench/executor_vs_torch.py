@@ -228,7 +228,7 @@ def run_config(cfg: dict, a, log) -> dict:
                 continue
             v = cfg["virtual_stages"] if ours_s in MULTI else 1
             out["pairs"].append(compare(cfg, ours_s, v, 1, theirs_s, v, a, log, cache))
-    against = cfg["against"]
+    against = a.against or cfg["against"]
     if against == "best":
         done = [c for c in out["pairs"] if c["theirs"]]
         if not done:
@@ -236,12 +236,56 @@ def run_config(cfg: dict, a, log) -> dict:
         else:
             against = min(done, key=lambda c: c["theirs"]["step_s"])["theirs_schedule"]
     v_against = cfg["virtual_stages"] if against in ("Interleaved1F1B", "LoopedBFS") else 1
-    out["torch_best" if cfg["against"] == "best" else "torch_against"] = against
-    for ours_s in cfg["extras"]:
-        if a.only and ours_s not in a.only:
-            continue
+    out["torch_best" if cfg["against"] == "best" and not a.against else "torch_against"] = against
+    extras = [x for x in cfg["extras"] if not a.only or x in a.only]
+    if a.shared_rounds and extras:
+        out["extras"] = compare_shared(cfg, extras, against, v_against, a, log)
+        return out
+    for ours_s in extras:
         n = cfg["slices"] if ours_s in ("seq1f1b", "slimpipe") else 1
         out["extras"].append(compare(cfg, ours_s, 1, n, against, v_against, a, log, cache))
+    return out
+
+
+def compare_shared(cfg, extras, theirs_sched, v_theirs, a, log) -> list[dict]:
+    """--shared-rounds: per round one torch run of `theirs_sched`, then one run of each of our
+    `extras`, so every comparison of a round shares the torch run next to it in time. Each
+    comparison's record is compare()'s, plus round_ratios (ours / theirs within each round: on
+    this VM the machine's speed moves 10-30% over minutes, so a ratio taken inside a round is
+    steadier than one of medians over the whole run) and their median."""
+    got = {"theirs": [], **{x: [] for x in extras}}
+    rounds = {x: [] for x in extras}
+    errors = {k: None for k in got}
+    for r in range(cfg["repeats"]):
+        rec, err, wall = run_theirs(cfg, theirs_sched, v_theirs, a)
+        if rec:
+            got["theirs"].append(rec)
+            log(f"  [{cfg['name']}] torch {theirs_sched} run {r}: step {rec['step_s']:.3f} s, RSS {rec['peak_rss_mib']} MiB ({wall:.0f} s wall)")
+        else:
+            errors["theirs"] = err
+            log(f"  [{cfg['name']}] torch {theirs_sched} run {r}: failed: {err}")
+        for x in extras:
+            n = cfg["slices"] if x in ("seq1f1b", "slimpipe") else 1
+            mine, err, wall = run_ours(cfg, x, 1, n, a)
+            if mine:
+                got[x].append(mine)
+                log(f"  [{cfg['name']}] ours {x} run {r}: step {mine['step_s']:.3f} s, RSS {mine['peak_rss_mib']} MiB ({wall:.0f} s wall)")
+                if rec:
+                    rounds[x].append(mine["step_s"] / rec["step_s"])
+            else:
+                errors[x] = err
+                log(f"  [{cfg['name']}] ours {x} run {r}: failed: {err}")
+    theirs = summarise(got["theirs"])
+    out = []
+    for x in extras:
+        ours = summarise(got[x])
+        out.append({"ours_schedule": x, "theirs_schedule": theirs_sched,
+                    "slices": cfg["slices"] if x in ("seq1f1b", "slimpipe") else 1, "virtual_stages": 1,
+                    "theirs_reused": False, "theirs_shared": True, "ours": ours,
+                    "ours_reason": None if ours else errors[x], "theirs": theirs,
+                    "theirs_reason": None if theirs else errors["theirs"], "ratio": ratios(ours, theirs),
+                    "round_ratios": [round(q, 4) for q in rounds[x]],
+                    "round_ratio_median": statistics.median(rounds[x]) if rounds[x] else None})
     return out
 
 
@@ -257,6 +301,12 @@ def main(argv=None) -> int:
     ap.add_argument("--schedules", help="comma list of our schedules to run (default: every pair and extra of "
                     "each config); e.g. gpipe to repeat one comparison")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per launched job")
+    ap.add_argument("--against", choices=[t for _, t in PAIRS],
+                    help="torch schedule our sliced schedules (the extras) are compared with (default: each "
+                         "config's; 'best' there is the fastest torch schedule of the pairs run, 1F1B when none ran)")
+    ap.add_argument("--shared-rounds", action="store_true",
+                    help="extras only: per round one torch run, then one run of each of our extras, ratios "
+                         "taken within each round (round_ratios) as well as of the medians")
     ap.add_argument("-o", "--output", type=Path, help="results file (default bench/results/executor_vs_torch[_quick].json)")
     a = ap.parse_args(argv)
     a.ours_path = a.ours_path.resolve()
@@ -294,6 +344,7 @@ def main(argv=None) -> int:
         "ours_available": ours_unavailable(a.ours_path) is None,
         "groups": names,
         "schedules": a.only,
+        "against": a.against, "shared_rounds": a.shared_rounds,
         "method": ("each side is a fresh torchrun job per run; runs alternate ours/theirs; step_s = median over "
                    "runs of each run's median step time (torch side excludes its warm-up steps, ours runs the "
                    "same total number of steps); peak RSS = ru_maxrss per rank, max over runs; ratio = ours/theirs"),
@@ -313,7 +364,8 @@ def main(argv=None) -> int:
                 "theirs_step_s": comp["theirs"] and comp["theirs"]["step_s"],
                 "ours_peak_rss_mib": comp["ours"] and comp["ours"]["peak_rss_mib"],
                 "theirs_peak_rss_mib": comp["theirs"] and comp["theirs"]["peak_rss_mib"],
-                "ratio": comp["ratio"], "ours_reason": comp["ours_reason"]})
+                "ratio": comp["ratio"], "round_ratio_median": comp.get("round_ratio_median"),
+                "ours_reason": comp["ours_reason"]})
     print(json.dumps(summary, indent=1))
     return 0
 
