@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="parameter/activation dtype (default fp32, exact for --check-reference; `slimpipe simulate` "
-                        "models bf16 unless given --dtype fp32)")
+                        "models bf16 unless given --dtype fp32 or a profile measured in fp32)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--autocast", action="store_true",
                    help="bf16 autocast (mixed precision): fp32 parameters, optimizer and residual stream (with the "

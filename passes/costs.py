@@ -76,6 +76,20 @@ class Measured:
         return {"format": MEASURED_FORMAT, **self.meta, "processors": self.processors, **out}
 
 
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def profile_dtype_bytes(profile: "DeviceProfile | None", default: int = 2) -> int:
+    """Bytes per element the cost model sizes activations, parameters and messages with when the
+    user names no dtype: a measured profile's own (`slimpipe profile --dtype`, recorded as
+    measured.meta["dtype"]: what the executor ran when it was measured; its default, fp32, is 4),
+    else `default` (2: bf16, what the built-in GPU profiles assume). `simulate`, the exchange
+    levelling of `compile`, `compare` and `tune` all take this default, so one plan is priced the
+    same way by each."""
+    m = getattr(profile, "measured", None)
+    return DTYPE_BYTES.get(m.meta.get("dtype"), default) if m is not None else default
+
+
 CURVES = {"matmul": 2, "attention": 5, "elementwise": 3, "head": 3, "embedding": 3, "p2p": 2, "unit": 3,
           "head_split": 3, "p2p_cpu": 2, "weight": 2}
 REQUIRED = ("matmul", "attention", "elementwise", "head", "embedding", "p2p")
@@ -197,6 +211,9 @@ def _measured(where: str, m) -> Measured:
     if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts < 1:
         raise SpecError(f"{where}.timeslice_s={_shown(ts)} must be a number of seconds >= 0 and < 1 "
                         f"(how long the OS runs a thread while others wait; 0 or absent: ranks share fairly)")
+    if "dtype" in meta and (not isinstance(meta["dtype"], str) or meta["dtype"] not in DTYPE_BYTES):
+        raise SpecError(f"{where}.dtype={_shown(meta['dtype'])} is unknown; allowed: {', '.join(DTYPE_BYTES)} "
+                        f"(the dtype `slimpipe profile` measured in)")
     return Measured(processors=proc, meta=meta, **curves)
 
 

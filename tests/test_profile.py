@@ -656,3 +656,57 @@ def test_processor_sharing_ends_at_large_clocks():
     run(1e-3, "seconds")
     assert out["hours"].makespan == pytest.approx(1e3 * out["seconds"].makespan, rel=1e-9)
     assert out["hours"].busy == pytest.approx([1e3 * b for b in out["seconds"].busy], rel=1e-9)
+
+
+# ---------------------------------------------------------------- the dtype a measured profile was taken in
+
+def test_a_measured_profiles_dtype_is_every_commands_default(tmp_path, monkeypatch):
+    """simulate, compile's exchange levelling, compare and tune size messages and memory with the
+    dtype the profile was measured in (fp32 here: 4 bytes), not bf16's 2 bytes, when no --dtype is
+    given; a built-in profile keeps bf16."""
+    from passes import costs as C
+    from passes.costs import profile_dtype_bytes
+
+    assert profile_dtype_bytes(load_profile("h100")) == 2 and profile_dtype_bytes(None, 4) == 4
+    d = measured_profile(2)
+    assert profile_dtype_bytes(load_profile(write(tmp_path, d, "none.json"))) == 2  # no dtype recorded
+    d["measured"]["dtype"] = "fp32"
+    fp32 = write(tmp_path, d, "fp32.json")
+    assert profile_dtype_bytes(load_profile(fp32)) == 4
+    seen = []
+    real_init = C.CostModel.__init__
+
+    def spy(self, spec, profile, dtype_bytes=2, plan=None):
+        seen.append(dtype_bytes)
+        real_init(self, spec, profile, dtype_bytes, plan)
+
+    monkeypatch.setattr(C.CostModel, "__init__", spy)
+    compile_plan(spec("slimpipe", 2, 2, n=4, seq_len=256, exchange=True), fp32)
+    assert seen and set(seen) == {4}, seen  # the levelling priced in fp32
+    seen.clear()
+    compile_plan(spec("slimpipe", 2, 2, n=4, seq_len=256, exchange=True), "h100")
+    assert seen and set(seen) == {2}, seen
+
+
+def test_compare_sizes_memory_in_the_profiles_dtype(tmp_path, capsys):
+    """compare's peak memory is the memory model's at the profile's dtype: 4 bytes for an fp32
+    profile (3818496 B at bf16, 4341760 B at fp32 for tiny 1f1b p=2 m=2 seq 64)."""
+    from compiler.search import exact_peak_memory
+
+    one = spec("1f1b", 2, 2)
+    d = measured_profile(2)
+    for dt, nbytes in (("bf16", 2), ("fp32", 4)):
+        d["measured"]["dtype"] = dt
+        path = write(tmp_path, d, f"{dt}.json")
+        assert main(["compare", "--model", "tiny", "--pp", "2", "--microbatches", "2", "--seq-len", "64",
+                     "--schedules", "1f1b", "--device-profile", path, "--json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)["rows"]
+        assert row["peak_memory_bytes"] == exact_peak_memory(one, nbytes) == {2: 3818496, 4: 4341760}[nbytes]
+
+
+def test_unknown_measured_dtype_is_one_line(tmp_path, capsys):
+    d = measured_profile(2)
+    d["measured"]["dtype"] = "int8"
+    path = write(tmp_path, d)
+    with pytest.raises(SpecError, match=r"measured\.dtype=\"int8\" is unknown; allowed: bf16, fp16, fp32"):
+        load_profile(path)

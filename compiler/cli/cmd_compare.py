@@ -6,7 +6,7 @@ import math
 import re
 
 from ir import SlimpipeError, SpecError
-from passes.costs import load_profile
+from passes.costs import load_profile, profile_dtype_bytes
 
 from ..layout import check_cp, check_tp
 from ..search import Candidate, Problem, SearchResult, Space, candidate_spec, evaluate, rank_rows, search
@@ -86,7 +86,7 @@ def run(args) -> int:
     check_tp(args.tp, model)
     check_cp(args.cp, seq)  # each candidate's slices too: the search skips those cp does not divide
     gpus = args.pp * args.tp * args.cp * args.dp
-    problem = Problem(model, seq, gpus, budget, args.microbatches * args.dp, profile)
+    problem = Problem(model, seq, gpus, budget, args.microbatches * args.dp, profile, profile_dtype_bytes(profile))
     kw = {"families": families_arg(args.schedules)} if args.schedules is not None else {}
     space = Space(tp=(args.tp,), cp=(args.cp,), pp=(args.pp,), **kw)
     table, res = best_per_family(problem, space, args.time_limit or None)

@@ -8,7 +8,7 @@ import time
 
 from ir import SpecError
 from passes import rendezvous_cycle
-from passes.costs import GIB, load_profile
+from passes.costs import GIB, load_profile, profile_dtype_bytes
 
 from .. import schedules
 from ..layout import LAYER_SPLITS
@@ -214,7 +214,7 @@ def run(args) -> int:
     model, seq = model_from_args(args)
     space = space_from_args(args)
     gb = args.global_batch or default_global_batch(seq, args.gpus)
-    problem = Problem(model, seq, args.gpus, budget, gb, profile)
+    problem = Problem(model, seq, args.gpus, budget, gb, profile, profile_dtype_bytes(profile))
     prog = Progress()
     res = search(problem, space, top_k=args.top, time_limit=args.time_limit or None, progress=prog)
     prog.finish(res)
@@ -225,7 +225,7 @@ def run(args) -> int:
     c = res.counts
     if args.json:
         emit_json({"model": model.name, "seq_len": seq, "gpus": args.gpus, "global_batch": gb,
-                   "memory_budget_bytes": budget, "device_profile": profile.name,
+                   "memory_budget_bytes": budget, "device_profile": profile.name, "dtype_bytes": problem.dtype_bytes,
                    "space": {"families": list(space.families), "tp": list(space.tp), "cp": list(space.cp),
                              "pp": list(space.pp) if space.pp else "divisors", "slices": list(space.slices),
                              "virtual_stages": list(space.virtual_stages), "layer_splits": list(space.layer_splits)},
