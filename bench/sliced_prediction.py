@@ -6,8 +6,9 @@ the four both runtimes have (Interleaved1F1B in every recording): that ratio mix
 runtime (ours against torch on the same schedule: the pairs) and the schedule (slices against whole
 micro-batches). This script prices the second alone: it profiles this machine with the p2 model
 (`slimpipe profile`, hidden 256, 8 heads / 4 KV heads, ffn 704, seq 1024; or --profile FILE), then
-compiles every schedule of the p2 group with the flags executor_vs_torch uses (plus the sliced
-variants a user could pick instead: Seq1F1B's equal-FLOPs partition, n=2, interleaved Seq1F1B)
+compiles every schedule of the p2 group as executor_vs_torch does (plus the sliced variants a user
+could pick instead: slimpipe with the exchanges this profile keeps, Seq1F1B's equal-FLOPs
+partition, n=2, interleaved Seq1F1B)
 and prints `slimpipe simulate --dtype fp32 --json`'s step time, bubble and per-rank busy time,
 and each schedule's predicted step over the fastest predicted of the four shared ones. A sliced
 schedule predicted above 1.0 there is slower than that schedule on this machine whatever runtime
@@ -37,8 +38,11 @@ from bench.machine import commit_of, machine  # noqa: E402
 CFG = GROUPS["p2"][0]
 SHARED = [ours for ours, _ in PAIRS]
 # (label, schedule, extra flags): the p2 group's extras as executor_vs_torch compiles them first
+# (no --device-profile at compile: slimpipe's exchanges are chosen on the built-in h100 profile,
+# which keeps none for this model), then variants a user could pick
 SLICED = [("seq1f1b", "seq1f1b", ["--slices", str(CFG["slices"])]),
           ("slimpipe", "slimpipe", ["--slices", str(CFG["slices"])]),
+          ("slimpipe, exchanges chosen on this profile", "slimpipe", ["--slices", str(CFG["slices"]), "@profile"]),
           ("seq1f1b --partition flops", "seq1f1b", ["--slices", str(CFG["slices"]), "--partition", "flops"]),
           ("seq1f1b n=2", "seq1f1b", ["--slices", "2"]),
           ("seq1f1b v=2", "seq1f1b", ["--slices", str(CFG["slices"]), "--virtual-stages", "2"])]
@@ -53,13 +57,16 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def predict(schedule: str, flags: list[str], profile: str, tmp: Path) -> dict:
+    """Compile as executor_vs_torch does (a flag "@profile": with --device-profile, so the compile
+    decides on this profile), then simulate on the profile."""
     plan = tmp / "plan.json"
-    cli("compile", "--schedule", schedule, "--pp", str(CFG["pp"]), "--microbatches", str(CFG["microbatches"]),
-        "--model", "tiny", "--seq-len", str(CFG["seq_len"]), *dims_args(CFG["model"]), *flags,
-        "--device-profile", profile, "-o", str(plan))
+    flags = [f for x in flags for f in (["--device-profile", profile] if x == "@profile" else [x])]
+    c = json.loads(cli("compile", "--schedule", schedule, "--pp", str(CFG["pp"]), "--microbatches",
+                       str(CFG["microbatches"]), "--model", "tiny", "--seq-len", str(CFG["seq_len"]),
+                       *dims_args(CFG["model"]), *flags, "-o", str(plan), "--json").stdout)
     d = json.loads(cli("simulate", str(plan), "--device-profile", profile, "--dtype", "fp32", "--json").stdout)
     return {"step_s": d["step_s"], "bubble": d["bubble_fraction"], "bubble_breakdown": d["bubble_breakdown"],
-            "busy_s": [r["busy_s"] for r in d["ranks"]]}
+            "busy_s": [r["busy_s"] for r in d["ranks"]], "exchanges": c.get("exchanges", 0)}
 
 
 def main(argv=None) -> int:
@@ -92,8 +99,9 @@ def main(argv=None) -> int:
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.output.write_text(json.dumps(doc, indent=1) + "\n")
     for name, r in rows.items():
-        print(f"{name:28s} step {r['step_s']:.3f} s  bubble {100 * r['bubble']:5.1f}%  busy "
-              f"{'/'.join(f'{b:.3f}' for b in r['busy_s'])} s  x{r['over_best_shared']:.3f} of {best}")
+        print(f"{name:44s} step {r['step_s']:.3f} s  bubble {100 * r['bubble']:5.1f}%  busy "
+              f"{'/'.join(f'{b:.3f}' for b in r['busy_s'])} s  x{r['over_best_shared']:.3f} of {best}"
+              + (f"  ({r['exchanges']} KV exchanges)" if r["exchanges"] else ""))
     print(f"wrote {a.output}")
     return 0
 
