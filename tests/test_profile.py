@@ -681,8 +681,13 @@ def test_a_measured_profiles_dtype_is_every_commands_default(tmp_path, monkeypat
         real_init(self, spec, profile, dtype_bytes, plan)
 
     monkeypatch.setattr(C.CostModel, "__init__", spy)
-    compile_plan(spec("slimpipe", 2, 2, n=4, seq_len=256, exchange=True), fp32)
+    plan = compile_plan(spec("slimpipe", 2, 2, n=4, seq_len=256, exchange=True), fp32)
     assert seen and set(seen) == {4}, seen  # the levelling priced in fp32
+    seen.clear()
+    from passes.trace import chrome_trace
+
+    chrome_trace(plan, load_profile(fp32))  # `slimpipe trace` and `plot` draw what simulate prices
+    assert seen and set(seen) == {4}, seen
     seen.clear()
     compile_plan(spec("slimpipe", 2, 2, n=4, seq_len=256, exchange=True), "h100")
     assert seen and set(seen) == {2}, seen
@@ -700,8 +705,25 @@ def test_compare_sizes_memory_in_the_profiles_dtype(tmp_path, capsys):
         path = write(tmp_path, d, f"{dt}.json")
         assert main(["compare", "--model", "tiny", "--pp", "2", "--microbatches", "2", "--seq-len", "64",
                      "--schedules", "1f1b", "--device-profile", path, "--json"]) == 0
-        (row,) = json.loads(capsys.readouterr().out)["rows"]
+        out = json.loads(capsys.readouterr().out)
+        (row,) = out["rows"]
+        assert out["dtype"] == dt
         assert row["peak_memory_bytes"] == exact_peak_memory(one, nbytes) == {2: 3818496, 4: 4341760}[nbytes]
+    # --dtype overrides the profile's (d is the fp32 profile now)
+    assert main(["compare", "--model", "tiny", "--pp", "2", "--microbatches", "2", "--seq-len", "64",
+                 "--schedules", "1f1b", "--device-profile", path, "--dtype", "bf16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["peak_memory_bytes"] == 3818496
+    assert main(["tune", "--model", "tiny", "--gpus", "2", "--seq-len", "64", "--device-profile", path,
+                 "--schedules", "1f1b", "--time-limit", "20", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["dtype"], got["dtype_bytes"]) == ("fp32", 4)
+
+
+@pytest.mark.parametrize("cmd", [["compare", "--pp", "2"], ["tune", "--gpus", "2"]])
+def test_unknown_dtype_option_is_one_line(cmd, capsys):
+    assert main([*cmd, "--model", "tiny", "--seq-len", "64", "--dtype", "fp8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("error: --dtype 'fp8' is unknown; allowed: bf16, fp16, fp32") and "\n" not in err
 
 
 def test_unknown_measured_dtype_is_one_line(tmp_path, capsys):

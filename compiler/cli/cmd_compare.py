@@ -6,13 +6,13 @@ import math
 import re
 
 from ir import SlimpipeError, SpecError
-from passes.costs import load_profile, profile_dtype_bytes
+from passes.costs import load_profile
 
 from ..layout import check_cp, check_tp
 from ..search import Candidate, Problem, SearchResult, Space, candidate_spec, evaluate, rank_rows, search
 from .cmd_compile import add_model_args, model_from_args
 from .. import schedules
-from .common import add_parser, emit_json, families_arg, human_bytes, limit_seconds, positive_int
+from .common import DTYPE_HELP, add_parser, chosen_dtype, emit_json, families_arg, human_bytes, limit_seconds, positive_int
 from .tables import family_table
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20,
@@ -81,26 +81,27 @@ def run(args) -> int:
     if args.microbatches is None:
         args.microbatches = args.pp
     profile = load_profile(args.device_profile)
+    dtype_name, dtype = chosen_dtype(args.dtype, profile)
     budget = parse_bytes(args.memory_budget) if args.memory_budget else profile.memory_bytes
     model, seq = model_from_args(args)
     check_tp(args.tp, model)
     check_cp(args.cp, seq)  # each candidate's slices too: the search skips those cp does not divide
     gpus = args.pp * args.tp * args.cp * args.dp
-    problem = Problem(model, seq, gpus, budget, args.microbatches * args.dp, profile, profile_dtype_bytes(profile))
+    problem = Problem(model, seq, gpus, budget, args.microbatches * args.dp, profile, dtype)
     kw = {"families": families_arg(args.schedules)} if args.schedules is not None else {}
     space = Space(tp=(args.tp,), cp=(args.cp,), pp=(args.pp,), **kw)
     table, res = best_per_family(problem, space, args.time_limit or None)
     tried = res.counts["candidates"]
     if args.json:
         emit_json({"model": model.name, "seq_len": seq, "pp": args.pp, "microbatches": args.microbatches,
-                   "tp": args.tp, "cp": args.cp, "dp": args.dp, "device_profile": profile.name,
+                   "tp": args.tp, "cp": args.cp, "dp": args.dp, "device_profile": profile.name, "dtype": dtype_name,
                    "memory_budget_bytes": budget, "configurations_tried": tried, "counts": res.counts,
                    "proven": res.proven,
                    "space": {"slices": list(space.slices), "virtual_stages": list(space.virtual_stages)},
                    "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in table]})
         return 0 if any(not r["oom"] for r in table) else 1  # as tune: no plan that fits is an answer, exit 1
     print(f"{model.name}, seq {seq}, pp={args.pp} m={args.microbatches} tp={args.tp} cp={args.cp} dp={args.dp} on "
-          f"{profile.name}; budget {human_bytes(budget)}")
+          f"{profile.name}, {dtype_name}; budget {human_bytes(budget)}")
     print(f"best plan of each family over tune's space at this layout (n in {','.join(map(str, space.slices))} and 1 "
           f"for the zero-bubble families, "
           f"v in {','.join(map(str, space.virtual_stages))}, every partition and exchange setting; {tried} candidates):")
@@ -146,6 +147,7 @@ def register(sub) -> None:
     p.add_argument("--memory-budget", help="memory per GPU with a unit, e.g. 80GiB or 85.9GB (default: the device "
                    "profile's)")
     p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
+    p.add_argument("--dtype", help=DTYPE_HELP)
     p.add_argument("--schedules", help=f"comma-separated families to compare (default all: {','.join(schedules.FAMILIES)})")
     p.add_argument("--time-limit", type=limit_seconds, default=120.0,
                    help="seconds before the search stops; rows not proven are marked (default 120, as tune; 0 = none)")

@@ -4,16 +4,10 @@ from __future__ import annotations
 from ir import SpecError
 from passes import require_valid
 from passes.check import checked_unit_costs, noted_unit_costs
-from passes.costs import DTYPE_BYTES, load_profile, profile_dtype_bytes
+from passes.costs import load_profile
 from passes.simulate import simulate_timed
 
-from .common import add_parser, emit_json, exchanges_phrase, human_bytes, human_time, load_plan, plan_profile
-
-
-def dtype_bytes_arg(text: str) -> int:
-    if text not in DTYPE_BYTES:
-        raise SpecError(f"--dtype {text!r} is unknown; allowed: {', '.join(DTYPE_BYTES)}")
-    return DTYPE_BYTES[text]
+from .common import DTYPE_HELP, add_parser, chosen_dtype, dtype_bytes_arg, emit_json, exchanges_phrase, human_bytes, human_time, load_plan, plan_profile
 
 
 def run(args) -> int:
@@ -48,7 +42,7 @@ def run(args) -> int:
     profile = plan_profile(args.device_profile, plan)  # the device it was compiled for, unless told
     # default dtype: a measured profile's (what the executor ran when it was measured), fp32 against
     # a measured trace (the executor's default), else bf16 (a GPU training run)
-    dtype = dtype_bytes_arg(args.dtype) if args.dtype else profile_dtype_bytes(profile, 4 if args.against else 2)
+    _, dtype = chosen_dtype(args.dtype, profile, "fp32" if args.against else "bf16")
     if args.against:
         return _against(args, plan, profile, dtype)
     out = simulate_timed(plan, profile, dtype)
@@ -122,8 +116,6 @@ def register(sub) -> None:
                    "profile the plan was compiled for, else h100)")
     p.add_argument("--against", metavar="MEASURED.json", help="compare with a measured trace (`python -m executor "
                    "plan.json --trace MEASURED.json`): step, bubble, busy per rank, residual per kind and slice")
-    p.add_argument("--dtype", help="activation/parameter dtype of the memory and message-size model: bf16 (a GPU "
-                   "training run), fp16, fp32 (what `python -m executor` runs by default). Default: the dtype a measured "
-                   "--device-profile was measured in, else fp32 with --against, else bf16")
+    p.add_argument("--dtype", help=DTYPE_HELP + " (fp32 with --against)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)

@@ -8,14 +8,14 @@ import time
 
 from ir import SpecError
 from passes import rendezvous_cycle
-from passes.costs import GIB, load_profile, profile_dtype_bytes
+from passes.costs import GIB, load_profile
 
 from .. import schedules
 from ..layout import LAYER_SPLITS
 from ..search import N_CHOICES, TP_CHOICES, CP_CHOICES, V_CHOICES, Problem, Space, default_global_batch, search
 from .cmd_compare import parse_bytes
 from .cmd_compile import add_model_args, model_from_args
-from .common import (BYTE_UNITS, add_parser, add_plan_format_arg, save_plan, families_arg, check_output_path, emit_json, fit_unit, human_bytes, limit_seconds,
+from .common import (BYTE_UNITS, DTYPE_HELP, add_parser, chosen_dtype, add_plan_format_arg, save_plan, families_arg, check_output_path, emit_json, fit_unit, human_bytes, limit_seconds,
                      positive_int)
 from .tables import family_table, plan_table
 
@@ -210,11 +210,12 @@ def run(args) -> int:
     if args.plot:
         check_plot(args.plot)
     profile = load_profile(args.device_profile)
+    dtype_name, dtype = chosen_dtype(args.dtype, profile)
     budget = parse_bytes(args.memory_budget) if args.memory_budget else profile.memory_bytes
     model, seq = model_from_args(args)
     space = space_from_args(args)
     gb = args.global_batch or default_global_batch(seq, args.gpus)
-    problem = Problem(model, seq, args.gpus, budget, gb, profile, profile_dtype_bytes(profile))
+    problem = Problem(model, seq, args.gpus, budget, gb, profile, dtype)
     prog = Progress()
     res = search(problem, space, top_k=args.top, time_limit=args.time_limit or None, progress=prog)
     prog.finish(res)
@@ -225,7 +226,8 @@ def run(args) -> int:
     c = res.counts
     if args.json:
         emit_json({"model": model.name, "seq_len": seq, "gpus": args.gpus, "global_batch": gb,
-                   "memory_budget_bytes": budget, "device_profile": profile.name, "dtype_bytes": problem.dtype_bytes,
+                   "memory_budget_bytes": budget, "device_profile": profile.name, "dtype": dtype_name,
+                   "dtype_bytes": problem.dtype_bytes,
                    "space": {"families": list(space.families), "tp": list(space.tp), "cp": list(space.cp),
                              "pp": list(space.pp) if space.pp else "divisors", "slices": list(space.slices),
                              "virtual_stages": list(space.virtual_stages), "layer_splits": list(space.layer_splits)},
@@ -238,7 +240,8 @@ def run(args) -> int:
                    "least_memory_candidate": res.least_memory, "output": args.output if res.best_plan else None,
                    "plot": args.plot, "elapsed_s": res.elapsed_s})
         return 0 if res.top else 1
-    print(f"{model.name}, seq {seq}, {args.gpus} GPUs, global batch {gb}, budget {human_bytes(budget)}, {profile.name}")
+    print(f"{model.name}, seq {seq}, {args.gpus} GPUs, global batch {gb}, budget {human_bytes(budget)}, {profile.name}, "
+          f"{dtype_name}")
     if res.top:
         print(f"fastest plans that fit (step times within {res.tie:.1%} of the fastest count as a tie: less memory "
               "first):")
@@ -289,6 +292,7 @@ def register(sub) -> None:
     p.add_argument("--global-batch", type=positive_int, help="sequences per step (default: 4M tokens, at most one per GPU, "
                    "a power of two)")
     p.add_argument("--device-profile", help="h100 (default), a100, or a JSON file")
+    p.add_argument("--dtype", help=DTYPE_HELP)
     p.add_argument("--schedules", help=f"comma-separated families to search (default all: {','.join(schedules.FAMILIES)})")
     p.add_argument("--tp", help="comma-separated tp degrees (default 1,2,4,8)")
     p.add_argument("--cp", help="comma-separated cp degrees (default 1,2,4,8)")

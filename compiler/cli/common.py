@@ -34,6 +34,30 @@ def load_plan(path: str) -> Plan:
     return load(path)
 
 
+def dtype_bytes_arg(text: str) -> int:
+    """--dtype's bytes per element (passes.costs.DTYPE_BYTES); SpecError naming what is allowed."""
+    from passes.costs import DTYPE_BYTES
+
+    if text not in DTYPE_BYTES:
+        raise SpecError(f"--dtype {text!r} is unknown; allowed: {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[text]
+
+
+def chosen_dtype(arg: str | None, profile, fallback: str = "bf16") -> tuple[str, int]:
+    """(name, bytes) the cost model sizes memory and messages with: --dtype when given, else the
+    dtype a measured profile was measured in (passes.costs.profile_dtype_bytes), else `fallback`."""
+    if arg:
+        return arg, dtype_bytes_arg(arg)
+    m = getattr(profile, "measured", None)
+    name = m.meta.get("dtype") if m is not None and m.meta.get("dtype") else fallback
+    return name, dtype_bytes_arg(name)
+
+
+DTYPE_HELP = ("activation/parameter dtype of the memory and message-size model: bf16 (a GPU training run), fp16, "
+              "fp32 (what `python -m executor` runs by default). Default: the dtype a measured --device-profile was "
+              "measured in, else bf16")
+
+
 def emit_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=1)
     sys.stdout.write("\n")
