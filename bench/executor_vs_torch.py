@@ -249,10 +249,12 @@ def run_config(cfg: dict, a, log) -> dict:
 
 def compare_shared(cfg, extras, theirs_sched, v_theirs, a, log) -> list[dict]:
     """--shared-rounds: per round one torch run of `theirs_sched`, then one run of each of our
-    `extras`, so every comparison of a round shares the torch run next to it in time. Each
-    comparison's record is compare()'s, plus round_ratios (ours / theirs within each round: on
-    this VM the machine's speed moves 10-30% over minutes, so a ratio taken inside a round is
-    steadier than one of medians over the whole run) and their median."""
+    `extras` (their order rotated round by round, so none always runs right after torch), so every
+    comparison of a round shares the torch run next to it in time. Each comparison's record is
+    compare()'s, plus round_ratios (per round ours / theirs, None where either run failed: on this
+    VM the machine's speed moves 10-30% over minutes, so a ratio taken inside a round is steadier
+    than one of medians over the whole run) and their median. An extra that failed in every round
+    so far is not run again."""
     got = {"theirs": [], **{x: [] for x in extras}}
     rounds = {x: [] for x in extras}
     errors = {k: None for k in got}
@@ -264,28 +266,31 @@ def compare_shared(cfg, extras, theirs_sched, v_theirs, a, log) -> list[dict]:
         else:
             errors["theirs"] = err
             log(f"  [{cfg['name']}] torch {theirs_sched} run {r}: failed: {err}")
-        for x in extras:
+        k = r % len(extras)
+        for x in extras[k:] + extras[:k]:
+            if errors[x] and not got[x]:
+                rounds[x].append(None)
+                continue  # it failed already; do not pay for it again
             n = cfg["slices"] if x in ("seq1f1b", "slimpipe") else 1
             mine, err, wall = run_ours(cfg, x, 1, n, a)
             if mine:
                 got[x].append(mine)
                 log(f"  [{cfg['name']}] ours {x} run {r}: step {mine['step_s']:.3f} s, RSS {mine['peak_rss_mib']} MiB ({wall:.0f} s wall)")
-                if rec:
-                    rounds[x].append(mine["step_s"] / rec["step_s"])
             else:
                 errors[x] = err
                 log(f"  [{cfg['name']}] ours {x} run {r}: failed: {err}")
+            rounds[x].append(round(mine["step_s"] / rec["step_s"], 4) if mine and rec else None)
     theirs = summarise(got["theirs"])
     out = []
     for x in extras:
         ours = summarise(got[x])
+        done = [q for q in rounds[x] if q is not None]
         out.append({"ours_schedule": x, "theirs_schedule": theirs_sched,
                     "slices": cfg["slices"] if x in ("seq1f1b", "slimpipe") else 1, "virtual_stages": 1,
                     "theirs_reused": False, "theirs_shared": True, "ours": ours,
                     "ours_reason": None if ours else errors[x], "theirs": theirs,
                     "theirs_reason": None if theirs else errors["theirs"], "ratio": ratios(ours, theirs),
-                    "round_ratios": [round(q, 4) for q in rounds[x]],
-                    "round_ratio_median": statistics.median(rounds[x]) if rounds[x] else None})
+                    "round_ratios": rounds[x], "round_ratio_median": statistics.median(done) if done else None})
     return out
 
 
@@ -318,6 +323,10 @@ def main(argv=None) -> int:
     a.only = [x for x in a.schedules.split(",") if x] if a.schedules else None
     if a.only is not None and (not a.only or any(x not in known for x in a.only)):
         ap.error(f"--schedules {a.schedules!r}: allowed a comma list of {', '.join(known)}")
+    extras = {x for g in names for c in GROUPS[g] for x in c["extras"] if a.only is None or x in a.only}
+    if a.shared_rounds and not extras:
+        ap.error("--shared-rounds runs the groups' extras (our sliced schedules) and this selection has none; "
+                 "add them to --schedules or drop --shared-rounds")
     out_path = a.output or HERE / "results" / ("executor_vs_torch_quick.json" if a.quick else "executor_vs_torch.json")
 
     def log(msg):
@@ -347,7 +356,9 @@ def main(argv=None) -> int:
         "against": a.against, "shared_rounds": a.shared_rounds,
         "method": ("each side is a fresh torchrun job per run; runs alternate ours/theirs; step_s = median over "
                    "runs of each run's median step time (torch side excludes its warm-up steps, ours runs the "
-                   "same total number of steps); peak RSS = ru_maxrss per rank, max over runs; ratio = ours/theirs"),
+                   "same total number of steps); peak RSS = ru_maxrss per rank, max over runs; ratio = ours/theirs"
+                   + ("; --shared-rounds: per round one torch run then one run of each extra (order rotated), "
+                      "round_ratios = ours/theirs within each round" if a.shared_rounds else "")),
         "wall_s": round(time.perf_counter() - t0, 1),
         # the machine may be shared: other processes' load makes timings noisy (alternation spreads it)
         "loadavg_1_5_15": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
