@@ -79,6 +79,7 @@ BAD = {
         ("--pp", "0", "argument --pp: 0"), ("--microbatches", "0", "argument --microbatches: 0"),
         ("--tp", "0", "argument --tp: 0"), ("--cp", "-4", "argument --cp: -4"), ("--dp", "x", "argument --dp: 'x'"),
         ("--memory-budget", "lots", "--memory-budget 'lots'"), ("--device-profile", "tpu9", "tpu9"),
+        ("--dtype", "int8", "--dtype 'int8' is unknown; allowed: bf16, fp16, fp32"),
         ("--schedules", "zigzag", "--schedules 'zigzag'"),
         ("--time-limit", "-1", "argument --time-limit: -1 is not allowed"),
         ("--time-limit", "1e308", "argument --time-limit: 1e308 is too large; give seconds from 0 (no limit) to 1000000"),
@@ -86,6 +87,7 @@ BAD = {
     "tune": MODEL + [
         ("--gpus", "0", "argument --gpus: 0"), ("--memory-budget", "0GiB", "--memory-budget '0GiB'"),
         ("--global-batch", "0", "argument --global-batch: 0"), ("--device-profile", "tpu9", "tpu9"),
+        ("--dtype", "int8", "--dtype 'int8' is unknown; allowed: bf16, fp16, fp32"),
         ("--schedules", "zigzag", "--schedules 'zigzag'"), ("--tp", "0", "--tp '0'"), ("--cp", "a", "--cp 'a'"),
         ("--pp", "-1", "--pp '-1'"), ("--slices", "0", "--slices '0'"), ("--virtual-stages", "0", "--virtual-stages '0'"),
         ("--layer-split", "zigzag", "--layer-split 'zigzag'"), ("--top", "0", "argument --top: 0"), ("--time-limit", "-1", "argument --time-limit: -1 is not allowed"),
