@@ -79,15 +79,22 @@ class Measured:
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
-def profile_dtype_bytes(profile: "DeviceProfile | None", default: int = 2) -> int:
-    """Bytes per element the cost model sizes activations, parameters and messages with when the
-    user names no dtype: a measured profile's own (`slimpipe profile --dtype`, recorded as
-    measured.meta["dtype"]: what the executor ran when it was measured; its default, fp32, is 4),
-    else `default` (2: bf16, what the built-in GPU profiles assume). `simulate`, the exchange
-    levelling of `compile`, `compare` and `tune` all take this default, so one plan is priced the
-    same way by each."""
+def profile_dtype(profile: "DeviceProfile | None") -> str | None:
+    """The dtype a measured profile was measured in (`slimpipe profile --dtype`, recorded as
+    measured.meta["dtype"]: what the executor ran then; its default is fp32), None for a built-in
+    profile or one that names none. The default dtype of every command that prices a plan
+    (CostModel, and the CLI's compiler.cli.common.chosen_dtype), so one plan is priced the same
+    way by simulate, compile's exchange levelling, compare, tune, trace and plot."""
     m = getattr(profile, "measured", None)
-    return DTYPE_BYTES.get(m.meta.get("dtype"), default) if m is not None else default
+    name = m.meta.get("dtype") if m is not None else None
+    return name if name in DTYPE_BYTES else None
+
+
+def profile_dtype_bytes(profile: "DeviceProfile | None", default: int = 2) -> int:
+    """Bytes per element of profile_dtype(profile), else `default` (2: bf16, what the built-in GPU
+    profiles assume)."""
+    name = profile_dtype(profile)
+    return DTYPE_BYTES[name] if name else default
 
 
 CURVES = {"matmul": 2, "attention": 5, "elementwise": 3, "head": 3, "embedding": 3, "p2p": 2, "unit": 3,
@@ -369,10 +376,12 @@ def unit_parts(model, s: int, prefix: int, backward, tp: int, cp: int, prof: Dev
 class CostModel:
     """Seconds of every compute unit and message of a plan under a device profile.
 
-    dtype_bytes sizes activations on the wire (2 = bf16)."""
+    dtype_bytes sizes activations on the wire (2 = bf16); None: the profile's own
+    (profile_dtype_bytes: a measured profile's dtype, else bf16)."""
 
-    def __init__(self, spec: PlanSpec, profile: DeviceProfile, dtype_bytes: int = 2, plan: Plan | None = None):
-        self.spec, self.prof, self.bytes = spec, profile, dtype_bytes
+    def __init__(self, spec: PlanSpec, profile: DeviceProfile, dtype_bytes: int | None = None, plan: Plan | None = None):
+        self.spec, self.prof = spec, profile
+        self.bytes = profile_dtype_bytes(profile) if dtype_bytes is None else dtype_bytes
         # (rank, mb, slice, chunk) of the units whose backward is split (I, W): with a measured profile
         # their forward and I time the loss head as the executor runs a split unit (head_split)
         self.split = frozenset((r, *u) for r, st in enumerate(plan.ranks) for u in split_units(st)) \

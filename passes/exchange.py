@@ -404,12 +404,11 @@ def _candidates(plan: Plan, cm) -> tuple[list[Ex], list[list[Ex]]]:
 def cost_pairings(plan: Plan, profile="h100", dtype_bytes: int | None = None) -> list[list[Ex]]:
     """Candidate exchange sets under the cost model, best (shortest timed makespan) first: the
     levelled sets (with helpers, without), the unit-cost pairing and the empty set. Candidates
-    whose timed replay deadlocks are left out. `dtype_bytes` None: the profile's
-    (passes.costs.profile_dtype_bytes), as redistribute prices them."""
-    from .costs import CostModel, load_profile, profile_dtype_bytes
+    whose timed replay deadlocks are left out. `dtype_bytes` None: the profile's (CostModel's
+    default), as redistribute prices them."""
+    from .costs import CostModel, load_profile
 
-    prof = load_profile(profile)
-    cm = CostModel(plan.spec, prof, profile_dtype_bytes(prof) if dtype_bytes is None else dtype_bytes, plan=plan)
+    cm = CostModel(plan.spec, load_profile(profile), dtype_bytes, plan=plan)
     unit, levelled = _candidates(plan, cm)
     return [exs for _m, exs, _plan in _ranked(plan, cm, levelled + [unit, []])]
 
@@ -460,10 +459,9 @@ def redistribute(plan: Plan, profile=_DEFAULT, keep_pairing: bool = True) -> Pla
 
     if profile is None:
         return _with_exchanges(plan, _as_ex(plan, pairings(plan)))
-    from .costs import CostModel, load_profile, profile_dtype_bytes
+    from .costs import CostModel, load_profile
 
-    prof = load_profile(profile)
-    cm = CostModel(plan.spec, prof, profile_dtype_bytes(prof), plan=plan)
+    cm = CostModel(plan.spec, load_profile(profile), plan=plan)  # messages in the profile's dtype
     unit, levelled = _candidates(plan, cm)
     if keep_pairing and not levelled and not could_level(plan, cm):  # a toy model: the user asked for the exchange
         out = _with_exchanges(plan, unit)

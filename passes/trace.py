@@ -9,15 +9,14 @@ from .replay import replay
 
 def _replayed(plan: Plan, profile=None, unit_costs: bool = False):
     """The replay the pictures draw (timeline and messages recorded): unit costs, or the cost
-    model's costs.timed_replay on `profile` (default h100; messages sized in its dtype,
-    costs.profile_dtype_bytes, as simulate sizes them). A deadlock is an invalid plan."""
+    model's costs.timed_replay on `profile` (default h100; messages sized in its dtype, CostModel's
+    default, as simulate sizes them). A deadlock is an invalid plan."""
     if unit_costs:
         res = replay(plan, record=True)
     else:
-        from .costs import CostModel, load_profile, profile_dtype_bytes, timed_replay
+        from .costs import CostModel, load_profile, timed_replay
 
-        prof = profile or load_profile(None)
-        res, _ = timed_replay(plan, CostModel(plan.spec, prof, profile_dtype_bytes(prof), plan=plan), record=True)
+        res, _ = timed_replay(plan, CostModel(plan.spec, profile or load_profile(None), plan=plan), record=True)
     if res.deadlocked:
         raise PlanInvalidError(res.deadlock_message())
     return res

@@ -45,11 +45,10 @@ def dtype_bytes_arg(text: str) -> int:
 
 def chosen_dtype(arg: str | None, profile, fallback: str = "bf16") -> tuple[str, int]:
     """(name, bytes) the cost model sizes memory and messages with: --dtype when given, else the
-    dtype a measured profile was measured in (passes.costs.profile_dtype_bytes), else `fallback`."""
-    if arg:
-        return arg, dtype_bytes_arg(arg)
-    m = getattr(profile, "measured", None)
-    name = m.meta.get("dtype") if m is not None and m.meta.get("dtype") else fallback
+    dtype a measured profile was measured in (passes.costs.profile_dtype), else `fallback`."""
+    from passes.costs import profile_dtype
+
+    name = arg or profile_dtype(profile) or fallback
     return name, dtype_bytes_arg(name)
 
 
