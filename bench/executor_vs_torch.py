@@ -242,9 +242,13 @@ def run_config(cfg: dict, a, log) -> dict:
         out["extras"] = compare_shared(cfg, extras, against, v_against, a, log)
         return out
     for ours_s in extras:
-        n = cfg["slices"] if ours_s in ("seq1f1b", "slimpipe") else 1
-        out["extras"].append(compare(cfg, ours_s, 1, n, against, v_against, a, log, cache))
+        out["extras"].append(compare(cfg, ours_s, 1, slices_of(cfg, ours_s), against, v_against, a, log, cache))
     return out
+
+
+def slices_of(cfg: dict, schedule: str) -> int:
+    """The sequence slices our `schedule` runs with in `cfg`: the config's for the sliced families, else 1."""
+    return cfg["slices"] if schedule in ("seq1f1b", "slimpipe") else 1
 
 
 def compare_shared(cfg, extras, theirs_sched, v_theirs, a, log) -> list[dict]:
@@ -271,8 +275,7 @@ def compare_shared(cfg, extras, theirs_sched, v_theirs, a, log) -> list[dict]:
             if errors[x] and not got[x]:
                 rounds[x].append(None)
                 continue  # it failed already; do not pay for it again
-            n = cfg["slices"] if x in ("seq1f1b", "slimpipe") else 1
-            mine, err, wall = run_ours(cfg, x, 1, n, a)
+            mine, err, wall = run_ours(cfg, x, 1, slices_of(cfg, x), a)
             if mine:
                 got[x].append(mine)
                 log(f"  [{cfg['name']}] ours {x} run {r}: step {mine['step_s']:.3f} s, RSS {mine['peak_rss_mib']} MiB ({wall:.0f} s wall)")
@@ -286,7 +289,7 @@ def compare_shared(cfg, extras, theirs_sched, v_theirs, a, log) -> list[dict]:
         ours = summarise(got[x])
         done = [q for q in rounds[x] if q is not None]
         out.append({"ours_schedule": x, "theirs_schedule": theirs_sched,
-                    "slices": cfg["slices"] if x in ("seq1f1b", "slimpipe") else 1, "virtual_stages": 1,
+                    "slices": slices_of(cfg, x), "virtual_stages": 1,
                     "theirs_reused": False, "theirs_shared": True, "ours": ours,
                     "ours_reason": None if ours else errors[x], "theirs": theirs,
                     "theirs_reason": None if theirs else errors["theirs"], "ratio": ratios(ours, theirs),
