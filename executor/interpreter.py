@@ -38,6 +38,13 @@ __all__ = ["ExecError", "InjectedFault", "Rank"]
 TIED_TAG = 2 ** 31 - 1  # above every plan message's transport tag (ir.limits: an odd stride never reaches it)
 
 
+
+def served_since(served: list, fwd0: float, bwd0: float):
+    """[forward s, backward s] of KV requests served since the counters read (fwd0, bwd0)
+    (KVService.served), or None when none was."""
+    f, b = served[0] - fwd0, served[1] - bwd0
+    return [f, b] if f or b else None
+
 class Rank:
     """One rank's runtime: its stages, parameters and optimizer, and the dispatch table."""
 
@@ -231,19 +238,23 @@ class Rank:
         pend.update(early)
         share = (time.monotonic() - t_post) / (end - start)
         cursor = t_post
+        sv = self.kv.served
         for i in range(start, end):  # program order; a receive's event lasts until its data is there
             ins = self.stream[i]
+            served = None
             if i in pend:
                 self.pc = i
                 what = "activation" if ins.kind == Kind.RECV_ACT else "gradient"
+                f0, b0 = sv
                 (t,) = self.waiter.wait(pend[i], f"its {what}", ins.peer)
+                served = served_since(sv, f0, b0)
                 stage = self.stages[ins.chunk]
                 dest = stage.acts_in if ins.kind == Kind.RECV_ACT else stage.grads_in
                 dest[(ins.mb, ins.slice)] = t
                 done = max(cursor + share, time.monotonic())
             else:
                 done = cursor + share
-            self.events.append([i, cursor, done, None])
+            self.events.append([i, cursor, done, None, served])
             cursor = done
 
     def comm_end(self, i: int) -> int:
@@ -331,9 +342,11 @@ class Rank:
         self.opt_done = False
         self.figures: dict = {}
         self.tracker.reset_peak()
-        # [index, start, end, CPU seconds of this thread or None] of every executed instruction (start and
-        # end: time.monotonic, one clock for the machine's processes; CPU time shows what a busy machine hid)
-        self.events = []
+        # [index, start, end, CPU seconds of this thread or None, KV requests served meanwhile: [forward s,
+        # backward s] or None] of every executed instruction (start and end: time.monotonic, one clock for
+        # the machine's processes; CPU time shows what a busy machine hid); served_after: [forward s,
+        # backward s] served after the last instruction (the step's close)
+        self.events, self.served_after = [], None
         if self.device.type == "cuda" and self.tp.kind == "dist":  # in-process ranks share the device
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
@@ -358,7 +371,8 @@ class Rank:
         c1 = thread_time()  # before the process's: its interval holds the thread's
         cpu = None if p0 is None else [time.process_time() - p0, c1 - c0]
         out = {"seconds": time.perf_counter() - t0, "loss": self.loss_sum, "peak_activation_bytes": self.tracker.peak,
-               "events": self.events, "span": [m0, time.monotonic()], "cpu": cpu, **self.figures}
+               "events": self.events, "span": [m0, time.monotonic()], "cpu": cpu,
+               "served_after": self.served_after, **self.figures}
         if self.device.type == "cuda":
             out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
         return out
@@ -366,6 +380,7 @@ class Rank:
     def _run_stream(self):
         stream, n, H, comm = self.stream, len(self.stream), self.HANDLERS, self.COMM
         inject, serve, events, early = self.inject, self.kv.serve, self.events, self.post_ahead
+        sv = self.kv.served
         self.early, self.posted_to = {}, 0
         i = 0
         while i < n:
@@ -380,11 +395,13 @@ class Rank:
             if early and k in self.EARLY_AFTER:
                 self.post_early(i)
             t0, c0 = time.monotonic(), thread_time()
+            f0, b0 = sv
             H[k](self, stream[i])
             serve()
-            events.append([i, t0, time.monotonic(), thread_time() - c0])
+            events.append([i, t0, time.monotonic(), thread_time() - c0, served_since(sv, f0, b0)])
             i += 1
         self.pc = n
+        f0, b0 = sv
         if not self.opt_done:
             self.close_compute()
             if self.params.flat:
@@ -393,5 +410,6 @@ class Rank:
                                 f"OPT per step, after its last backward)")
         for p in self.tp.pending_sends():
             self.waiter.wait(p, "a send to complete", getattr(p, "peer", None))
+        self.served_after = served_since(sv, f0, b0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -10,6 +10,8 @@ are posted in one order on both sides: an owner's requests go out exchange after
 server answers the jobs of one owner in the order it agreed to them (one at a time per owner)."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ir import KV_FWD, Instr
@@ -79,6 +81,10 @@ class KVService:
         self.spec, self.dtype, self.tp, self.wire, self.backend, self.scale = spec, dtype, transport, wire, backend, scale
         self._channels = None
         self.jobs: list[ServeJob] = []
+        # wall seconds this rank has spent answering requests (the attention block and the reply),
+        # [forward, backward], over the run: the interpreter takes the differences per instruction
+        # (--trace), since a rank serves inside its own units and inside its waits alike
+        self.served = [0.0, 0.0]
 
     @property
     def requests(self):
@@ -122,6 +128,7 @@ class KVService:
         return moved
 
     def answer(self, job: ServeJob, li, parts) -> None:
+        t0 = time.monotonic()
         be, sc = self.backend, self.scale
         if job.fwd:
             q, K, V = parts
@@ -132,6 +139,7 @@ class KVService:
             dq, dk, dv = be.bwd(dout, q, K, V, out, lse, False, sc)
             reply = [dq.to(q.dtype), dk.to(K.dtype), dv.to(V.dtype)]
         self.replies.send(job.owner, self.wire(job.tag, li, 0 if job.fwd else 1, 1), [t.contiguous() for t in reply])
+        self.served[0 if job.fwd else 1] += time.monotonic() - t0
 
     def owners(self):
         """Whom the open jobs serve: a rank, or 'ranks a, b' (for wait messages)."""

@@ -85,7 +85,7 @@ def run_rank(plan, rank: int, transport, opts, out=sys.stdout, watch: Watch | No
         for step in range(first, opts.steps):
             watch.step = step
             st = R.run_step(step)
-            timed.append((st["events"], st["span"], st["cpu"]))
+            timed.append((st["events"], st["span"], st["cpu"], st["served_after"]))
             mem = st["cuda_max_memory_allocated"] / 2**20 if "cuda_max_memory_allocated" in st else peak_rss_mib()
             rows = gather(transport, watch, opts.timeout, [st["loss"], st["seconds"], mem],
                           "the step-end exchange of losses and times")

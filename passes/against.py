@@ -4,10 +4,12 @@ args carry the rank's instruction `index` and the `step`; pid is the rank, ts/du
 
 Compares the step time, the bubble (ideal / imbalance / comm, the measured split found by replaying
 the plan with the measured unit durations), per-rank busy time, and per instruction kind and per
-(kind, slice) the residual measured - predicted, largest first."""
+(kind, slice) the residual measured - predicted, largest first. KV-exchange requests a rank answered
+outside its units (args.kv_served_s of other instructions, otherData.kv_served_after_s) count as its
+units' work, where the cost model puts them (carry_served)."""
 from __future__ import annotations
 
-from ir import COMPUTE, Plan, SpecError, read_user_json
+from ir import COMPUTE, Kind, Plan, SpecError, read_user_json
 
 from .replay import replay
 from .simulate import bubble_fraction, simulate_timed, strip_exchanges
@@ -15,10 +17,11 @@ from .simulate import bubble_fraction, simulate_timed, strip_exchanges
 _UNIT = COMPUTE  # F, B and the split backward's I and W (the kind table's compute role)
 
 
-def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict, list | None]:
+def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict, list | None, dict]:
     """(step, {(rank, index): seconds}, step seconds, {(rank, index): CPU seconds where recorded},
-    per rank [process CPU s, compute thread CPU s] of the step or None) of the trace's median step,
-    checked against the plan."""
+    per rank [process CPU s, compute thread CPU s] of the step or None, {(rank, index): [forward s,
+    backward s] of KV requests served inside the instruction}, with (rank, None) for what the rank
+    served after its last instruction) of the trace's median step, checked against the plan."""
     d = read_user_json(path, "--against", "a trace written by `python -m executor plan.json --trace FILE`")
     evs = d.get("traceEvents") if isinstance(d, dict) else None
     if not isinstance(evs, list):
@@ -45,7 +48,8 @@ def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict, list |
             raise SpecError(f"--against {path!r}: step {st}: rank {r} instruction #{i} appears twice")
         cpu = e["args"].get("cpu_s")
         got[(r, i)] = (e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6,
-                       cpu if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) else None)
+                       cpu if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) else None,
+                       _pair(e["args"].get("kv_served_s"), path, f"rank {r} #{i}'s args.kv_served_s"))
     if not per_step:
         raise SpecError(f"--against {path!r}: no instruction events (\"X\" events with args.index)")
     n = sum(len(s) for s in plan.ranks)
@@ -66,7 +70,57 @@ def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict, list |
         by_len = sorted(measured, key=lambda s: spans[s])
         st = by_len[(len(by_len) - 1) // 2]
     cpu = {k: v[2] for k, v in per_step[st].items() if v[2] is not None}
-    return st, {k: v[1] - v[0] for k, v in per_step[st].items()}, spans[st], cpu, _step_cpu(other, st, plan)
+    served = {k: v[3] for k, v in per_step[st].items() if v[3] is not None}
+    after = other.get("kv_served_after_s")
+    if isinstance(after, list) and len(after) == len(plan.ranks):
+        for r, pr in enumerate(after):
+            pair = _pair(pr[st] if isinstance(pr, list) and st < len(pr) else None, path,
+                         f"otherData.kv_served_after_s of rank {r}")
+            if pair is not None:
+                served[(r, None)] = pair
+    return (st, {k: v[1] - v[0] for k, v in per_step[st].items()}, spans[st], cpu, _step_cpu(other, st, plan),
+            served)
+
+
+def _pair(v, path: str, what: str) -> list | None:
+    """A [forward s, backward s] pair of a trace (None stays None); SpecError naming `what` otherwise."""
+    if v is None:
+        return None
+    if not (isinstance(v, list) and len(v) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v)):
+        raise SpecError(f"--against {path!r}: {what} is {v!r}; a [forward s, backward s] pair of seconds >= 0")
+    return [float(v[0]), float(v[1])]
+
+
+def carry_served(plan: Plan, dur: dict, served: dict) -> tuple[dict, list[float]]:
+    """The measured durations with the KV requests a rank served outside its compute units moved
+    into them: the cost model prices what a partner serves in its own units (CostModel.kv_shift on
+    the unit after its KV*_RECV), while the executor answers requests wherever the rank is, inside
+    its units and inside its waits (executor/kv.py), so a receive's wait can hold the partner's
+    attention work. Forward requests served outside units go to the rank's next F (else its last
+    one), backward ones to its next B or I (else its last one): the unit they delayed. Returns
+    (durations, per rank the seconds moved); `dur` itself is not changed. With no unit of that
+    direction on the rank the time stays where it was."""
+    if not served:
+        return dur, [0.0] * len(plan.ranks)
+    out = dict(dur)
+    moved = [0.0] * len(plan.ranks)
+    for r, s in enumerate(plan.ranks):
+        fwd = [i for i, ins in enumerate(s) if ins.kind == Kind.F]
+        bwd = [i for i, ins in enumerate(s) if ins.kind in (Kind.B, Kind.I)]
+        for i in [*range(len(s)), None]:
+            pair = served.get((r, i))
+            if pair is None or (i is not None and s[i].kind in _UNIT):
+                continue  # none, or served inside a unit: already its time
+            for amount, units in zip(pair, (fwd, bwd)):
+                if not amount or not units:
+                    continue
+                to = units[-1] if i is None else next((u for u in units if u > i), units[-1])
+                out[(r, to)] += amount
+                if i is not None:
+                    out[(r, i)] = max(out[(r, i)] - amount, 0.0)
+                moved[r] += amount
+    return out, moved
 
 
 def _step_cpu(other: dict, st: int, plan: Plan) -> list | None:
@@ -136,7 +190,11 @@ def _cpu_replay(plan: Plan, cpu: dict, profile, dtype_bytes: int) -> float:
 
 def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     """The comparison report (see the module docstring). dtype_bytes: the executor's dtype (fp32 = 4)."""
-    step, dur, step_s, cpu, step_cpu = load_measured(path, plan)
+    step, dur, step_s, cpu, step_cpu, served = load_measured(path, plan)
+    raw = dur
+    dur, moved = carry_served(plan, dur, served)
+    if any(moved):  # the units' CPU times likewise (the served time is the compute thread's)
+        cpu = {k: v + dur[k] - raw[k] for k, v in cpu.items()}
     sim = simulate_timed(plan, profile, dtype_bytes, record=True)
     res = sim["_replay"]
     pred_dur = {(r, i): t1 - t0 for r, i, t0, t1 in res.timeline}
@@ -150,6 +208,8 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     meas = _bubbles(plan, dur, step_s, prof, unit_cpu)
     if unit_cpu:
         meas["cpu_replay_step_s"] = _cpu_replay(plan, unit_cpu, prof, dtype_bytes)
+    if served:
+        meas["kv_served_outside_units_s"] = moved
     if step_cpu:
         # what the ranks' processes used beyond their compute threads (gloo's threads, the watchers):
         # processor time the model gives no rank, which takes turns with the units where ranks
@@ -193,7 +253,8 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
         "note": "predicted durations: compute units as simulated (shared processors included); sends and KV "
                 "exchanges their simulated flight or rendezvous time; receives and OPT are not costed (0). "
                 "predicted_cpu_s: the units' own processor seconds (the cost model's, no sharing). "
-                "Measured: receives last until their data is there; measured_cpu_s is the rank thread's CPU time "
+                "Measured: receives last until their data is there, less the KV requests the rank answered meanwhile, "
+                "which count as its next unit's work of their direction (kv_served_outside_units_s); measured_cpu_s is the rank thread's CPU time "
                 "(what the instructions cost when other processes do not take the processors): compare it "
                 "with predicted_cpu_s.",
     }

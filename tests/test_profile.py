@@ -335,6 +335,31 @@ def test_trace_has_every_instruction_once_in_plan_order(measured):
     assert summary["kinds"]["F"]["count"] == 2 * 2 * 4 * 1 and summary["trace"] == trace
 
 
+def test_trace_has_the_kv_requests_each_rank_served(measured):
+    """Every rank that serves an exchange (KV*_RECV in its stream) records, per step, the seconds it
+    spent answering requests, in the instructions it answered them in (args.kv_served_s, [forward,
+    backward]) and after its last one (otherData.kv_served_after_s); the owners record none. An
+    instruction's share lies within its own duration."""
+    from ir import KV_SERVER
+
+    plan, _, trace, _ = measured
+    t = json.load(open(trace))
+    ev = [e for e in t["traceEvents"] if e["ph"] == "X"]
+    after = t["otherData"]["kv_served_after_s"]
+    assert len(after) == 2 and all(len(pr) == 3 for pr in after)
+    servers = {r for r, s in enumerate(plan.ranks) if any(ins.kind in KV_SERVER for ins in s)}
+    assert servers and servers != {0, 1}
+    for step in range(3):
+        for r in range(2):
+            mine = [e for e in ev if e["pid"] == r and e["args"]["step"] == step]
+            pairs = [e["args"]["kv_served_s"] for e in mine if "kv_served_s" in e["args"]]
+            pairs += [after[r][step]] if after[r][step] is not None else []
+            assert all(len(p) == 2 and min(p) >= 0 for p in pairs)
+            assert (sum(map(sum, pairs)) > 0) == (r in servers)
+            for e in mine:
+                assert sum(e["args"].get("kv_served_s", [0, 0])) <= e["dur"] / 1e6 + 1e-6
+
+
 def test_trace_under_torchrun_has_each_ranks_process_cpu(tmp_path):
     """Ranks as processes (torchrun, gloo): per rank and step the process's CPU and its compute
     thread's, the process's at least the thread's (gloo's threads and the watchers on top)."""
@@ -485,6 +510,58 @@ def test_against_a_split_backward_plan(tmp_path, capsys):
     busy = [sum(dur[(r, i)] for i, ins in enumerate(s) if ins.kind in (Kind.F, Kind.I, Kind.W))
             for r, s in enumerate(plan.ranks)]
     assert out["measured"]["busy_s"] == pytest.approx(busy)
+
+
+def test_against_counts_kv_requests_served_in_waits_as_unit_work(tmp_path, capsys):
+    """The executor answers a partner's KV requests wherever the rank is, inside a receive's wait
+    too (the trace's args.kv_served_s), while the model prices them in the partner's units: --against
+    moves the served seconds of a non-unit instruction into the rank's next unit of that direction
+    (forward: its next F, backward: its next B), and those served after the last instruction
+    (otherData.kv_served_after_s) into its last one. Before, the measured bubble counted them as
+    idle: slimpipe p=2 at 4096 tokens read 12.0% against 7.5% with them counted, 6.0% predicted."""
+    plan = compile_plan(spec("slimpipe", 2, 2, n=4, seq_len=256, exchange=True))
+    s0 = plan.ranks[0]
+    assert (s0[8].kind, s0[13].kind, s0[15].kind, s0[17].kind, s0[18].kind) == (
+        Kind.KVF_RECV, Kind.RECV_GRAD, Kind.F, Kind.RECV_GRAD, Kind.B)  # rank 0 is rank 1's partner
+    last_f = max(i for i, ins in enumerate(s0) if ins.kind == Kind.F)
+    last_b = max(i for i, ins in enumerate(s0) if ins.kind == Kind.B)
+    dur = {(r, i): {Kind.F: 0.01, Kind.B: 0.02}.get(ins.kind, 0.005)
+           for r, s in enumerate(plan.ranks) for i, ins in enumerate(s)}
+    t = hand_trace(plan, dur)
+    for e in t["traceEvents"]:
+        if e["pid"] == 0 and e["args"]["index"] in (13, 17):
+            e["args"]["kv_served_s"] = [0.004, 0.0] if e["args"]["index"] == 13 else [0.0, 0.003]
+        if e["pid"] == 0 and e["args"]["index"] == 15:
+            e["args"]["kv_served_s"] = [0.002, 0.0]  # inside a unit: already its time
+    t["otherData"] = {"kv_served_after_s": [[None, [0.001, 0.0015]], [None, None]]}
+    save(plan, str(tmp_path / "plan.json"))
+    args = ["simulate", str(tmp_path / "plan.json"), "--device-profile", write(tmp_path, measured_profile()),
+            "--against", write(tmp_path, t, "served.json")]
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    m = out["measured"]
+    moved = 0.004 + 0.003 + 0.001 + 0.0015
+    assert m["kv_served_outside_units_s"] == pytest.approx([moved, 0.0])
+    busy = [sum(dur[(r, i)] for i, ins in enumerate(s) if ins.kind in (Kind.F, Kind.B)) for r, s in enumerate(plan.ranks)]
+    assert m["busy_s"] == pytest.approx([busy[0] + moved, busy[1]])
+    assert m["bubble_fraction"] == pytest.approx(1 - (sum(busy) + moved) / (2 * m["step_s"]))
+    kinds = {k["kind"]: k for k in out["kinds"]}
+    n = {k: sum(ins.kind == k for s in plan.ranks for ins in s) for k in (Kind.F, Kind.B, Kind.RECV_GRAD)}
+    assert kinds["F"]["measured_s"] == pytest.approx(0.01 * n[Kind.F] + 0.004 + 0.001)
+    assert kinds["B"]["measured_s"] == pytest.approx(0.02 * n[Kind.B] + 0.003 + 0.0015)
+    assert kinds["RECV_GRAD"]["measured_s"] == pytest.approx(0.005 * n[Kind.RECV_GRAD] - 0.007)
+    # into which units: #15 (F1.2) and #18 (B0.2) the waits' before them, the last F (F1.3) and B (B1.0) the rest
+    assert (s0[15].slice, s0[18].slice, s0[last_f].slice, s0[last_b].slice) == (2, 2, 3, 0)
+    per_slice = {(k["kind"], k["slice"]): k["measured_s"] for k in out["slices"]}
+    assert per_slice == pytest.approx({("F", 0): 0.04, ("F", 1): 0.04, ("F", 2): 0.044, ("F", 3): 0.041,
+                                       ("B", 0): 0.0815, ("B", 1): 0.08, ("B", 2): 0.083, ("B", 3): 0.08})
+    assert main(args) == 0
+    assert "outside their units (in waits)" in capsys.readouterr().out
+    # a pair that is not two seconds >= 0: one line naming it
+    t["otherData"]["kv_served_after_s"][0][1] = [0.1]
+    assert main(args[:-1] + [write(tmp_path, t, "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert "otherData.kv_served_after_s of rank 0 is [0.1]" in err and err.count("\n") == 1
 
 
 def test_against_refuses_a_trace_of_another_plan(tmp_path, capsys):
