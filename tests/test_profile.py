@@ -518,7 +518,7 @@ def test_against_counts_kv_requests_served_in_waits_as_unit_work(tmp_path, capsy
     moves the served seconds of a non-unit instruction into the rank's next unit of that direction
     (forward: its next F, backward: its next B), and those served after the last instruction
     (otherData.kv_served_after_s) into its last one. Before, the measured bubble counted them as
-    idle: slimpipe p=2 at 4096 tokens read 12.0% against 7.5% with them counted, 6.0% predicted."""
+    idle: slimpipe p=2 at 4096 tokens read 12.5% against 9.2% with them counted, 6.0% predicted."""
     plan = compile_plan(spec("slimpipe", 2, 2, n=4, seq_len=256, exchange=True))
     s0 = plan.ranks[0]
     assert (s0[8].kind, s0[13].kind, s0[15].kind, s0[17].kind, s0[18].kind) == (
