@@ -9,7 +9,7 @@ outside its units (args.kv_served_s of other instructions, otherData.kv_served_a
 units' work, where the cost model puts them (carry_served)."""
 from __future__ import annotations
 
-from ir import COMPUTE, Kind, Plan, SpecError, read_user_json
+from ir import COMPUTE, KV_SERVER, Kind, Plan, SpecError, read_user_json
 
 from .replay import replay
 from .simulate import bubble_fraction, simulate_timed, strip_exchanges
@@ -188,6 +188,24 @@ def _cpu_replay(plan: Plan, cpu: dict, profile, dtype_bytes: int) -> float:
     return res.makespan
 
 
+def predicted_serving(plan: Plan, prof, dtype_bytes: int) -> list[float]:
+    """Per rank, the seconds the cost model gives its answers to KV-exchange requests: for each
+    exchange it serves (partner or helper), the attention block of every layer (CostModel.kv_shift)
+    and the posting of every layer's reply (the profile's p2p_cpu at the reply's bytes): what the
+    executor's trace measures as kv_served_s (executor/kv.py KVService.answer). Seconds, no sharing."""
+    from .costs import CostModel, curve_at
+
+    cm = CostModel(plan.spec, prof, dtype_bytes, plan=plan)
+    m = prof.measured
+    out = [0.0] * len(plan.ranks)
+    for r, s in enumerate(plan.ranks):
+        for ins in s:
+            if ins.kind in KV_SERVER:
+                reply = curve_at(m.p2p_cpu, cm.kv_messages(ins)[1]) if m is not None and m.p2p_cpu else 0.0
+                out[r] += cm.kv_shift(r, ins) + cm.kv_layers(r, ins) * reply
+    return out
+
+
 def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     """The comparison report (see the module docstring). dtype_bytes: the executor's dtype (fp32 = 4)."""
     step, dur, step_s, cpu, step_cpu, served = load_measured(path, plan)
@@ -206,10 +224,14 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     units = [(r, i) for r, st in enumerate(plan.ranks) for i, ins in enumerate(st) if ins.kind in _UNIT]
     unit_cpu = cpu if units and all(k in cpu for k in units) else None  # a CPU time for every unit, or none
     meas = _bubbles(plan, dur, step_s, prof, unit_cpu)
+    pred = {"step_s": sim["step_s"], "bubble_fraction": sim["bubble_fraction"],
+            "bubble_breakdown": sim["bubble_breakdown"], "busy_s": [r["busy_s"] for r in sim["ranks"]]}
     if unit_cpu:
         meas["cpu_replay_step_s"] = _cpu_replay(plan, unit_cpu, prof, dtype_bytes)
     if served:
         meas["kv_served_outside_units_s"] = moved
+        meas["kv_served_s"] = [sum(sum(v) for (rr, _i), v in served.items() if rr == r) for r in range(len(plan.ranks))]
+        pred["kv_served_s"] = predicted_serving(plan, prof, dtype_bytes)
     if step_cpu:
         # what the ranks' processes used beyond their compute threads (gloo's threads, the watchers):
         # processor time the model gives no rank, which takes turns with the units where ranks
@@ -217,8 +239,6 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
         meas["process_cpu_s"] = [p for p, _t in step_cpu]
         meas["compute_thread_cpu_s"] = [t for _p, t in step_cpu]
         meas["other_threads_cpu_s"] = sum(max(p - t, 0.0) for p, t in step_cpu)
-    pred = {"step_s": sim["step_s"], "bubble_fraction": sim["bubble_fraction"],
-            "bubble_breakdown": sim["bubble_breakdown"], "busy_s": [r["busy_s"] for r in sim["ranks"]]}
     kinds: dict[str, list] = {}
     slices: dict[tuple, list] = {}
     costs = sim["_table"]  # a unit's processor seconds (no sharing): what measured_cpu_s compares with

@@ -550,13 +550,20 @@ def test_against_counts_kv_requests_served_in_waits_as_unit_work(tmp_path, capsy
     assert kinds["F"]["measured_s"] == pytest.approx(0.01 * n[Kind.F] + 0.004 + 0.001)
     assert kinds["B"]["measured_s"] == pytest.approx(0.02 * n[Kind.B] + 0.003 + 0.0015)
     assert kinds["RECV_GRAD"]["measured_s"] == pytest.approx(0.005 * n[Kind.RECV_GRAD] - 0.007)
+    # everything answered, inside units too, beside the model's answers: rank 0 serves the one
+    # exchange, 4 layers of a full block of the slice's 64 queries over the shipped keys (the hand
+    # profile's attention: ATT s per query-key pair; it has no p2p_cpu, so replies cost nothing)
+    ex = s0[8]
+    assert m["kv_served_s"] == pytest.approx([moved + 0.002, 0.0])
+    assert out["predicted"]["kv_served_s"] == pytest.approx([4 * 64 * (ex.hi - ex.lo) * ATT, 0.0])
     # into which units: #15 (F1.2) and #18 (B0.2) the waits' before them, the last F (F1.3) and B (B1.0) the rest
     assert (s0[15].slice, s0[18].slice, s0[last_f].slice, s0[last_b].slice) == (2, 2, 3, 0)
     per_slice = {(k["kind"], k["slice"]): k["measured_s"] for k in out["slices"]}
     assert per_slice == pytest.approx({("F", 0): 0.04, ("F", 1): 0.04, ("F", 2): 0.044, ("F", 3): 0.041,
                                        ("B", 0): 0.0815, ("B", 1): 0.08, ("B", 2): 0.083, ("B", 3): 0.08})
     assert main(args) == 0
-    assert "outside their units (in waits)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "outside their units (in waits)" in text and "KV requests answered (attention block and reply" in text
     # a pair that is not two seconds >= 0: one line naming it
     t["otherData"]["kv_served_after_s"][0][1] = [0.1]
     assert main(args[:-1] + [write(tmp_path, t, "bad.json")]) == 2

@@ -90,6 +90,10 @@ def _against(args, plan, profile, dtype) -> int:
         print(f"  CPU of the ranks' processes {human_time(sum(m['process_cpu_s']))}, of their compute threads "
               f"{human_time(sum(m['compute_thread_cpu_s']))}: {human_time(m['other_threads_cpu_s'])} in their other "
               f"threads (gloo, the watchers), which no unit's cost holds")
+    if "kv_served_s" in m:
+        print(f"  KV requests answered (attention block and reply, per rank): predicted "
+              f"{', '.join(human_time(x) for x in p['kv_served_s'])}, measured "
+              f"{', '.join(human_time(x) for x in m['kv_served_s'])}")
     if any(m.get("kv_served_outside_units_s", ())):
         print(f"  KV requests the ranks answered outside their units (in waits), counted as their units' work as the "
               f"model prices them: {', '.join(human_time(x) for x in m['kv_served_outside_units_s'])} per rank")
