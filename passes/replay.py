@@ -529,7 +529,7 @@ def replay_shared(plan: Plan, cost: Callable[[int, Instr], float], processors: i
                     started[r] = T
             t_next = min((T + left[r] for r in running), default=float("inf"))
             if runq:
-                t_next = min(t_next, min(running.values()))
+                t_next = min(t_next, max(T, min(running.values())))  # a slice that ran out while nobody waited ends now
             rate = 1.0
         else:
             k = len(computing)

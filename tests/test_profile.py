@@ -229,6 +229,26 @@ def test_timeslice_closed_forms():
     assert replay_shared(flat, cost, 2, timeslice=0.25).makespan == replay(flat, cost).makespan == 2.0
 
 
+def test_timeslice_that_ran_out_unwatched_ends_when_a_rank_queues():
+    """A rank that computes on past the end of its slice while nobody waits keeps the processor;
+    when a rank then queues, the slice ends at that moment. The shared replay ended it at the
+    slice's own (past) end instead: its clock went back, and a rank started a unit before its
+    message had arrived. 1F1B p=3 m=3 on 2 processors, slice 1.5 s, F 1 s, B 2 s: rank 2 runs B1 from
+    7 (its slice from 6 ran out at 7.5 with ranks 0 and 1 waiting for gradients); at 8 rank 1's B0
+    ends and sends, rank 1 takes its freed processor for F2 and rank 0 queues for B0, so rank 2
+    hands over at 8 (it had B0 of rank 0 start at 7.5, before its gradient): B0 runs 8-10 on rank 0,
+    and rank 2's B1, back at 9 when rank 1 waits, ends at 10; the step ends at 17, not 17.5."""
+    plan = compile_plan(spec("1f1b", 3, 3))
+    res = replay_shared(plan, lambda r, i: 1.0 if i.kind == Kind.F else 2.0, 2, timeslice=1.5, record=True)
+    at = {(r, plan.ranks[r][i].kind, plan.ranks[r][i].mb): (t0, t1) for r, i, t0, t1 in res.timeline}
+    assert at[(0, Kind.B, 0)] == (8.0, 10.0) and at[(2, Kind.B, 1)] == (7.0, 10.0)
+    assert res.makespan == 17.0
+    for (r, k, mb), (t0, _t1) in at.items():  # no unit before its input: F after the rank before, B after the one after
+        src = (r - 1, k, mb) if k == Kind.F else (r + 1, k, mb)
+        if src in at:
+            assert t0 >= at[src][1], (r, k, mb)
+
+
 def test_message_cost_closed_forms():
     """Each send and receive occupies its rank for msg_cost (its data leaves when it is posted): 1F1B
     p=2 m=1, F = B = 1 s: rank 0's activation leaves at 1; rank 1 pays 0.1 for its receive, runs F
