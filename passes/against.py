@@ -49,7 +49,8 @@ def load_measured(path: str, plan: Plan) -> tuple[int, dict, float, dict, list |
         cpu = e["args"].get("cpu_s")
         got[(r, i)] = (e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6,
                        cpu if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) else None,
-                       _pair(e["args"].get("kv_served_s"), path, f"rank {r} #{i}'s args.kv_served_s"))
+                       _pair(e["args"].get("kv_served_s"), path, f"step {st}: event {e.get('name')!r} (rank {r} #{i})'s "
+                             f"args.kv_served_s"))
     if not per_step:
         raise SpecError(f"--against {path!r}: no instruction events (\"X\" events with args.index)")
     n = sum(len(s) for s in plan.ranks)

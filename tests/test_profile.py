@@ -583,7 +583,13 @@ def test_against_counts_kv_requests_served_in_waits_as_unit_work(tmp_path, capsy
                                        ("B", 0): 0.0815, ("B", 1): 0.08, ("B", 2): 0.083, ("B", 3): 0.08})
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "outside their units (in waits)" in text and "KV requests answered (attention block and reply" in text
+    assert "outside their units (in waits and other instructions)" in text and "KV requests answered (attention block and reply" in text
+    # a bad pair in an event: the line names the step and the event
+    t["traceEvents"][0]["args"]["kv_served_s"] = [-1, 0]
+    assert main(args[:-1] + [write(tmp_path, t, "bad_event.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"step 0: event {t['traceEvents'][0]['name']!r} (rank 0 #0)'s args.kv_served_s is [-1, 0]" in err
+    t["traceEvents"][0]["args"].pop("kv_served_s")
     # a pair that is not two seconds >= 0: one line naming it
     t["otherData"]["kv_served_after_s"][0][1] = [0.1]
     assert main(args[:-1] + [write(tmp_path, t, "bad.json")]) == 2

@@ -91,12 +91,14 @@ def _against(args, plan, profile, dtype) -> int:
               f"{human_time(sum(m['compute_thread_cpu_s']))}: {human_time(m['other_threads_cpu_s'])} in their other "
               f"threads (gloo, the watchers), which no unit's cost holds")
     if "kv_served_s" in m:
-        print(f"  KV requests answered (attention block and reply, per rank): predicted "
+        print(f"  KV requests answered (attention block and reply, per rank; measured in wall time, predicted in "
+              f"processor time): predicted "
               f"{', '.join(human_time(x) for x in p['kv_served_s'])}, measured "
               f"{', '.join(human_time(x) for x in m['kv_served_s'])}")
     if any(m.get("kv_served_outside_units_s", ())):
-        print(f"  KV requests the ranks answered outside their units (in waits), counted as their units' work as the "
-              f"model prices them: {', '.join(human_time(x) for x in m['kv_served_outside_units_s'])} per rank")
+        print(f"  KV requests the ranks answered outside their units (in waits and other instructions), counted as "
+              f"their next unit's work as the model prices them (in busy, the bubble and the F/B/I rows below): "
+              f"{', '.join(human_time(x) for x in m['kv_served_outside_units_s'])} per rank")
     for r, (a, b) in enumerate(zip(p["busy_s"], m["busy_s"])):
         print(f"  rank {r}    busy predicted {human_time(a)}, measured {human_time(b)} "
               f"(prediction {_off((a - b) / b if b else 0)})")
