@@ -38,12 +38,12 @@ __all__ = ["ExecError", "InjectedFault", "Rank"]
 TIED_TAG = 2 ** 31 - 1  # above every plan message's transport tag (ir.limits: an odd stride never reaches it)
 
 
-
 def served_since(served: list, fwd0: float, bwd0: float):
     """[forward s, backward s] of KV requests served since the counters read (fwd0, bwd0)
     (KVService.served), or None when none was."""
     f, b = served[0] - fwd0, served[1] - bwd0
     return [f, b] if f or b else None
+
 
 class Rank:
     """One rank's runtime: its stages, parameters and optimizer, and the dispatch table."""

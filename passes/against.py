@@ -175,35 +175,29 @@ def _bubbles(plan: Plan, dur: dict, step_s: float, profile=None, cpu: dict | Non
             "busy_s": busy}
 
 
-def _cpu_replay(plan: Plan, cpu: dict, profile, dtype_bytes: int) -> float:
+def _cpu_replay(plan: Plan, cpu: dict, cm) -> float:
     """The step the measured units' CPU times give when replayed like the prediction (the profile's
-    processors and messages): what the run would have taken with no other process on the machine.
-    Set beside the prediction it separates a cost-model error from a busy machine."""
-    from .costs import CostModel, load_profile, replay_engine
+    processors and messages, CostModel `cm`): what the run would have taken with no other process on
+    the machine. Set beside the prediction it separates a cost-model error from a busy machine."""
+    from .costs import replay_engine
 
-    prof = profile if profile is not None else load_profile(None)
-    cm = CostModel(plan.spec, prof, dtype_bytes, plan=plan)
+    prof = cm.prof
     index = {(r, ins): i for r, s in enumerate(plan.ranks) for i, ins in enumerate(s)}
     res = replay_engine(plan, prof, cm.msg_cost())(plan, lambda r, ins: cpu[(r, index[(r, ins)])], cm.p2p_time,
                                                    cm.kv_time)
     return res.makespan
 
 
-def predicted_serving(plan: Plan, prof, dtype_bytes: int) -> list[float]:
-    """Per rank, the seconds the cost model gives its answers to KV-exchange requests: for each
+def predicted_serving(plan: Plan, cm) -> list[float]:
+    """Per rank, the seconds the cost model `cm` gives its answers to KV-exchange requests: for each
     exchange it serves (partner or helper), the attention block of every layer (CostModel.kv_shift)
-    and the posting of every layer's reply (the profile's p2p_cpu at the reply's bytes): what the
+    and the posting of every layer's reply (CostModel.message_cpu at the reply's bytes): what the
     executor's trace measures as kv_served_s (executor/kv.py KVService.answer). Seconds, no sharing."""
-    from .costs import CostModel, curve_at
-
-    cm = CostModel(plan.spec, prof, dtype_bytes, plan=plan)
-    m = prof.measured
     out = [0.0] * len(plan.ranks)
     for r, s in enumerate(plan.ranks):
         for ins in s:
             if ins.kind in KV_SERVER:
-                reply = curve_at(m.p2p_cpu, cm.kv_messages(ins)[1]) if m is not None and m.p2p_cpu else 0.0
-                out[r] += cm.kv_shift(r, ins) + cm.kv_layers(r, ins) * reply
+                out[r] += cm.kv_shift(r, ins) + cm.kv_layers(r, ins) * cm.message_cpu(cm.kv_messages(ins)[1])
     return out
 
 
@@ -219,20 +213,24 @@ def against(plan: Plan, path: str, profile, dtype_bytes: int = 4) -> dict:
     pred_dur = {(r, i): t1 - t0 for r, i, t0, t1 in res.timeline}
     for r, i, t0, t1 in res.comm or ():
         pred_dur[(r, i)] = pred_dur.get((r, i), 0.0) + max(t1 - t0, 0.0)
-    from .costs import load_profile
+    from .costs import CostModel, load_profile
 
     prof = load_profile(profile)
+    cm = CostModel(plan.spec, prof, dtype_bytes, plan=plan)  # for the CPU replay and the KV answers
     units = [(r, i) for r, st in enumerate(plan.ranks) for i, ins in enumerate(st) if ins.kind in _UNIT]
     unit_cpu = cpu if units and all(k in cpu for k in units) else None  # a CPU time for every unit, or none
     meas = _bubbles(plan, dur, step_s, prof, unit_cpu)
     pred = {"step_s": sim["step_s"], "bubble_fraction": sim["bubble_fraction"],
             "bubble_breakdown": sim["bubble_breakdown"], "busy_s": [r["busy_s"] for r in sim["ranks"]]}
     if unit_cpu:
-        meas["cpu_replay_step_s"] = _cpu_replay(plan, unit_cpu, prof, dtype_bytes)
+        meas["cpu_replay_step_s"] = _cpu_replay(plan, unit_cpu, cm)
     if served:
         meas["kv_served_outside_units_s"] = moved
-        meas["kv_served_s"] = [sum(sum(v) for (rr, _i), v in served.items() if rr == r) for r in range(len(plan.ranks))]
-        pred["kv_served_s"] = predicted_serving(plan, prof, dtype_bytes)
+        answered = [0.0] * len(plan.ranks)
+        for (r, _i), (fwd, bwd) in served.items():
+            answered[r] += fwd + bwd
+        meas["kv_served_s"] = answered
+        pred["kv_served_s"] = predicted_serving(plan, cm)
     if step_cpu:
         # what the ranks' processes used beyond their compute threads (gloo's threads, the watchers):
         # processor time the model gives no rank, which takes turns with the units where ranks

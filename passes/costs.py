@@ -490,13 +490,18 @@ class CostModel:
         """An activation or gradient of one slice between pipeline ranks."""
         return self.message_bytes(ins) / self.prof.p2p_bandwidth + self.prof.p2p_latency
 
-    def msg_time(self, rank: int, ins: Instr) -> float:
-        """Processor seconds a send or receive of one slice's activation or gradient takes its rank
-        (the measured profile's p2p_cpu at the message's bytes; 0 without one)."""
+    def message_cpu(self, nbytes: float) -> float:
+        """Processor seconds one send or receive of `nbytes` takes its rank: the measured profile's
+        p2p_cpu at those bytes, 0 without one (the built-in profiles)."""
         m = self.prof.measured
         if m is None or not m.p2p_cpu:
             return 0.0
-        return curve_at(m.p2p_cpu, self.message_bytes(ins))
+        return curve_at(m.p2p_cpu, nbytes)
+
+    def msg_time(self, rank: int, ins: Instr) -> float:
+        """Processor seconds a send or receive of one slice's activation or gradient takes its rank
+        (message_cpu at the message's bytes)."""
+        return self.message_cpu(self.message_bytes(ins))
 
     def msg_cost(self):
         """msg_time for the replays, or None when the profile has no p2p_cpu (the replay's fast path)."""
@@ -567,7 +572,7 @@ class CostModel:
         m = self.prof.measured
         if m is None or not m.p2p_cpu:
             return 0.0
-        return self.kv_layers(rank, ins) * sum(curve_at(m.p2p_cpu, n) for n in self.kv_messages(ins))
+        return self.kv_layers(rank, ins) * sum(map(self.message_cpu, self.kv_messages(ins)))
 
     def kv_layers(self, rank: int, ins: Instr) -> int:
         """Layers of the owner's stage of the exchange `ins` run on `rank` (the owner for KV*_SEND,
